@@ -1,0 +1,71 @@
+"""Launch the vlm_assistant node (and, with demo:=true, a synthetic camera).
+
+    ros2 launch vlm_ros assistant.launch.py [params_file:=F] [namespace:=NS]
+        [camera_topic:=/my/camera/image_raw] [model:=DIR_OR_HUB_ID] [demo:=true]
+
+A plain launch_ros Node whose ``autostart`` parameter (true in every config) makes it configure
+and activate itself: it runs with no lifecycle manager on Humble, Jazzy and Kilted alike, and its
+lifecycle services stay available for a manager (set autostart:=false in the YAML to hand over
+control). launch_ros's LifecycleNode action would add nothing without a manager emitting
+transitions, and its required arguments differ between distributions.
+"""
+
+# ruff: noqa: I001 -- ruff takes `launch` for first-party (this folder is named launch/)
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition, UnlessCondition
+from launch.substitutions import LaunchConfiguration, PythonExpression
+from launch_ros.actions import Node
+
+CAMERA = "/camera/image_raw"  # the node's default camera input (config/*.yaml: cameras)
+
+
+def generate_launch_description():
+    config = get_package_share_directory("vlm_ros") + "/config/"
+    demo, model = LaunchConfiguration("demo"), LaunchConfiguration("model")
+    default_params = PythonExpression(
+        ["'", config, "demo.yaml' if '", demo, "' == 'true' else '", config, "default.yaml'"]
+    )
+    args = [
+        DeclareLaunchArgument("demo", default_value="false",
+                              description="true: demo model on CPU + synthetic camera"),
+        DeclareLaunchArgument("params_file", default_value=default_params,
+                              description="node parameter YAML (config/*.yaml)"),
+        DeclareLaunchArgument("namespace", default_value="", description="node namespace"),
+        DeclareLaunchArgument("camera_topic", default_value=CAMERA,
+                              description="camera topic remapped onto the node's input"),
+        DeclareLaunchArgument("model", default_value="",
+                              description="checkpoint dir / hub id; empty = the YAML's model"),
+    ]
+    has_model = PythonExpression(["'", model, "' != ''"])
+    return LaunchDescription(
+        args
+        + [
+            assistant(UnlessCondition(has_model), []),
+            assistant(IfCondition(has_model), [{"model": model}]),
+            Node(
+                package="vlm_ros",
+                executable="synthetic_camera",
+                namespace=LaunchConfiguration("namespace"),
+                remappings=[(CAMERA, LaunchConfiguration("camera_topic"))],
+                condition=IfCondition(demo),
+                output="screen",
+            ),
+        ]
+    )
+
+
+def assistant(condition, overrides):
+    """The vlm_assistant node; ``overrides`` are parameters applied after the YAML."""
+    return Node(
+        package="vlm_ros",
+        executable="assistant_node",
+        name="vlm_assistant",
+        namespace=LaunchConfiguration("namespace"),
+        parameters=[LaunchConfiguration("params_file"), *overrides],
+        remappings=[(CAMERA, LaunchConfiguration("camera_topic"))],
+        condition=condition,
+        output="screen",
+        emulate_tty=True,
+    )

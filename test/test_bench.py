@@ -1,0 +1,65 @@
+"""``vlm-ros bench --preset tiny`` runs quickly and writes the documented JSON (fields present
+and positive; no timing thresholds: CI machines are shared and noisy)."""
+
+from __future__ import annotations
+
+import json
+
+from vlm_ros.bench import PRESETS, build_model, parameter_count, percentiles
+from vlm_ros.cli import main
+
+STAGE_KEYS = {"p50", "p90", "p99", "mean", "n"}
+FAST_METRICS = {"vision", "prefill", "ttft", "decode_per_token", "answer_16", "answer_64",
+                "action_hint_5", "action_hint_prefill", "action_hint_branches"}  # fmt: skip
+BASE_METRICS = {"vision", "ttft", "answer_16", "answer_64"}
+SPEEDUPS = {"image_to_16_tokens", "image_to_64_tokens", "ttft", "vision"}
+
+
+def _positive_stages(stages: dict, names: set[str]) -> None:
+    assert names <= set(stages), names - set(stages)
+    for name in names:
+        assert STAGE_KEYS <= set(stages[name]), name
+        assert all(stages[name][k] > 0 for k in STAGE_KEYS), (name, stages[name])
+
+
+def test_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "tiny.json"
+    argv = ["bench", "--preset", "tiny", "--iters", "2", "--int8", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    _positive_stages(result["fast"], FAST_METRICS)
+    _positive_stages(result["baseline"], BASE_METRICS)
+    assert set(result["speedup"]) == SPEEDUPS
+    assert all(v > 0 for v in result["speedup"].values())
+    assert result["decode_tokens_per_s"] > 0
+    assert result["action_hint_over_prefill"] > 0
+    assert result["memory"]["peak_host_rss_mib"] > 0
+    assert result["model"]["parameters_total"] > 0
+    assert 0 <= result["parity"]["greedy_prefix_agreement_fast_vs_generate"] <= 1
+    int8 = result["variants"]["int8"]
+    _positive_stages(int8["stages"], FAST_METRICS)
+    assert 0 <= int8["accuracy_vs_fp"]["greedy_prefix_agreement"] <= 1
+    table = out.with_suffix(".md").read_text()
+    assert "| image -> 16-token answer |" in table and "speedup" in table
+    assert "image -> 16-token answer" in capsys.readouterr().out
+
+
+def test_fast_path_is_greedy_identical_to_generate_on_tiny():
+    """The bench's own parity line: static decoder + vision stage vs generate()."""
+    from vlm_ros.bench import run
+
+    result = run("tiny", iters=1, warmup=0)
+    assert result["parity"]["greedy_prefix_agreement_fast_vs_generate"] == 1.0
+
+
+def test_presets_have_the_published_shapes():
+    small = build_model("small", "meta", __import__("torch").float32)
+    assert 100e6 <= parameter_count(small) <= 300e6
+    assert PRESETS["llava-phi-full"].text["hidden_size"] == 2560
+    assert PRESETS["mipha-full"].vision["hidden_size"] == 1152
+    assert PRESETS["tinyllava-full"].family == "tinyllava"
+
+
+def test_percentiles():
+    p = percentiles([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (p["p50"], p["p90"], p["p99"], p["n"]) == (3.0, 5.0, 5.0, 5)

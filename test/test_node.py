@@ -1,0 +1,435 @@
+"""The vlm_assistant lifecycle node over real rclpy and Fast DDS, with a tiny generated model.
+
+One rclpy context in a domain of its own, one MultiThreadedExecutor spinning in a background
+thread; every node gets its own namespace and camera topic so tests never hear each other. The
+tiny checkpoint is written once per module.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.ros
+
+CANDIDATES = ["continue", "stop", "turn_left"]
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+
+class Ros:
+    """The context, executor and helpers shared by the tests."""
+
+    def __init__(self):
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import MultiThreadedExecutor
+
+        self.ctx = Context()
+        domain = int(os.environ.get("ROS_DOMAIN_ID", 0)) or (os.getpid() % 100 + 100)
+        rclpy.init(context=self.ctx, domain_id=domain)
+        self.executor = MultiThreadedExecutor(num_threads=8, context=self.ctx)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        self.nodes = []
+
+    def add(self, node):
+        self.nodes.append(node)
+        self.executor.add_node(node)
+        return node
+
+    def client_node(self, name: str):
+        import rclpy
+
+        return self.add(rclpy.create_node(name, context=self.ctx))
+
+    def close(self):
+        import rclpy
+
+        self.executor.shutdown()  # first: nothing spins while the nodes destroy their entities
+        self.thread.join(5)
+        for node in self.nodes:
+            if hasattr(node, "trigger_shutdown") and node.config is not None:
+                node.trigger_shutdown()
+        for node in self.nodes:
+            node.destroy_node()
+        rclpy.shutdown(context=self.ctx)
+
+
+@pytest.fixture(scope="module")
+def ros():
+    r = Ros()
+    yield r
+    r.close()
+
+
+@pytest.fixture(autouse=True)
+def executor_alive(ros):
+    """A test that killed the spinning executor fails here, not in every later test."""
+    yield
+    assert ros.thread.is_alive(), "the executor thread died"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from vlm_ros.tiny import write_tiny_checkpoint
+
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llava_phi", "llava_phi"))
+
+
+def start_node(ros: Ros, checkpoint: str, ns: str, **params):
+    """A configured, active AssistantNode in namespace ``ns``, camera ``/<ns>/cam``."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from vlm_ros.node import AssistantNode
+
+    values = dict(model=checkpoint, cameras=[f"/{ns}/cam"], scene_rate_hz=0.0, hint_rate_hz=0.0,
+                  max_new_tokens=6, hint_candidates=CANDIDATES, diagnostics_period_s=0.5,
+                  threads=1)  # fmt: skip
+    values.update(params)
+    overrides = [Parameter(k, value=v) for k, v in values.items()]
+    node = ros.add(AssistantNode(namespace=ns, context=ros.ctx, parameter_overrides=overrides))
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.last_error
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    return node
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def image_msg(i: int = 0, encoding: str = "rgb8", height: int = 48, width: int = 64,
+              data: bytes | None = None, stamp=None):
+    """A stamped Image with a different pattern per ``i``; frame_id names ``i``."""
+    from sensor_msgs.msg import Image
+
+    if data is None:
+        rng = np.random.default_rng(i)
+        data = rng.integers(0, 256, (height, width, 3), dtype=np.uint8).tobytes()
+    msg = Image(encoding=encoding, height=height, width=width, step=width * 3, data=data)
+    msg.header.frame_id = f"frame{i}"
+    if stamp is not None:
+        msg.header.stamp = stamp
+    return msg
+
+
+class Camera:
+    """A best-effort publisher on the node's camera topic that waits for the subscription."""
+
+    def __init__(self, ros: Ros, ns: str):
+        from sensor_msgs.msg import Image
+
+        from vlm_ros.node import SENSOR_QOS
+
+        self.node = ros.client_node(f"{ns}_camera")
+        self.pub = self.node.create_publisher(Image, f"/{ns}/cam", SENSOR_QOS)
+        wait_for(lambda: self.pub.get_subscription_count() > 0, what="camera subscription")
+
+    def send(self, msg, node=None) -> None:
+        """Publish until ``node`` has stored this very message (best effort may drop one)."""
+        if msg.header.stamp.sec == 0 and msg.header.stamp.nanosec == 0:
+            msg.header.stamp = self.node.get_clock().now().to_msg()
+        for _ in range(50):
+            self.pub.publish(msg)
+            if node is None or stored(node, msg, timeout=0.1):
+                return
+        raise AssertionError("the node never received the frame")
+
+
+def stored(node, msg, timeout: float) -> bool:
+    """Whether ``node`` keeps ``msg`` (same frame_id and stamp) as a latest frame by then."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for frame in list(node._frames.values()):
+            header = frame.msg.header
+            if header.frame_id == msg.header.frame_id and header.stamp == msg.header.stamp:
+                return True
+        time.sleep(0.01)
+    return False
+
+
+def ask(ros: Ros, node, client_node, question="Is the path clear?", hint=False, timeout=15.0):
+    """Call the node's ~/ask service and return the response."""
+    from vlm_ros.srv import Ask
+
+    client = client_node.create_client(Ask, f"{node.get_fully_qualified_name()}/ask")
+    wait_for(client.service_is_ready, what="ask service")
+    future = client.call_async(Ask.Request(question=question, want_action_hint=hint))
+    wait_for(future.done, timeout, what="ask response")
+    return future.result()
+
+
+@pytest.fixture(scope="module")
+def main_node(ros, checkpoint):
+    node = start_node(ros, checkpoint, "main", scene_rate_hz=4.0, hint_rate_hz=4.0)
+    return node, Camera(ros, "main"), ros.client_node("main_probe")
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+
+
+def test_periodic_outputs_carry_the_source_header_and_diagnostics_arrive(ros, main_node):
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    from vlm_ros.msg import ActionHint, SceneAnswer
+
+    node, camera, probe = main_node
+    got: dict[str, list] = {"scene": [], "hint": [], "diag": []}
+    base = node.get_fully_qualified_name()
+    subs = [
+        probe.create_subscription(SceneAnswer, f"{base}/scene_answer", got["scene"].append, 10),
+        probe.create_subscription(ActionHint, f"{base}/action_hint", got["hint"].append, 10),
+        probe.create_subscription(DiagnosticArray, "/diagnostics", got["diag"].append, 10),
+    ]
+    sent = {}
+    for i in range(40):
+        msg = image_msg(i)
+        camera.send(msg)
+        sent[msg.header.frame_id] = msg.header.stamp
+        if got["scene"] and got["hint"] and len(got["diag"]) > 1:
+            break
+        time.sleep(0.1)
+    wait_for(lambda: got["scene"] and got["hint"], what="scene answer and action hint")
+    scene, hint = got["scene"][0], got["hint"][0]
+    for out in (scene, hint):
+        assert sent[out.header.frame_id] == out.header.stamp  # the very image it came from
+        assert out.camera == "/main/cam"
+        assert out.latency.total_ms > 0 and out.latency.image_to_output_ms > 0
+    assert scene.question == node.config.scene_prompt and scene.num_tokens >= 1
+    assert list(hint.candidates) == CANDIDATES and abs(sum(hint.probabilities) - 1) < 1e-4
+    assert hint.action in CANDIDATES and 0 < hint.confidence <= 1
+
+    def our_status():
+        for array in got["diag"]:
+            for st in array.status:
+                if st.hardware_id == base and "total_p50_ms" in {kv.key for kv in st.values}:
+                    return st
+        return None
+
+    status = wait_for(our_status, what="diagnostics with stage figures")
+    values = {kv.key: kv.value for kv in status.values}
+    assert status.name == "vlm_assistant: latency"
+    for key in ("vision_p95_ms", "prefill_p50_ms", "image_to_output_p95_ms", "frames_received",
+                "frames_dropped", "frames_rejected", "queue_depth", "budget_total_ms"):
+        assert key in values, key
+    assert float(values["total_p50_ms"]) > 0
+    del subs  # not destroyed while the executor spins (see vlm_ros.node's docstring)
+
+
+def test_ask_answers_with_an_action_hint(ros, main_node):
+    node, camera, probe = main_node
+    msg = image_msg(100)
+    camera.send(msg, node)
+    resp = ask(ros, node, probe, hint=True)
+    assert resp.success, resp.error_message
+    assert resp.answer and resp.stop_reason in ("eos", "max_new_tokens")
+    assert resp.image_stamp == msg.header.stamp and resp.image_age_ms >= 0
+    assert resp.latency.total_ms > 0 and resp.latency.prefill_ms > 0
+    assert resp.hint.action in CANDIDATES and resp.hint.header.stamp == msg.header.stamp
+
+
+def test_describe_streams_partial_text(ros, main_node):
+    from rclpy.action import ActionClient
+
+    from vlm_ros.action import Describe
+
+    node, camera, probe = main_node
+    camera.send(image_msg(101), node)
+    client = ActionClient(probe, Describe, f"{node.get_fully_qualified_name()}/describe")
+    assert client.wait_for_server(timeout_sec=10)
+    feedback = []
+    goal = client.send_goal_async(Describe.Goal(max_new_tokens=12),
+                                  feedback_callback=lambda fb: feedback.append(fb.feedback))
+    handle = wait_for(lambda: goal.done() and goal.result(), what="goal accepted")
+    result = handle.get_result_async()
+    wait_for(result.done, 15, what="describe result")
+    res = result.result().result
+    assert res.success, res.error_message
+    assert feedback and feedback[-1].partial_text == res.answer
+    assert [f.tokens_generated for f in feedback] == list(range(1, len(feedback) + 1))
+
+
+def test_bad_images_are_counted_and_the_node_keeps_serving(ros, main_node):
+    node, camera, probe = main_node
+    bad = [
+        ("unknown_encoding", image_msg(200, encoding="32FC1")),
+        ("truncated", image_msg(201, data=bytes(100))),
+        ("zero_size", image_msg(202, height=0, width=0, data=b"")),
+    ]
+    before = node.monitor.counters()
+    for reason, msg in bad:
+        camera.send(msg, node)
+        resp = ask(ros, node, probe)
+        assert not resp.success and f"bad image ({reason})" in resp.error_message
+    after = node.monitor.counters()
+    for reason, _ in bad:
+        key = f"frames_rejected_{reason}"
+        assert after.get(key, 0) - before.get(key, 0) == 1, key
+    camera.send(image_msg(203), node)
+    assert ask(ros, node, probe).success
+
+
+def test_stale_frame_is_refused(ros, checkpoint):
+    node = start_node(ros, checkpoint, "stale", max_frame_age_ms=300.0)
+    probe = ros.client_node("stale_probe")
+    resp = ask(ros, node, probe)
+    assert not resp.success and "no frame" in resp.error_message
+    Camera(ros, "stale").send(image_msg(1), node)
+    assert ask(ros, node, probe).success
+    time.sleep(0.5)
+    resp = ask(ros, node, probe)
+    assert not resp.success and "stale" in resp.error_message
+
+
+@pytest.fixture(scope="module")
+def slow_node(ros, checkpoint):
+    node = start_node(ros, checkpoint, "slow", queue_size=1, inference_delay_ms=1500.0,
+                      max_frame_age_ms=0.0)  # fmt: skip
+    camera = Camera(ros, "slow")
+    camera.send(image_msg(1), node)
+    return node, camera, ros.client_node("slow_probe")
+
+
+def test_full_queue_is_refused_at_once(ros, slow_node):
+    from vlm_ros.srv import Ask
+
+    node, _, probe = slow_node
+    client = probe.create_client(Ask, f"{node.get_fully_qualified_name()}/ask")
+    wait_for(client.service_is_ready, what="ask service")
+    first = client.call_async(Ask.Request(question="one"))
+    wait_for(lambda: node.worker.stats["submitted"] >= 1 and node.worker.depth == 0)
+    second = client.call_async(Ask.Request(question="two"))
+    wait_for(lambda: node.worker.depth == 1, what="second request queued")
+    t = time.monotonic()
+    third = client.call_async(Ask.Request(question="three"))
+    wait_for(third.done, 5, what="refusal")
+    assert time.monotonic() - t < 1.0  # refused without waiting for the model
+    assert not third.result().success and "queue is full" in third.result().error_message
+    wait_for(lambda: first.done() and second.done(), 10, what="queued answers")
+    assert first.result().success and second.result().success
+
+
+def test_describe_can_be_cancelled(ros, slow_node):
+    from action_msgs.msg import GoalStatus
+    from rclpy.action import ActionClient
+
+    from vlm_ros.action import Describe
+
+    node, _, probe = slow_node
+    client = ActionClient(probe, Describe, f"{node.get_fully_qualified_name()}/describe")
+    assert client.wait_for_server(timeout_sec=10)
+    goal = client.send_goal_async(Describe.Goal(question="Describe it."))
+    handle = wait_for(lambda: goal.done() and goal.result(), what="goal accepted")
+    time.sleep(0.3)  # running on the worker (in the simulated slow model)
+    t = time.monotonic()
+    wait_for(handle.cancel_goal_async().done, what="cancel response")
+    result = handle.get_result_async()
+    wait_for(result.done, 5, what="cancelled result")
+    assert time.monotonic() - t < 1.2  # well before the 1.5 s model delay ran out
+    assert result.result().status == GoalStatus.STATUS_CANCELED
+    assert result.result().result.stop_reason == "cancelled"
+
+
+def test_lifecycle_transitions_and_failed_configure(ros, checkpoint):
+    from lifecycle_msgs.msg import State
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from vlm_ros.node import AssistantNode
+
+    node = start_node(ros, checkpoint, "life")
+    probe = ros.client_node("life_probe")
+    Camera(ros, "life").send(image_msg(1), node)
+    assert ask(ros, node, probe).success
+    assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+    assert node._active == [] and node.assistant is not None
+    assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+    assert node.assistant is None and node.worker is None
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    Camera(ros, "life").send(image_msg(2), node)
+    assert ask(ros, node, probe).success
+
+    missing = "/nonexistent/vlm_checkpoint"
+    broken = ros.add(AssistantNode(namespace="broken", context=ros.ctx,
+                                   parameter_overrides=[Parameter("model", value=missing)]))
+    assert broken.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert missing in broken.last_error
+    assert broken._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_camera_flood_keeps_the_queue_bounded_and_memory_flat(ros, checkpoint):
+    node = start_node(ros, checkpoint, "flood", queue_size=2, inference_delay_ms=100.0,
+                      scene_rate_hz=10.0, hint_rate_hz=10.0, max_new_tokens=2)  # fmt: skip
+    camera, probe = Camera(ros, "flood"), ros.client_node("flood_probe")
+    big = [image_msg(i, height=480, width=640) for i in range(4)]
+    depths, rss = [], []
+    for i in range(120):  # 4 s at 30 Hz
+        msg = big[i % 4]
+        msg.header.stamp = camera.node.get_clock().now().to_msg()
+        camera.pub.publish(msg)
+        depths.append(node.worker.depth)
+        if i == 30:
+            rss.append(rss_mb())
+        time.sleep(1 / 30)
+    rss.append(rss_mb())
+    counters = node.monitor.counters()
+    assert max(depths) <= 2
+    assert counters["frames_received"] >= 60
+    assert counters["frames_dropped"] > 0 and counters.get("outputs", 0) >= 5
+    assert rss[1] - rss[0] < 40, f"RSS grew {rss[1] - rss[0]:.1f} MB during the flood"
+    resp = ask(ros, node, probe)  # queries still go first
+    assert resp.success, resp.error_message
+
+
+def test_synthetic_camera_drives_the_node(ros, checkpoint):
+    from rclpy.parameter import Parameter
+
+    from vlm_ros.msg import SceneAnswer
+    from vlm_ros.synthetic_camera import SyntheticCamera
+
+    node = start_node(ros, checkpoint, "synth", scene_rate_hz=5.0)
+    got = []
+    probe = ros.client_node("synth_probe")
+    probe.create_subscription(SceneAnswer, f"{node.get_fully_qualified_name()}/scene_answer",
+                              got.append, 10)  # fmt: skip
+    params = [Parameter("topic", value="/synth/cam"), Parameter("width", value=64),
+              Parameter("height", value=48), Parameter("use_world", value=False)]  # fmt: skip
+    ros.add(SyntheticCamera(rate_hz=10.0, context=ros.ctx, namespace="synth",
+                            parameter_overrides=params))  # fmt: skip
+    wait_for(lambda: got, what="a scene answer from synthetic frames")
+    assert got[0].header.frame_id == "camera" and got[0].header.stamp.sec > 0
+
+
+def test_node_command_builds_ros_arguments(tmp_path):
+    import argparse
+
+    from vlm_ros.commands import node as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    params = tmp_path / "p.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    model: demo\n")
+    args = parser.parse_args(["--demo", "--params-file", str(params), "--ros-args", "-p", "a:=1"])
+    assert args.demo
+    assert command.ros_arguments(args)[1:] == ["--ros-args", "--params-file", str(params),
+                                               "-p", "a:=1"]  # fmt: skip
+    with pytest.raises(OSError, match="does not exist"):
+        command.ros_arguments(parser.parse_args(["--params-file", str(tmp_path / "missing")]))

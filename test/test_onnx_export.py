@@ -1,0 +1,113 @@
+"""ONNX export of the vision stage: ONNX Runtime matches the PyTorch stage within the stated
+tolerance (tiny CLIP and tiny SigLIP, fp32 and fp16), every operator is one the TensorRT ONNX
+parser supports, the graph is static, the onnxruntime backend serves the pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_checkpoint
+
+from vlm_ros.checkpoint import load_checkpoint
+from vlm_ros.config import RuntimeConfig
+from vlm_ros.errors import VlmError
+from vlm_ros.onnx_export import (
+    TENSORRT_SUPPORTED_OPS,
+    TOLERANCE,
+    check_against_torch,
+    export_and_check,
+    graph_ops,
+    unsupported_ops,
+)
+from vlm_ros.pipeline import Assistant
+from vlm_ros.vision_stage import VisionStage, layers_needed
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    return load_checkpoint(tiny_checkpoint(request.param)).model
+
+
+def test_vision_stage_equals_full_tower(model):
+    """Running only the needed layers changes nothing (exactly)."""
+    stage = VisionStage(model).eval()
+    size = model.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(stage(pixels), model.encode_images(pixels), rtol=0, atol=0)
+
+
+def test_layers_needed():
+    assert layers_needed(24, -2) == 23  # CLIP-L, penultimate
+    assert layers_needed(26, -1) == 26  # legacy TinyLLaVA's truncated SigLIP
+    assert layers_needed(27, 5) == 5
+    with pytest.raises(VlmError):
+        layers_needed(2, -4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_export_matches_torch_and_tensorrt_ops(model, precision, tmp_path):
+    report = export_and_check(model, tmp_path / f"v_{precision}.onnx", precision)
+    assert report.max_rel_error is not None
+    assert report.max_rel_error <= TOLERANCE[precision]
+    assert set(report.ops) <= TENSORRT_SUPPORTED_OPS
+    assert unsupported_ops(report.path) == []
+    loaded = onnx.load(report.path)
+    onnx.checker.check_model(loaded)
+    assert report.opset == 17
+    (inp,) = loaded.graph.input
+    dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert dims == [1, 3, model.vision_config.image_size, model.vision_config.image_size]
+    (out,) = loaded.graph.output
+    dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
+    assert dims == [1, model.num_image_tokens, model.text_config.hidden_size]
+    elem = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT
+    assert inp.type.tensor_type.elem_type == elem
+
+
+def test_unsupported_operator_is_reported(tmp_path):
+    """A graph with an op outside the list (Unique) and a bicubic Resize is refused."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    scales = helper.make_tensor("s", TensorProto.FLOAT, [4], [1, 1, 2, 2])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Resize", ["x", "", "s"], ["y"], mode="cubic"),
+            helper.make_node("Unique", ["x"], ["z"]),
+        ],
+        "g", [x], [y, z], [scales],
+    )  # fmt: skip
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert "Unique" in graph_ops(path)
+    bad = unsupported_ops(path)
+    assert "Unique" in bad and any(b.startswith("Resize(mode=cubic") for b in bad)
+
+
+def test_parity_failure_is_an_error(tmp_path):
+    """Export from one model, check against another: the tolerance check must fire."""
+    a = load_checkpoint(tiny_checkpoint("llava_phi")).model
+    b = load_checkpoint(tiny_checkpoint("llava_phi", seed=1)).model
+    report = export_and_check(a, tmp_path / "a.onnx", "fp32")
+    with pytest.raises(VlmError, match="tolerance"):
+        check_against_torch(b, report.path, "fp32")
+
+
+def test_onnxruntime_backend_in_pipeline(tmp_path):
+    """vision_backend "onnxruntime": same image embeddings (within tolerance) and tokens."""
+    path = str(tiny_checkpoint("mipha_phi"))
+    image = np.random.default_rng(3).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    runtime = RuntimeConfig(vision_backend="onnxruntime", engine_dir=str(tmp_path))
+    with Assistant.load(path) as ref, Assistant.load(path, runtime=runtime) as ort:
+        a = ref.trace(image, "Is the path ahead clear?", 8)
+        b = ort.trace(image, "Is the path ahead clear?", 8)
+        scale = a.image_embeds.abs().max()
+        assert (b.image_embeds - a.image_embeds).abs().max() / scale <= TOLERANCE["fp32"]
+        assert b.answer.token_ids == a.answer.token_ids
+    # the second load reuses the exported graph (sidecar names the same weights)
+    assert len(list(tmp_path.rglob("*.onnx"))) == 1

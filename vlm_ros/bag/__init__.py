@@ -1,0 +1,25 @@
+"""Rosbag tooling: synthetic camera bags (make_bag), offline replay through the assistant
+(evaluate) and latency reports from bags of the node's outputs (report).
+
+Uses the pure-Python ``rosbags`` library, so none of it needs a ROS install. Reads rosbag2
+(sqlite3 and MCAP) and ROS 1 bags; writes rosbag2 MCAP (sqlite3 and ROS 1 too, for test inputs).
+"""
+
+from __future__ import annotations
+
+from vlm_ros.errors import VlmError
+
+
+class BagError(VlmError):
+    """A bag that cannot be read or used: missing/corrupt/truncated file, missing topic,
+    unsupported encoding. The message is one line naming the problem (and, for a missing topic,
+    the topics that exist). ``partial_report`` is the path of the report written from what was
+    read before the error, when there was anything to report."""
+
+    def __init__(self, message: str, partial_report: str | None = None) -> None:
+        super().__init__(
+            message
+            if not partial_report
+            else f"{message} (report of what was read: {partial_report})"
+        )
+        self.partial_report = partial_report

@@ -1,0 +1,384 @@
+"""eval-bag: replay a camera bag through the assistant as the node would, write its outputs as a
+rosbag2 (MCAP) and report on that bag.
+
+Per frame the model takes (see replay.py for which), it answers one question (the scene prompt
+and the questions file's lines, in turn) and, with hints on, ranks the candidate actions, like
+the node's periodic scene answer and action hint. Outputs carry the source image's header
+(stamp, frame_id) and are written at their *virtual answer time* (the frame's arrival in the
+bag plus the time it waited for the model plus the measured inference time), so the output bag
+reads exactly like a live ``ros2 bag record`` of the node, where the log time is when the answer
+was received. One report function serves both (report.py), and the report of a replay is
+computed from the bag it wrote, never from in-memory numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm_ros.bag import BagError
+from vlm_ros.bag import diagnostics as diag
+from vlm_ros.bag.io import OutMessage, iter_messages, open_reader, topics_text, write_bag
+from vlm_ros.bag.replay import Arrival, Counters, replay
+from vlm_ros.bag.types import (
+    ACTION_HINT,
+    COMPRESSED_IMAGE,
+    IMAGE_TYPES,
+    SCENE_ANSWER,
+    normalize_msgtype,
+    typestore,
+)
+from vlm_ros.errors import InputError
+from vlm_ros.latency import Budgets
+from vlm_ros.node_config import PARAMETERS
+from vlm_ros.types import StageTimings
+
+# the node's own defaults, so a replay asks what the live node asks unless told otherwise
+DEFAULT_SCENE_PROMPT = str(PARAMETERS["scene_prompt"][0])
+DEFAULT_INSTRUCTION = str(PARAMETERS["hint_instruction"][0])
+DEFAULT_CANDIDATES: tuple[str, ...] = tuple(PARAMETERS["hint_candidates"][0])  # type: ignore
+DEFAULT_MAX_NEW_TOKENS = int(PARAMETERS["max_new_tokens"][0])  # type: ignore
+NODE_NAME = "vlm_assistant"
+SCENE_TOPIC = f"/{NODE_NAME}/scene_answer"
+HINT_TOPIC = f"/{NODE_NAME}/action_hint"
+DIAGNOSTICS_TOPIC = "/diagnostics"
+OUTPUT_BAG = "output_bag"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything eval-bag needs; built once from the command line."""
+
+    bag: str
+    out_dir: str
+    model: str = "demo"
+    rate: str = "recorded"
+    topic: str | None = None
+    scene_prompt: str | None = DEFAULT_SCENE_PROMPT
+    questions: tuple[str, ...] = ()
+    hint: bool = True
+    instruction: str = DEFAULT_INSTRUCTION
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    device: str = "cpu"
+    budgets_ms: dict[str, float] = field(default_factory=dict)
+    max_frames: int | None = None
+    warmup: int = 1  # untimed runs on the first frame before the replay, as the node warms up
+    diagnostics_period_s: float = 1.0
+
+    def prompts(self) -> tuple[str, ...]:
+        """Questions asked in turn, one per processed frame."""
+        asked = ((self.scene_prompt,) if self.scene_prompt else ()) + self.questions
+        return asked
+
+
+@dataclass
+class Frame:
+    """One camera message as read from the bag (converted to pixels only if the model takes it)."""
+
+    index: int
+    topic: str
+    msgtype: str
+    arrival_ns: int
+    msg: Any  # sensor_msgs Image or CompressedImage (rosbags dataclass)
+
+    @property
+    def stamp_ns(self) -> int:
+        s = self.msg.header.stamp
+        return int(s.sec) * 1_000_000_000 + int(s.nanosec)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    out_bag: Path
+    report_dir: Path
+    counters: Counters
+
+
+def load_questions(path: str | Path) -> tuple[str, ...]:
+    """Questions, one per line; blank lines and ``#`` comments skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    questions = tuple(q.strip() for q in lines if q.strip() and not q.lstrip().startswith("#"))
+    if not questions:
+        raise InputError(f"{path} holds no questions (one per line)")
+    return questions
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+
+def image_connections(reader, topic: str | None) -> list:
+    """Connections of the camera topic: the named one, or the only image topic in the bag."""
+    images = [c for c in reader.connections if normalize_msgtype(c.msgtype) in IMAGE_TYPES]
+    if topic:
+        chosen = [c for c in images if c.topic == topic]
+        if not chosen:
+            why = (
+                "is not an Image/CompressedImage topic"
+                if topic in reader.topics
+                else "is not in the bag"
+            )
+            raise BagError(f"topic {topic} {why}; the bag has: {topics_text(reader)}")
+        return chosen
+    names = sorted({c.topic for c in images})
+    if len(names) == 1:
+        return images
+    if not names:
+        raise BagError(f"no Image/CompressedImage topic in the bag; it has: {topics_text(reader)}")
+    raise BagError(f"several camera topics ({', '.join(names)}); choose one with --topic")
+
+
+def read_frames(
+    reader, connections: Sequence, on_error: Callable[[str], None], max_frames: int | None = None
+) -> Iterator[Frame]:
+    """Camera frames in arrival order, lazily (a long bag is never held in memory)."""
+    for i, (conn, ts, msg) in enumerate(iter_messages(reader, connections, on_error)):
+        if max_frames is not None and i >= max_frames:
+            return
+        yield Frame(i, conn.topic, normalize_msgtype(conn.msgtype), ts, msg)
+
+
+def frame_pixels(frame: Frame) -> np.ndarray:
+    """The frame as RGB uint8 (H, W, 3) through the node's own converter (vlm_ros.imaging), so a
+    frame the node would refuse is refused here, with the same ImageFormatError message."""
+    from vlm_ros.imaging import image_from_compressed, image_from_raw
+
+    m = frame.msg
+    if frame.msgtype == COMPRESSED_IMAGE:
+        return image_from_compressed(m.format, m.data)
+    return image_from_raw(m.encoding, m.height, m.width, m.step, m.data, m.is_bigendian)
+
+
+def check_first_frame(reader, connections: Sequence, topic_label: str) -> None:
+    """Fail before loading the model when the camera's encoding cannot be converted."""
+    errors: list[str] = []
+    first = next(read_frames(reader, connections, errors.append, 1), None)
+    if first is None:
+        detail = f": {errors[0]}" if errors else ""
+        raise BagError(f"no frames could be read from {topic_label}{detail}")
+    try:
+        frame_pixels(first)
+    except InputError as exc:
+        raise BagError(f"cannot use {topic_label}: {exc}") from None
+
+
+# ---- running the model on one frame ---------------------------------------------------------
+
+
+class FrameRunner:
+    """Runs the assistant on the frames replay() hands it and collects the output messages."""
+
+    def __init__(self, assistant, settings: EvalSettings):
+        self.assistant, self.settings = assistant, settings
+        self.ts = typestore()
+        self.prompts = settings.prompts()
+        self.outputs: list[OutMessage] = []
+        self.records: list[diag.Sample] = []  # for the periodic /diagnostics
+        self.budgets = Budgets.from_mapping(settings.budgets_ms)
+        self.rejections: dict[str, int] = {}
+        self.asked = 0
+
+    def __call__(self, frame: Frame, arrival_ns: int, start_ns: int) -> tuple[int, bool]:
+        """Serve one frame starting at virtual ``start_ns``; returns (virtual end, served).
+        A frame the converter or the model refuses (InputError) is counted, not fatal, as in
+        the node; it still kept the model busy for as long as it took to refuse it."""
+        t0 = time.perf_counter_ns()
+        now = start_ns
+        try:
+            image = frame_pixels(frame)
+            now = start_ns + (time.perf_counter_ns() - t0)
+            if self.prompts:
+                now = self._answer(frame, image, now)
+            if self.settings.hint:
+                now = self._rank(frame, image, now)
+        except InputError as exc:
+            self._reject(exc)
+            return max(now, start_ns + (time.perf_counter_ns() - t0)), False
+        return now, True
+
+    def _reject(self, exc: Exception) -> None:
+        key = " ".join(str(exc).split())[:120]
+        self.rejections[key] = self.rejections.get(key, 0) + 1
+
+    def _answer(self, frame: Frame, image: np.ndarray, now: int) -> int:
+        question = self.prompts[self.asked % len(self.prompts)]
+        self.asked += 1
+        t0 = time.perf_counter_ns()
+        ans = self.assistant.answer(image, question, max_new_tokens=self.settings.max_new_tokens)
+        done = now + (time.perf_counter_ns() - t0)
+        latency, ok, misses = self._latency(ans.timings, frame, now, done)
+        msg = self.ts.types[SCENE_ANSWER](
+            header=self._header(frame),
+            camera=frame.topic,
+            question=question,
+            answer=ans.text,
+            num_tokens=len(ans.token_ids),
+            stop_reason=ans.stop_reason,
+            latency=latency,
+            within_budget=ok,
+            budget_misses=misses,
+        )
+        self._emit(SCENE_TOPIC, SCENE_ANSWER, done, msg, ans.timings, frame)
+        return done
+
+    def _rank(self, frame: Frame, image: np.ndarray, now: int) -> int:
+        t0 = time.perf_counter_ns()
+        hint = self.assistant.rank(image, self.settings.instruction, list(self.settings.candidates))
+        done = now + (time.perf_counter_ns() - t0)
+        latency, ok, misses = self._latency(hint.timings, frame, now, done)
+        msg = self.ts.types[ACTION_HINT](
+            header=self._header(frame),
+            camera=frame.topic,
+            instruction=self.settings.instruction,
+            action=hint.chosen,
+            confidence=float(hint.confidence),
+            candidates=list(hint.actions),
+            probabilities=np.asarray(hint.probabilities, dtype=np.float32),
+            latency=latency,
+            within_budget=ok,
+            budget_misses=misses,
+        )
+        self._emit(HINT_TOPIC, ACTION_HINT, done, msg, hint.timings, frame)
+        return done
+
+    def _header(self, frame: Frame):
+        """The source image's stamp and frame_id as a ROS 2 header (ROS 1 sources have a seq)."""
+        src = frame.msg.header
+        stamp = self.ts.types["builtin_interfaces/msg/Time"](
+            sec=int(src.stamp.sec), nanosec=int(src.stamp.nanosec)
+        )
+        return self.ts.types["std_msgs/msg/Header"](stamp=stamp, frame_id=str(src.frame_id))
+
+    def _latency(self, timings: StageTimings, frame: Frame, started: int, done: int):
+        """StageLatency of one output plus its budget verdict, as the node fills them.
+        queue_ms is arrival to start of this inference (a hint also waits for the answer)."""
+        image_to_output_ms = (done - frame.stamp_ns) / 1e6
+        stages = timings.as_dict()
+        msg = self.ts.types["vlm_ros/msg/StageLatency"](
+            queue_ms=(started - frame.arrival_ns) / 1e6,
+            image_to_output_ms=image_to_output_ms,
+            **{f"{k}_ms": float(v) for k, v in stages.items()},
+        )
+        misses = list(self.budgets.misses(stages, image_to_output_ms))
+        return msg, not misses, misses
+
+    def _emit(self, topic, msgtype, done_ns, msg, timings, frame) -> None:
+        self.outputs.append(OutMessage(topic, msgtype, done_ns, msg))
+        self.records.append(
+            diag.Sample(done_ns, timings.as_dict(), (done_ns - frame.stamp_ns) / 1e6)
+        )
+
+
+def warm_up(runner: FrameRunner, reader, connections: Sequence, runs: int) -> None:
+    """Run the first frame ``runs`` times and discard the outputs: the first inference pays for
+    lazy initialisation (allocator, kernels, caches) that a configured live node has already paid,
+    and would otherwise show up as a spurious first-frame outlier and extra drops."""
+    first = next(read_frames(reader, connections, lambda _: None, 1), None)
+    if first is None or runs <= 0:
+        return
+    for _ in range(runs):
+        runner(first, first.arrival_ns, first.arrival_ns)
+    runner.outputs.clear()
+    runner.records.clear()
+    runner.rejections.clear()
+    runner.asked = 0
+
+
+# ---- the whole evaluation --------------------------------------------------------------------
+
+
+def load_assistant(settings: EvalSettings):
+    from vlm_ros.config import RuntimeConfig
+    from vlm_ros.pipeline import Assistant
+
+    return Assistant.load(settings.model, runtime=RuntimeConfig(device=settings.device))
+
+
+def evaluate(settings: EvalSettings, assistant=None) -> EvalResult:
+    """Replay, write ``<out>/output_bag`` (MCAP) and ``<out>/report.*``; returns what was done.
+
+    A bag that breaks part-way is still evaluated up to the break and reported; the error is then
+    raised as a BagError naming the report, so the CLI exits non-zero with one line.
+    """
+    if not settings.prompts() and not settings.hint:
+        raise InputError("nothing to ask: give --scene-prompt, --questions or --hint")
+    out_dir = Path(settings.out_dir)
+    out_bag = out_dir / OUTPUT_BAG
+    if out_bag.exists():
+        raise BagError(f"{out_bag} exists already; choose a new --out folder")
+    read_errors: list[str] = []
+    runner, counters, label = _replay_bag(settings, assistant, read_errors)
+    if counters.processed == 0:
+        why = read_errors[0] if read_errors else _rejections_text(runner)
+        raise BagError(f"no frame of {label} could be used ({why}); nothing to report")
+    run_info = _run_info(settings, label, runner, read_errors)
+    messages = runner.outputs + diag.diagnostic_messages(
+        typestore(), runner.records, counters.events, runner.budgets, run_info, read_errors,
+        DIAGNOSTICS_TOPIC, settings.diagnostics_period_s)  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_bag(out_bag, messages, storage="mcap")
+    _report(out_bag, out_dir, settings)
+    if read_errors:
+        raise BagError(
+            f"bag {settings.bag} is damaged after {counters.received} frames of {label}: "
+            f"{read_errors[0]}",
+            partial_report=str(out_dir / "report.md"),
+        )
+    return EvalResult(out_bag, out_dir, counters)
+
+
+def _replay_bag(settings: EvalSettings, assistant, read_errors: list[str]):
+    """Open the bag, check its camera, (load the model,) warm up and replay; the model is closed
+    again only if it was loaded here."""
+    with open_reader(settings.bag) as reader:
+        conns = image_connections(reader, settings.topic)
+        label = conns[0].topic
+        check_first_frame(reader, conns, label)
+        own = assistant is None
+        assistant = load_assistant(settings) if own else assistant
+        try:
+            runner = FrameRunner(assistant, settings)
+            warm_up(runner, reader, conns, settings.warmup)
+            frames = read_frames(reader, conns, read_errors.append, settings.max_frames)
+            counters = replay((Arrival(f, f.arrival_ns) for f in frames), runner, settings.rate)
+        finally:
+            if own:
+                assistant.close()
+    return runner, counters, label
+
+
+def _rejections_text(runner: FrameRunner) -> str:
+    return "; ".join(f"{n}x {why}" for why, n in runner.rejections.items()) or "no frames"
+
+
+def _run_info(
+    settings: EvalSettings, topic: str, runner: FrameRunner, read_errors: list[str]
+) -> dict[str, str]:
+    """Settings and counters of the run, carried in the bag's /diagnostics so the report (which
+    only reads the bag) can say what produced it."""
+    info = {
+        "source": "eval-bag",
+        "input_bag": str(settings.bag),
+        "camera_topic": topic,
+        "rate": settings.rate,
+        "model": settings.model,
+        "device": settings.device,
+        "max_new_tokens": str(settings.max_new_tokens),
+    }
+    if runner.rejections:
+        info["rejected_why"] = _rejections_text(runner)
+    if read_errors:
+        info["read_error"] = read_errors[0]
+    return info
+
+
+def _report(out_bag: Path, out_dir: Path, settings: EvalSettings) -> None:
+    """The report of the bag just written (never of in-memory numbers), as `vlm-ros report`."""
+    from vlm_ros.bag.report import build_report, write_report
+
+    write_report(build_report(out_bag, budgets_ms=settings.budgets_ms or None), out_dir)

@@ -1,0 +1,254 @@
+"""Opening and writing bags with rosbags, with every library failure turned into one BagError line.
+
+rosbags raises a different exception per format and per kind of damage (ReaderError, sqlite
+errors, struct errors on a truncated MCAP chunk, ...). Callers here only need to know "this bag
+cannot be read, and why", so reading goes through ``open_reader``/``iter_messages`` which map all
+of them to :class:`BagError` naming the bag.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from vlm_ros.bag import BagError
+from vlm_ros.bag.types import typestore
+
+STORAGES = ("mcap", "sqlite3", "ros1")
+# rosbag2 metadata version 8 (Iron) is read by Iron, Jazzy, Kilted and rosbags; 9 only from Jazzy.
+ROSBAG2_VERSION: Literal[8] = 8
+
+
+def resolve_bag_path(path: str | Path) -> Path:
+    """The path rosbags wants: a rosbag2 folder (also when given its .mcap/.db3 file) or a .bag."""
+    p = Path(path)
+    if not p.exists():
+        raise BagError(f"bag not found: {p}")
+    if p.is_file() and p.suffix in (".mcap", ".db3") and (p.parent / "metadata.yaml").is_file():
+        return p.parent
+    if p.is_file() and p.suffix in (".bag", ".mcap"):  # ROS 1, or an MCAP without metadata.yaml
+        return p
+    if p.is_dir() and (p / "metadata.yaml").is_file():
+        return p
+    if p.is_dir():
+        raise BagError(f"{p} is not a rosbag2 folder (no metadata.yaml)")
+    raise BagError(
+        f"{p} is not a bag: expected a rosbag2 folder (sqlite3/MCAP), an .mcap or a ROS 1 .bag"
+    )
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "damaged or unreadable bag" across rosbags' readers and storages.
+
+    A truncated or corrupted file surfaces as whatever the lowest layer trips on (struct, zstd,
+    sqlite, UTF-8, an index past the end), so the tuple is broad on purpose; it is only used
+    around reading, never around our own code.
+    """
+    import sqlite3
+    import struct
+
+    from rosbags.highlevel import AnyReaderError
+    from rosbags.rosbag1 import ReaderError as Reader1Error
+    from rosbags.rosbag2 import ReaderError as Reader2Error
+    from rosbags.serde import SerdeError
+
+    errors: list[type[BaseException]] = [
+        AnyReaderError,
+        Reader1Error,
+        Reader2Error,
+        SerdeError,
+        sqlite3.Error,
+        struct.error,
+        EOFError,
+        ValueError,
+        KeyError,
+        IndexError,
+        AssertionError,
+        UnicodeDecodeError,
+        OSError,
+        RuntimeError,
+        TypeError,
+        AttributeError,
+    ]
+    try:
+        import apsw
+
+        errors.append(apsw.Error)
+    except ImportError:  # pragma: no cover - rosbags pulls apsw in on current versions
+        pass
+    return tuple(errors)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a library exception: its text, or its type when the text is empty."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+@contextmanager
+def open_reader(path: str | Path):
+    """An open rosbags AnyReader that also knows this package's messages.
+
+    Bags recorded by ``ros2 bag record`` (Iron and later) and by eval-bag embed their message
+    definitions; for older ones (Humble sqlite3) the package's own types are used. A truncated
+    MCAP that rosbags refuses is read up to the damage instead (salvage.py); its iteration then
+    ends in the damage error (see iter_messages).
+    """
+    bag = resolve_bag_path(path)
+    if bag.suffix == ".mcap":  # a lone MCAP file (no rosbag2 metadata.yaml): stream it
+        yield _bare_mcap(bag)
+        return
+    reader, error = _open_anyreader(bag)
+    if reader is None:
+        salvage = _salvage(bag)
+        if salvage is None:
+            raise BagError(f"cannot open bag {bag}: {error}")
+        yield salvage
+        return
+    try:
+        _register_missing_types(reader)
+        yield reader
+    finally:
+        try:
+            reader.close()
+        except _read_errors():
+            pass
+
+
+def _open_anyreader(bag: Path):
+    """(open AnyReader, None), or (None, one-line reason) when rosbags cannot open the bag."""
+    from rosbags.highlevel import AnyReader
+
+    try:
+        reader = AnyReader([bag], default_typestore=typestore())
+        reader.open()
+    except _read_errors() as exc:
+        return None, describe_error(exc)
+    return reader, None
+
+
+def _bare_mcap(path: Path):
+    """A reader over an MCAP file that is not inside a rosbag2 folder (copied out, or written by
+    another tool); rosbags only opens MCAP through a folder's metadata.yaml."""
+    from vlm_ros.bag.salvage import SalvageReader
+
+    reader = SalvageReader([path])
+    if reader.damage and not reader.topics:  # not MCAP at all, or damaged before any channel
+        raise BagError(f"cannot open bag {path}: {reader.damage}")
+    return reader
+
+
+def _salvage(bag: Path):
+    """A reader over the intact part of a truncated MCAP bag, or None when nothing is left."""
+    from vlm_ros.bag.salvage import SalvageReader, mcap_files
+
+    files = mcap_files(bag)
+    if not files:
+        return None
+    try:
+        reader = SalvageReader(files)
+    except Exception:  # even the stream reader cannot start: nothing to salvage
+        return None
+    return reader if any(t.msgcount for t in reader.topics.values()) else None
+
+
+def _register_missing_types(reader) -> None:
+    """Add our types to a reader whose bag embeds definitions for some connections only."""
+    store = typestore()
+    missing = {k: v for k, v in store.fielddefs.items() if k not in reader.typestore.fielddefs}
+    if missing:
+        reader.typestore.register(missing)
+
+
+def topics_text(reader) -> str:
+    """``/a (sensor_msgs/msg/Image, 20 msgs), /b (...)``: what a missing-topic error lists."""
+    items = [
+        f"{name} ({info.msgtype}, {info.msgcount} msgs)"
+        for name, info in sorted(reader.topics.items())
+    ]
+    return ", ".join(items) if items else "none (the bag has no topics)"
+
+
+def iter_messages(reader, connections: Sequence, on_error) -> Iterator[tuple[Any, int, Any]]:
+    """(connection, log time ns, deserialised message) in log-time order.
+
+    A read or decode failure part-way (truncated file) ends the iteration and is passed to
+    ``on_error(one_line_text)`` instead of raising, so callers can still report what was read.
+    """
+    errors = _read_errors()
+    it = reader.messages(connections=connections)
+    while True:
+        try:
+            conn, ts, raw = next(it)
+            msg = reader.deserialize(raw, conn.msgtype)
+        except StopIteration:
+            damage = getattr(reader, "damage", None)  # a salvaged truncated file ends in damage
+            if damage:
+                on_error(damage)
+            return
+        except errors as exc:
+            on_error(describe_error(exc))
+            return
+        yield conn, ts, msg
+
+
+@dataclass(frozen=True)
+class OutMessage:
+    """One message to write: topic, type name (ROS 2 form), log time in ns, message object."""
+
+    topic: str
+    msgtype: str
+    log_ns: int
+    msg: Any  # a rosbags message dataclass
+
+
+def write_bag(path: str | Path, messages: Sequence[OutMessage], storage: str = "mcap") -> Path:
+    """Write ``messages`` (in log-time order) to a new bag; ``storage`` mcap | sqlite3 | ros1.
+
+    Messages are sorted by log time first: eval-bag computes answer times out of order and
+    some readers (ros2 bag play) expect a time-ordered file.
+    """
+    if storage not in STORAGES:
+        raise BagError(f"unknown storage {storage!r}; expected one of {', '.join(STORAGES)}")
+    ordered = sorted(messages, key=lambda m: m.log_ns)
+    out = Path(path)
+    if out.exists():
+        raise BagError(f"{out} exists already; choose a new output path")
+    if storage == "ros1":
+        return _write_ros1(out, ordered)
+    return _write_ros2(out, ordered, storage)
+
+
+def _write_ros2(out: Path, ordered: Sequence[OutMessage], storage: str) -> Path:
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    ts = typestore()
+    with Writer(out, version=ROSBAG2_VERSION, storage_plugin=plugin) as writer:
+        conns: dict[tuple[str, str], Any] = {}
+        for m in ordered:
+            key = (m.topic, m.msgtype)
+            if key not in conns:
+                conns[key] = writer.add_connection(m.topic, m.msgtype, typestore=ts)
+            writer.write(conns[key], m.log_ns, ts.serialize_cdr(m.msg, m.msgtype))
+    return out
+
+
+def _write_ros1(out: Path, ordered: Sequence[OutMessage]) -> Path:
+    """A ROS 1 bag (for reader tests and ROS 1 users); messages must be ROS 1 store objects."""
+    from rosbags.rosbag1 import Writer
+
+    from vlm_ros.bag.types import ros1_typestore
+
+    ts = ros1_typestore()
+    with Writer(out) as writer:
+        conns: dict[tuple[str, str], Any] = {}
+        for m in ordered:
+            key = (m.topic, m.msgtype)
+            if key not in conns:
+                conns[key] = writer.add_connection(m.topic, m.msgtype, typestore=ts)
+            writer.write(conns[key], m.log_ns, ts.serialize_ros1(m.msg, m.msgtype))
+    return out

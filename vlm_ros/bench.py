@@ -1,0 +1,496 @@
+"""Benchmark: the fast path against the baseline a user would otherwise pick, in one process, on
+the same random weights.
+
+Baseline: the PyTorch vision tower (``VlmModel.encode_images``: every layer, all hidden states)
+then transformers' ``generate()`` with its default DynamicCache. Fast path: the vision stage
+(only the layers needed, projector fused; PyTorch or ONNX Runtime) then the static-KV-cache
+decoder and the small decode verbs (decode.generate). Optional lossy variant: dynamic int8
+decoder (``quantize="int8"``), reported with its measured greedy agreement and logit error.
+
+Presets are built from configs with random weights (nothing downloaded) and prompts are token
+ids (no tokenizer): the work per request is what a real checkpoint does, the text is not. Answers
+never stop early (no stop token), so every run decodes exactly the requested length.
+
+Timings are ratios first: on a shared machine absolute milliseconds are noisy, ratios measured
+in the same run on the same weights much less so.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig
+
+from vlm_ros import decode, ranking
+from vlm_ros.config import GenerationConfig
+from vlm_ros.families import FAMILIES, IMAGE_TOKEN_INDEX
+from vlm_ros.model import VlmModel
+from vlm_ros.static_decode import StaticDecoder
+from vlm_ros.timing import StageTimer
+from vlm_ros.vision_stage import FastTorchVisionEncoder
+
+PHI2 = dict(
+    vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+    num_attention_heads=32, partial_rotary_factor=0.4, max_position_embeddings=2048,
+)  # fmt: skip
+CLIP_L_336 = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    image_size=336, patch_size=14, hidden_act="quick_gelu",
+)  # fmt: skip
+SIGLIP_SO400M_384 = dict(
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+    image_size=384, patch_size=14,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model shape. ``family`` picks the FamilySpec (token dropping, select layer)."""
+
+    family: str
+    vision: dict
+    text: dict
+    text_tokens: int = 48  # prompt text around the image (the template + a short question)
+
+
+PRESETS: dict[str, Preset] = {
+    # CI: seconds on one core.
+    "tiny": Preset(
+        "llava_phi",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+        ),
+        dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            partial_rotary_factor=0.4,
+            max_position_embeddings=512,
+        ),
+        text_tokens=16,
+    ),  # fmt: skip
+    # ~260M parameters: a CLIP-B/14-224-like tower (86M, 256 image tokens) and a shrunken Phi
+    # (hidden 800 = 10 heads of Phi-2's 80, 12 layers, Phi-2's vocabulary: 174M).
+    # Compute-bound prefill, memory-bound decode on a CPU, like the full model on a board.
+    "small": Preset(
+        "llava_phi",
+        dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=14,
+            hidden_act="quick_gelu",
+        ),
+        dict(
+            vocab_size=51200,
+            hidden_size=800,
+            intermediate_size=3200,
+            num_hidden_layers=12,
+            num_attention_heads=10,
+            partial_rotary_factor=0.4,
+            max_position_embeddings=2048,
+        ),
+    ),  # fmt: skip
+    "llava-phi-full": Preset("llava_phi", CLIP_L_336, PHI2),
+    "mipha-full": Preset("mipha_phi", SIGLIP_SO400M_384, PHI2),
+    "tinyllava-full": Preset("tinyllava", SIGLIP_SO400M_384, PHI2),
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ACTIONS = ("continue", "slow_down", "stop", "turn_left", "turn_right")
+NEVER_STOP = -1  # no token id is -1: answers run to max_new_tokens
+
+
+def build_model(name: str, device: str, dtype: torch.dtype, seed: int = 0) -> VlmModel:
+    """The preset's VlmModel with seeded random weights, in eval mode on device/dtype."""
+    preset = PRESETS[name]
+    spec = FAMILIES[preset.family]
+    vision_cls = CLIPVisionConfig if spec.vision_kind == "clip" else SiglipVisionConfig
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = VlmModel(spec, vision_cls(**preset.vision), PhiConfig(**preset.text))
+    return model.to(dtype).eval()
+
+
+def prompt_ids(model: VlmModel, text_tokens: int, seed: int = 0) -> list[int]:
+    """Seeded random text ids with one image placeholder after the first quarter (like the
+    template: system text, image, question)."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = min(int(model.text_config.vocab_size), 50000)
+    ids = torch.randint(0, vocab, (text_tokens,), generator=generator).tolist()
+    at = text_tokens // 4
+    return ids[:at] + [IMAGE_TOKEN_INDEX] + ids[at:]
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> tuple[float, object]:
+    """(milliseconds, result) of one call, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1000.0, result
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50/p90/p99 (nearest-rank on the sorted samples) and the mean, in ms."""
+    ordered = sorted(samples)
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+    return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99),
+            "mean": statistics.fmean(ordered), "n": len(ordered)}  # fmt: skip
+
+
+# ---- the two paths ------------------------------------------------------------------------
+
+
+class Baseline:
+    """PyTorch vision tower + transformers generate() with its default DynamicCache."""
+
+    def __init__(self, model: VlmModel, ids: list[int]):
+        self.model, self.ids = model, ids
+
+    def embeds(self, pixels: torch.Tensor) -> torch.Tensor:
+        image = self.model.encode_images(pixels)  # [1, N, hidden]
+        return decode.splice_image(
+            self.ids, image, self.model.embed_tokens, self.model.num_image_tokens
+        )  # [1, S, hidden]
+
+    def answer(self, pixels: torch.Tensor, new_tokens: int) -> list[int]:
+        embeds = self.embeds(pixels)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        out = self.model.language_model.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+        return out[0, -new_tokens:].tolist()
+
+
+class FastPath:
+    """Vision stage (PyTorch or ONNX Runtime) + static-cache decoder + decode.generate."""
+
+    def __init__(self, model: VlmModel, ids: list[int], encoder, decoder: StaticDecoder):
+        self.model, self.ids, self.encoder, self.decoder = model, ids, encoder, decoder
+
+    def embeds(self, pixels: torch.Tensor, timer: StageTimer) -> torch.Tensor:
+        image = self.encoder.encode(pixels, timer)  # [1, N, hidden]
+        return decode.splice_image(
+            self.ids, image, self.model.embed_tokens, self.model.num_image_tokens
+        )
+
+    def answer(self, pixels: torch.Tensor, new_tokens: int, timer: StageTimer | None = None,
+               keep_logits: bool = False) -> decode.Generation:  # fmt: skip
+        timer = timer or StageTimer(pixels.device)
+        gen = decode.generate(
+            self.decoder, self.embeds(pixels, timer), config=GenerationConfig(),
+            max_new_tokens=new_tokens, stop_token_id=NEVER_STOP, timer=timer,
+            keep_logits=keep_logits,
+        )  # fmt: skip
+        self.decoder.reset()
+        return gen
+
+    def rank(self, pixels: torch.Tensor, timer: StageTimer) -> torch.Tensor:
+        """Action hint over 5 candidates of 2-4 tokens each -> [5] log-likelihoods."""
+        vocab = min(int(self.model.text_config.vocab_size), 50000)
+        cands = [[(97 * i + 13 * j) % vocab for j in range(2 + i % 3)] for i in range(5)]
+        totals = ranking.score_candidates(self.decoder, self.embeds(pixels, timer), cands, 0, timer)
+        self.decoder.reset()
+        return totals
+
+
+# ---- measurement ----------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """Per-iteration milliseconds by metric name."""
+
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, ms: float) -> None:
+        self.values.setdefault(name, []).append(ms)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {name: percentiles(v) for name, v in self.values.items()}
+
+
+def baseline_iteration(base: Baseline, pixels: torch.Tensor, device: str, s: Samples) -> None:
+    s.add("vision", timed(lambda: base.model.encode_images(pixels), device)[0])
+    s.add("ttft", timed(lambda: base.answer(pixels, 1), device)[0])
+    s.add("answer_16", timed(lambda: base.answer(pixels, 16), device)[0])
+    s.add("answer_64", timed(lambda: base.answer(pixels, 64), device)[0])
+
+
+def fast_iteration(fast: FastPath, pixels: torch.Tensor, device: str, s: Samples) -> None:
+    timer = StageTimer(device)
+    s.add("ttft", timed(lambda: fast.answer(pixels, 1, timer), device)[0])
+    s.add("vision", timer.milliseconds()["vision"])
+    s.add("prefill", timer.milliseconds()["prefill"])
+    s.add("answer_16", timed(lambda: fast.answer(pixels, 16), device)[0])
+    timer = StageTimer(device)
+    s.add("answer_64", timed(lambda: fast.answer(pixels, 64, timer), device)[0])
+    s.add("decode_per_token", timer.milliseconds()["decode"] / 63)
+    timer = StageTimer(device)
+    s.add("action_hint_5", timed(lambda: fast.rank(pixels, timer), device)[0])
+    s.add("action_hint_prefill", timer.milliseconds()["prefill"])
+    s.add("action_hint_branches", timer.milliseconds()["decode"])
+
+
+def measure(paths: dict[str, Baseline | FastPath], pixels: torch.Tensor, iters: int,
+            device: str) -> dict[str, Samples]:  # fmt: skip
+    """Samples per path, the paths interleaved within every iteration: on a shared machine the
+    load changes over minutes, and interleaving gives every path the same conditions."""
+    samples = {name: Samples() for name in paths}
+    for _ in range(iters):
+        for name, path in paths.items():
+            if isinstance(path, Baseline):
+                baseline_iteration(path, pixels, device, samples[name])
+            else:
+                fast_iteration(path, pixels, device, samples[name])
+    return samples
+
+
+def agreement(reference: list[int], other: list[int]) -> float:
+    """Fraction of the greedy answer that matches until the first difference (prefix match)."""
+    same = 0
+    for a, b in zip(reference, other, strict=False):
+        if a != b:
+            break
+        same += 1
+    return same / max(len(reference), 1)
+
+
+def logit_error(fast_a: FastPath, fast_b: FastPath, pixels: torch.Tensor, steps: int) -> dict:
+    """Teacher-free comparison of two fast paths: prefix agreement of greedy tokens and the
+    max |logit difference| / logit range on the first step (same prompt, same image)."""
+    a = fast_a.answer(pixels, steps, keep_logits=True)
+    b = fast_b.answer(pixels, steps, keep_logits=True)
+    first_a, first_b = a.step_logits[0], b.step_logits[0]
+    spread = float(first_a.max() - first_a.min()) or 1.0
+    return {
+        "greedy_prefix_agreement": agreement(a.token_ids, b.token_ids),
+        "first_logits_max_abs_error": float((first_a - first_b).abs().max()),
+        "first_logits_error_over_range": float((first_a - first_b).abs().max()) / spread,
+        "first_token_equal": a.token_ids[:1] == b.token_ids[:1],
+    }
+
+
+def device_copy_bandwidth(device: str, megabytes: int = 1024, iters: int = 10) -> float:
+    """GB/s of a device-to-device copy (read + write counted), the decode floor's yardstick."""
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms, _ = timed(lambda: [dst.copy_(src) for _ in range(iters)], device)
+    return 2 * src.numel() * iters / (ms / 1000.0) / 1e9
+
+
+def peak_memory(device: str) -> dict[str, float]:
+    """Peak host RSS (MiB, whole process) and peak GPU memory allocated by torch (MiB)."""
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0.0
+    return {"peak_host_rss_mib": rss_kib / 1024.0, "peak_gpu_mib": gpu}
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+
+def make_fast(model: VlmModel, ids, device: str, max_seq: int, vision_backend: str,
+              quantize: str = "none", compile_decode: bool = False) -> FastPath:  # fmt: skip
+    """A fast path on ``model`` (int8 quantizes a private copy of the decoder)."""
+    lm = copy.deepcopy(model.language_model) if quantize != "none" else model.language_model
+    decoder = StaticDecoder(lm, max_seq, compile=compile_decode, quantize=quantize)
+    if vision_backend == "onnxruntime":
+        import tempfile
+
+        from vlm_ros.onnx_export import export_and_check
+        from vlm_ros.ort_backend import OrtVisionEncoder, providers_for
+
+        path = f"{tempfile.mkdtemp(prefix='vlm_ros_bench_')}/vision_fp32.onnx"
+        export_and_check(model, path, "fp32")
+        encoder = OrtVisionEncoder(model, path, providers_for(device))
+    else:
+        encoder = FastTorchVisionEncoder(model)
+    return FastPath(model, ids, encoder, decoder)
+
+
+def ratio(baseline: dict, fast: dict, key: str) -> float:
+    return baseline[key]["p50"] / fast[key]["p50"]
+
+
+def run(preset: str, device: str = "cpu", dtype: str | None = None, iters: int = 3,
+        vision_backend: str = "torch", int8: bool = False, compile_decode: bool = False,
+        warmup: int = 1) -> dict:  # fmt: skip
+    """Measure baseline and fast path (and int8 when asked) and return the result dict."""
+    dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
+    with torch.inference_mode():
+        model = build_model(preset, device, DTYPES[dtype])
+        ids = prompt_ids(model, PRESETS[preset].text_tokens)
+        size = int(model.vision_config.image_size)
+        pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+        pixels = pixels.to(device, DTYPES[dtype])  # [1, 3, S, S]
+        prompt_len = len(ids) - 1 + model.num_image_tokens
+        max_seq = prompt_len + 64 + 8
+        base = Baseline(model, ids)
+        fast = make_fast(model, ids, device, max_seq, vision_backend, "none", compile_decode)
+        paths: dict[str, Baseline | FastPath] = {"baseline": base, "fast": fast}
+        if int8:
+            lm = copy.deepcopy(model.language_model)  # quantized in place: a private copy
+            int8_decoder = StaticDecoder(lm, max_seq, quantize="int8")
+            paths["int8"] = FastPath(model, ids, fast.encoder, int8_decoder)
+        for _ in range(warmup):
+            for path in paths.values():
+                path.answer(pixels, 4)
+            fast.rank(pixels, StageTimer(device))
+        measured = {name: s.summary() for name, s in measure(paths, pixels, iters, device).items()}
+        result_base, result_fast = measured["baseline"], measured["fast"]
+        parity = {
+            "greedy_prefix_agreement_fast_vs_generate": agreement(
+                base.answer(pixels, 16), fast.answer(pixels, 16).token_ids
+            )
+        }
+        variants = {}
+        if int8:
+            variants["int8"] = {
+                "stages": measured["int8"],
+                "accuracy_vs_fp": logit_error(fast, paths["int8"], pixels, 16),
+            }
+    out = {
+        "preset": preset, "device": device, "dtype": dtype, "iters": iters,
+        "vision_backend": vision_backend, "compile_decode": compile_decode,
+        "machine": _machine(device),
+        "model": {
+            "parameters_total": parameter_count(model),
+            "parameters_vision": parameter_count(model.vision_tower),
+            "parameters_decoder": parameter_count(model.language_model),
+            "image_tokens": model.num_image_tokens, "prompt_tokens": prompt_len,
+        },
+        "baseline": result_base, "fast": result_fast, "parity": parity, "variants": variants,
+        "memory": peak_memory(device),
+    }  # fmt: skip
+    out["speedup"] = _speedups(result_base, result_fast)
+    for variant in variants.values():
+        variant["speedup"] = _speedups(result_base, variant["stages"])
+    fast_decode = result_fast["decode_per_token"]["p50"]
+    out["decode_tokens_per_s"] = 1000.0 / fast_decode
+    out["action_hint_over_prefill"] = (
+        result_fast["action_hint_5"]["p50"] / (result_fast["ttft"]["p50"])
+    )
+    out["action_hint_branches_over_prefill"] = (
+        result_fast["action_hint_branches"]["p50"] / result_fast["prefill"]["p50"]
+    )
+    if device.startswith("cuda"):
+        bandwidth = device_copy_bandwidth(device)
+        bytes_per_token = sum(
+            p.numel() * p.element_size() for p in model.language_model.parameters()
+        )
+        out["gpu"] = {
+            "copy_bandwidth_gb_s": bandwidth,
+            "decode_bandwidth_fraction": bytes_per_token / (fast_decode / 1000.0) / 1e9 / bandwidth,
+        }
+    return out
+
+
+def _speedups(base: dict, fast: dict) -> dict[str, float]:
+    return {
+        "image_to_16_tokens": ratio(base, fast, "answer_16"),
+        "image_to_64_tokens": ratio(base, fast, "answer_64"),
+        "ttft": ratio(base, fast, "ttft"),
+        "vision": ratio(base, fast, "vision"),
+    }
+
+
+def _machine(device: str) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads()}  # fmt: skip
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+ROWS = (
+    ("vision", "vision encoder + projector"), ("prefill", "prefill (image + prompt)"),
+    ("ttft", "time to first token (image in)"), ("decode_per_token", "decode, per token"),
+    ("answer_16", "image -> 16-token answer"), ("answer_64", "image -> 64-token answer"),
+    ("action_hint_5", "image -> action hint (5 candidates)"),
+)  # fmt: skip
+
+
+def markdown(result: dict) -> str:
+    """The result as a Markdown table (p50/p90/p99 ms; baseline p50 and speedup)."""
+    base, fast = result["baseline"], result["fast"]
+    m = result["model"]
+    lines = [
+        f"### `{result['preset']}` on {result['device']} ({result['dtype']}, "
+        f"vision backend {result['vision_backend']}, {result['iters']} iterations)",
+        "",
+        f"{m['parameters_total'] / 1e6:.2f}M parameters ({m['parameters_vision'] / 1e6:.2f}M "
+        f"vision, {m['parameters_decoder'] / 1e6:.2f}M decoder); {m['image_tokens']} image "
+        f"tokens, {m['prompt_tokens']} prompt positions.",
+        "",
+        "| stage | fast p50 ms | p90 | p99 | baseline p50 ms | speedup |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label in ROWS:
+        if key not in fast:
+            continue
+        f = fast[key]
+        b = base.get(key)
+        b50 = f"{b['p50']:.1f}" if b else "-"
+        speed = f"{b['p50'] / f['p50']:.2f}x" if b else "-"
+        lines.append(
+            f"| {label} | {f['p50']:.1f} | {f['p90']:.1f} | {f['p99']:.1f} | {b50} | {speed} |"
+        )
+    lines += [
+        "",
+        f"- decode: {result['decode_tokens_per_s']:.1f} tok/s",
+        f"- action hint / time to first token: {result['action_hint_over_prefill']:.2f} "
+        f"(branch pass / prefill: {result['action_hint_branches_over_prefill']:.2f})",
+        f"- greedy tokens fast vs generate(): "
+        f"{result['parity']['greedy_prefix_agreement_fast_vs_generate']:.0%} identical",
+        f"- peak host RSS {result['memory']['peak_host_rss_mib']:.0f} MiB, peak GPU "
+        f"{result['memory']['peak_gpu_mib']:.0f} MiB",
+    ]
+    for name, variant in result["variants"].items():
+        s, acc = variant["speedup"], variant["accuracy_vs_fp"]
+        lines.append(
+            f"- {name}: image->16 {s['image_to_16_tokens']:.2f}x, image->64 "
+            f"{s['image_to_64_tokens']:.2f}x vs baseline; greedy agreement with the fp path "
+            f"{acc['greedy_prefix_agreement']:.0%}, first-step logit error "
+            f"{acc['first_logits_error_over_range']:.2%} of the logit range"
+        )
+    if "gpu" in result:
+        g = result["gpu"]
+        lines.append(
+            f"- GPU copy bandwidth {g['copy_bandwidth_gb_s']:.0f} GB/s; decode reaches "
+            f"{g['decode_bandwidth_fraction']:.0%} of that floor"
+        )
+    return "\n".join(lines) + "\n"

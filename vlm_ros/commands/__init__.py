@@ -1,0 +1,1 @@
+"""One module per ``vlm-ros`` command (see vlm_ros.cli)."""

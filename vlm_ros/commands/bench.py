@@ -1,0 +1,55 @@
+"""``vlm-ros bench``: fast path vs transformers generate() + the PyTorch vision tower, same
+process, same random weights; writes JSON and a Markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vlm_ros.bench import PRESETS
+
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"),
+        help="default: float32 on CPU, bfloat16 on CUDA",
+    )  # fmt: skip
+    parser.add_argument("--iters", type=int, default=5, help="measured iterations per metric")
+    parser.add_argument(
+        "--vision-backend", choices=("torch", "onnxruntime"), default="torch",
+        help="fast path's vision stage (TensorRT: build engines, then use the node/Assistant)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--int8", action="store_true", help="also measure the lossy int8 decoder (CPU)"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step (CUDA graph on GPU)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--out", help="JSON path; the Markdown table goes next to it (.md)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlm_ros.bench import markdown
+    from vlm_ros.bench import run as run_bench
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    result = run_bench(
+        args.preset, args.device, args.dtype, args.iters, args.vision_backend, args.int8,
+        args.compile,
+    )  # fmt: skip
+    table = markdown(result)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(table)
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0

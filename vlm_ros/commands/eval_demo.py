@@ -1,0 +1,25 @@
+"""``vlm-ros eval-demo``: accuracy of the demo model on the demo world's test split."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="models/demo", help="checkpoint directory or 'demo'")
+    parser.add_argument("--n", type=int, default=500, help="test scenes (about 5 questions each)")
+    parser.add_argument("--json", default="eval_demo.json", help="where to write the results")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlm_ros.config import RuntimeConfig
+    from vlm_ros.demo.evaluate import evaluate, write_report
+    from vlm_ros.pipeline import Assistant
+
+    assistant = Assistant.load(args.model, runtime=RuntimeConfig(threads=args.threads))
+    report = evaluate(assistant, args.n, progress=True)
+    print(report.table())
+    write_report(report, args.json, args.model, args.n)
+    print(f"wrote {args.json}")
+    return 0

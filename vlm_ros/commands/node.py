@@ -1,0 +1,38 @@
+"""``vlm-ros node``: run the ROS 2 assistant node without ros2 launch (rclpy, no launch tools).
+
+Configures and activates the lifecycle node itself (parameter ``autostart``). ``--demo`` uses the
+demo model and also runs a synthetic camera on /camera/image_raw, so the chain runs offline.
+Arguments after ``--ros-args`` go to ROS unchanged (``-p name:=value``, remaps).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--demo", action="store_true",
+                        help="demo model on CPU plus a synthetic camera")  # fmt: skip
+    parser.add_argument("--params-file", help="ROS parameter YAML (e.g. config/default.yaml)")
+    parser.add_argument("--camera-rate", type=float, default=10.0,
+                        help="synthetic camera frames per second (with --demo)")  # fmt: skip
+    parser.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=[],
+                        help="everything after it goes to ROS unchanged")  # fmt: skip
+
+
+def ros_arguments(args: argparse.Namespace) -> list[str]:
+    """The rclpy argument list this command's flags stand for."""
+    extra = list(args.ros_args or [])
+    ros = ["vlm-ros-node", "--ros-args"]
+    if args.params_file:
+        if not Path(args.params_file).is_file():
+            raise OSError(f"parameter file {args.params_file} does not exist")
+        ros += ["--params-file", args.params_file]
+    return ros + extra
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlm_ros.node import run as run_node  # rclpy only when the command runs
+
+    return run_node(ros_arguments(args), demo=args.demo, camera_rate_hz=args.camera_rate)

@@ -1,0 +1,34 @@
+"""``vlm-ros report BAG``: latency report from a bag of the node's outputs (recorded live with
+``ros2 bag record`` or written by eval-bag)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vlm_ros.commands.eval_bag import add_budget_arguments
+
+    parser.add_argument("bag", help="bag with SceneAnswer/ActionHint (and /diagnostics) messages")
+    parser.add_argument(
+        "--out", default=None, help="report folder (default: BAG_report beside the bag)"
+    )
+    add_budget_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlm_ros.bag import BagError
+    from vlm_ros.bag.report import build_report, write_report
+    from vlm_ros.commands.eval_bag import budgets_from_args
+
+    out = Path(args.out) if args.out else Path(f"{Path(args.bag).resolve()}_report")
+    report = build_report(args.bag, budgets_ms=budgets_from_args(args) or None)
+    write_report(report, out)
+    print(f"report: {out / 'report.md'}")
+    if report["read_error"]:
+        raise BagError(
+            f"bag {args.bag} could not be read to the end: {report['read_error']}",
+            partial_report=str(out / "report.md"),
+        )
+    return 0

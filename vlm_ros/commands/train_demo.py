@@ -1,0 +1,34 @@
+"""``vlm-ros train-demo``: reproduce the embedded demo model (models/demo)."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_MINUTES = 15.0  # the shipped recipe's budget on a quiet 2-core CPU
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="models/demo", help="checkpoint directory to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order and weights")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=DEFAULT_MINUTES,
+        help="budget: scales every stage's step count by minutes/15, so the same arguments "
+        f"always give the same weights (default {DEFAULT_MINUTES:g} = the shipped model)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from vlm_ros.demo.train import TrainConfig, train
+
+    cfg = TrainConfig(seed=args.seed)
+    if args.minutes != DEFAULT_MINUTES:
+        cfg = cfg.scaled(args.minutes / DEFAULT_MINUTES)
+    summary = train(args.out, cfg, quiet=args.quiet)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    print(f"wrote {args.out} (loss log: {args.out}/train_log.jsonl)")
+    return 0

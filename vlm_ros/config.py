@@ -1,0 +1,65 @@
+"""Run-time configuration of the core, as frozen dataclasses built once and passed one way
+(parameters/YAML -> these -> pipeline). Nothing reads a parameter anywhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How answers are decoded. Greedy by default: every published eval of the three families
+    uses temperature 0, one beam."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the model runs.
+
+    dtype: None picks the family's safe default for the device (see families.default_dtype):
+    fp32 on CPU; bf16 for LLaVA-Phi/Mipha on CUDA (LLaVA-Phi's reference warns fp16 gives NaN),
+    fp16 for TinyLLaVA on CUDA.
+    vision_backend: "torch" (reference), "onnxruntime" or "tensorrt" for encoder+projector.
+    decoder: "static" (KV cache allocated once, max_seq_len long; the default: greedy tokens
+    identical to "eager" on every tiny layout, test/test_static_decode.py) or "eager"
+    (transformers' dynamic cache, the reference).
+    quantize: "none" or "int8" (static decoder on CPU only: dynamic int8 Linear layers; lossy,
+    opt-in; measured agreement in docs/performance.md).
+    """
+
+    device: str = "cpu"
+    dtype: str | None = None
+    vision_backend: str = "torch"
+    decoder: str = "static"
+    max_seq_len: int = 1024
+    engine_dir: str = "models/engines"
+    compile_decode: bool = False
+    quantize: str = "none"
+    drop_first_patch: bool | None = None  # None: family default (Factory TinyLLaVA drops it)
+    threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Images outside these bounds are refused with an error naming the problem."""
+
+    min_side: int = 8
+    max_side: int = 8192
+    max_question_chars: int = 4000
+
+
+@dataclass(frozen=True)
+class AssistantConfig:
+    """Everything needed to build an Assistant."""
+
+    model: str = "demo"
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    limits: ImageLimits = field(default_factory=ImageLimits)

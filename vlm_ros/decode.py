@@ -1,0 +1,221 @@
+"""Splicing, decoding verbs and the generation loop (gpt-fast style: prefill /
+decode_one_token / sample, each a few lines).
+
+The eager decoder is the reference: transformers' PhiForCausalLM fed ``inputs_embeds`` with its
+default DynamicCache. Any other decoder (the static-KV-cache one in static_decode.py) implements
+the Decoder protocol below and must give the same tokens and logits; the loop, sampling and stop
+rules here are shared by all of them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache, PhiForCausalLM
+
+from vlm_ros.config import GenerationConfig
+from vlm_ros.errors import InputError, VlmError
+from vlm_ros.prompt import split_at_image
+from vlm_ros.timing import StageTimer
+
+
+class Decoder(Protocol):
+    """One sequence's decoder state. Logits are returned as float32.
+
+    forward_calls counts decoder forward passes (tests assert ranking costs one prefill + one
+    batched pass).
+    """
+
+    forward_calls: int
+
+    def reset(self) -> None:
+        """Forget the cached sequence."""
+
+    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Start a sequence: embeds [1, S, hidden] -> logits of the last position [1, V]."""
+
+    def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
+        """Append one token: token [1, 1] -> its logits [1, V]."""
+
+    def score_branches(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Continue the prefilled prefix with K branches at once (the prefix cache is shared,
+        not recomputed). tokens, mask: [K, T], right-padded -> logits [K, T, V]. The decoder
+        must be reset (or prefilled again) before it is used for anything else."""
+
+
+class EagerDecoder:
+    """PhiForCausalLM + DynamicCache, exactly as transformers runs it (the reference)."""
+
+    def __init__(self, lm: PhiForCausalLM):
+        self.lm = lm
+        self.cache: DynamicCache | None = None
+        self.length = 0  # positions held in the cache
+        self.forward_calls = 0
+
+    def reset(self) -> None:
+        self.cache, self.length = None, 0
+
+    def _forward(self, **kwargs) -> torch.Tensor:
+        self.forward_calls += 1
+        return self.lm(past_key_values=self.cache, use_cache=True, **kwargs).logits.float()
+
+    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        self.cache, self.length = DynamicCache(config=self.lm.config), 0
+        logits = self._forward(inputs_embeds=embeds, logits_to_keep=1)  # [1, 1, V]
+        self.length = embeds.shape[1]
+        return logits[:, -1]
+
+    def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
+        logits = self._forward(input_ids=token)  # [1, 1, V]
+        self.length += 1
+        return logits[:, -1]
+
+    def score_branches(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        assert self.cache is not None, "score_branches needs a prefilled prefix"
+        branches, steps = tokens.shape
+        self.cache.batch_repeat_interleave(branches)  # [1, h, P, d] -> [K, h, P, d]
+        prefix = torch.ones(branches, self.length, dtype=mask.dtype, device=mask.device)
+        positions = torch.arange(self.length, self.length + steps, device=tokens.device)
+        logits = self._forward(
+            input_ids=tokens,
+            attention_mask=torch.cat([prefix, mask], dim=1),  # [K, P + T]
+            position_ids=positions.expand(branches, steps),  # [K, T]
+        )
+        self.length += steps
+        return logits  # [K, T, V]
+
+
+def make_decoder(lm: PhiForCausalLM, kind: str = "eager", **options) -> Decoder:
+    """The decoder selected by RuntimeConfig.decoder ("eager" or "static")."""
+    if kind == "eager":
+        return EagerDecoder(lm)
+    if kind == "static":
+        from vlm_ros import static_decode  # written separately; imported only when chosen
+
+        return static_decode.StaticDecoder(lm, **options)
+    raise InputError(f"unknown decoder {kind!r}; expected 'eager' or 'static'")
+
+
+def splice_image(
+    ids: Sequence[int],
+    image_embeds: torch.Tensor,
+    embed_tokens: Callable[[torch.Tensor], torch.Tensor],
+    expected_image_tokens: int,
+) -> torch.Tensor:
+    """Replace the one IMAGE_TOKEN_INDEX in ``ids`` by the N image embeddings.
+
+    ids: S prompt ids with one placeholder; image_embeds: [1, N, hidden]
+    -> inputs_embeds [1, S - 1 + N, hidden]. N must equal the count the prompt was sized for.
+    """
+    if image_embeds.shape[1] != expected_image_tokens:
+        raise VlmError(
+            f"image features do not match the image tokens: {image_embeds.shape[1]} features "
+            f"for {expected_image_tokens} image tokens"
+        )
+    device = image_embeds.device
+    before, after = (
+        embed_tokens(torch.tensor([part], dtype=torch.long, device=device))  # [1, s, hidden]
+        for part in split_at_image(ids)
+    )
+    return torch.cat([before, image_embeds.to(before.dtype), after], dim=1)
+
+
+def make_generator(config: GenerationConfig, device: torch.device) -> torch.Generator | None:
+    """A generator seeded per request, so the same seed gives the same sampled answer."""
+    if not config.do_sample or config.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(config.seed)
+
+
+def sample(
+    logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. Greedy (argmax) unless config.do_sample with a positive
+    temperature; then temperature, top-k, top-p (nucleus) and a multinomial draw."""
+    if not config.do_sample or config.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / config.temperature
+    if config.top_k > 0:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens before it already hold top_p (the first always stays)
+        drop = probs.cumsum(dim=-1) - probs > config.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Generation:
+    """Generated ids (the stop token excluded), why it stopped, and optionally the logits of
+    every step (step_logits[i] produced token i; the last may have produced the stop token)."""
+
+    token_ids: list[int]
+    stop_reason: str
+    step_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def interrupted(deadline: float | None, cancel: threading.Event | None) -> str | None:
+    """The stop reason ("cancelled" or "deadline") if the request must stop now, else None."""
+    if cancel is not None and cancel.is_set():
+        return "cancelled"
+    if deadline is not None and time.monotonic() >= deadline:
+        return "deadline"
+    return None
+
+
+def generate(
+    decoder: Decoder,
+    embeds: torch.Tensor,
+    *,
+    config: GenerationConfig,
+    max_new_tokens: int,
+    stop_token_id: int,
+    timer: StageTimer,
+    deadline: float | None = None,
+    cancel: threading.Event | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
+    keep_logits: bool = False,
+) -> Generation:
+    """Prefill ``embeds`` [1, S, hidden], then decode until the stop token, max_new_tokens,
+    the deadline or cancel. Deadline and cancel are checked before every forward pass, so an
+    expired request costs no model time and a cancelled one stops within one token."""
+    out = Generation([], "max_new_tokens")
+    reason = interrupted(deadline, cancel)
+    if reason:
+        out.stop_reason = reason
+        return out
+    generator = make_generator(config, embeds.device)
+    with timer.stage("prefill"):
+        logits = decoder.prefill(embeds)  # [1, V]
+        token = sample(logits, config, generator)  # [1]
+        token_id = int(token)
+    while True:
+        if keep_logits:
+            out.step_logits.append(logits[0])
+        if token_id == stop_token_id:
+            out.stop_reason = "eos"
+            break
+        out.token_ids.append(token_id)
+        if on_token is not None:
+            on_token(out.token_ids)
+        if len(out.token_ids) >= max_new_tokens:
+            out.stop_reason = "max_new_tokens"
+            break
+        reason = interrupted(deadline, cancel)
+        if reason:
+            out.stop_reason = reason
+            break
+        with timer.stage("decode"):
+            logits = decoder.decode_one_token(token.view(1, 1))  # [1, V]
+            token = sample(logits, config, generator)
+            token_id = int(token)
+    return out

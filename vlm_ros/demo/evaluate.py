@@ -1,0 +1,81 @@
+"""Evaluate a model on the demo world's test split, through the public pipeline API.
+
+Questions go through ``Assistant.answer`` (greedy) and are scored by exact match (case and
+surrounding spaces ignored); the action goes through ``Assistant.rank`` over world.ACTIONS and
+is scored by the chosen candidate. Each test scene is rendered at a camera size picked by its
+seed (as in training), and the pipeline pads it to square itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlm_ros.demo import data, world
+
+RENDER_SIZES = ((96, 72), (128, 96), (160, 120), (320, 240))
+
+
+@dataclass
+class Report:
+    """Correct / total per question type (and "action"); ``errors`` keeps a few misses."""
+
+    correct: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    errors: list[dict] = field(default_factory=list)
+
+    def add(self, sample: data.Sample, predicted: str) -> None:
+        ok = predicted.strip().lower() == sample.answer
+        self.total[sample.kind] += 1
+        self.correct[sample.kind] += int(ok)
+        if not ok and len(self.errors) < 20:
+            self.errors.append({"seed": sample.seed, "question": sample.question,
+                                "expected": sample.answer, "got": predicted})  # fmt: skip
+
+    def accuracy(self) -> dict[str, float]:
+        return {k: self.correct[k] / self.total[k] for k in sorted(self.total)}
+
+    def as_dict(self) -> dict:
+        return {
+            "accuracy": self.accuracy(),
+            "correct": dict(self.correct),
+            "total": dict(self.total),
+            "errors": self.errors,
+        }
+
+    def table(self) -> str:
+        rows = ["| question type | n | exact match |", "|---|---|---|"]
+        for kind, acc in self.accuracy().items():
+            label = "action (rank)" if kind == "action" else kind
+            rows.append(f"| {label} | {self.total[kind]} | {100 * acc:.1f}% |")
+        return "\n".join(rows)
+
+
+def scene_image(seed: int):
+    """(scene, RGB image) of ``seed`` at its seed-picked camera size."""
+    scene = world.scene_from_seed(seed)
+    width, height = RENDER_SIZES[seed % len(RENDER_SIZES)]
+    return scene, world.render(scene, width, height)
+
+
+def evaluate(assistant, n: int = 500, split: str = "test", progress: bool = False) -> Report:
+    """Score ``assistant`` on the first ``n`` scenes of ``split`` (every question of each)."""
+    from tqdm import tqdm
+
+    report = Report()
+    for seed in tqdm(data.split_seeds(split, n), disable=not progress, unit="scene"):
+        _, image = scene_image(seed)
+        for sample in data.samples_for(range(seed, seed + 1)):
+            if sample.kind == "action":
+                hint = assistant.rank(image, sample.question, list(world.ACTIONS))
+                report.add(sample, hint.chosen)
+            else:
+                report.add(sample, assistant.answer(image, sample.question, max_new_tokens=8).text)
+    return report
+
+
+def write_report(report: Report, path: str | Path, model: str, n: int) -> None:
+    doc = {"model": str(model), "scenes": n, "split": "test", **report.as_dict()}
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")

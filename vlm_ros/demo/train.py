@@ -1,0 +1,477 @@
+"""Train the embedded demo model: stand-in pretraining, then the papers' two-stage recipe.
+
+No pretrained CLIP or Phi exist offline, so their pretraining is replaced by honest stand-ins:
+    0a. vision tower: supervised on scene ground truth (per lane: box colour x distance or none)
+        through a throw-away linear head on the penultimate layer's patch features (the ones the
+        LLaVA family reads);
+    0b. decoder: a language model on the world's text (questions, answers, captions).
+Then, as LLaVA-Phi / TinyLLaVA / Mipha:
+    1.  feature alignment: ONLY the projector trains, on captions (tower and decoder frozen);
+    2.  instruction tuning: projector + decoder + vision tower train on QA and action answers
+        (Mipha and TinyLLaVA found unfreezing the tower helps small models).
+Training runs through the pipeline's own code: VlmModel (the class the loader builds),
+preprocess.preprocess (pad to square on the family's colour, resize, crop, normalise),
+prompt.prompt_ids (the one template, split at <image>) and answers as " answer<|endoftext|>"
+after "ASSISTANT:" (what ranking.py scores). The result is written in the LLaVA-Phi layout with
+tiny.py's key naming, and loads with checkpoint.load_checkpoint like a published checkpoint.
+
+Deterministic given the seed and the thread count: torch.manual_seed, deterministic algorithms,
+fixed step counts, data order from a seeded numpy Generator, single-threaded data generation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionConfig, PhiConfig
+
+from vlm_ros import prompt
+from vlm_ros.checkpoint import load_tokenizer
+from vlm_ros.demo import data, world
+from vlm_ros.demo.tokenizer import ENDOFTEXT, train_tokenizer
+from vlm_ros.families import CLIP_MEAN, CLIP_STD, FAMILIES, ImageProcessing
+from vlm_ros.model import VlmModel
+from vlm_ros.preprocess import preprocess
+
+# Camera sizes scenes are rendered at for training (the pipeline pads any size to square).
+RENDER_SIZES = ((96, 72), (128, 96), (160, 120), (320, 240))
+LANE_CLASSES = 1 + len(world.COLOURS) * 2  # none, or (colour, distance)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Sizes and schedule. Defaults are the shipped model (about 15 min on a quiet 2-core CPU)."""
+
+    seed: int = 0
+    # One thread: identical results whatever the machine's core count, and on a shared CPU two
+    # OpenMP threads ran 5-8x slower than one (spin-waiting; measured 1.6 s vs 12 s a step).
+    threads: int = 1
+    image_size: int = 64
+    patch_size: int = 16  # 4 x 4 patches -> 16 image tokens (CLS dropped): short sequences
+    vision: dict = field(
+        default_factory=lambda: dict(
+            hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4
+        )
+    )
+    text: dict = field(
+        default_factory=lambda: dict(
+            hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4
+        )
+    )
+    train_scenes: int = 4000
+    val_scenes: int = 200
+    batch_size: int = 32
+    steps: dict = field(
+        default_factory=lambda: dict(vision=300, language=150, align=200, instruct=1000)
+    )
+    lr: dict = field(default_factory=lambda: dict(
+        vision=2e-3, language=2e-3, align=2e-3, instruct=1e-3))  # fmt: skip
+    # Scale of the decoder's token embeddings at init (Phi's default is 0.02). Image embeddings
+    # are brought to the same scale before alignment (match_projector), so image and text
+    # tokens enter the residual stream on an equal footing instead of 600x apart.
+    embed_std: float = 1.0
+    match_projector: bool = True
+    # Learning-rate multiplier of the vision tower in instruction tuning (the rest: 1).
+    tower_lr_scale: float = 1.0
+
+    def scaled(self, factor: float) -> TrainConfig:
+        """The same recipe with every stage's step count times ``factor`` (--minutes)."""
+        steps = {k: max(1, int(round(v * factor))) for k, v in self.steps.items()}
+        return TrainConfig(**{**asdict(self), "steps": steps})
+
+
+# ---- setup -----------------------------------------------------------------------------------
+
+
+def set_determinism(seed: int, threads: int) -> None:
+    """Same seed + same thread count -> same weights."""
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+
+
+def processing(cfg: TrainConfig) -> ImageProcessing:
+    """LLaVA-Phi's CLIP processing at the demo's size: pad to square on (122, 116, 104)."""
+    return ImageProcessing(cfg.image_size, "shortest_edge_crop", CLIP_MEAN, CLIP_STD, True)
+
+
+def build_model(cfg: TrainConfig, vocab: int) -> VlmModel:
+    vision = CLIPVisionConfig(
+        **cfg.vision, image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=64,
+        attention_dropout=0.0,
+    )  # fmt: skip
+    text = PhiConfig(**phi_fields(cfg, vocab))
+    return VlmModel(FAMILIES["llava_phi"], vision, text)
+
+
+def phi_fields(cfg: TrainConfig, vocab: int) -> dict:
+    from vlm_ros.tiny import _phi_fields
+
+    fields = {**_phi_fields(vocab, bos=1, eos=2), **cfg.text, "resid_pdrop": 0.0}
+    fields["max_position_embeddings"] = 512
+    del fields["rope_scaling"]
+    return fields
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Images:
+    """Preprocessed pixels [N, 3, S, S] of scenes (row i = seeds[i]) and lane labels [N, 3]."""
+
+    seeds: list[int]
+    pixels: torch.Tensor
+    lanes: torch.Tensor
+
+    def rows(self, seeds: list[int]) -> torch.Tensor:
+        index = {s: i for i, s in enumerate(self.seeds)}
+        return torch.tensor([index[s] for s in seeds])
+
+
+def lane_label(scene: world.Scene, lane: str) -> int:
+    box = scene.box_in(lane)
+    if box is None:
+        return 0
+    return 1 + list(world.COLOURS).index(box.colour) * 2 + (box.distance == "far")
+
+
+def render_images(seeds: range, proc: ImageProcessing, progress=None) -> Images:
+    """Render each scene at a seed-chosen camera size and preprocess it like the pipeline."""
+    pixels, lanes = [], []
+    for seed in seeds:
+        scene = world.scene_from_seed(seed)
+        width, height = RENDER_SIZES[seed % len(RENDER_SIZES)]
+        pixels.append(preprocess(world.render(scene, width, height), proc)[0])
+        lanes.append([lane_label(scene, lane) for lane in world.LANES])
+        if progress is not None:
+            progress.update(1)
+    return Images(list(seeds), torch.stack(pixels), torch.tensor(lanes))
+
+
+class TextCodec:
+    """Sample -> (ids after the image placeholder incl. the answer, loss mask) via prompt.py."""
+
+    def __init__(self, tokenizer, stop_id: int):
+        self.tokenizer, self.stop_id = tokenizer, stop_id
+        before, _ = prompt.split_at_image(prompt.prompt_ids(tokenizer, "x"))
+        self.before = before  # identical for every question: the system text and "USER: "
+
+    def encode(self, sample: data.Sample) -> tuple[list[int], list[int]]:
+        before, after = prompt.split_at_image(prompt.prompt_ids(self.tokenizer, sample.question))
+        assert before == self.before
+        answer = prompt.encode_text(self.tokenizer, prompt.ANSWER_PREFIX + sample.answer)
+        answer.append(self.stop_id)
+        return after + answer, [0] * len(after) + [1] * len(answer)
+
+
+def batch_tensors(encoded: list[tuple[list[int], list[int]]], pad: int):
+    """Right-pad -> tokens, attention mask, loss mask: [B, T] each."""
+    steps = max(len(ids) for ids, _ in encoded)
+    tokens = torch.full((len(encoded), steps), pad, dtype=torch.long)
+    attn = torch.zeros((len(encoded), steps), dtype=torch.long)
+    loss = torch.zeros((len(encoded), steps), dtype=torch.bool)
+    for i, (ids, mask) in enumerate(encoded):
+        tokens[i, : len(ids)] = torch.tensor(ids)
+        attn[i, : len(ids)] = 1
+        loss[i, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
+    return tokens, attn, loss
+
+
+# ---- forward passes --------------------------------------------------------------------------
+
+
+def multimodal_logits(model: VlmModel, codec: TextCodec, pixels, samples):
+    """Teacher-forced logits of every answer-side token. Inputs are spliced as
+    decode.splice_image does: the system ids, the N image embeddings in place of the
+    placeholder, then question and answer ids. -> (logits [B, T, V] where row t predicts
+    tokens[:, t], tokens [B, T], loss mask [B, T])."""
+    tokens, attn, loss_mask = batch_tensors([codec.encode(s) for s in samples], codec.stop_id)
+    batch = tokens.shape[0]
+    image = model.encode_images(pixels)  # [B, N, hidden]
+    before = model.embed_tokens(torch.tensor([codec.before])).expand(batch, -1, -1)
+    embeds = torch.cat([before, image, model.embed_tokens(tokens)], dim=1)  # [B, P + N + T, h]
+    prefix = before.shape[1] + image.shape[1]
+    mask = torch.cat([torch.ones(batch, prefix, dtype=torch.long), attn], dim=1)
+    logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+    # position p predicts token p + 1: the rows predicting tokens[:, t] are prefix - 1 + t
+    return logits[:, prefix - 1 : prefix - 1 + tokens.shape[1]], tokens, loss_mask
+
+
+def multimodal_loss(model: VlmModel, codec: TextCodec, pixels, samples) -> torch.Tensor:
+    """Cross-entropy over the answer tokens (" answer<|endoftext|>") only."""
+    predicting, tokens, loss_mask = multimodal_logits(model, codec, pixels, samples)
+    return F.cross_entropy(predicting[loss_mask], tokens[loss_mask])
+
+
+def language_loss(model: VlmModel, tokenizer, stop_id: int, lines: list[str]) -> torch.Tensor:
+    """Next-token loss on plain world text (each line ends with <|endoftext|>)."""
+    encoded = [prompt.encode_text(tokenizer, line) + [stop_id] for line in lines]
+    tokens, attn, _ = batch_tensors([(ids, ids) for ids in encoded], stop_id)
+    logits = model.language_model(input_ids=tokens, attention_mask=attn).logits
+    target = tokens[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+class LaneHead(nn.Module):
+    """Stand-in pretraining head: patch features [B, N, d] -> lane logits [B, 3, classes]."""
+
+    def __init__(self, tokens: int, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(tokens * hidden, len(world.LANES) * LANE_CLASSES)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.linear(feats.flatten(1)).view(-1, len(world.LANES), LANE_CLASSES)
+
+
+# ---- stages ----------------------------------------------------------------------------------
+
+
+def only_trainable(model: VlmModel, *parts: str) -> list[nn.Parameter]:
+    """Freeze everything but the named submodules; return their parameters."""
+    for name, param in model.named_parameters():
+        param.requires_grad = name.split(".")[0] in parts
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def schedule(step: int, total: int, warmup: int = 20) -> float:
+    """Linear warm-up then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Log:
+    """Loss log (JSON lines) + a tqdm bar for the whole run."""
+
+    def __init__(self, path: Path, total: int, quiet: bool = False):
+        from tqdm import tqdm
+
+        self.file = path.open("w")
+        self.bar = tqdm(total=total, disable=quiet, unit="step", dynamic_ncols=True)
+        self.start = time.monotonic()
+
+    def step(self, stage: str, step: int, loss: float, lr: float) -> None:
+        row = {"stage": stage, "step": step, "loss": round(loss, 5), "lr": lr,
+               "elapsed_s": round(time.monotonic() - self.start, 1)}  # fmt: skip
+        self.file.write(json.dumps(row) + "\n")
+        self.bar.set_description(f"{stage} loss {loss:.3f}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+
+
+def run_stage(
+    name, model, params, steps, lr, rng, loss_fn, log: Log, extra=(), lr_scale=None
+) -> list[float]:
+    """AdamW over ``params`` (+ extra modules' parameters) for ``steps``; returns the losses.
+    ``lr_scale`` maps a top-level submodule name to a learning-rate multiplier."""
+    params = list(params) + [p for m in extra for p in m.parameters()]
+    lr_scale = lr_scale or {}
+    if lr_scale:
+        part_of = {id(p): n.split(".")[0] for n, p in model.named_parameters()}
+        multipliers = sorted({lr_scale.get(part_of.get(id(p)), 1.0) for p in params})
+        groups = [{"params": [p for p in params
+                              if lr_scale.get(part_of.get(id(p)), 1.0) == m], "mult": m}
+                  for m in multipliers]  # fmt: skip
+    else:
+        groups = [{"params": params, "mult": 1.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
+    losses = []
+    model.train()
+    for step in range(steps):
+        scale = schedule(step, steps)
+        for group in opt.param_groups:
+            group["lr"] = lr * scale * group["mult"]
+        loss = loss_fn(rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        log.step(name, step, losses[-1], lr * scale)
+    model.eval()
+    return losses
+
+
+# ---- the whole recipe ------------------------------------------------------------------------
+
+
+def train(out: str | Path, cfg: TrainConfig = TrainConfig(), quiet: bool = False) -> dict:
+    """Run every stage and write a loadable LLaVA-Phi-layout checkpoint into ``out``.
+
+    Returns a summary (first/last losses per stage, timings) also written to train_log.json.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    set_determinism(cfg.seed, cfg.threads)
+    started = time.monotonic()
+    train_tokenizer(out)
+    tokenizer = load_tokenizer(out)
+    stop_id = tokenizer.get_vocab()[ENDOFTEXT]
+    model = build_model(cfg, vocab=-(-len(tokenizer) // 64) * 64)
+    if cfg.embed_std:
+        nn.init.normal_(model.language_model.get_input_embeddings().weight, std=cfg.embed_std)
+    codec = TextCodec(tokenizer, stop_id)
+    proc = processing(cfg)
+
+    seeds = data.split_seeds("train", cfg.train_scenes)
+    images = render_images(seeds, proc)
+    samples = data.samples_for(seeds, with_captions=True)
+    captions = [s for s in samples if s.kind == "caption"]
+    instruct = [s for s in samples if s.kind != "caption"]
+    text_lines = [s.question + " " + s.answer for s in samples]
+    rng = np.random.default_rng(cfg.seed)
+    log = Log(out / "train_log.jsonl", sum(cfg.steps.values()), quiet)
+    bs = cfg.batch_size
+
+    def pick(pool):
+        return [pool[int(i)] for i in rng.integers(len(pool), size=bs)]
+
+    def pixels_of(batch):
+        return images.pixels[images.rows([s.seed for s in batch])]
+
+    # 0a. vision tower stand-in pretraining (supervised lane contents)
+    head = LaneHead(model.num_image_tokens, model.vision_config.hidden_size)
+
+    def vision_loss(_):
+        rows = torch.from_numpy(rng.integers(len(seeds), size=bs))
+        logits = head(model.image_features(images.pixels[rows]))
+        return F.cross_entropy(logits.reshape(-1, LANE_CLASSES), images.lanes[rows].reshape(-1))
+
+    summary = {}
+    stage = lambda name, parts, fn, extra=(), lr_scale=None: summary.__setitem__(  # noqa: E731
+        name, _ends(run_stage(name, model, only_trainable(model, *parts), cfg.steps[name],
+                              cfg.lr[name], rng, fn, log, extra, lr_scale)))  # fmt: skip
+    stage("vision", ("vision_tower",), vision_loss, (head,))
+    # 0b. decoder stand-in pretraining (language model on world text)
+    stage(
+        "language",
+        ("language_model",),
+        lambda _: language_loss(
+            model,
+            tokenizer,
+            stop_id,
+            [text_lines[int(i)] for i in rng.integers(len(text_lines), size=bs)],
+        ),
+    )
+    # 1. alignment: projector only, captions. First bring the projector's output to the
+    # scale of the token embeddings (a LayerNorm-friendly init of its last layer).
+    if cfg.match_projector:
+        summary["projector_gain"] = match_projector_scale(model, images.pixels[:256])
+    stage(
+        "align",
+        ("projector",),
+        lambda _: multimodal_loss(model, codec, *_with_pixels(pick(captions), pixels_of)),
+    )
+    # 2. instruction tuning: everything, QA + actions (+ a few captions, as LLaVA mixes)
+    stage(
+        "instruct",
+        ("projector", "language_model", "vision_tower"),
+        lambda _: multimodal_loss(
+            model,
+            codec,
+            *_with_pixels(pick(instruct) if rng.random() > 0.1 else pick(captions), pixels_of),
+        ),
+        lr_scale={"vision_tower": cfg.tower_lr_scale},
+    )
+    log.close()
+    save_checkpoint(model, cfg, out)
+    summary["minutes"] = round((time.monotonic() - started) / 60, 2)
+    summary["config"] = asdict(cfg)
+    (out / "train_log.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+@torch.no_grad()
+def match_projector_scale(model: VlmModel, pixels: torch.Tensor) -> float:
+    """Scale the projector's last Linear so projected image embeddings have the std of the
+    decoder's token embeddings. -> the gain applied."""
+    image_std = float(model.encode_images(pixels).std())
+    text_std = float(model.language_model.get_input_embeddings().weight.std())
+    gain = text_std / image_std
+    last = model.projector[2]
+    last.weight.mul_(gain)
+    last.bias.mul_(gain)
+    return round(gain, 6)
+
+
+def _with_pixels(batch, pixels_of):
+    return pixels_of(batch), batch
+
+
+def _ends(losses: list[float]) -> dict:
+    k = max(1, len(losses) // 10)
+    return {"steps": len(losses), "first": round(float(np.mean(losses[:k])), 4),
+            "last": round(float(np.mean(losses[-k:])), 4)}  # fmt: skip
+
+
+# ---- writing the checkpoint (LLaVA-Phi layout) -----------------------------------------------
+
+
+def save_checkpoint(model: VlmModel, cfg: TrainConfig, out: Path) -> None:
+    """model.safetensors with LLaVA-Phi's key names (tiny.py's naming), config.json nested as
+    LLaVA-Phi's, and the CLIP preprocessor config at the demo's size."""
+    from vlm_ros.tiny import (
+        _LLAVA_BODY,
+        _mm_projector,
+        _published_state,
+        _rename,
+        _vision_fields,
+        _write_weights,
+    )
+
+    keys = {"vision_tower.": "model.vision_tower.", **_LLAVA_BODY}
+    state = _rename(_published_state(model), keys)
+    _write_weights(out, state, safetensors=True, sharded=False)
+    text = model.text_config
+    projector = {**_mm_projector(), "mm_hidden_size": model.vision_config.hidden_size,
+                 "hidden_size": text.hidden_size}  # fmt: skip
+    config = {
+        **phi_fields(cfg, text.vocab_size),
+        "rope_scaling": None,
+        "architectures": ["LlavaPhiForCausalLM"],
+        "model_type": "llava_phi",
+        "torch_dtype": "float32",
+        "transformers_version": "4.36.2",
+        "image_aspect_ratio": "pad",
+        "freeze_vision_tower": False,
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "tokenizer_model_max_length": 512,
+        "tokenizer_padding_side": "right",
+        "vision_config": {
+            "vision_tower": {
+                **_vision_fields(model.vision_config),
+                "mm_vision_select_feature": "patch",
+                "mm_vision_select_layer": -2,
+            },
+            "mm_projector": projector,
+        },
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_preprocessor(out, cfg.image_size)
+
+
+def write_preprocessor(out: Path, size: int) -> None:
+    """CLIPImageProcessor fields as CLIP-336's file, at ``size``."""
+    doc = {
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
+        "do_rescale": True, "do_resize": True,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+        "image_processor_type": "CLIPImageProcessor", "resample": 3,
+        "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": size},
+    }  # fmt: skip
+    (out / "preprocessor_config.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -1,0 +1,168 @@
+"""Static-KV-cache decoder (gpt-fast style): the cache is allocated once, at construction, for
+``max_seq_len`` positions; ``prefill`` and ``decode_one_token`` are separate small verbs and the
+decode step has fixed shapes, so it can be captured in a CUDA graph
+(``torch.compile(mode="reduce-overhead")``) on GPU.
+
+It runs transformers' own PhiForCausalLM (not a rewrite) with a ``StaticCache`` and explicit
+``cache_position``, so it computes what the eager reference (decode.EagerDecoder, DynamicCache)
+computes: the parity tests require identical greedy tokens on every tiny layout.
+
+Action hints reuse the image+prompt prefix: ``score_branches`` views the prefix's keys/values
+out of the static cache, expands them to K branches (no copy) and runs all candidates in one
+batched pass, like the eager decoder does with its DynamicCache.
+
+Optional ``quantize="int8"``: dynamic int8 quantization (torch.ao, fbgemm/x86) of the decoder's
+Linear layers, CPU only, lossy and opt-in; its greedy agreement and logit error are measured by
+the benchmark (see docs/performance.md). It replaces the Linear modules of ``lm`` in place.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PhiForCausalLM, StaticCache
+
+from vlm_ros.errors import ContextOverflowError, InputError
+
+QUANTIZE_MODES = ("none", "int8")
+
+
+def quantize_int8(lm: nn.Module) -> nn.Module:
+    """Dynamic int8 (per-tensor weights, activations quantized per call) for every Linear of
+    ``lm``, in place. CPU only: the quantized kernels are fbgemm/onednn."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao's deprecation notices, once per process
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(lm, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+class StaticDecoder:
+    """PhiForCausalLM + a StaticCache of ``max_seq_len`` positions (batch 1), allocated here.
+
+    forward_calls counts decoder forward passes (the Decoder protocol in decode.py).
+    """
+
+    def __init__(
+        self,
+        lm: PhiForCausalLM,
+        max_seq_len: int = 1024,
+        compile: bool = False,
+        quantize: str = "none",
+    ):
+        if quantize not in QUANTIZE_MODES:
+            raise InputError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+        param = next(lm.parameters())
+        if quantize == "int8":
+            if param.device.type != "cpu":
+                raise InputError("quantize='int8' is CPU-only (dynamic int8 kernels)")
+            lm = quantize_int8(lm)
+        self.lm = lm
+        self.config = lm.config
+        self.max_seq_len = int(max_seq_len)
+        self.device, self.dtype = param.device, param.dtype
+        self.cache = self._allocate_cache()
+        self.length = 0  # positions held in the cache
+        self.forward_calls = 0
+        self._branch_cache: DynamicCache | None = None
+        self._step = self._decode_step
+        if compile:
+            # CUDA: capture the fixed-shape step in a CUDA graph. CPU: inductor's C++ kernels.
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self._step = torch.compile(self._decode_step, mode=mode, dynamic=False)
+
+    def _allocate_cache(self) -> StaticCache:
+        """[1, heads, max_seq_len, head_dim] keys and values per layer, allocated now."""
+        cfg = self.config
+        heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        cache = StaticCache(config=cfg, max_cache_len=self.max_seq_len)
+        cache.early_initialization(1, heads, head_dim, self.dtype, self.device)
+        return cache
+
+    # ---- the Decoder protocol (decode.py) -----------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the sequence: zero the cache in place (same storage, so a captured graph's
+        addresses stay valid) and drop any branch cache."""
+        self.cache.reset()
+        self.length = 0
+        self._branch_cache = None
+
+    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        """embeds [1, S, hidden] -> logits of the last position [1, V] (float32)."""
+        steps = embeds.shape[1]
+        self._check_room(steps, start=0)
+        self.reset()
+        positions = torch.arange(steps, device=self.device)  # [S]
+        logits = self._forward(
+            inputs_embeds=embeds.to(self.dtype),
+            cache_position=positions,
+            position_ids=positions.unsqueeze(0),  # [1, S]
+            logits_to_keep=1,
+        )  # [1, 1, V]
+        self.length = steps
+        return logits[:, -1]
+
+    def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
+        """token [1, 1] -> its logits [1, V] (float32); the cache grows by one position."""
+        self._check_room(1, start=self.length)
+        position = torch.tensor([self.length], device=self.device)  # [1]
+        self.forward_calls += 1
+        logits = self._step(token.to(self.device), position)
+        self.length += 1
+        return logits
+
+    def _decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The fixed-shape step a CUDA graph captures: token [1, 1], position [1] -> [1, V]."""
+        out = self.lm(
+            input_ids=token,
+            past_key_values=self.cache,
+            cache_position=position,
+            position_ids=position.unsqueeze(0),  # [1, 1]
+            use_cache=True,
+        )
+        return out.logits[:, -1].float()
+
+    def score_branches(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """K right-padded continuations of the prefilled prefix in one pass.
+
+        tokens, mask: [K, T] -> logits [K, T, V]. The prefix's keys/values [1, h, P, d] are
+        sliced out of the static cache and expanded to [K, h, P, d] (views, no copy) into a
+        DynamicCache, so the static cache itself is left untouched.
+        """
+        if self.length == 0:
+            raise InputError("score_branches needs a prefilled prefix")
+        branches, steps = tokens.shape
+        self._check_room(steps, start=self.length)
+        cache = DynamicCache(config=self.config)
+        for index, layer in enumerate(self.cache.layers):
+            keys = layer.keys[:, :, : self.length].expand(branches, -1, -1, -1)
+            values = layer.values[:, :, : self.length].expand(branches, -1, -1, -1)
+            cache.update(keys, values, index)
+        prefix = torch.ones(branches, self.length, dtype=mask.dtype, device=mask.device)
+        positions = torch.arange(self.length, self.length + steps, device=tokens.device)
+        self._branch_cache = cache
+        logits = self._forward(
+            input_ids=tokens,
+            past_key_values=cache,
+            attention_mask=torch.cat([prefix, mask], dim=1),  # [K, P + T]
+            position_ids=positions.expand(branches, steps),  # [K, T]
+        )
+        return logits  # [K, T, V]
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _forward(self, past_key_values=None, **kwargs) -> torch.Tensor:
+        self.forward_calls += 1
+        cache = self.cache if past_key_values is None else past_key_values
+        return self.lm(past_key_values=cache, use_cache=True, **kwargs).logits.float()
+
+    def _check_room(self, steps: int, start: int) -> None:
+        if start + steps > self.max_seq_len:
+            raise ContextOverflowError(
+                f"static KV cache holds {self.max_seq_len} positions; {start} used + {steps} "
+                f"new = {start + steps} (raise RuntimeConfig.max_seq_len)"
+            )
