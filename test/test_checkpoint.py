@@ -12,6 +12,7 @@ each a CheckpointError naming the key or file.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -455,3 +456,91 @@ def test_make_tiny_command(tmp_path, capsys):
     assert (out / "model.safetensors.index.json").is_file()
     assert (out / tiny.LEGACY_TOWER_DIR / "config.json").is_file()
     assert load_checkpoint(out).spec.name == "tiny_llava_phi"
+
+
+# ---- hub ids (huggingface_hub.snapshot_download faked: nothing is downloaded) -----------------
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """snapshot_download(repo_id=...) -> the directory registered for that id; the ids asked
+    for are recorded. An unregistered id fails the way an offline hub does."""
+    import huggingface_hub
+
+    repos: dict[str, Path] = {}
+    asked: list[str] = []
+
+    def snapshot_download(repo_id: str, **kwargs) -> str:
+        asked.append(repo_id)
+        if repo_id not in repos:
+            raise OSError(f"fake hub: no repository {repo_id}")
+        return str(repos[repo_id])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return repos, asked
+
+
+def test_hub_id_loads_the_downloaded_snapshot(fake_hub):
+    repos, asked = fake_hub
+    repos["zxmonent/llava-phi"] = tiny_checkpoint("llava_phi")
+    loaded = load_checkpoint("zxmonent/llava-phi")
+    assert asked == ["zxmonent/llava-phi"]
+    assert loaded.path == tiny_checkpoint("llava_phi") and loaded.spec.name == "llava_phi"
+    local = load_checkpoint(tiny_checkpoint("llava_phi")).model.state_dict()
+    assert all(torch.equal(v, local[k]) for k, v in loaded.model.state_dict().items())
+
+
+def test_legacy_vision_tower_hub_id_is_fetched_the_same_way(tmp_path, fake_hub):
+    repos, asked = fake_hub
+    path = copy_tiny_checkpoint("tiny_llava_phi", tmp_path / "ckpt")
+    tower = shutil.move(str(path / tiny.LEGACY_TOWER_DIR), str(tmp_path / "siglip"))
+    config = json.loads((path / "config.json").read_text())
+    config["mm_vision_tower"] = "bczhou/TinyLLaVA-3.1B-SigLIP"  # as published
+    (path / "config.json").write_text(json.dumps(config))
+    repos["bczhou/TinyLLaVA-3.1B"] = path
+    repos["bczhou/TinyLLaVA-3.1B-SigLIP"] = Path(tower)
+    loaded = load_checkpoint("bczhou/TinyLLaVA-3.1B")
+    assert asked == ["bczhou/TinyLLaVA-3.1B", "bczhou/TinyLLaVA-3.1B-SigLIP"]
+    assert loaded.vision_tower_path == Path(tower)
+    local = load_checkpoint(tiny_checkpoint("tiny_llava_phi")).model.state_dict()
+    assert all(torch.equal(v, local[k]) for k, v in loaded.model.state_dict().items())
+    del repos["bczhou/TinyLLaVA-3.1B-SigLIP"]  # the tower's id cannot be fetched: say so
+    with pytest.raises(CheckpointError, match="vision tower .mm_vision_tower. 'bczhou/Tiny"):
+        load_checkpoint("bczhou/TinyLLaVA-3.1B")
+
+
+def test_vision_tower_override_is_refused_where_the_tower_is_inside(tmp_path):
+    with pytest.raises(CheckpointError, match="mipha_phi keeps its vision tower inside"):
+        load_checkpoint(tiny_checkpoint("mipha_phi"), vision_tower=tmp_path)
+
+
+# ---- devices and dtypes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "device, gpus, words",
+    [
+        ("bogus", 0, "unknown device 'bogus'; expected cpu, cuda or cuda:N"),
+        ("mps", 0, "unknown device 'mps'"),
+        ("cuda", 0, "torch sees no CUDA GPU"),
+        ("cuda:3", 2, "torch sees 2 CUDA GPU(s): cuda:0..cuda:1"),
+    ],
+)
+def test_bad_device_is_refused_before_loading(device, gpus, words, monkeypatch):
+    from vlm_ros.errors import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(InputError, match=re.escape(words)):
+        load_checkpoint(tiny_checkpoint("llava_phi"), device=device)
+
+
+def test_explicit_float16_warns_where_the_reference_does(caplog):
+    with caplog.at_level("WARNING", logger="vlm_ros.checkpoint"):
+        load_checkpoint(tiny_checkpoint("mipha_phi"), dtype="float16")  # its reference: fp16
+        assert not caplog.records
+        loaded = load_checkpoint(tiny_checkpoint("llava_phi"), dtype="float16")
+    assert loaded.dtype == torch.float16
+    (record,) = caplog.records
+    assert "float16 requested for llava_phi" in record.getMessage()
+    assert "bfloat16" in record.getMessage() and "float32" in record.getMessage()

@@ -147,11 +147,94 @@ def test_rank_custom_candidates(model, png, capsys):
         (["  "], "question is empty"),
         (["--max-new-tokens", "5000", "q"], "does not fit the context"),
         (["--max-new-tokens", "0", "q"], "max_new_tokens must be a positive integer"),
+        (["--device", "bogus", "q"], "unknown device 'bogus'; expected cpu, cuda or cuda:N"),
+        (["--device", "cuda", "q"], "device 'cuda' requested, but torch sees no CUDA GPU"),
+        (["--device", "cuda:1", "q"], "device 'cuda:1' requested, but torch sees no CUDA GPU"),
     ],
 )
-def test_ask_errors_are_one_line(args, words, model, png, tmp_path, capsys):
+def test_ask_errors_are_one_line(args, words, model, png, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine
     args = [a.format(nowhere=tmp_path / "x") for a in args]
     if "--model" not in args:
         args = ["--model", model, *args]
     code, _, err = in_process(capsys, "ask", "--image", str(png), *args)
     assert words in _one_error_line(code, err, "ask")
+
+
+def test_bad_device_subprocess(model, png):
+    """Without the check, torch's own error escaped as a traceback."""
+    result = vlm_ros("rank", "--model", model, "--image", str(png), "--device", "cpu:x:1")
+    assert "unknown device 'cpu:x:1'" in _one_error_line(result.returncode, result.stderr, "rank")
+
+
+# ---- legacy TinyLLaVA's vision tower elsewhere: --vision-tower -------------------------------
+
+
+@pytest.fixture(scope="module")
+def moved_tower(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny legacy TinyLLaVA whose config still names ``vision_tower`` (relative), with the
+    tower directory moved out of the checkpoint."""
+    from tiny_models import copy_tiny_checkpoint
+
+    from vlm_ros import tiny
+
+    root = tmp_path_factory.mktemp("legacy")
+    ckpt = copy_tiny_checkpoint("tiny_llava_phi", root / "TinyLLaVA-3.1B")
+    tower = root / "elsewhere" / "TinyLLaVA-3.1B-SigLIP"
+    tower.parent.mkdir()
+    (ckpt / tiny.LEGACY_TOWER_DIR).rename(tower)
+    return ckpt, tower
+
+
+def test_vision_tower_option_for_ask_and_rank(moved_tower, png, capsys):
+    ckpt, tower = moved_tower
+    base = ["--image", str(png)]
+    code, _, err = in_process(capsys, "ask", "--model", str(ckpt), *base, "q")
+    assert "mm_vision_tower 'vision_tower'" in _one_error_line(code, err, "ask")
+
+    original = str(tiny_checkpoint("tiny_llava_phi"))
+    ask = [*base, "--max-new-tokens", "4", "Clear?"]
+    code, expected, err = in_process(capsys, "ask", "--model", original, *ask)
+    assert code == 0, err
+    code, out, err = in_process(
+        capsys, "ask", "--model", str(ckpt), "--vision-tower", str(tower), *ask
+    )
+    assert code == 0, err
+    assert out.splitlines()[0] == expected.splitlines()[0]  # the same answer text
+
+    rows = {}
+    for name in (original, str(ckpt)):
+        tower_args = ["--vision-tower", str(tower)] if name == str(ckpt) else []
+        code, out, err = in_process(capsys, "rank", "--model", name, *tower_args, *base)
+        assert code == 0, err
+        rows[name] = [ln for ln in out.splitlines() if "p=" in ln]
+    assert rows[str(ckpt)] == rows[original] and len(rows[original]) == 5
+
+
+def test_vision_tower_errors_are_one_line(moved_tower, model, png, tmp_path, capsys):
+    ckpt, _ = moved_tower
+    code, _, err = in_process(
+        capsys, "ask", "--model", str(ckpt), "--vision-tower", str(tmp_path / "none"),
+        "--image", str(png), "q",
+    )  # fmt: skip
+    assert "vision tower directory" in _one_error_line(code, err, "ask")
+    code, _, err = in_process(
+        capsys, "rank", "--model", model, "--vision-tower", str(tmp_path), "--image", str(png)
+    )
+    assert "llava_phi keeps its vision tower inside" in _one_error_line(code, err, "rank")
+
+
+def test_node_parameter_vision_tower_reaches_the_loader(moved_tower, png):
+    from vlm_ros.node_config import PARAMETERS, NodeConfig
+    from vlm_ros.pipeline import Assistant
+
+    ckpt, tower = moved_tower
+    values = {name: default for name, (default, _) in PARAMETERS.items()}
+    assert NodeConfig.from_values(values).vision_tower is None  # "" = mm_vision_tower
+    config = NodeConfig.from_values(values | {"model": str(ckpt), "vision_tower": str(tower)})
+    with Assistant.load(
+        config.model, config.runtime, config.generation, vision_tower=config.vision_tower
+    ) as assistant:
+        assert assistant.loaded.vision_tower_path == tower

@@ -178,19 +178,57 @@ def test_training_path_matches_the_pipeline(smoke_run):
 
 
 CHANCE = {"colour": 1 / 5, "clear": 1 / 2, "where": 1 / 3, "count": 1 / 4, "action": 1 / 5}
+# What the shipped model must score on a 30-scene test slice, per type: the issue's target.
+# Its full test-split scores (models/demo/eval_demo.json, README) are higher; a broken pipeline
+# (pad colour, channel order, splice, prompt) falls towards CHANCE.
+MIN_SLICE = 0.9
 
 
-@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="models/demo not shipped")
-def test_shipped_demo_model_sees():
-    """On unseen test scenes the shipped model answers clearly above chance. The bar is what
-    the shipped model reaches (see models/demo/README.md), not the issue's 90% target."""
+def test_shipped_demo_model_answers_every_question_type():
+    """On unseen test scenes, through the public Assistant API, every question type and the
+    action hint are right on at least MIN_SLICE of the slice (chance: CHANCE)."""
     from vlm_ros.pipeline import Assistant
 
     assistant = Assistant.load("demo")
     assert assistant.family.name == "llava_phi"
-    report = evaluate(assistant, n=20)
-    total = sum(report.total.values())
-    chance = sum(CHANCE[k] * n for k, n in report.total.items()) / total
-    accuracy = sum(report.correct.values()) / total
-    assert total >= 80
-    assert accuracy >= chance + 0.1, (chance, report.as_dict())
+    report = evaluate(assistant, n=30)
+    assert set(report.total) == set(CHANCE) and min(report.total.values()) >= 20
+    low = {k: v for k, v in report.accuracy().items() if v < MIN_SLICE}
+    assert not low, (low, report.errors)
+
+
+def test_shipped_demo_model_is_what_train_demo_makes():
+    """The shipped weights were made by the recipe `vlm-ros train-demo` runs by default, and its
+    recorded scores meet the issue's targets (>= 90% per type and for the action hint)."""
+    import json
+    from dataclasses import asdict
+
+    from vlm_ros.demo.train import TrainConfig
+
+    log = json.loads((SHIPPED / "train_log.json").read_text())
+    assert log["config"] == json.loads(json.dumps(asdict(TrainConfig())))
+    scores = json.loads((SHIPPED / "eval_demo.json").read_text())
+    assert scores["scenes"] >= 500
+    assert min(scores["accuracy"].values()) >= 0.9, scores["accuracy"]
+
+
+def test_a_swapped_channel_order_shows_as_wrong_colours():
+    """By meaning: the same scenes with red and blue swapped (an RGB image declared BGR) make
+    the shipped model name the other colour. Random weights could never show this."""
+    from vlm_ros.pipeline import Assistant
+
+    assistant = Assistant.load("demo")
+    swap = {"red": "blue", "blue": "red"}
+    right = swapped = asked = 0
+    for seed in data.split_seeds("test", 120):
+        scene, image = scene_image(seed)
+        truth = data.obstacle_colour(scene)
+        if truth not in swap:
+            continue
+        question = data.PHRASINGS["colour"][0]
+        asked += 1
+        right += assistant.answer(image, question, max_new_tokens=4).text.strip() == truth
+        wrong_order = assistant.answer(image, question, max_new_tokens=4, color_order="bgr")
+        swapped += wrong_order.text.strip() == swap[truth]
+    assert asked >= 10
+    assert right / asked >= 0.9 and swapped / asked >= 0.7, (asked, right, swapped)

@@ -7,9 +7,14 @@ tiny checkpoint is written once per module.
 
 from __future__ import annotations
 
+import io
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,8 +36,8 @@ class Ros:
         from rclpy.executors import MultiThreadedExecutor
 
         self.ctx = Context()
-        domain = int(os.environ.get("ROS_DOMAIN_ID", 0)) or (os.getpid() % 100 + 100)
-        rclpy.init(context=self.ctx, domain_id=domain)
+        self.domain = int(os.environ.get("ROS_DOMAIN_ID", 0)) or (os.getpid() % 100 + 100)
+        rclpy.init(context=self.ctx, domain_id=self.domain)
         self.executor = MultiThreadedExecutor(num_threads=8, context=self.ctx)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
@@ -125,16 +130,29 @@ def image_msg(i: int = 0, encoding: str = "rgb8", height: int = 48, width: int =
     return msg
 
 
+def compressed_msg(i: int, fmt: str, height: int = 48, width: int = 64):
+    """A CompressedImage (``fmt`` jpeg or png) of a different pattern per ``i``."""
+    from PIL import Image as Pil
+    from sensor_msgs.msg import CompressedImage
+
+    pixels = np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Pil.fromarray(pixels).save(buf, format=fmt.upper())
+    msg = CompressedImage(format=fmt, data=buf.getvalue())
+    msg.header.frame_id = f"frame{i}"
+    return msg
+
+
 class Camera:
     """A best-effort publisher on the node's camera topic that waits for the subscription."""
 
-    def __init__(self, ros: Ros, ns: str):
+    def __init__(self, ros: Ros, ns: str, topic: str = "cam", msg_type=None):
         from sensor_msgs.msg import Image
 
         from vlm_ros.node import SENSOR_QOS
 
         self.node = ros.client_node(f"{ns}_camera")
-        self.pub = self.node.create_publisher(Image, f"/{ns}/cam", SENSOR_QOS)
+        self.pub = self.node.create_publisher(msg_type or Image, f"/{ns}/{topic}", SENSOR_QOS)
         wait_for(lambda: self.pub.get_subscription_count() > 0, what="camera subscription")
 
     def send(self, msg, node=None) -> None:
@@ -342,24 +360,69 @@ def test_describe_can_be_cancelled(ros, slow_node):
     assert result.result().result.stop_reason == "cancelled"
 
 
+def describe_accepted(probe, node) -> bool:
+    """Send a Describe goal; whether the node accepted it."""
+    from rclpy.action import ActionClient
+
+    from vlm_ros.action import Describe
+
+    client = ActionClient(probe, Describe, f"{node.get_fully_qualified_name()}/describe")
+    assert client.wait_for_server(timeout_sec=10)
+    goal = client.send_goal_async(Describe.Goal(question="Describe it.", max_new_tokens=2))
+    handle = wait_for(lambda: goal.done() and goal.result(), what="goal response")
+    if handle.accepted:
+        wait_for(handle.get_result_async().done, 15, what="describe result")
+    return handle.accepted
+
+
 def test_lifecycle_transitions_and_failed_configure(ros, checkpoint):
     from lifecycle_msgs.msg import State
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
+    from vlm_ros.msg import SceneAnswer
     from vlm_ros.node import AssistantNode
 
-    node = start_node(ros, checkpoint, "life")
-    probe = ros.client_node("life_probe")
-    Camera(ros, "life").send(image_msg(1), node)
+    node = start_node(ros, checkpoint, "life", scene_rate_hz=5.0)
+    probe, camera = ros.client_node("life_probe"), Camera(ros, "life")
+    scenes = []
+    probe.create_subscription(SceneAnswer, f"{node.get_fully_qualified_name()}/scene_answer",
+                              scenes.append, 10)  # fmt: skip
+    camera.send(image_msg(1), node)
     assert ask(ros, node, probe).success
+    wait_for(lambda: scenes, what="a scene answer while active")
+
+    # inactive: Ask refused cleanly, Describe rejected, no input taken, nothing published
     assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
     assert node._active == [] and node.assistant is not None
+    time.sleep(0.3)  # an answer already on the wire arrives now
+    published, received = len(scenes), node.monitor.counters()["frames_received"]
+    resp = ask(ros, node, probe)
+    assert not resp.success and "is not active" in resp.error_message, resp.error_message
+    assert not describe_accepted(probe, node)
+    for i in range(10):  # 1 s of fresh frames at 10 Hz
+        msg = image_msg(10 + i)
+        msg.header.stamp = camera.node.get_clock().now().to_msg()
+        camera.pub.publish(msg)
+        time.sleep(0.1)
+    assert len(scenes) == published, "published on ~/scene_answer while inactive"
+    assert node.monitor.counters()["frames_received"] == received
+
+    # re-activated: serves again
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    camera.send(image_msg(2), node)
+    assert ask(ros, node, probe).success
+    assert describe_accepted(probe, node)
+    wait_for(lambda: len(scenes) > published, what="a scene answer after re-activate")
+
+    assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
     assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
     assert node.assistant is None and node.worker is None
+    resp = ask(ros, node, probe)  # unconfigured: the same clean refusal
+    assert not resp.success and "is not active" in resp.error_message, resp.error_message
     assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
     assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-    Camera(ros, "life").send(image_msg(2), node)
+    camera.send(image_msg(3), node)
     assert ask(ros, node, probe).success
 
     missing = "/nonexistent/vlm_checkpoint"
@@ -375,28 +438,71 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def test_camera_flood_keeps_the_queue_bounded_and_memory_flat(ros, checkpoint):
+def test_camera_flood_keeps_the_queue_bounded_memory_flat_and_frames_accounted(ros, checkpoint):
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    from vlm_ros.worker import PERIODIC
+
     node = start_node(ros, checkpoint, "flood", queue_size=2, inference_delay_ms=100.0,
                       scene_rate_hz=10.0, hint_rate_hz=10.0, max_new_tokens=2)  # fmt: skip
     camera, probe = Camera(ros, "flood"), ros.client_node("flood_probe")
     big = [image_msg(i, height=480, width=640) for i in range(4)]
+    big.insert(0, image_msg(9, height=480, width=640, data=bytes(1000)))  # truncated: rejected
     depths, rss = [], []
-    for i in range(120):  # 4 s at 30 Hz
-        msg = big[i % 4]
+    start = time.monotonic()
+    for i in range(8 * 30):  # 8 s at 30 Hz
+        msg = big[i % len(big)]
         msg.header.stamp = camera.node.get_clock().now().to_msg()
         camera.pub.publish(msg)
         depths.append(node.worker.depth)
-        if i == 30:
+        if i % 30 == 29 and i >= 59:  # once a second after a 2 s warm-up
             rss.append(rss_mb())
-        time.sleep(1 / 30)
-    rss.append(rss_mb())
-    counters = node.monitor.counters()
+        time.sleep(max(0.0, start + (i + 1) / 30 - time.monotonic()))
     assert max(depths) <= 2
-    assert counters["frames_received"] >= 60
-    assert counters["frames_dropped"] > 0 and counters.get("outputs", 0) >= 5
-    assert rss[1] - rss[0] < 40, f"RSS grew {rss[1] - rss[0]:.1f} MB during the flood"
+    growth = [round(r - rss[0], 1) for r in rss]
+    assert max(growth) < 10, f"RSS grew during the flood (MB over the 2 s sample): {growth}"
     resp = ask(ros, node, probe)  # queries still go first
     assert resp.success, resp.error_message
+
+    # quiet: no more input or periodic work, the last job done
+    assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+    wait_for(lambda: node.worker.depth == 0, what="queued periodic jobs gone")
+    node.worker.submit(lambda: None, PERIODIC).result(timeout=10)
+    c = node.monitor.counters()
+    held = sum(not frame.taken for frame in node._frames.values())
+    assert c["frames_received"] >= 120
+    assert c["frames_processed"] >= 5 and c["frames_dropped"] > 0 and c["frames_rejected"] > 0
+    assert c.get("periodic_skipped", 0) > 0 and c.get("outputs", 0) >= 5
+    accounted = c["frames_processed"] + c["frames_dropped"] + c["frames_rejected"]
+    assert held <= 1 and c["frames_received"] == accounted + held, (c, held)
+
+
+def test_compressed_camera_answers_and_rejects_a_bad_payload(ros, checkpoint):
+    from sensor_msgs.msg import CompressedImage
+
+    node = start_node(ros, checkpoint, "comp", cameras=["/comp/cam/compressed"])
+    camera = Camera(ros, "comp", "cam/compressed", CompressedImage)
+    probe = ros.client_node("comp_probe")
+    for i, fmt in enumerate(("jpeg", "png")):
+        msg = compressed_msg(i, fmt)
+        camera.send(msg, node)
+        resp = ask(ros, node, probe, hint=True)
+        assert resp.success, f"{fmt}: {resp.error_message}"
+        assert resp.answer and resp.image_stamp == msg.header.stamp
+        assert resp.hint.header.stamp == msg.header.stamp
+    before = node.monitor.counters()
+    bad = compressed_msg(2, "jpeg")
+    bad.data = bad.data[:200]  # a jpeg cut short: the header parses, the pixels do not
+    camera.send(bad, node)
+    resp = ask(ros, node, probe)
+    assert not resp.success and "bad image (decode_failed)" in resp.error_message, resp
+    after = node.monitor.counters()
+    for key in ("frames_rejected", "frames_rejected_decode_failed"):
+        assert after.get(key, 0) - before.get(key, 0) == 1, key
+    good = compressed_msg(3, "png")
+    camera.send(good, node)
+    resp = ask(ros, node, probe)
+    assert resp.success and resp.image_stamp == good.header.stamp, resp.error_message
 
 
 def test_synthetic_camera_drives_the_node(ros, checkpoint):
@@ -431,5 +537,56 @@ def test_node_command_builds_ros_arguments(tmp_path):
     assert args.demo
     assert command.ros_arguments(args)[1:] == ["--ros-args", "--params-file", str(params),
                                                "-p", "a:=1"]  # fmt: skip
+    args = parser.parse_args(["--namespace", "robot1", "--camera-topic", "/front/image_raw"])
+    remaps = ["-r", "__ns:=/robot1", "-r", "/camera/image_raw:=/front/image_raw"]
+    assert command.ros_arguments(args)[1:] == ["--ros-args", *remaps]
     with pytest.raises(OSError, match="does not exist"):
         command.ros_arguments(parser.parse_args(["--params-file", str(tmp_path / "missing")]))
+
+
+def test_vlm_ros_node_demo_answers_and_exits_cleanly_on_sigint(ros, tmp_path):
+    """The plain entry point in a process of its own: demo model + synthetic camera, namespaced
+    and remapped so nothing else hears it; SIGINT ends it with status 0."""
+    from vlm_ros.msg import SceneAnswer
+
+    ns = f"demo{os.getpid()}"
+    probe, got = ros.client_node(f"{ns}_probe"), []
+    probe.create_subscription(SceneAnswer, f"/{ns}/vlm_assistant/scene_answer", got.append, 10)
+    command = [sys.executable, "-m", "vlm_ros", "node", "--demo", "--namespace", ns,
+               "--camera-topic", f"/{ns}/cam", "--camera-rate", "5", "--ros-args",
+               "-p", "threads:=1", "-p", "hint_rate_hz:=0.0", "-p", "scene_rate_hz:=2.0",
+               "-p", "max_new_tokens:=4"]  # fmt: skip
+    env = dict(os.environ, ROS_DOMAIN_ID=str(ros.domain), PYTHONUNBUFFERED="1")
+    log = tmp_path / "node.log"
+    # started with SIGINT ignored, as a shell's background job is: the node must still stop
+    default = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, default)
+    try:
+        wait_for(lambda: got or proc.poll() is not None, 60, what="a SceneAnswer from the demo")
+        assert got, f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+        assert got[0].header.frame_id == "camera" and got[0].header.stamp.sec > 0
+        assert probe.count_publishers(f"/{ns}/cam") == 1  # the demo camera, remapped
+        assert probe.count_subscribers(f"/{ns}/cam") == 1  # the node, remapped the same way
+        t = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            tail = log.read_text()[-3000:]
+            raise AssertionError(f"no exit 10 s after SIGINT:\n{tail}") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0, f"exit status {rc} after SIGINT:\n{log.read_text()[-3000:]}"
+    assert time.monotonic() - t < 10
+    # the demo asks the demo model what it was trained on, and logs what it published
+    from vlm_ros.demo.data import CAPTION_PROMPT
+
+    assert got[0].question == CAPTION_PROMPT
+    assert f"scene: {got[0].answer!r}" in log.read_text()

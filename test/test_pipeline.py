@@ -3,6 +3,7 @@ action ranking (against one-by-one scoring) and its cost."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from itertools import pairwise
@@ -17,7 +18,7 @@ from vlm_ros.config import GenerationConfig, ImageLimits, RuntimeConfig
 from vlm_ros.decode import sample, splice_image
 from vlm_ros.errors import ContextOverflowError, InputError, VlmError
 from vlm_ros.families import IMAGE_TOKEN_INDEX
-from vlm_ros.pipeline import Assistant, _TextStream
+from vlm_ros.pipeline import Assistant, NonFiniteLogitsError, _TextStream
 from vlm_ros.prompt import check_context, encode_text
 from vlm_ros.ranking import candidate_ids
 from vlm_ros.types import STAGES
@@ -372,6 +373,74 @@ def test_sample_modes():
     wide = GenerationConfig(do_sample=True, temperature=5.0)
     seeds = [torch.Generator().manual_seed(s) for s in range(50)]
     assert len({sample(logits, wide, g).item() for g in seeds}) > 2
+
+
+# ---- numerics: non-finite logits are refused, and the Assistant keeps serving ---------------
+
+# The tiny model's final LayerNorm gain times this puts its largest logit near 8e4: finite in
+# float32, past float16's 65504 (an overflow like the one LLaVA-Phi's reference warns of).
+OVERFLOW_GAIN = 3e4
+INSTRUCTION = "What should the robot do?"
+
+
+@contextlib.contextmanager
+def _final_norm_gain(assistant, gain: float):
+    weight = assistant.model.language_model.model.final_layernorm.weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(gain)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+
+
+def test_the_overflowing_gain_is_finite_in_float32(assistant, image):
+    with _final_norm_gain(assistant, OVERFLOW_GAIN):
+        logits = assistant.trace(image, QUESTION, max_new_tokens=1).step_logits
+    assert torch.isfinite(logits).all() and logits.abs().max() > 65504
+
+
+@pytest.mark.parametrize("decoder", ["static", "eager"])
+def test_float16_overflow_is_refused_then_serving_goes_on(decoder, image):
+    runtime = RuntimeConfig(dtype="float16", decoder=decoder)
+    with Assistant.load(str(tiny_checkpoint("llava_phi")), runtime) as a:
+        answer = a.answer(image, QUESTION, max_new_tokens=4)
+        hint = a.rank(image, INSTRUCTION, ACTIONS)
+        with _final_norm_gain(a, OVERFLOW_GAIN):
+            for request in (
+                lambda: a.answer(image, QUESTION, max_new_tokens=4),
+                lambda: a.rank(image, INSTRUCTION, ACTIONS),
+            ):
+                with pytest.raises(NonFiniteLogitsError) as info:
+                    request()
+                message = str(info.value)
+                assert "llava_phi produced non-finite logits (inf/nan) in prefill" in message
+                assert "dtype float16 on cpu" in message
+                assert "its reference warns so" in message
+                assert "bfloat16" in message and "float32" in message
+        # the same Assistant, weights restored: the same answers as before the failures
+        again = a.answer(image, QUESTION, max_new_tokens=4)
+        assert (again.text, again.token_ids) == (answer.text, answer.token_ids)
+        assert a.rank(image, INSTRUCTION, ACTIONS).log_likelihoods == hint.log_likelihoods
+
+
+def test_non_finite_ranking_branches_are_refused(assistant, image, monkeypatch):
+    hint = assistant.rank(image, INSTRUCTION, ACTIONS)
+    real = assistant.decoder.score_branches
+
+    def with_nan(tokens, mask):
+        logits = real(tokens, mask).clone()
+        logits[0, 0, 0] = float("nan")
+        return logits
+
+    monkeypatch.setattr(assistant.decoder, "score_branches", with_nan)
+    with pytest.raises(NonFiniteLogitsError, match="in ranking with dtype float32 on cpu: "
+                       "float32 does not overflow here"):  # fmt: skip
+        assistant.rank(image, INSTRUCTION, ACTIONS)
+    monkeypatch.undo()
+    assert assistant.rank(image, INSTRUCTION, ACTIONS).log_likelihoods == hint.log_likelihoods
 
 
 # ---- lifecycle ------------------------------------------------------------------------------

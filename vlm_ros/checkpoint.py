@@ -14,6 +14,7 @@ The tokenizer returned is a transformers ``PreTrainedTokenizerFast`` (``AutoToke
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlm_ros.errors import CheckpointError
+from vlm_ros.errors import CheckpointError, InputError
 from vlm_ros.families import FamilySpec
 from vlm_ros.layouts import Layout, TensorRef, read_config, resolve, split_fused_qkv
 from vlm_ros.model import PUBLISHED_TOWER_PREFIX, VlmModel
@@ -30,6 +31,8 @@ ENDOFTEXT = "<|endoftext|>"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+DEVICE_TYPES = ("cpu", "cuda")
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,18 +69,32 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Load a checkpoint directory (or a Hugging Face hub id, fetched once into the HF cache).
 
+    device: "cpu", "cuda" or "cuda:N", checked before anything is read (InputError).
     dtype None picks the family's safe default for the device (FamilySpec.default_dtype).
     vision_tower overrides legacy TinyLLaVA's ``mm_vision_tower`` (a local directory), for
-    machines that cannot reach the hub id written in its config.
+    machines that cannot reach the hub id written in its config; other layouts refuse it.
     """
+    check_device(device)
     directory = resolve_checkpoint_dir(str(path_or_hub_id))
     config = read_config(directory)
     layout = resolve(directory, config, _tower_resolver(vision_tower))
+    if vision_tower is not None and layout.vision_tower_dir is None:
+        raise CheckpointError(
+            f"a vision tower directory ({vision_tower}) was given, but {layout.spec.name} keeps "
+            "its vision tower inside the checkpoint; only legacy TinyLLaVA (tiny_llava_phi) "
+            "reads a separate one"
+        )
     tokenizer = load_tokenizer(directory)
     stop = stop_token_id(tokenizer, directory)
     if layout.resize_to_tokenizer:
         _resize_vocab_to_tokenizer(layout, len(tokenizer) + layout.extra_tokens)
     torch_dtype = to_dtype(dtype if dtype is not None else layout.spec.default_dtype(device))
+    if dtype is not None and torch_dtype == torch.float16 and layout.spec.fp16_overflows:
+        _log.warning(
+            "float16 requested for %s, whose reference warns that float16 overflows (inf/nan "
+            "logits); bfloat16 (same range as float32) or float32 is the safe choice",
+            layout.spec.name,
+        )
     spec = layout.spec.with_overrides(stop_token_id=stop)
     model = build_model(layout, spec)
     _rename_tower(layout, model.tower_prefix)
@@ -89,7 +106,31 @@ def load_checkpoint(
     )  # fmt: skip
 
 
-# ---- where the checkpoint is ------------------------------------------------------------
+# ---- where it runs, where the checkpoint is ------------------------------------------------
+
+
+def check_device(device: str) -> torch.device:
+    """A device this machine can run on, else an InputError that says what is there."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise InputError(f"unknown device {device!r}; expected cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            built = torch.version.cuda or "none: a CPU-only build"
+            raise InputError(
+                f"device {device!r} requested, but torch sees no CUDA GPU (torch "
+                f"{torch.__version__}, CUDA {built}); use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise InputError(
+                f"device {device!r} requested, but torch sees {count} CUDA GPU(s): "
+                f"cuda:0..cuda:{count - 1}"
+            )
+    return parsed
 
 
 def resolve_checkpoint_dir(name: str) -> Path:
@@ -127,9 +168,10 @@ def _tower_resolver(override: str | Path | None):
 
     def resolve_dir(name: str, checkpoint_dir: Path) -> Path:
         if override is not None:
-            if not Path(override).is_dir():
+            tower = Path(override).expanduser()
+            if not tower.is_dir():
                 raise CheckpointError(f"vision tower directory {override} does not exist")
-            return Path(override)
+            return tower
         path = Path(name).expanduser()
         for candidate in (path,) if path.is_absolute() else (checkpoint_dir / path, path):
             if candidate.is_dir():

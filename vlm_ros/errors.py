@@ -19,3 +19,8 @@ class CheckpointError(VlmError):
 
 class EngineMismatchError(VlmError):
     """A compiled engine built for another model, GPU or TensorRT version."""
+
+
+class NonFiniteLogitsError(VlmError):
+    """The decoder produced inf/nan logits: a dtype too narrow for the model (float16
+    overflow), or weights that already hold inf/nan. Nothing is returned for the request."""

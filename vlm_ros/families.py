@@ -55,6 +55,9 @@ class FamilySpec:
     dtype_cpu: str = "float32"
     dtype_cuda: str = "bfloat16"
     stop_token_id: int = ENDOFTEXT_ID
+    # The reference warns that float16 overflows (inf/nan): an explicit float16 is logged as a
+    # warning at load, and non-finite logits are refused at run time for every family.
+    fp16_overflows: bool = False
 
     def num_image_tokens(self, image_size: int, patch_size: int) -> int:
         """Image embeddings spliced into the prompt: 576 / 729 / 728 for the published models."""
@@ -76,7 +79,9 @@ _SIGLIP_384 = ImageProcessing(384, "resize", SIGLIP_MEAN, SIGLIP_STD, pad_to_squ
 FAMILIES: dict[str, FamilySpec] = {
     # LLaVA-Phi: CLIP ViT-L/14-336 inside the checkpoint, drop CLS -> 576 tokens. Its reference
     # loads fp32 (fp16 gives NaN), so on CUDA we default to bf16 (same exponent range as fp32).
-    "llava_phi": FamilySpec("llava_phi", "clip", _CLIP_336, -2, True, True, dtype_cuda="bfloat16"),
+    "llava_phi": FamilySpec(
+        "llava_phi", "clip", _CLIP_336, -2, True, True, dtype_cuda="bfloat16", fp16_overflows=True
+    ),
     # Mipha: SigLIP-so400m-384 inside, all 729 tokens; checkpoint is bf16.
     "mipha_phi": FamilySpec(
         "mipha_phi", "siglip", _SIGLIP_384, -2, False, True, dtype_cuda="bfloat16"

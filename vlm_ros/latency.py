@@ -88,9 +88,33 @@ class Report:
     counters: dict[str, int]
     misses_by_stage: dict[str, int] = field(default_factory=dict)
 
+    def key_values(
+        self, budgets_ms: Mapping[str, float], extra: Mapping[str, object] | None = None
+    ) -> list[tuple[str, str]]:
+        """(key, text) pairs of /diagnostics, in one place for the node and the bag evaluator
+        (which rebuilds /diagnostics from recorded outputs): the ALWAYS counters (0 until the
+        first event), every other counter, per-stage p50/p95/max over the window, every budget
+        (0 = none), budget misses per stage, the window's outputs and misses, then ``extra``."""
+        values: dict[str, object] = {key: 0 for key in ALWAYS}
+        values.update(self.counters)
+        for stage, st in self.stats.items():
+            values.update({f"{stage}_p50_ms": st.p50, f"{stage}_p95_ms": st.p95,
+                           f"{stage}_max_ms": st.max})  # fmt: skip
+        values.update({f"budget_{k}_ms": v for k, v in budgets_ms.items()})
+        values.update({f"misses_{k}": v for k, v in self.misses_by_stage.items()})
+        values.update(window_outputs=self.window_outputs, window_misses=self.window_misses)
+        values.update(extra or {})
+        return [(k, f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in values.items()]
 
-# counters whose growth since the previous report makes a WARN (ERROR for "failed")
-WARN_COUNTERS = ("frames_dropped", "frames_rejected", "requests_refused")
+
+# counters /diagnostics always shows, 0 before the first event (the bag report reads them)
+ALWAYS = ("frames_received", "frames_processed", "frames_dropped", "frames_rejected")
+
+
+# counters whose growth since the previous report makes a WARN (ERROR for "failed").
+# frames_dropped is not one: a camera faster than the model drops frames by design (only the
+# latest is kept); periodic_skipped is the model falling behind its configured rates.
+WARN_COUNTERS = ("periodic_skipped", "frames_rejected", "requests_refused")
 
 
 class LatencyMonitor:

@@ -9,14 +9,23 @@ ReentrantCallbackGroup on a MultiThreadedExecutor and wait on the worker's Futur
 timeout, so subscriptions and other requests keep being served during inference.
 
 Lifecycle: configure reads the parameters (vlm_ros.node_config) and loads the model; activate
-creates the camera subscriptions, timers and the Ask service; deactivate destroys them; cleanup
-stops the worker and frees the model. The lifecycle publishers and the Describe action server
-live as long as the node (publishing only while active; goals rejected unless active): rclpy
-can raise InvalidHandle in a MultiThreadedExecutor's wait-set build when a waitable (an action
-server, a QoS event handler) is destroyed while the executor spins, which kills the executor.
-For the same reason the camera subscriptions are made without QoS event handlers.
+creates the camera subscriptions and timers; deactivate destroys them (periodic jobs still
+queued then return without running); cleanup stops the worker and frees the model. The
+lifecycle publishers, the Ask service and the Describe action server live as long as the node:
+they publish only while active, and while not active an Ask gets success=false with an error
+saying so and a Describe goal is rejected, instead of a client waiting for a service that is
+gone. (Also, rclpy can raise InvalidHandle in a MultiThreadedExecutor's wait-set build when a
+waitable (an action server, a QoS event handler) is destroyed while the executor spins, which
+kills the executor; for the same reason the camera subscriptions have no QoS event handlers.)
 ``main()`` configures and activates by itself when the ``autostart`` parameter is true (the
 default), so no lifecycle manager is needed.
+
+Frame accounting, the same as the offline replay (vlm_ros.bag.replay): a frame is *taken* when
+the first job starts on it (and converts it, once); ``frames_processed`` counts taken frames
+that converted, ``frames_rejected`` taken frames that did not, ``frames_dropped`` frames
+replaced by a newer one before any job took them. So frames_received = processed + dropped +
+rejected + the latest frame of each camera not taken yet. ``periodic_skipped`` counts periodic
+jobs not run (the previous one still queued, queue full, evicted by a query, expired).
 
 Frame age (``max_frame_age_ms``) is measured from when the node *received* the frame, so it does
 not depend on the camera's clock; ``image_to_output_ms`` in every output is the publish time
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,6 +58,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from vlm_ros import imaging
 from vlm_ros import node_messages as messages
 from vlm_ros.action import Describe
+from vlm_ros.demo import data as demo_data
 from vlm_ros.errors import InputError, VlmError
 from vlm_ros.latency import LatencyMonitor
 from vlm_ros.msg import ActionHint, SceneAnswer, StageLatency
@@ -72,6 +83,14 @@ SENSOR_QOS = QoSProfile(
 )
 OUTPUT_QOS = 10
 SCENE, HINT = "scene", "hint"
+# `vlm-ros node --demo`: the demo model, asked what it was trained on (vlm_ros.demo.data), and
+# its outputs logged so the console shows the chain working.
+DEMO_OVERRIDES = {
+    "model": "demo",
+    "scene_prompt": demo_data.CAPTION_PROMPT,
+    "hint_instruction": demo_data.ACTION_INSTRUCTION,
+    "log_outputs": True,
+}
 WAIT_ERRORS = (concurrent.futures.TimeoutError, concurrent.futures.CancelledError)
 
 
@@ -82,6 +101,7 @@ class Frame:
     msg: object
     received: float  # time.monotonic()
     seq: int
+    taken: bool = False  # a job has started on it (set under AssistantNode._frames_lock)
     image: object = None
     error: imaging.ImageFormatError | None = None
 
@@ -111,6 +131,7 @@ class AssistantNode(LifecycleNode):
         self.monitor: LatencyMonitor | None = None
         self.last_error = ""  # why the last configure failed (also logged)
         self._frames: dict[str, Frame] = {}
+        self._frames_lock = threading.Lock()  # replacing a frame vs. a job taking it
         self._used: dict[str, int] = {}  # "kind:camera" -> seq of the frame last used
         self._seq = itertools.count(1)  # frame numbers; next() is atomic under the GIL
         self._group = ReentrantCallbackGroup()
@@ -126,6 +147,7 @@ class AssistantNode(LifecycleNode):
             self, Describe, "~/describe", self._on_describe, callback_group=self._group,
             goal_callback=self._on_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
         )  # fmt: skip
+        self._ask = self.create_service(Ask, "~/ask", self._on_ask, callback_group=self._group)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -138,8 +160,9 @@ class AssistantNode(LifecycleNode):
 
             self.get_logger().info(f"loading model {config.model!r} on {config.runtime.device}")
             self.assistant = Assistant.load(
-                config.model, runtime=config.runtime, generation=config.generation
-            )
+                config.model, runtime=config.runtime, generation=config.generation,
+                vision_tower=config.vision_tower,
+            )  # fmt: skip
         except Exception as exc:  # a robot must see why, not a traceback in a log file
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.get_logger().error(f"configure failed: {self.last_error}")
@@ -151,7 +174,7 @@ class AssistantNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state) -> TransitionCallbackReturn:
-        """Subscribe to the cameras, start the timers and the Ask service."""
+        """Subscribe to the cameras and start the timers."""
         cfg, group = self.config, self._group
         no_events = SubscriptionEventCallbacks(use_default_callbacks=False)
         for cam in cfg.cameras:
@@ -168,7 +191,6 @@ class AssistantNode(LifecycleNode):
         self._active.append(
             self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics, group)
         )
-        self._active.append(self.create_service(Ask, "~/ask", self._on_ask, callback_group=group))
         self._is_active = True
         self.get_logger().info(f"active: cameras {[c.topic for c in cfg.cameras]}")
         return super().on_activate(state)
@@ -201,31 +223,43 @@ class AssistantNode(LifecycleNode):
         if self.assistant is not None:
             self.assistant.close()
         self.worker = self.assistant = self.config = None
-        self._frames, self._used = {}, {}
+        with self._frames_lock:
+            self._frames, self._used = {}, {}
 
     # ---- input -----------------------------------------------------------------------------
 
     def _on_image(self, topic: str, msg) -> None:
-        """Keep only the latest frame; never convert or infer here."""
-        self._frames[topic] = Frame(msg, time.monotonic(), next(self._seq))
+        """Keep only the latest frame; never convert or infer here. The frame it replaces is
+        dropped unless a job took it."""
+        frame = Frame(msg, time.monotonic(), next(self._seq))
+        with self._frames_lock:
+            old = self._frames.get(topic)
+            self._frames[topic] = frame
+            dropped = old is not None and not old.taken
         self.monitor.count("frames_received")
+        if dropped:
+            self.monitor.count("frames_dropped")
 
-    def _fresh_frame(self, cam: Camera) -> Frame:
-        """The camera's latest frame, or InputError when there is none or it is too old."""
-        frame = self._frames.get(cam.topic)
-        if frame is None:
-            raise InputError(f"no frame received yet on {cam.topic}")
-        age_ms = (time.monotonic() - frame.received) * 1000.0
-        limit = self.config.max_frame_age_ms
-        if limit > 0 and age_ms > limit:
-            raise InputError(
-                f"latest frame on {cam.topic} is stale: {age_ms:.0f} ms old "
-                f"(max_frame_age_ms {limit:.0f})"
-            )
+    def _fresh_frame(self, cam: Camera, take: bool = False) -> Frame:
+        """The camera's latest frame, or InputError when there is none or it is too old;
+        ``take`` marks it as used by a job (see the module docstring)."""
+        with self._frames_lock:
+            frame = self._frames.get(cam.topic)
+            if frame is None:
+                raise InputError(f"no frame received yet on {cam.topic}")
+            age_ms = (time.monotonic() - frame.received) * 1000.0
+            limit = self.config.max_frame_age_ms
+            if limit > 0 and age_ms > limit:
+                raise InputError(
+                    f"latest frame on {cam.topic} is stale: {age_ms:.0f} ms old "
+                    f"(max_frame_age_ms {limit:.0f})"
+                )
+            frame.taken = frame.taken or take
         return frame
 
     def _image(self, frame: Frame):
-        """Convert once per frame (on the worker); a bad frame is counted once per reason."""
+        """Convert once per frame (on the worker), counting the frame once: processed, or
+        rejected (and per reason)."""
         if frame.image is None and frame.error is None:
             msg = frame.msg
             try:
@@ -243,6 +277,8 @@ class AssistantNode(LifecycleNode):
                     f"rejected image ({exc.reason}): {exc} "
                     f"[{self.monitor.counters()['frames_rejected']} rejected so far]"
                 )
+            else:
+                self.monitor.count("frames_processed")
         if frame.error is not None:
             raise frame.error
         return frame.image
@@ -261,7 +297,7 @@ class AssistantNode(LifecycleNode):
     ) -> Result:
         """Latest fresh frame of ``cam`` -> answer and/or action hint, recorded in the monitor."""
         start = time.monotonic()
-        frame = self._fresh_frame(cam)
+        frame = self._fresh_frame(cam, take=True)
         image = self._image(frame)
         result = Result(frame, (start - submitted) * 1000.0, (start - frame.received) * 1000.0)
         self._fault_delay(cancel)
@@ -272,7 +308,6 @@ class AssistantNode(LifecycleNode):
             )
         if rank:
             result.hint = self.assistant.rank(image, cfg.hint_instruction, cfg.hint_candidates)
-        self.monitor.count("frames_processed")
         return result
 
     def _fault_delay(self, cancel: threading.Event | None) -> None:
@@ -282,15 +317,16 @@ class AssistantNode(LifecycleNode):
             (cancel or threading.Event()).wait(delay)
 
     def _on_tick(self, kind: str) -> None:
-        """Timer: queue one periodic job per camera with a new frame; skip (drop) when the
-        previous one of the same kind is still queued or the queue is full."""
+        """Timer: queue one periodic job per camera with a new frame; skip it (counted in
+        periodic_skipped) when the previous one of the same kind is still queued or the queue
+        is full."""
         period = 1.0 / (self.config.scene_rate_hz if kind == SCENE else self.config.hint_rate_hz)
         for cam in self.config.cameras:
             frame, key = self._frames.get(cam.topic), f"{kind}:{cam.topic}"
             if frame is None or self._used.get(key) == frame.seq:
                 continue  # nothing new to look at
             if self.worker.pending(key):
-                self.monitor.count("frames_dropped")
+                self.monitor.count("periodic_skipped")
                 continue
             self._used[key] = frame.seq
             job = partial(self._periodic, kind, cam, time.monotonic())
@@ -299,27 +335,39 @@ class AssistantNode(LifecycleNode):
                     job, PERIODIC, key=key, deadline=time.monotonic() + 2 * period
                 )
             except VlmError:
-                self.monitor.count("frames_dropped")
+                self.monitor.count("periodic_skipped")
                 continue
             future.add_done_callback(self._periodic_done)
 
     def _periodic(self, kind: str, cam: Camera, submitted: float) -> None:
-        """One scene answer or action hint, published with the source image header."""
+        """One scene answer or action hint, published with the source image header; nothing
+        (no frame taken) once the node was deactivated."""
+        if not self._is_active:
+            return
         if kind == SCENE:
             result = self._infer(cam, submitted, self.config.scene_prompt)
-            self._pubs[SCENE].publish(self._scene_msg(cam, self.config.scene_prompt, result))
+            msg = self._scene_msg(cam, self.config.scene_prompt, result)
+            self._pubs[SCENE].publish(msg)
+            text = f"scene: {msg.answer!r}"
         else:
             result = self._infer(cam, submitted, rank=True)
-            self._pubs[HINT].publish(self._hint_msg(cam, result))
+            msg = self._hint_msg(cam, result)
+            self._pubs[HINT].publish(msg)
+            pairs = zip(msg.candidates, msg.probabilities, strict=True)
+            probs = ", ".join(f"{a} {p:.2f}" for a, p in pairs)
+            text = f"action hint: {msg.action} ({probs})"
+        if self.config.log_outputs:
+            latency = msg.latency.image_to_output_ms
+            self.get_logger().info(f"{cam.topic}: {text} [{latency:.0f} ms image->output]")
 
     def _periodic_done(self, future: concurrent.futures.Future) -> None:
         """Count what happened to a periodic job that did not publish."""
         if future.cancelled() or isinstance(future.exception(), WorkerStoppedError):
-            self.monitor.count("frames_dropped")
+            self.monitor.count("periodic_skipped")
             return
         exc = future.exception()
         if isinstance(exc, StaleJobError) or (exc and "evicted" in str(exc)):
-            self.monitor.count("frames_dropped")
+            self.monitor.count("periodic_skipped")
         elif isinstance(exc, imaging.ImageFormatError):
             pass  # counted and logged in _image
         elif isinstance(exc, InputError):
@@ -378,8 +426,20 @@ class AssistantNode(LifecycleNode):
             self.get_logger().error(f"{what}: {text}")
         return text
 
+    def _not_active(self, what: str) -> str:
+        """The refusal of a request made while the node is not active (logged, counted)."""
+        text = f"{self.get_name()} is not active (deactivated or not configured); {what} is "
+        text += "served only in the active lifecycle state"
+        if self.monitor is not None:
+            self.monitor.count("requests_refused")
+        self.get_logger().warning(f"{what} refused: {text}")
+        return text
+
     def _on_ask(self, request, response):
         """Ask: answer (and optionally rank) on the camera's latest frame."""
+        if not self._is_active:
+            response.success, response.error_message = False, self._not_active("Ask")
+            return response
         cfg = self.config
         future = None
         try:
@@ -405,7 +465,10 @@ class AssistantNode(LifecycleNode):
 
     def _on_goal(self, _goal) -> GoalResponse:
         """Describe goals are served only while active."""
-        return GoalResponse.ACCEPT if self._is_active else GoalResponse.REJECT
+        if self._is_active:
+            return GoalResponse.ACCEPT
+        self._not_active("Describe")
+        return GoalResponse.REJECT
 
     def _on_describe(self, goal_handle):
         """Describe: stream partial text as feedback; a cancel stops at the next token."""
@@ -478,11 +541,12 @@ class AssistantNode(LifecycleNode):
 
 def run(args: list[str] | None = None, demo: bool = False, camera_rate_hz: float = 10.0) -> int:
     """Run the node (and, with ``demo``, the synthetic camera) until Ctrl-C. ``args`` are ROS
-    arguments (``--ros-args --params-file F -p model:=demo``). Ctrl-C arrives as
-    KeyboardInterrupt (rclpy's own handler would invalidate the context first), so the node
-    shuts down through its lifecycle while it can still publish and log."""
+    arguments (``--ros-args --params-file F -p model:=demo``). Ctrl-C (SIGINT) and SIGTERM
+    arrive as KeyboardInterrupt (rclpy's own handler would invalidate the context first), so
+    the node shuts down through its lifecycle while it can still publish and log; returns 0."""
+    _interrupt_on_stop_signals()
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    overrides = [Parameter("model", value="demo")] if demo else []
+    overrides = [Parameter(k, value=v) for k, v in DEMO_OVERRIDES.items()] if demo else []
     node = AssistantNode(parameter_overrides=overrides)
     executor = MultiThreadedExecutor(num_threads=8)  # waiting queries must not starve callbacks
     executor.add_node(node)
@@ -501,6 +565,16 @@ def run(args: list[str] | None = None, demo: bool = False, camera_rate_hz: float
     finally:
         _stop(node, executor)
     return rc
+
+
+def _interrupt_on_stop_signals() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread. Set explicitly because
+    Python leaves SIGINT ignored when the process started with it ignored (a background job of a
+    non-interactive shell, as in many CI and launch setups), where rclpy's handler would still
+    catch it."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.default_int_handler)
 
 
 def _stop(node: AssistantNode, executor) -> None:

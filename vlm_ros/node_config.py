@@ -26,6 +26,11 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "model": ("demo", "checkpoint directory, Hugging Face hub id, or 'demo'"),
     "device": ("cpu", "torch device: cpu, cuda, cuda:N, or auto (cuda when available)"),
     "dtype": ("", "float32, bfloat16 or float16; empty = the family's safe default"),
+    "vision_tower": (
+        "",
+        "legacy TinyLLaVA only: directory of its SigLIP vision tower; "
+        "empty = config.json's mm_vision_tower",
+    ),
     "vision_backend": ("torch", "vision encoder backend: torch, onnxruntime or tensorrt"),
     "decoder": ("eager", "decoder: eager (dynamic KV cache) or static (allocated once)"),
     "max_seq_len": (1024, "static decoder's KV cache length (tokens)"),
@@ -45,6 +50,7 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "diagnostics_window": (50, "outputs in the p50/p95 window of /diagnostics"),
     "inference_delay_ms": (0.0, "FAULT INJECTION for tests: sleep before each inference"),
     "autostart": (True, "main(): configure and activate without a lifecycle manager"),
+    "log_outputs": (False, "also log every scene answer and action hint (info); demo: on"),
     **{
         f"budget_{name}_ms": (0.0, f"latency budget of {name} in ms; 0 = none")
         for name in BUDGET_NAMES
@@ -80,6 +86,8 @@ class NodeConfig:
     diagnostics_window: int
     inference_delay_ms: float
     budgets: Budgets
+    vision_tower: str | None = None  # Assistant.load(vision_tower=...); None: mm_vision_tower
+    log_outputs: bool = False
 
     @classmethod
     def from_values(cls, v: dict[str, object]) -> NodeConfig:
@@ -116,6 +124,8 @@ class NodeConfig:
             diagnostics_window=int(v["diagnostics_window"]),
             inference_delay_ms=float(v["inference_delay_ms"]),
             budgets=Budgets(**{n: float(v[f"budget_{n}_ms"]) for n in BUDGET_NAMES}),
+            vision_tower=str(v["vision_tower"]) or None,
+            log_outputs=bool(v["log_outputs"]),
         )
 
     def camera(self, name: str) -> Camera:

@@ -15,9 +15,6 @@ from vlm_ros.msg import ActionHint, SceneAnswer, StageLatency
 from vlm_ros.types import STAGES, Answer
 from vlm_ros.types import ActionHint as Hint
 
-# counters /diagnostics always shows, 0 before the first event (the bag report reads them)
-ALWAYS = ("frames_received", "frames_processed", "frames_dropped", "frames_rejected")
-
 
 def stage_latency(stages_ms: Mapping[str, float], queue_ms: float, e2e_ms: float) -> StageLatency:
     return StageLatency(queue_ms=float(queue_ms), image_to_output_ms=float(e2e_ms),
@@ -46,20 +43,7 @@ def action_hint(header, camera: str, instruction: str, hint: Hint, latency: Stag
 def latency_status(name: str, hardware_id: str, report: Report, budgets_ms: Mapping[str, float],
                    extra: Mapping[str, object]) -> DiagnosticStatus:  # fmt: skip
     """One DiagnosticStatus: stage p50/p95/max over the window, counters, budgets, verdict."""
-    values: dict[str, object] = {key: 0 for key in ALWAYS}
-    values.update(report.counters)
-    for stage, st in report.stats.items():
-        values.update({f"{stage}_p50_ms": st.p50, f"{stage}_p95_ms": st.p95,
-                       f"{stage}_max_ms": st.max})  # fmt: skip
-    values.update({f"budget_{k}_ms": v for k, v in budgets_ms.items()})
-    values.update({f"misses_{k}": v for k, v in report.misses_by_stage.items()})
-    values.update(window_outputs=report.window_outputs, window_misses=report.window_misses)
-    values.update(extra)
     return DiagnosticStatus(
         level=bytes([report.level]), name=name, message=report.message, hardware_id=hardware_id,
-        values=[KeyValue(key=k, value=_text(v)) for k, v in values.items()],
+        values=[KeyValue(key=k, value=v) for k, v in report.key_values(budgets_ms, extra)],
     )  # fmt: skip
-
-
-def _text(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)

@@ -8,10 +8,12 @@ prefill, token loop) or ranking (one batched pass over candidate answers). Per-s
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch
 from vlm_ros import decode, prompt, ranking
 from vlm_ros.checkpoint import LoadedCheckpoint, load_checkpoint
 from vlm_ros.config import GenerationConfig, ImageLimits, RuntimeConfig
-from vlm_ros.errors import InputError, VlmError
+from vlm_ros.errors import InputError, NonFiniteLogitsError, VlmError
 from vlm_ros.families import FamilySpec
 from vlm_ros.preprocess import preprocess, validate_image
 from vlm_ros.timing import StageTimer
@@ -30,6 +32,7 @@ from vlm_ros.vision import make_vision_encoder
 
 DEMO = "demo"
 DEMO_FAMILY = "llava_phi"
+_log = logging.getLogger(__name__)
 
 
 def demo_checkpoint_dir() -> Path:
@@ -39,6 +42,11 @@ def demo_checkpoint_dir() -> Path:
         if (candidate / "config.json").is_file():
             return candidate
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlm_ros"
+    _log.warning(
+        "models/demo not found (looked in %s): serving a tiny random-weight checkpoint, whose "
+        "answers are noise; install the package with its models/ folder for the demo model",
+        ", ".join(str(c) for c in _demo_candidates()),
+    )
     return _ensure_tiny(cache / "demo-tiny")
 
 
@@ -136,12 +144,15 @@ class Assistant:
         runtime: RuntimeConfig = RuntimeConfig(),
         generation: GenerationConfig = GenerationConfig(),
         limits: ImageLimits = ImageLimits(),
+        *,
+        vision_tower: str | Path | None = None,
     ) -> Assistant:
-        """Load a checkpoint directory, a hub id, or "demo"."""
+        """Load a checkpoint directory, a hub id, or "demo". vision_tower: legacy TinyLLaVA's
+        SigLIP directory, instead of config.json's mm_vision_tower (load_checkpoint)."""
         if runtime.threads > 0:
             torch.set_num_threads(runtime.threads)
         path = demo_checkpoint_dir() if model == DEMO else model
-        loaded = load_checkpoint(path, runtime.device, runtime.dtype)
+        loaded = load_checkpoint(path, runtime.device, runtime.dtype, vision_tower=vision_tower)
         return cls(loaded, runtime, generation, limits)
 
     @property
@@ -208,12 +219,12 @@ class Assistant:
         with self._lock, torch.inference_mode():
             self._check_open()
             timer = StageTimer(self.device)
-            with timer.stage("total"):
+            with timer.stage("total"), self._finite_logits() as decoder:
                 cand_ids = ranking.candidate_ids(self.tokenizer, actions, self.stop_token_id)
                 longest = max(len(c) for c in cand_ids)  # positions the branches need
                 pre = self._prefix(image, instruction, color_order, timer, longest)
                 totals = ranking.score_candidates(
-                    self.decoder, pre.embeds, cand_ids, self.stop_token_id, timer
+                    decoder, pre.embeds, cand_ids, self.stop_token_id, timer
                 )
                 probs = ranking.probabilities(totals)
             return ActionHint(
@@ -246,6 +257,15 @@ class Assistant:
     def _check_open(self) -> None:
         if self._closed:
             raise VlmError("this Assistant is closed")
+
+    @contextlib.contextmanager
+    def _finite_logits(self) -> Iterator[_FiniteLogits]:
+        """The decoder, its prefill and ranking logits checked; reset afterwards, whether the
+        request finished or raised, so the next request starts from a clean cache."""
+        try:
+            yield _FiniteLogits(self.decoder, self.loaded.dtype, self.device, self.family)
+        finally:
+            self.decoder.reset()
 
     def _prefix(
         self,
@@ -303,17 +323,62 @@ class Assistant:
             stream = _TextStream(self.tokenizer, on_text)
             with timer.stage("total"):
                 pre = self._prefix(image, question, color_order, timer, n_new, deadline, cancel)
-                gen = decode.Generation([], pre.stopped) if pre.stopped else decode.generate(
-                    self.decoder, pre.embeds, config=config, max_new_tokens=n_new,
-                    stop_token_id=self.stop_token_id, timer=timer, deadline=deadline,
-                    cancel=cancel, on_token=stream.push if on_text else None, keep_logits=keep,
-                )  # fmt: skip
-                self.decoder.reset()
+                with self._finite_logits() as decoder:
+                    gen = decode.Generation([], pre.stopped) if pre.stopped else decode.generate(
+                        decoder, pre.embeds, config=config, max_new_tokens=n_new,
+                        stop_token_id=self.stop_token_id, timer=timer, deadline=deadline,
+                        cancel=cancel, on_token=stream.push if on_text else None,
+                        keep_logits=keep,
+                    )  # fmt: skip
                 text = stream.finish(gen.token_ids)
             timings = _timings(timer)
             answer = Answer(text, tuple(gen.token_ids), timings, gen.stop_reason, len(pre.ids))
             logits = torch.stack(gen.step_logits) if gen.step_logits else torch.empty(0)
             return Trace(answer, pre.pixels, pre.image_embeds, pre.ids, pre.embeds, logits)
+
+
+class _FiniteLogits:
+    """The Decoder protocol over ``decoder``, refusing non-finite logits where an overflow shows
+    first: the prefill (the whole image+prompt pass) and ranking's batched branch pass. Decode
+    steps are not checked (one host sync per token would cost more than it finds)."""
+
+    def __init__(self, decoder: decode.Decoder, dtype: torch.dtype, device, family: FamilySpec):
+        self.decoder, self.dtype, self.device, self.family = decoder, dtype, device, family
+
+    @property
+    def forward_calls(self) -> int:
+        return self.decoder.forward_calls
+
+    def reset(self) -> None:
+        self.decoder.reset()
+
+    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self._checked(self.decoder.prefill(embeds), "prefill")  # [1, V]
+
+    def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
+        return self.decoder.decode_one_token(token)  # [1, V]
+
+    def score_branches(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._checked(self.decoder.score_branches(tokens, mask), "ranking")  # [K, T, V]
+
+    def _checked(self, logits: torch.Tensor, stage: str) -> torch.Tensor:
+        if bool(torch.isfinite(logits).all()):
+            return logits
+        dtype = str(self.dtype).removeprefix("torch.")
+        if self.dtype == torch.float16:
+            warned = " (its reference warns so)" if self.family.fp16_overflows else ""
+            advice = (
+                f"float16 overflowed{warned}; load it with dtype bfloat16 (float32's range) or "
+                "float32 (--dtype, or the node's dtype parameter)"
+            )
+        elif self.dtype == torch.bfloat16:
+            advice = "load it with dtype float32 (--dtype, or the node's dtype parameter)"
+        else:
+            advice = "float32 does not overflow here: the checkpoint's weights may hold inf/nan"
+        raise NonFiniteLogitsError(
+            f"{self.family.name} produced non-finite logits (inf/nan) in {stage} with dtype "
+            f"{dtype} on {self.device}: {advice}"
+        )
 
 
 class _TextStream:

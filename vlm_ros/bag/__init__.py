@@ -22,4 +22,11 @@ class BagError(VlmError):
             if not partial_report
             else f"{message} (report of what was read: {partial_report})"
         )
+        self.detail = message  # without the report's path, for re-raising with one
         self.partial_report = partial_report
+
+
+class BagDamageError(BagError):
+    """The bag's files are there but cannot be read (truncated, corrupt): what eval-bag and
+    report answer with a partial report of what was read (possibly nothing), unlike a wrong
+    path, a missing topic or an unsupported encoding, which are the caller's to fix."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlm_ros.bag.io import OutMessage
-from vlm_ros.latency import ERROR, OK, Budgets, LatencyMonitor, Report
+from vlm_ros.latency import ERROR, OK, Budgets, LatencyMonitor
 
 STATUS_NAME = "vlm_assistant: latency"
 RUN_STATUS_NAME = "vlm_assistant: eval-bag run"
@@ -29,22 +29,6 @@ class Sample:
     done_ns: int
     stages_ms: dict[str, float]
     image_to_output_ms: float
-
-
-def report_values(report: Report, budgets: Budgets) -> list[tuple[str, str]]:
-    """(key, value) pairs of one monitor report: counters, per-stage p50/p95/max over the window,
-    budget misses per stage and the budgets themselves."""
-    values = [(k, str(v)) for k, v in sorted(report.counters.items())]
-    values += [
-        ("window_outputs", str(report.window_outputs)),
-        ("window_misses", str(report.window_misses)),
-    ]
-    for name, st in report.stats.items():
-        values += [(f"{name}_p50_ms", f"{st.p50:.3f}"), (f"{name}_p95_ms", f"{st.p95:.3f}"),
-                   (f"{name}_max_ms", f"{st.max:.3f}")]  # fmt: skip
-    values += [(f"misses_{k}", str(v)) for k, v in report.misses_by_stage.items()]
-    values += [(f"budget_{k}_ms", f"{v:.3f}") for k, v in budgets.as_dict().items() if v > 0]
-    return values
 
 
 def _status(ts, level: int, name: str, message: str, values: Sequence[tuple[str, str]]) -> Any:
@@ -93,9 +77,8 @@ def diagnostic_messages(ts, samples: Sequence[Sample], events: Sequence[tuple[in
                 monitor.count(item)
             i += 1
         report = monitor.report()
-        statuses = [
-            _status(ts, report.level, STATUS_NAME, report.message, report_values(report, budgets))
-        ]
+        values = report.key_values(budgets.as_dict())
+        statuses = [_status(ts, report.level, STATUS_NAME, report.message, values)]
         if tick == end:
             level = ERROR if read_errors else OK
             message = read_errors[0] if read_errors else "complete"

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_ros.bag import BagError
+from vlm_ros.bag import BagDamageError, BagError
 from vlm_ros.bag import diagnostics as diag
 from vlm_ros.bag.io import OutMessage, iter_messages, open_reader, topics_text, write_bag
 from vlm_ros.bag.replay import Arrival, Counters, replay
@@ -123,14 +123,22 @@ def image_connections(reader, topic: str | None) -> list:
                 if topic in reader.topics
                 else "is not in the bag"
             )
-            raise BagError(f"topic {topic} {why}; the bag has: {topics_text(reader)}")
+            raise _missing(reader, f"topic {topic} {why}; the bag has: {topics_text(reader)}")
         return chosen
     names = sorted({c.topic for c in images})
     if len(names) == 1:
         return images
     if not names:
-        raise BagError(f"no Image/CompressedImage topic in the bag; it has: {topics_text(reader)}")
+        raise _missing(
+            reader, f"no Image/CompressedImage topic in the bag; it has: {topics_text(reader)}"
+        )
     raise BagError(f"several camera topics ({', '.join(names)}); choose one with --topic")
+
+
+def _missing(reader, text: str) -> BagError:
+    """A missing camera topic; in a salvaged bag the damage may be why, so it says so."""
+    damage = getattr(reader, "damage", None)
+    return BagDamageError(f"{text} (the bag is damaged: {damage})") if damage else BagError(text)
 
 
 def read_frames(
@@ -158,9 +166,10 @@ def check_first_frame(reader, connections: Sequence, topic_label: str) -> None:
     """Fail before loading the model when the camera's encoding cannot be converted."""
     errors: list[str] = []
     first = next(read_frames(reader, connections, errors.append, 1), None)
+    if first is None and errors:
+        raise BagDamageError(f"no frames could be read from {topic_label}: {errors[0]}")
     if first is None:
-        detail = f": {errors[0]}" if errors else ""
-        raise BagError(f"no frames could be read from {topic_label}{detail}")
+        raise BagError(f"no frames on {topic_label}")
     try:
         frame_pixels(first)
     except InputError as exc:
@@ -303,7 +312,9 @@ def evaluate(settings: EvalSettings, assistant=None) -> EvalResult:
     """Replay, write ``<out>/output_bag`` (MCAP) and ``<out>/report.*``; returns what was done.
 
     A bag that breaks part-way is still evaluated up to the break and reported; the error is then
-    raised as a BagError naming the report, so the CLI exits non-zero with one line.
+    raised as a BagDamageError naming the report, so the CLI exits non-zero with one line. A bag
+    too damaged to give a single frame, or whose every frame was rejected, gets a report of what
+    was read (0 frames processed, and why) and the same kind of error.
     """
     if not settings.prompts() and not settings.hint:
         raise InputError("nothing to ask: give --scene-prompt, --questions or --hint")
@@ -312,11 +323,17 @@ def evaluate(settings: EvalSettings, assistant=None) -> EvalResult:
     if out_bag.exists():
         raise BagError(f"{out_bag} exists already; choose a new --out folder")
     read_errors: list[str] = []
-    runner, counters, label = _replay_bag(settings, assistant, read_errors)
+    try:
+        runner, counters, label = _replay_bag(settings, assistant, read_errors)
+    except BagDamageError as exc:  # not a single frame could be read
+        info = _run_info(settings, None, None, [exc.detail])
+        raise _unread(settings, exc.detail, Counters(), info, BagDamageError) from None
+    run_info = _run_info(settings, label, runner, read_errors)
     if counters.processed == 0:
         why = read_errors[0] if read_errors else _rejections_text(runner)
-        raise BagError(f"no frame of {label} could be used ({why}); nothing to report")
-    run_info = _run_info(settings, label, runner, read_errors)
+        error = BagDamageError if read_errors else BagError
+        raise _unread(settings, f"no frame of {label} could be used ({why})", counters, run_info,
+                      error)  # fmt: skip
     messages = runner.outputs + diag.diagnostic_messages(
         typestore(), runner.records, counters.events, runner.budgets, run_info, read_errors,
         DIAGNOSTICS_TOPIC, settings.diagnostics_period_s)  # fmt: skip
@@ -324,12 +341,23 @@ def evaluate(settings: EvalSettings, assistant=None) -> EvalResult:
     write_bag(out_bag, messages, storage="mcap")
     _report(out_bag, out_dir, settings)
     if read_errors:
-        raise BagError(
+        raise BagDamageError(
             f"bag {settings.bag} is damaged after {counters.received} frames of {label}: "
             f"{read_errors[0]}",
             partial_report=str(out_dir / "report.md"),
         )
     return EvalResult(out_bag, out_dir, counters)
+
+
+def _unread(settings: EvalSettings, reason: str, counters: Counters, run_info: dict[str, str],
+            error: type[BagError]) -> BagError:  # fmt: skip
+    """Write the report of a replay that processed no frame (what was read: the counters, and
+    why) and return the error naming it; no output bag is written, there is nothing in it."""
+    from vlm_ros.bag.report import unread_report, write_report
+
+    report = unread_report(settings.bag, reason, counters.as_dict(), run_info)
+    out = write_report(report, settings.out_dir)
+    return error(reason, partial_report=str(out / "report.md"))
 
 
 def _replay_bag(settings: EvalSettings, assistant, read_errors: list[str]):
@@ -357,20 +385,21 @@ def _rejections_text(runner: FrameRunner) -> str:
 
 
 def _run_info(
-    settings: EvalSettings, topic: str, runner: FrameRunner, read_errors: list[str]
+    settings: EvalSettings, topic: str | None, runner: FrameRunner | None, read_errors: list[str]
 ) -> dict[str, str]:
     """Settings and counters of the run, carried in the bag's /diagnostics so the report (which
-    only reads the bag) can say what produced it."""
+    only reads the bag) can say what produced it. ``topic``/``runner`` None: the bag could not
+    be read far enough to choose a camera or start the model."""
     info = {
         "source": "eval-bag",
         "input_bag": str(settings.bag),
-        "camera_topic": topic,
+        "camera_topic": topic or "-",
         "rate": settings.rate,
         "model": settings.model,
         "device": settings.device,
         "max_new_tokens": str(settings.max_new_tokens),
     }
-    if runner.rejections:
+    if runner is not None and runner.rejections:
         info["rejected_why"] = _rejections_text(runner)
     if read_errors:
         info["read_error"] = read_errors[0]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from vlm_ros.bag import BagError
+from vlm_ros.bag import BagDamageError, BagError
 from vlm_ros.bag.types import typestore
 
 STORAGES = ("mcap", "sqlite3", "ros1")
@@ -33,6 +33,8 @@ def resolve_bag_path(path: str | Path) -> Path:
         return p
     if p.is_dir() and (p / "metadata.yaml").is_file():
         return p
+    if p.is_dir() and (any(p.glob("*.db3")) or any(p.glob("*.mcap"))):
+        return p  # a recorder killed before writing metadata.yaml: open_reader salvages it
     if p.is_dir():
         raise BagError(f"{p} is not a rosbag2 folder (no metadata.yaml)")
     raise BagError(
@@ -94,8 +96,9 @@ def open_reader(path: str | Path):
 
     Bags recorded by ``ros2 bag record`` (Iron and later) and by eval-bag embed their message
     definitions; for older ones (Humble sqlite3) the package's own types are used. A truncated
-    MCAP that rosbags refuses is read up to the damage instead (salvage.py); its iteration then
-    ends in the damage error (see iter_messages).
+    or corrupt bag that rosbags refuses is read as far as it is intact instead (salvage.py for
+    MCAP, salvage_sqlite.py for sqlite3); its iteration then ends in the damage error (see
+    iter_messages). Nothing readable at all raises BagDamageError.
     """
     bag = resolve_bag_path(path)
     if bag.suffix == ".mcap":  # a lone MCAP file (no rosbag2 metadata.yaml): stream it
@@ -104,8 +107,9 @@ def open_reader(path: str | Path):
     reader, error = _open_anyreader(bag)
     if reader is None:
         salvage = _salvage(bag)
-        if salvage is None:
-            raise BagError(f"cannot open bag {bag}: {error}")
+        if salvage is None or not any(t.msgcount for t in salvage.topics.values()):
+            found = getattr(salvage, "damage", None)  # the salvage's account is the clearer
+            raise BagDamageError(f"cannot open bag {bag}: {found or error}")
         yield salvage
         return
     try:
@@ -137,22 +141,24 @@ def _bare_mcap(path: Path):
 
     reader = SalvageReader([path])
     if reader.damage and not reader.topics:  # not MCAP at all, or damaged before any channel
-        raise BagError(f"cannot open bag {path}: {reader.damage}")
+        raise BagDamageError(f"cannot open bag {path}: {reader.damage}")
     return reader
 
 
 def _salvage(bag: Path):
-    """A reader over the intact part of a truncated MCAP bag, or None when nothing is left."""
+    """A reader over the intact part of a damaged MCAP or sqlite3 bag; None when even the
+    salvage readers cannot start."""
     from vlm_ros.bag.salvage import SalvageReader, mcap_files
+    from vlm_ros.bag.salvage_sqlite import SqliteSalvageReader, db3_files, expected_counts
 
-    files = mcap_files(bag)
-    if not files:
-        return None
     try:
-        reader = SalvageReader(files)
-    except Exception:  # even the stream reader cannot start: nothing to salvage
+        if mcap_files(bag):
+            return SalvageReader(mcap_files(bag))
+        if db3_files(bag):
+            return SqliteSalvageReader(db3_files(bag), expected_counts(bag))
+    except Exception:  # the file is not even the storage it claims: nothing to salvage
         return None
-    return reader if any(t.msgcount for t in reader.topics.values()) else None
+    return None
 
 
 def _register_missing_types(reader) -> None:

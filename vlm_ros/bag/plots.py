@@ -1,7 +1,8 @@
 """The report's PNGs: latency over time with budget lines, and a CDF per stage.
 
 matplotlib's Agg backend (no display needed on a robot or in CI); small figures at 80 dpi so the
-README can embed one.
+README can embed one. Each figure is built by a function that returns it (``latency_figure``,
+``cdf_figure``: what the tests inspect) and saved and closed by its writer.
 """
 
 from __future__ import annotations
@@ -29,8 +30,19 @@ def _by_topic(outputs) -> dict[str, list]:
     return groups
 
 
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def latency_over_time(outputs, budgets_ms: dict[str, float], path: Path, title: str = "") -> Path:
-    """image->answer and total inference time against time since the first output."""
+    return _save(latency_figure(outputs, budgets_ms, title), path)
+
+
+def latency_figure(outputs, budgets_ms: dict[str, float], title: str = ""):
+    """image->answer and total inference time against time since the first output, with a
+    horizontal line (labelled ``budget <name>``) for the image_to_output and total budgets."""
     plt = _pyplot()
     t0 = min(o.log_ns for o in outputs)
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=80)
@@ -66,13 +78,16 @@ def latency_over_time(outputs, budgets_ms: dict[str, float], path: Path, title: 
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def stage_cdf(outputs, budgets_ms: dict[str, float], path: Path) -> Path:
-    """Empirical CDF per stage (one panel each), one line per output topic, budget as a line."""
+    return _save(cdf_figure(outputs, budgets_ms), path)
+
+
+def cdf_figure(outputs, budgets_ms: dict[str, float]):
+    """Empirical CDF per stage (one panel each, titled with the stage), one line per output
+    topic, the stage's budget as a vertical line (image_to_answer: the image_to_output one)."""
     plt = _pyplot()
     stages = [s for s in STAGE_PLOTS if any(o.latency_ms[s] > 0 for o in outputs)]
     stages.append("image_to_answer")
@@ -98,7 +113,7 @@ def stage_cdf(outputs, budgets_ms: dict[str, float], path: Path) -> Path:
             )
         budget = budgets_ms.get("image_to_output" if stage == "image_to_answer" else stage)
         if budget:
-            ax.axvline(budget, color="r", lw=1)
+            ax.axvline(budget, color="r", lw=1, gid="budget")  # gid: found by the tests
         ax.set_title(stage, fontsize=9)
         ax.set_xlabel("ms", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -109,9 +124,7 @@ def stage_cdf(outputs, budgets_ms: dict[str, float], path: Path) -> Path:
     fig.subplots_adjust(
         left=0.05, right=0.98, top=0.93, bottom=0.12, hspace=0.55, wspace=0.25
     )  # tight_layout costs seconds on 7 panels
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def write_plots(outputs, budgets_ms: dict[str, float], out_dir: Path,

@@ -4,8 +4,14 @@ The live node keeps only the latest frame per camera; its one worker takes that 
 free, and every frame that arrives while it is busy replaces the previous one (which is then
 dropped, never answered). Replaying a bag we cannot sleep through its timeline, so time is
 virtual: the clock is the bag's receive (log) times, and each inference occupies the model for
-the real time it measurably took. A frame is taken at ``max(its arrival, model free)``; frames
-superseded while the model is busy are dropped, exactly as in the node.
+the real time it measurably took. A frame is taken at ``max(its arrival, model free)``.
+
+Dropped has the live node's definition: a frame received and then replaced by a newer frame
+before any work used it. It is counted when the newer frame arrives. A frame the model took and
+refused is rejected, not dropped; the last frame of the bag is always taken. The node's timers
+(``scene_rate_hz``, ``hint_rate_hz``) can also leave a frame unused while the model is idle,
+and the node counts that as dropped too. The replay does not pace its work, so it only drops
+frames that arrive while the model is busy.
 
 ``--rate max`` instead runs every frame, each as if the model were free when it arrived, so the
 latencies are the pipeline's own (no queueing) and nothing is dropped.
@@ -26,7 +32,8 @@ F = TypeVar("F")
 
 @dataclass
 class Counters:
-    """Frame accounting. received == processed + dropped + rejected once a replay ends."""
+    """Frame accounting. received == processed + dropped + rejected once a replay ends;
+    dropped: replaced by a newer frame before the model took it (the node's definition)."""
 
     received: int = 0
     processed: int = 0

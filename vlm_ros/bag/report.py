@@ -12,6 +12,9 @@ Everything comes from the bag, so a live run and an offline replay are measured 
 * frames received/processed/dropped from the last ``/diagnostics`` counters;
 * budget misses per stage from each output's ``budget_misses``; budget lines from ``--budgets``
   or, failing that, from the ``budget_<stage>_ms`` values in ``/diagnostics``.
+
+A damaged bag is reported as far as it could be read, marked partial with the reason; one of
+which nothing could be read still gets a report that says so (0 outputs, and why).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_ros.bag import BagError
+from vlm_ros.bag import BagDamageError, BagError
 from vlm_ros.bag.io import iter_messages, open_reader, topics_text
 from vlm_ros.bag.types import ACTION_HINT, DIAGNOSTIC_ARRAY, SCENE_ANSWER, normalize_msgtype
 
@@ -187,10 +190,10 @@ def build_report(bag: str | Path, budgets_ms: dict[str, float] | None = None) ->
     """The report of ``bag`` as a JSON-able dict; a BagError when there is nothing to report."""
     contents = read_outputs(bag)
     if not contents.outputs:
-        why = f"; reading stopped at: {contents.read_error}" if contents.read_error else ""
-        raise BagError(
-            f"no SceneAnswer/ActionHint messages in {bag}{why}; the bag has: {contents.topics}"
-        )
+        text = f"no SceneAnswer/ActionHint messages in {bag}"
+        if contents.read_error:  # damaged before the first output
+            raise BagDamageError(f"{text}; reading stopped at: {contents.read_error}")
+        raise BagError(f"{text}; the bag has: {contents.topics}")
     by_topic: dict[str, list[Output]] = {}
     for o in contents.outputs:
         by_topic.setdefault(o.topic, []).append(o)
@@ -204,6 +207,38 @@ def build_report(bag: str | Path, budgets_ms: dict[str, float] | None = None) ->
         "read_error": contents.read_error,
         "_outputs": contents.outputs,  # for the plots; dropped before writing JSON
     }
+
+
+def unread_report(bag: str | Path, reason: str, frames: dict[str, int] | None = None,
+                  run: dict[str, str] | None = None) -> dict:  # fmt: skip
+    """The report of a bag nothing could be measured in: no outputs, ``frames`` as counted
+    (eval-bag: all zeros when the bag could not be opened) and ``reason`` as the read error."""
+    return {
+        "bag": str(bag),
+        "answer_time": ANSWER_TIME,
+        "run": run or {},
+        "frames": frames,
+        "budgets_ms": {},
+        "topics": {},
+        "read_error": reason,
+    }
+
+
+def report_bag(bag: str | Path, out_dir: str | Path, budgets_ms: dict[str, float] | None) -> dict:
+    """`vlm-ros report`: write the report of ``bag``; a damaged bag gets the report of what was
+    read and then raises a BagDamageError naming it, so the CLI exits 2 with one line."""
+    partial = str(Path(out_dir) / "report.md")
+    try:
+        report = build_report(bag, budgets_ms=budgets_ms)
+    except BagDamageError as exc:
+        write_report(unread_report(bag, exc.detail), out_dir)
+        raise BagDamageError(exc.detail, partial_report=partial) from None
+    write_report(report, out_dir)
+    if report["read_error"]:
+        raise BagDamageError(
+            f"bag {bag} could not be read to the end: {report['read_error']}", partial
+        )
+    return report
 
 
 def write_report(report: dict, out_dir: str | Path) -> Path:
@@ -230,7 +265,7 @@ def markdown(data: dict) -> str:
     lines = [f"# Latency report: `{data['bag']}`", ""]
     damage = data.get("read_error") or (data.get("run") or {}).get("read_error")
     if damage:
-        lines += [f"**Partial report: a bag could not be read to the end ({damage}).**", ""]
+        lines += [f"**Partial report: {damage.rstrip('.')}.**", ""]
     if data.get("run"):
         lines += ["Run: " + ", ".join(f"{k}={v}" for k, v in data["run"].items()), ""]
     frames = data.get("frames")
@@ -244,6 +279,8 @@ def markdown(data: dict) -> str:
         "",
     ]
     budgets = data.get("budgets_ms") or {}
+    if not data["topics"]:
+        lines += ["**Nothing to measure: no SceneAnswer/ActionHint message was read.**", ""]
     for topic, s in data["topics"].items():
         lines += [
             f"## {topic} ({s['type']}, {s['count']} messages, {s['within_budget']} within budget)",

@@ -6,6 +6,7 @@ stream them in file order. This reader does that and offers the small part of ro
 AnyReader interface that eval-bag and report use (connections, topics, messages, deserialize),
 plus ``damage``: the error that ended the file, reported once the last good message was read.
 The same streaming reads a complete MCAP file that sits outside a rosbag2 folder.
+salvage_sqlite.py does the same for sqlite3 bags, sharing the connection types and the typestore.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class SalvageReader:
         self.topics: dict[str, TopicCount] = {}
         self._schemas: dict[str, str] = {}
         self._scan()
-        self.typestore = self._typestore()
+        self.typestore = typestore_from_schemas(self._schemas)
 
     def _records(self, path: Path) -> Iterator[object]:
         """Records of one file; the first failure is kept in ``damage`` and ends the stream."""
@@ -78,23 +79,6 @@ class SalvageReader:
             prev = self.topics.get(c.topic, TopicCount(c.msgtype, 0))
             self.topics[c.topic] = TopicCount(c.msgtype, prev.msgcount + counts.get(c.id, 0))
 
-    def _typestore(self):
-        """Types from the file's own schemas, our package types for anything missing."""
-        from rosbags.typesys import Stores, get_types_from_msg, get_typestore
-
-        from vlm_ros.bag.types import typestore
-
-        types: dict = {}
-        for name, text in self._schemas.items():
-            try:
-                types.update(get_types_from_msg(text, name))
-            except Exception:  # an unparsable schema: fall back to the known types below
-                pass
-        ts = get_typestore(Stores.EMPTY)
-        known = typestore().fielddefs
-        ts.register({**{k: v for k, v in known.items() if k not in types}, **types})
-        return ts
-
     def messages(
         self, connections: Sequence = ()
     ) -> Iterator[tuple[SalvagedConnection, int, bytes]]:
@@ -109,3 +93,22 @@ class SalvageReader:
 
     def deserialize(self, raw: bytes, msgtype: str) -> object:
         return self.typestore.deserialize_cdr(raw, msgtype)
+
+
+def typestore_from_schemas(schemas: dict[str, str]):
+    """A typestore of the bag's own ``ros2msg`` definitions (type name -> text), with the
+    package's and the standard types for anything missing or unparsable."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    from vlm_ros.bag.types import typestore
+
+    types: dict = {}
+    for name, text in schemas.items():
+        try:
+            types.update(get_types_from_msg(text, name))
+        except Exception:  # an unparsable schema: fall back to the known types below
+            pass
+    ts = get_typestore(Stores.EMPTY)
+    known = typestore().fielddefs
+    ts.register({**{k: v for k, v in known.items() if k not in types}, **types})
+    return ts

@@ -25,6 +25,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument(
+        "--vision-tower",
+        metavar="DIR",
+        help="legacy TinyLLaVA only: the SigLIP tower's directory "
+        "(default: config.json's mm_vision_tower)",
+    )
+    parser.add_argument(
         "--decoder",
         choices=("static", "eager"),
         default=RuntimeConfig.decoder,

@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         printed[0] = text
 
-    with Assistant.load(args.model, runtime_from_args(args), generation) as assistant:
+    with Assistant.load(
+        args.model, runtime_from_args(args), generation, vision_tower=args.vision_tower
+    ) as assistant:
         answer = assistant.answer(image, args.question, on_text=stream if args.stream else None)
     print("" if args.stream else answer.text)
     print(

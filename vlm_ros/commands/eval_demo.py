@@ -10,6 +10,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=500, help="test scenes (about 5 questions each)")
     parser.add_argument("--json", default="eval_demo.json", help="where to write the results")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument(
+        "--quantize", choices=("none", "int8"), default="none",
+        help="int8: the opt-in lossy dynamic int8 decoder (CPU), to measure what it costs in "
+        "accuracy on a trained model",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -17,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from vlm_ros.demo.evaluate import evaluate, write_report
     from vlm_ros.pipeline import Assistant
 
-    assistant = Assistant.load(args.model, runtime=RuntimeConfig(threads=args.threads))
+    runtime = RuntimeConfig(threads=args.threads, quantize=args.quantize)
+    assistant = Assistant.load(args.model, runtime=runtime)
     report = evaluate(assistant, args.n, progress=True)
     print(report.table())
     write_report(report, args.json, args.model, args.n)

@@ -2,7 +2,10 @@
 
 Configures and activates the lifecycle node itself (parameter ``autostart``). ``--demo`` uses the
 demo model and also runs a synthetic camera on /camera/image_raw, so the chain runs offline.
-Arguments after ``--ros-args`` go to ROS unchanged (``-p name:=value``, remaps).
+``--namespace`` and ``--camera-topic`` do what the launch file's ``namespace:=`` and
+``camera_topic:=`` do, for every node of the process (the synthetic camera too). Arguments after
+``--ros-args`` go to ROS unchanged (``-p name:=value``, remaps). Ctrl-C (SIGINT) shuts the node
+down through its lifecycle and exits with status 0.
 """
 
 from __future__ import annotations
@@ -10,11 +13,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+CAMERA = "/camera/image_raw"  # the node's default camera input, as in launch/assistant.launch.py
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo", action="store_true",
                         help="demo model on CPU plus a synthetic camera")  # fmt: skip
     parser.add_argument("--params-file", help="ROS parameter YAML (e.g. config/default.yaml)")
+    parser.add_argument("--namespace", default="",
+                        help="namespace of the node (and of the demo camera)")  # fmt: skip
+    parser.add_argument("--camera-topic", default="",
+                        help=f"topic remapped onto the camera input {CAMERA}")  # fmt: skip
     parser.add_argument("--camera-rate", type=float, default=10.0,
                         help="synthetic camera frames per second (with --demo)")  # fmt: skip
     parser.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=[],
@@ -29,6 +38,10 @@ def ros_arguments(args: argparse.Namespace) -> list[str]:
         if not Path(args.params_file).is_file():
             raise OSError(f"parameter file {args.params_file} does not exist")
         ros += ["--params-file", args.params_file]
+    if args.namespace:
+        ros += ["-r", f"__ns:=/{args.namespace.strip('/')}"]
+    if args.camera_topic:
+        ros += ["-r", f"{CAMERA}:={args.camera_topic}"]
     return ros + extra
 
 

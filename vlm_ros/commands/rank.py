@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     image = read_image(args.image)  # before the heavy imports: a bad path fails at once
     from vlm_ros.pipeline import Assistant
 
-    with Assistant.load(args.model, runtime_from_args(args)) as assistant:
+    runtime = runtime_from_args(args)
+    with Assistant.load(args.model, runtime, vision_tower=args.vision_tower) as assistant:
         hint = assistant.rank(image, args.instruction, args.candidates)
     width = max(len(a) for a in hint.actions)
     order = sorted(range(len(hint.actions)), key=lambda i: -hint.probabilities[i])

@@ -19,6 +19,7 @@ import numpy as np
 from vlm_ros.demo.world import ACTIONS, COLOURS, LANES, Scene, scene_from_seed
 
 ACTION_INSTRUCTION = "What should the robot do?"
+CAPTION_PROMPT = "Describe the scene."  # the captions' question (stage 1), the demo's scene prompt
 QUESTION_TYPES = ("colour", "clear", "where", "count")
 SPLITS = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # first seed of each split
 SPLIT_SIZE = 1_000_000  # seeds per split: ranges never overlap
@@ -102,31 +103,33 @@ def caption(scene: Scene) -> str:
 # ---- samples ------------------------------------------------------------------------------------
 
 
-def questions(scene: Scene, rng: np.random.Generator) -> list[Sample]:
-    """One question of each type (random phrasing, random present colour) plus the action."""
+def questions(scene: Scene, rng: np.random.Generator, every_box: bool = False) -> list[Sample]:
+    """One question of each type (random phrasing, random present colour) plus the action.
+    ``every_box`` asks "where" about every box instead of one (training: the colour-to-lane
+    binding is the hardest skill, and one fixed box per scene would show it a third as often)."""
     pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
     out = [
         Sample(scene.seed, "colour", pick(PHRASINGS["colour"]), obstacle_colour(scene)),
         Sample(scene.seed, "clear", pick(PHRASINGS["clear"]), path_clear(scene)),
         Sample(scene.seed, "count", pick(PHRASINGS["count"]), str(len(scene.boxes))),
     ]
-    if scene.boxes:
-        box = pick(scene.boxes)
+    asked = scene.boxes if every_box else (pick(scene.boxes),) if scene.boxes else ()
+    for box in asked:
         q = pick(PHRASINGS["where"]).format(c=box.colour)
         out.append(Sample(scene.seed, "where", q, box.lane))
     out.append(Sample(scene.seed, "action", ACTION_INSTRUCTION, action_for(scene)))
     return out
 
 
-def samples_for(seeds: range, with_captions: bool = False) -> list[Sample]:
+def samples_for(seeds: range, with_captions: bool = False, every_box: bool = False) -> list[Sample]:
     """All questions (and optionally the caption) of the scenes ``seeds``, deterministic."""
     out = []
     for seed in seeds:
         scene = scene_from_seed(seed)
         rng = np.random.default_rng(seed + 13)
         if with_captions:
-            out.append(Sample(seed, "caption", "Describe the scene.", caption(scene)))
-        out.extend(questions(scene, rng))
+            out.append(Sample(seed, "caption", CAPTION_PROMPT, caption(scene)))
+        out.extend(questions(scene, rng, every_box))
     return out
 
 
