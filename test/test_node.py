@@ -460,7 +460,8 @@ def test_camera_flood_keeps_the_queue_bounded_memory_flat_and_frames_accounted(r
         time.sleep(max(0.0, start + (i + 1) / 30 - time.monotonic()))
     assert max(depths) <= 2
     growth = [round(r - rss[0], 1) for r in rss]
-    assert max(growth) < 10, f"RSS grew during the flood (MB over the 2 s sample): {growth}"
+    # a leak of only the processed frames (~6/s x 0.9 MB) would add ~27 MB over the 5 s sample
+    assert max(growth) < 16, f"RSS grew during the flood (MB over the 2 s sample): {growth}"
     resp = ask(ros, node, probe)  # queries still go first
     assert resp.success, resp.error_message
 
