@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     runtime = RuntimeConfig(threads=args.threads, quantize=args.quantize)
     assistant = Assistant.load(args.model, runtime=runtime)
-    report = evaluate(assistant, args.n, progress=True)
+    report = evaluate(assistant, args.n, progress=True, captions=True)
     print(report.table())
     write_report(report, args.json, args.model, args.n)
     print(f"wrote {args.json}")

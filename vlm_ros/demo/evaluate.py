@@ -16,6 +16,12 @@ from pathlib import Path
 from vlm_ros.demo import data, world
 
 RENDER_SIZES = ((96, 72), (128, 96), (160, 120), (320, 240))
+CAPTION_TOKENS = 48  # the longest caption (three boxes) is about 30 tokens
+LABELS = {
+    "action": "action (rank)",
+    "caption": "caption (whole text)",
+    "caption_boxes": "caption after its place sentence",
+}
 
 
 @dataclass
@@ -48,7 +54,7 @@ class Report:
     def table(self) -> str:
         rows = ["| question type | n | exact match |", "|---|---|---|"]
         for kind, acc in self.accuracy().items():
-            label = "action (rank)" if kind == "action" else kind
+            label = LABELS.get(kind, kind)
             rows.append(f"| {label} | {self.total[kind]} | {100 * acc:.1f}% |")
         return "\n".join(rows)
 
@@ -60,20 +66,36 @@ def scene_image(seed: int):
     return scene, world.render(scene, width, height)
 
 
-def evaluate(assistant, n: int = 500, split: str = "test", progress: bool = False) -> Report:
-    """Score ``assistant`` on the first ``n`` scenes of ``split`` (every question of each)."""
+def evaluate(
+    assistant, n: int = 500, split: str = "test", progress: bool = False, captions: bool = False
+) -> Report:
+    """Score ``assistant`` on the first ``n`` scenes of ``split`` (every question of each, and
+    with ``captions`` the whole caption, exact match: what the demo's scene answers show)."""
     from tqdm import tqdm
 
     report = Report()
     for seed in tqdm(data.split_seeds(split, n), disable=not progress, unit="scene"):
         _, image = scene_image(seed)
-        for sample in data.samples_for(range(seed, seed + 1)):
+        samples = data.samples_for(range(seed, seed + 1), with_captions=captions)
+        for sample in samples:
+            if sample.kind == "caption":
+                text = assistant.answer(image, sample.question, max_new_tokens=CAPTION_TOKENS).text
+                report.add(sample, text)
+                # the same caption without its first sentence (the place): the boxes and path
+                boxes = data.Sample(sample.seed, "caption_boxes", sample.question,
+                                    _after_place(sample.answer))  # fmt: skip
+                report.add(boxes, _after_place(text.strip().lower()))
+                continue
             if sample.kind == "action":
                 hint = assistant.rank(image, sample.question, list(world.ACTIONS))
                 report.add(sample, hint.chosen)
             else:
                 report.add(sample, assistant.answer(image, sample.question, max_new_tokens=8).text)
     return report
+
+
+def _after_place(caption: str) -> str:
+    return caption.split(". ", 1)[1] if ". " in caption else ""
 
 
 def write_report(report: Report, path: str | Path, model: str, n: int) -> None:
