@@ -61,3 +61,13 @@ def ros_context():
     finally:
         if ctx.ok():
             rclpy.shutdown(context=ctx)
+
+
+@pytest.fixture(scope="module")
+def ros():
+    """One rclpy context per test module, its executor spinning in a thread (ros_helpers.Ros)."""
+    from ros_helpers import Ros
+
+    r = Ros()
+    yield r
+    r.close()

@@ -13,11 +13,10 @@ random-weight models of test_node.py cannot reveal.
 from __future__ import annotations
 
 import os
-import threading
-import time
 
 import numpy as np
 import pytest
+from ros_helpers import start_node, wait_for
 
 pytestmark = pytest.mark.ros
 
@@ -31,41 +30,6 @@ COLOUR_QUESTION = "What colour is the obstacle ahead?"  # red <-> blue if channe
 MIN_CLEAR = 0.9
 MIN_ACTION = 0.9
 MIN_COLOUR = 0.9
-
-
-@pytest.fixture(scope="module")
-def ros():
-    """One rclpy context in a domain of its own and a MultiThreadedExecutor in a thread."""
-    import rclpy
-    from rclpy.context import Context
-    from rclpy.executors import MultiThreadedExecutor
-
-    ctx = Context()
-    domain = int(os.environ.get("ROS_DOMAIN_ID", 0)) or ((os.getpid() + 37) % 100 + 100)
-    rclpy.init(context=ctx, domain_id=domain)
-    executor = MultiThreadedExecutor(num_threads=4, context=ctx)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    nodes = []
-    yield ctx, executor, nodes
-    executor.shutdown()
-    thread.join(5)
-    for node in nodes:
-        if hasattr(node, "trigger_shutdown") and node.config is not None:
-            node.trigger_shutdown()
-    for node in nodes:
-        node.destroy_node()
-    rclpy.shutdown(context=ctx)
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def frame_msg(index: int, encoding: str, stamp):
@@ -90,31 +54,17 @@ def arrived(node, frame_id: str) -> bool:
 
 
 def test_node_answers_synthetic_camera_frames_by_meaning(ros):
-    import rclpy
-    from rclpy.lifecycle import TransitionCallbackReturn
-    from rclpy.parameter import Parameter
     from sensor_msgs.msg import Image
 
     from vlm_ros.demo import data, world
-    from vlm_ros.node import SENSOR_QOS, AssistantNode
+    from vlm_ros.node import SENSOR_QOS
     from vlm_ros.srv import Ask
 
-    ctx, executor, nodes = ros
     ns = f"e2e_{os.getpid()}"
-    params = dict(model="demo", cameras=[f"/{ns}/cam"], scene_rate_hz=0.0, hint_rate_hz=0.0,
-                  max_new_tokens=4, threads=1, max_frame_age_ms=0.0,
-                  hint_candidates=list(world.ACTIONS),
-                  hint_instruction=data.ACTION_INSTRUCTION)  # fmt: skip
-    overrides = [Parameter(k, value=v) for k, v in params.items()]
-    node = AssistantNode(namespace=ns, context=ctx, parameter_overrides=overrides)
-    nodes.append(node)
-    executor.add_node(node)
-    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.last_error
-    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-
-    client_node = rclpy.create_node(f"{ns}_client", context=ctx)
-    nodes.append(client_node)
-    executor.add_node(client_node)
+    node = start_node(ros, "demo", ns, max_new_tokens=4, max_frame_age_ms=0.0,
+                      hint_candidates=list(world.ACTIONS),
+                      hint_instruction=data.ACTION_INSTRUCTION)  # fmt: skip
+    client_node = ros.client_node(f"{ns}_client")
     pub = client_node.create_publisher(Image, f"/{ns}/cam", SENSOR_QOS)
     client = client_node.create_client(Ask, f"{node.get_fully_qualified_name()}/ask")
     wait_for(lambda: pub.get_subscription_count() > 0, what="camera subscription")

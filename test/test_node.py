@@ -12,65 +12,17 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from ros_helpers import CANDIDATES, Ros, start_node, wait_for
 
 pytestmark = pytest.mark.ros
 
-CANDIDATES = ["continue", "stop", "turn_left"]
-
 
 # ---- fixtures ------------------------------------------------------------------------------------
-
-
-class Ros:
-    """The context, executor and helpers shared by the tests."""
-
-    def __init__(self):
-        import rclpy
-        from rclpy.context import Context
-        from rclpy.executors import MultiThreadedExecutor
-
-        self.ctx = Context()
-        self.domain = int(os.environ.get("ROS_DOMAIN_ID", 0)) or (os.getpid() % 100 + 100)
-        rclpy.init(context=self.ctx, domain_id=self.domain)
-        self.executor = MultiThreadedExecutor(num_threads=8, context=self.ctx)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-        self.nodes = []
-
-    def add(self, node):
-        self.nodes.append(node)
-        self.executor.add_node(node)
-        return node
-
-    def client_node(self, name: str):
-        import rclpy
-
-        return self.add(rclpy.create_node(name, context=self.ctx))
-
-    def close(self):
-        import rclpy
-
-        self.executor.shutdown()  # first: nothing spins while the nodes destroy their entities
-        self.thread.join(5)
-        for node in self.nodes:
-            if hasattr(node, "trigger_shutdown") and node.config is not None:
-                node.trigger_shutdown()
-        for node in self.nodes:
-            node.destroy_node()
-        rclpy.shutdown(context=self.ctx)
-
-
-@pytest.fixture(scope="module")
-def ros():
-    r = Ros()
-    yield r
-    r.close()
 
 
 @pytest.fixture(autouse=True)
@@ -85,34 +37,6 @@ def checkpoint(tmp_path_factory):
     from vlm_ros.tiny import write_tiny_checkpoint
 
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llava_phi", "llava_phi"))
-
-
-def start_node(ros: Ros, checkpoint: str, ns: str, **params):
-    """A configured, active AssistantNode in namespace ``ns``, camera ``/<ns>/cam``."""
-    from rclpy.lifecycle import TransitionCallbackReturn
-    from rclpy.parameter import Parameter
-
-    from vlm_ros.node import AssistantNode
-
-    values = dict(model=checkpoint, cameras=[f"/{ns}/cam"], scene_rate_hz=0.0, hint_rate_hz=0.0,
-                  max_new_tokens=6, hint_candidates=CANDIDATES, diagnostics_period_s=0.5,
-                  threads=1)  # fmt: skip
-    values.update(params)
-    overrides = [Parameter(k, value=v) for k, v in values.items()]
-    node = ros.add(AssistantNode(namespace=ns, context=ros.ctx, parameter_overrides=overrides))
-    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.last_error
-    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-    return node
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def image_msg(i: int = 0, encoding: str = "rgb8", height: int = 48, width: int = 64,

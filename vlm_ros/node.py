@@ -347,18 +347,22 @@ class AssistantNode(LifecycleNode):
         if kind == SCENE:
             result = self._infer(cam, submitted, self.config.scene_prompt)
             msg = self._scene_msg(cam, self.config.scene_prompt, result)
-            self._pubs[SCENE].publish(msg)
-            text = f"scene: {msg.answer!r}"
         else:
             result = self._infer(cam, submitted, rank=True)
             msg = self._hint_msg(cam, result)
-            self._pubs[HINT].publish(msg)
-            pairs = zip(msg.candidates, msg.probabilities, strict=True)
-            probs = ", ".join(f"{a} {p:.2f}" for a, p in pairs)
-            text = f"action hint: {msg.action} ({probs})"
+        self._pubs[kind].publish(msg)
         if self.config.log_outputs:
-            latency = msg.latency.image_to_output_ms
-            self.get_logger().info(f"{cam.topic}: {text} [{latency:.0f} ms image->output]")
+            self._log_output(cam, kind, msg)
+
+    def _log_output(self, cam: Camera, kind: str, msg) -> None:
+        """One info line per published output (``log_outputs``: the demo's console)."""
+        if kind == SCENE:
+            text = f"scene: {msg.answer!r}"
+        else:
+            pairs = zip(msg.candidates, msg.probabilities, strict=True)
+            text = f"action hint: {msg.action} ({', '.join(f'{a} {p:.2f}' for a, p in pairs)})"
+        latency = msg.latency.image_to_output_ms
+        self.get_logger().info(f"{cam.topic}: {text} [{latency:.0f} ms image->output]")
 
     def _periodic_done(self, future: concurrent.futures.Future) -> None:
         """Count what happened to a periodic job that did not publish."""
