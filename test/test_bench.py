@@ -24,7 +24,7 @@ def _positive_stages(stages: dict, names: set[str]) -> None:
 
 def test_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
     out = tmp_path / "tiny.json"
-    argv = ["bench", "--preset", "tiny", "--iters", "2", "--int8", "--out", str(out)]
+    argv = ["bench", "--preset", "tiny", "--iters", "2", "--int8", "--bf16", "--out", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     _positive_stages(result["fast"], FAST_METRICS)
@@ -39,8 +39,17 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
     int8 = result["variants"]["int8"]
     _positive_stages(int8["stages"], FAST_METRICS)
     assert 0 <= int8["accuracy_vs_fp"]["greedy_prefix_agreement"] <= 1
+    bf16 = result["variants"]["bf16"]
+    _positive_stages(bf16["stages"], FAST_METRICS)
+    _positive_stages(bf16["baseline_same_dtype"], BASE_METRICS)
+    assert set(bf16["speedup_vs_same_dtype_baseline"]) == SPEEDUPS
+    assert 0 < bf16["accuracy_vs_fp"]["first_logits_error_over_range"] < 0.1  # bf16, not fp32
+    machine = result["machine"]
+    assert machine["cpu"] and isinstance(machine["cpu_flags"], list)
+    assert isinstance(machine["bf16_native"], bool) and machine["torch_cpu_capability"]
     table = out.with_suffix(".md").read_text()
     assert "| image -> 16-token answer |" in table and "speedup" in table
+    assert "vs generate() in bf16" in table and "native bf16" in table
     assert "image -> 16-token answer" in capsys.readouterr().out
 
 
@@ -50,6 +59,15 @@ def test_fast_path_is_greedy_identical_to_generate_on_tiny():
 
     result = run("tiny", iters=1, warmup=0)
     assert result["parity"]["greedy_prefix_agreement_fast_vs_generate"] == 1.0
+
+
+def test_bf16_variant_needs_a_float32_cpu_run():
+    import pytest
+
+    from vlm_ros.bench import run
+
+    with pytest.raises(ValueError, match="float32 run on CPU"):
+        run("tiny", dtype="bfloat16", iters=1, warmup=0, bf16=True)
 
 
 def test_presets_have_the_published_shapes():

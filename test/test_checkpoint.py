@@ -536,11 +536,29 @@ def test_bad_device_is_refused_before_loading(device, gpus, words, monkeypatch):
 
 
 def test_explicit_float16_warns_where_the_reference_does(caplog):
+    def overflow_warnings():  # (not the CPU-speed warning, which depends on this CPU)
+        return [r for r in caplog.records if "overflow" in r.getMessage()]
+
     with caplog.at_level("WARNING", logger="vlm_ros.checkpoint"):
         load_checkpoint(tiny_checkpoint("mipha_phi"), dtype="float16")  # its reference: fp16
-        assert not caplog.records
+        assert not overflow_warnings()
         loaded = load_checkpoint(tiny_checkpoint("llava_phi"), dtype="float16")
     assert loaded.dtype == torch.float16
-    (record,) = caplog.records
+    (record,) = overflow_warnings()
     assert "float16 requested for llava_phi" in record.getMessage()
     assert "bfloat16" in record.getMessage() and "float32" in record.getMessage()
+
+
+def test_emulated_cpu_precision_warns(caplog, monkeypatch):
+    """bfloat16 on a CPU without native bf16 matrix instructions is slower than float32: the
+    loader says so (and stays quiet where the CPU has them)."""
+    from vlm_ros import checkpoint
+
+    for native in (True, False):
+        monkeypatch.setattr(checkpoint, "cpu_has_native", lambda dtype, native=native: native)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vlm_ros.checkpoint"):
+            loaded = load_checkpoint(tiny_checkpoint("mipha_phi"), dtype="bfloat16")
+        assert loaded.dtype == torch.bfloat16
+        emulated = [r for r in caplog.records if "emulated" in r.getMessage()]
+        assert len(emulated) == (0 if native else 1)

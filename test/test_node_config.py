@@ -55,6 +55,18 @@ def test_cameras_transport_budgets_and_bad_values():
             NodeConfig.from_values(defaults() | {name: bad})
 
 
+def test_fast_path_parameters_reach_the_runtime_config():
+    """The node runs the fast path by default (static cache, as RuntimeConfig does) and exposes
+    its switches; a wrong value is refused by name."""
+    assert NodeConfig.from_values(defaults()).runtime.decoder == "static"
+    values = defaults() | {"compile_decode": True, "quantize": "int8", "decoder": "static"}
+    runtime = NodeConfig.from_values(values).runtime
+    assert (runtime.compile_decode, runtime.quantize) == (True, "int8")
+    for name, bad in (("decoder", "fast"), ("quantize", "int4")):
+        with pytest.raises(InputError, match=name):
+            NodeConfig.from_values(defaults() | {name: bad})
+
+
 def test_launch_file_is_valid_python_with_the_documented_arguments():
     tree = ast.parse((ROOT / "launch" / "assistant.launch.py").read_text())
     declared = {

@@ -311,7 +311,11 @@ def test_rank_costs_one_prefill_and_one_batched_pass(assistant, image):
     assert len(lm_calls) == 2, f"{len(lm_calls)} decoder passes for {len(ACTIONS)} candidates"
     prefill, branches = lm_calls
     assert prefill[0].shape[0] == 1  # the image+prompt prefix, once, at batch 1
-    assert branches[1].shape[0] == len(ACTIONS)  # every candidate in one batch
+    # Every candidate in that one pass, each without its last token (never an input): the
+    # static decoder packs them into one batch-1 sequence sharing the prefix's cache.
+    cand = candidate_ids(assistant.tokenizer, ACTIONS, assistant.stop_token_id)
+    assert tuple(branches[1].shape) == (1, sum(len(c) - 1 for c in cand))
+    assert branches[1][0].tolist() == [t for c in cand for t in c[:-1]]
 
 
 def test_rank_single_candidate(assistant, image):

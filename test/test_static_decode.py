@@ -55,6 +55,52 @@ def test_static_action_hint_scores_equal_eager(pair):
         np.testing.assert_allclose(b.log_likelihoods, a.log_likelihoods, atol=1e-4, rtol=0)
 
 
+def _branches_both_ways(decoder: StaticDecoder, prefix: torch.Tensor, tokens, mask):
+    decoder.prefill(prefix)
+    packed = decoder.score_branches(tokens, mask)
+    decoder.prefill(prefix)
+    expanded = decoder._score_expanded(tokens, mask)
+    decoder.reset()
+    return packed, expanded
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_branches_equal_the_expanded_cache(pair, attention):
+    """The packed tree-masked pass (prefix read in place) gives the logits of the expanded
+    per-branch cache, with transformers' sdpa and eager attention alike; padding rows are 0."""
+    _, static = pair
+    lm = static.decoder.lm
+    before = lm.config._attn_implementation
+    lm.set_attn_implementation(attention)
+    try:
+        decoder = StaticDecoder(lm, max_seq_len=64)
+        generator = torch.Generator().manual_seed(3)
+        prefix = torch.randn(1, 20, lm.config.hidden_size, generator=generator)
+        tokens = torch.randint(0, 100, (4, 5), generator=generator)
+        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
+        with torch.inference_mode():
+            packed, expanded = _branches_both_ways(decoder, prefix, tokens, mask)
+    finally:
+        lm.set_attn_implementation(before)
+    wanted = mask.bool()
+    torch.testing.assert_close(packed[wanted], expanded[wanted], atol=LOGIT_ATOL, rtol=0)
+    assert packed[~wanted].abs().max() == 0
+
+
+def test_branches_fall_back_when_the_cache_is_nearly_full(pair, monkeypatch):
+    _, static = pair
+    decoder = StaticDecoder(static.decoder.lm, max_seq_len=24)
+    called = []
+    real = decoder._score_expanded
+    monkeypatch.setattr(decoder, "_score_expanded", lambda t, m: called.append(1) or real(t, m))
+    prefix = torch.randn(1, 20, static.decoder.lm.config.hidden_size)
+    tokens, mask = torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long)
+    with torch.inference_mode():
+        decoder.prefill(prefix)
+        logits = decoder.score_branches(tokens, mask)  # 6 packed tokens > 4 free slots
+    assert called and logits.shape[:2] == (3, 2) and torch.isfinite(logits).all()
+
+
 def test_static_answer_after_rank_unchanged(pair):
     """Ranking must leave the static cache usable: the next answer equals a fresh one."""
     eager, static = pair
@@ -100,3 +146,17 @@ def test_cuda_graph_decode_tokens_identical():
         assert fast.answer(image, QUESTIONS[0], 12).token_ids == eager.answer(
             image, QUESTIONS[0], 12
         ).token_ids
+
+
+def test_no_deprecated_cache_argument(pair):
+    """transformers 5.2x renamed past_key_values to cache (removed in 5.40): both decoders use
+    whichever name the installed PhiForCausalLM takes, so nothing warns."""
+    import warnings
+
+    eager, static = pair
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for assistant in pair:
+            assistant.answer(_images(1)[0], QUESTIONS[0], 3)
+            assistant.rank(_images(1)[0], QUESTIONS[1], ACTIONS)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

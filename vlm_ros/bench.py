@@ -4,8 +4,11 @@ the same random weights.
 Baseline: the PyTorch vision tower (``VlmModel.encode_images``: every layer, all hidden states)
 then transformers' ``generate()`` with its default DynamicCache. Fast path: the vision stage
 (only the layers needed, projector fused; PyTorch or ONNX Runtime) then the static-KV-cache
-decoder and the small decode verbs (decode.generate). Optional lossy variant: dynamic int8
-decoder (``quantize="int8"``), reported with its measured greedy agreement and logit error.
+decoder and the small decode verbs (decode.generate). Optional lossy variants, each reported
+with its measured greedy agreement and logit error against the fp32 fast path: dynamic int8
+decoder (``quantize="int8"``), and the whole model in bfloat16 on CPU (fast on CPUs with
+AVX512-BF16/AMX, emulated and slow without; ``machine.bf16_native`` says which), the latter also
+against a bf16 baseline so its gain over a user who simply loads bf16 is stated too.
 
 Presets are built from configs with random weights (nothing downloaded) and prompts are token
 ids (no tokenizer): the work per request is what a real checkpoint does, the text is not. Answers
@@ -29,6 +32,7 @@ import torch
 from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig
 
 from vlm_ros import decode, ranking
+from vlm_ros.checkpoint import cpu_has_native
 from vlm_ros.config import GenerationConfig
 from vlm_ros.families import FAMILIES, IMAGE_TOKEN_INDEX
 from vlm_ros.model import VlmModel
@@ -142,6 +146,11 @@ def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def model_dtype(model: VlmModel) -> torch.dtype:
+    """The dtype the model's weights are in (the pixels it wants)."""
+    return next(model.parameters()).dtype
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -177,7 +186,7 @@ class Baseline:
         self.model, self.ids = model, ids
 
     def embeds(self, pixels: torch.Tensor) -> torch.Tensor:
-        image = self.model.encode_images(pixels)  # [1, N, hidden]
+        image = self.model.encode_images(pixels.to(model_dtype(self.model)))
         return decode.splice_image(
             self.ids, image, self.model.embed_tokens, self.model.num_image_tokens
         )  # [1, S, hidden]
@@ -199,6 +208,7 @@ class FastPath:
         self.model, self.ids, self.encoder, self.decoder = model, ids, encoder, decoder
 
     def embeds(self, pixels: torch.Tensor, timer: StageTimer) -> torch.Tensor:
+        pixels = pixels.to(model_dtype(self.model))  # a bf16 variant's own dtype
         image = self.encoder.encode(pixels, timer)  # [1, N, hidden]
         return decode.splice_image(
             self.ids, image, self.model.embed_tokens, self.model.num_image_tokens
@@ -241,6 +251,7 @@ class Samples:
 
 
 def baseline_iteration(base: Baseline, pixels: torch.Tensor, device: str, s: Samples) -> None:
+    pixels = pixels.to(model_dtype(base.model))
     s.add("vision", timed(lambda: base.model.encode_images(pixels), device)[0])
     s.add("ttft", timed(lambda: base.answer(pixels, 1), device)[0])
     s.add("answer_16", timed(lambda: base.answer(pixels, 16), device)[0])
@@ -345,9 +356,12 @@ def ratio(baseline: dict, fast: dict, key: str) -> float:
 
 def run(preset: str, device: str = "cpu", dtype: str | None = None, iters: int = 3,
         vision_backend: str = "torch", int8: bool = False, compile_decode: bool = False,
-        warmup: int = 1) -> dict:  # fmt: skip
-    """Measure baseline and fast path (and int8 when asked) and return the result dict."""
+        warmup: int = 1, bf16: bool = False) -> dict:  # fmt: skip
+    """Measure baseline and fast path (and the int8 / bf16 variants when asked) and return the
+    result dict."""
     dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
+    if bf16 and (device != "cpu" or dtype != "float32"):
+        raise ValueError("the bf16 variant is measured against a float32 run on CPU")
     with torch.inference_mode():
         model = build_model(preset, device, DTYPES[dtype])
         ids = prompt_ids(model, PRESETS[preset].text_tokens)
@@ -363,10 +377,15 @@ def run(preset: str, device: str = "cpu", dtype: str | None = None, iters: int =
             lm = copy.deepcopy(model.language_model)  # quantized in place: a private copy
             int8_decoder = StaticDecoder(lm, max_seq, quantize="int8")
             paths["int8"] = FastPath(model, ids, fast.encoder, int8_decoder)
+        if bf16:  # a bf16 copy of the whole model: its fast path and its own generate()
+            model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+            paths["baseline_bf16"] = Baseline(model_bf16, ids)
+            paths["bf16"] = make_fast(model_bf16, ids, device, max_seq, "torch")
         for _ in range(warmup):
             for path in paths.values():
                 path.answer(pixels, 4)
-            fast.rank(pixels, StageTimer(device))
+                if isinstance(path, FastPath):
+                    path.rank(pixels, StageTimer(device))
         measured = {name: s.summary() for name, s in measure(paths, pixels, iters, device).items()}
         result_base, result_fast = measured["baseline"], measured["fast"]
         parity = {
@@ -375,11 +394,18 @@ def run(preset: str, device: str = "cpu", dtype: str | None = None, iters: int =
             )
         }
         variants = {}
-        if int8:
-            variants["int8"] = {
-                "stages": measured["int8"],
-                "accuracy_vs_fp": logit_error(fast, paths["int8"], pixels, 16),
-            }
+        for name in ("int8", "bf16"):
+            variant = paths.get(name)
+            if isinstance(variant, FastPath):
+                variants[name] = {
+                    "stages": measured[name],
+                    "accuracy_vs_fp": logit_error(fast, variant, pixels, 16),
+                }
+        if bf16:
+            variants["bf16"]["baseline_same_dtype"] = measured["baseline_bf16"]
+            variants["bf16"]["speedup_vs_same_dtype_baseline"] = _speedups(
+                measured["baseline_bf16"], measured["bf16"]
+            )
     out = {
         "preset": preset, "device": device, "dtype": dtype, "iters": iters,
         "vision_backend": vision_backend, "compile_decode": compile_decode,
@@ -425,9 +451,32 @@ def _speedups(base: dict, fast: dict) -> dict[str, float]:
     }
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16",
+             "amx_int8", "asimd", "bf16", "i8mm")  # fmt: skip
+
+
+def _cpu_model_and_flags() -> tuple[str, list[str]]:
+    """/proc/cpuinfo's model name and the ISA flags that decide which CPU kernels are fast
+    (the same bench differs 2-3x between an AVX2 and an AVX-512 host)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    except OSError:
+        pass
+    return model, [f for f in CPU_FLAGS if f in flags]
+
+
 def _machine(device: str) -> dict:
+    cpu_model, flags = _cpu_model_and_flags()
     info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model, "cpu_flags": flags,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_native": cpu_has_native(torch.bfloat16),
             "threads": torch.get_num_threads()}  # fmt: skip
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
@@ -476,15 +525,21 @@ def markdown(result: dict) -> str:
         f"(branch pass / prefill: {result['action_hint_branches_over_prefill']:.2f})",
         f"- greedy tokens fast vs generate(): "
         f"{result['parity']['greedy_prefix_agreement_fast_vs_generate']:.0%} identical",
+        f"- machine: {result['machine']['cpu']}, {result['machine']['threads']} threads, "
+        f"torch CPU kernels {result['machine']['torch_cpu_capability']}, native bf16: "
+        f"{'yes' if result['machine']['bf16_native'] else 'no'}",
         f"- peak host RSS {result['memory']['peak_host_rss_mib']:.0f} MiB, peak GPU "
         f"{result['memory']['peak_gpu_mib']:.0f} MiB",
     ]
     for name, variant in result["variants"].items():
         s, acc = variant["speedup"], variant["accuracy_vs_fp"]
+        same = variant.get("speedup_vs_same_dtype_baseline")
+        versus = (f" ({same['image_to_16_tokens']:.2f}x / {same['image_to_64_tokens']:.2f}x vs "
+                  f"generate() in {name})" if same else "")  # fmt: skip
         lines.append(
             f"- {name}: image->16 {s['image_to_16_tokens']:.2f}x, image->64 "
-            f"{s['image_to_64_tokens']:.2f}x vs baseline; greedy agreement with the fp path "
-            f"{acc['greedy_prefix_agreement']:.0%}, first-step logit error "
+            f"{s['image_to_64_tokens']:.2f}x vs baseline{versus}; greedy agreement with the fp "
+            f"path {acc['greedy_prefix_agreement']:.0%}, first-step logit error "
             f"{acc['first_logits_error_over_range']:.2%} of the logit range"
         )
     if "gpu" in result:

@@ -95,6 +95,7 @@ def load_checkpoint(
             "logits); bfloat16 (same range as float32) or float32 is the safe choice",
             layout.spec.name,
         )
+    _warn_slow_cpu_precision(torch.device(device), torch_dtype)
     spec = layout.spec.with_overrides(stop_token_id=stop)
     model = build_model(layout, spec)
     _rename_tower(layout, model.tower_prefix)
@@ -107,6 +108,28 @@ def load_checkpoint(
 
 
 # ---- where it runs, where the checkpoint is ------------------------------------------------
+
+
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes ``dtype`` matrix products natively (oneDNN's own check:
+    AVX512-BF16 or AMX for bfloat16, AVX512-FP16 or AMX-FP16 for float16). Without it, torch
+    emulates them, slower than float32."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
+def _warn_slow_cpu_precision(device: torch.device, dtype: torch.dtype) -> None:
+    """bf16 on a CPU with AVX512-BF16 is ~2x faster than float32 (docs/performance.md); on one
+    without it, several times slower. Say so instead of leaving a user to guess."""
+    if device.type == "cpu" and not cpu_has_native(dtype):
+        _log.warning(
+            "%s on this CPU is emulated (no native %s matrix instructions): expect it slower "
+            "than float32, the CPU default",
+            str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."),
+        )
 
 
 def check_device(device: str) -> torch.device:

@@ -9,6 +9,7 @@ rules here are shared by all of them.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from transformers import DynamicCache, PhiForCausalLM
+from transformers import Cache, DynamicCache, PhiForCausalLM
 
 from vlm_ros.config import GenerationConfig
 from vlm_ros.errors import InputError, VlmError
@@ -44,8 +45,22 @@ class Decoder(Protocol):
 
     def score_branches(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Continue the prefilled prefix with K branches at once (the prefix cache is shared,
-        not recomputed). tokens, mask: [K, T], right-padded -> logits [K, T, V]. The decoder
-        must be reset (or prefilled again) before it is used for anything else."""
+        not recomputed). tokens, mask: [K, T], right-padded (mask: 1 = a real token whose
+        logits are wanted, ones then zeros) -> logits [K, T, V]; rows where mask is 0 are not
+        read. The decoder must be reset (or prefilled again) before it is used for anything
+        else."""
+
+
+def cache_kwarg(cache: Cache | None) -> dict[str, Cache | None]:
+    """``{name: cache}`` for PhiForCausalLM.forward: transformers renamed ``past_key_values``
+    to ``cache`` (5.2x; the old name is removed in 5.40), and users run both sides of that."""
+    return {_CACHE_NAME: cache}
+
+
+_CACHE_NAME = (
+    "cache" if "cache" in inspect.signature(PhiForCausalLM.forward).parameters
+    else "past_key_values"
+)  # fmt: skip
 
 
 class EagerDecoder:
@@ -62,7 +77,7 @@ class EagerDecoder:
 
     def _forward(self, **kwargs) -> torch.Tensor:
         self.forward_calls += 1
-        return self.lm(past_key_values=self.cache, use_cache=True, **kwargs).logits.float()
+        return self.lm(**cache_kwarg(self.cache), use_cache=True, **kwargs).logits.float()
 
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
         self.cache, self.length = DynamicCache(config=self.lm.config), 0

@@ -32,8 +32,13 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "empty = config.json's mm_vision_tower",
     ),
     "vision_backend": ("torch", "vision encoder backend: torch, onnxruntime or tensorrt"),
-    "decoder": ("eager", "decoder: eager (dynamic KV cache) or static (allocated once)"),
+    "decoder": ("static", "decoder: static (KV cache allocated once; the fast path, tokens "
+                "identical to eager) or eager (transformers' dynamic cache, the reference)"),
     "max_seq_len": (1024, "static decoder's KV cache length (tokens)"),
+    "compile_decode": (False, "static decoder: torch.compile the decode step (a CUDA graph on "
+                       "GPU; compiles at the first answer)"),
+    "quantize": ("none", "none or int8 (static decoder on CPU: dynamic int8 Linear layers; "
+                 "lossy, opt-in)"),
     "engine_dir": ("models/engines", "directory of prebuilt ONNX/TensorRT engines"),
     "threads": (0, "torch CPU threads; 0 = torch's default"),
     "cameras": (["/camera/image_raw"], "camera topics; '.../compressed' = CompressedImage"),
@@ -101,11 +106,14 @@ class NodeConfig:
             _check(float(v[name]) >= 0, name, v[name])
         for name in ("diagnostics_period_s", "query_timeout_s"):
             _check(float(v[name]) > 0, name, v[name])
+        _check(str(v["decoder"]) in ("static", "eager"), "decoder", v["decoder"])
+        _check(str(v["quantize"]) in ("none", "int8"), "quantize", v["quantize"])
         runtime = RuntimeConfig(
             device=resolve_device(str(v["device"])), dtype=str(v["dtype"]) or None,
             vision_backend=str(v["vision_backend"]), decoder=str(v["decoder"]),
             max_seq_len=int(v["max_seq_len"]), engine_dir=str(v["engine_dir"]),
-            threads=int(v["threads"]),
+            threads=int(v["threads"]), compile_decode=bool(v["compile_decode"]),
+            quantize=str(v["quantize"]),
         )  # fmt: skip
         return cls(
             model=str(v["model"]),

@@ -10,9 +10,11 @@ Each candidate c is scored as the answer text " c<|endoftext|>" after "ASSISTANT
 Probabilities are a softmax over the candidates' total log-likelihoods (no length normalisation:
 the total is the probability of the whole answer string).
 
-Cost: the image+prompt prefix is prefilled once at batch 1; its KV cache is then expanded to K
-branches and all candidates run together, right-padded with an attention mask. Each candidate's
-first token is scored from the prefix's last logits, the rest from its own branch.
+Cost: the image+prompt prefix is prefilled once at batch 1; then all candidates run together in
+one pass that shares the prefix's KV cache (decode.Decoder.score_branches). Each candidate's
+first token is scored from the prefix's last logits, the rest from its own branch; a
+candidate's last token is never an input (nothing after it is scored), so the branch pass runs
+on the candidates without their last token.
 """
 
 from __future__ import annotations
@@ -74,12 +76,12 @@ def sequence_log_likelihoods(
 ) -> torch.Tensor:
     """Sum of each candidate's own token log-probabilities.
 
-    first_logits [1, V] predict every candidate's token 0; branch_logits [K, T, V] at step t
+    first_logits [1, V] predict every candidate's token 0; branch_logits [K, T - 1, V] at step t
     predict token t + 1. tokens, mask: [K, T] -> [K] float32.
     """
     branches = tokens.shape[0]
     predicting = torch.cat(
-        [first_logits.expand(branches, -1).unsqueeze(1), branch_logits[:, :-1]], dim=1
+        [first_logits.expand(branches, -1).unsqueeze(1), branch_logits], dim=1
     )  # [K, T, V]: row t predicts tokens[:, t]
     logp = torch.log_softmax(predicting.float(), dim=-1)
     picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [K, T]
@@ -95,13 +97,17 @@ def score_candidates(
 ) -> torch.Tensor:
     """Total log-likelihood of each candidate id list after the prefix [1, S, hidden] -> [K].
 
-    Two decoder forward passes in all: the prefix prefill and one batched branch pass.
+    Two decoder forward passes in all: the prefix prefill and one batched branch pass (one
+    only, when every candidate is a single token).
     """
     tokens, mask = pad_right(ids, pad_id, prefix_embeds.device)  # [K, T]
     with timer.stage("prefill"):
         first = decoder.prefill(prefix_embeds)  # [1, V]
     with timer.stage("decode"):
-        branch = decoder.score_branches(tokens, mask)  # [K, T, V]
+        if tokens.shape[1] > 1:  # inputs: all but the last column; wanted: a next token exists
+            branch = decoder.score_branches(tokens[:, :-1], mask[:, 1:])  # [K, T - 1, V]
+        else:
+            branch = first.new_zeros(tokens.shape[0], 0, first.shape[-1])
         totals = sequence_log_likelihoods(first, branch, tokens, mask)
     decoder.reset()  # the cache now holds K branches; never reuse it
     return totals

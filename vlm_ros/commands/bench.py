@@ -26,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--int8", action="store_true", help="also measure the lossy int8 decoder (CPU)"
     )
     parser.add_argument(
+        "--bf16", action="store_true",
+        help="also measure the whole model in bfloat16 (CPU; lossy; fast where the CPU has "
+        "AVX512-BF16/AMX), against the fp32 and a bf16 baseline",
+    )  # fmt: skip
+    parser.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step (CUDA graph on GPU)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -42,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     result = run_bench(
         args.preset, args.device, args.dtype, args.iters, args.vision_backend, args.int8,
-        args.compile,
+        args.compile, bf16=args.bf16,
     )  # fmt: skip
     table = markdown(result)
     print(table)

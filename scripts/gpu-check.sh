@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU half of vlm_ros's checks, as one prepared run for a machine with a CUDA GPU (and,
+# where installed, TensorRT): the CUDA tests (fp16/bf16 parity, CUDA-graph decode, TensorRT
+# engine build + parity), then the full-size benchmark against transformers generate().
+#
+#   bash scripts/gpu-check.sh [OUTDIR]          # default OUTDIR: $OUT, else bench/results/gpu
+#
+# Written for a bare GPU box with a CUDA build of PyTorch already in `python3` (PYTHON=...
+# to choose another): nothing is installed from the network. A transformers wheel in .whl/
+# (the version this project is tested with) is installed into /tmp/site first, if present.
+# Every step has its own timeout and the run goes on after a failure, so one call yields
+# everything it can; the exit code is that of the first failed step. Results (at most 8 files,
+# flat): pytest log + JUnit XML, bench JSON + Markdown, nvidia-smi, environment.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUTDIR="${1:-${OUT:-bench/results/gpu}}"
+mkdir -p "$OUTDIR"
+PY="${PYTHON:-python3}"
+PRESET="${VLM_ROS_GPU_PRESET:-llava-phi-full}"
+ITERS="${VLM_ROS_GPU_ITERS:-10}"
+DEVICE="${VLM_ROS_GPU_DEVICE:-cuda}"  # cpu: a dry run of this script (CI checks it so)
+export PYTHONUNBUFFERED=1 VLM_ROS_REQUIRE_ROS=0 HF_HUB_OFFLINE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+WHEELS="${VLM_ROS_GPU_WHEELS:-.whl}"  # a folder of wheels to install first ("none": skip)
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$WHEELS"/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+RC=0
+step() {  # step NAME SECONDS LOG CMD...: run under a timeout, tee to LOG, keep the first failure
+    local name=$1 limit=$2 log=$3
+    shift 3
+    echo "[gpu-check] $name (limit ${limit}s)"
+    timeout "$limit" "$@" 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    echo "[gpu-check] $name: exit $rc"
+    (( rc != 0 && RC == 0 )) && RC=$rc
+    return 0
+}
+
+{
+    nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+    "$PY" - <<'EOF'
+import platform, torch, transformers
+print("python", platform.python_version(), "torch", torch.__version__,
+      "transformers", transformers.__version__, "cuda", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+try:
+    import tensorrt
+    print("tensorrt", tensorrt.__version__)
+except ImportError as exc:
+    print("tensorrt: not installed:", exc)
+EOF
+} >"$OUTDIR/environment.txt" 2>&1
+cat "$OUTDIR/environment.txt"
+
+# The three files hold every CUDA/TensorRT test (and their CPU siblings, seconds); -rs names
+# each skip and why, so a missing TensorRT shows in the log instead of passing silently.
+TESTS=(test/test_parity.py test/test_static_decode.py test/test_trt.py)
+[[ -n "${VLM_ROS_GPU_TESTS:-}" ]] && read -r -a TESTS <<<"$VLM_ROS_GPU_TESTS"
+step "CUDA tests" 240 "$OUTDIR/gpu-tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider \
+    "${TESTS[@]}" --junitxml="$OUTDIR/gpu-tests.xml"
+COMPILE=()
+[[ "$DEVICE" == cuda ]] && COMPILE=(--compile)  # the decode step in a CUDA graph
+step "bench $PRESET" 420 "$OUTDIR/bench.log" "$PY" -m vlm_ros bench --preset "$PRESET" --device "$DEVICE" \
+    --iters "$ITERS" "${COMPILE[@]}" --out "$OUTDIR/$DEVICE-$PRESET.json"
+exit "$RC"
