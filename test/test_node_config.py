@@ -62,7 +62,9 @@ def test_fast_path_parameters_reach_the_runtime_config():
     values = defaults() | {"compile_decode": True, "quantize": "int8", "decoder": "static"}
     runtime = NodeConfig.from_values(values).runtime
     assert (runtime.compile_decode, runtime.quantize) == (True, "int8")
-    for name, bad in (("decoder", "fast"), ("quantize", "int4")):
+    plain = NodeConfig.from_values(defaults() | {"cpu_linear": "torch"})
+    assert plain.runtime.cpu_linear == "torch"
+    for name, bad in (("decoder", "fast"), ("quantize", "int4"), ("cpu_linear", "mkl")):
         with pytest.raises(InputError, match=name):
             NodeConfig.from_values(defaults() | {name: bad})
 

@@ -294,7 +294,7 @@ def test_rank_probabilities(assistant, image):
 def test_rank_costs_one_prefill_and_one_batched_pass(assistant, image):
     lm_calls, vision_calls = [], []
     hooks = [
-        assistant.model.language_model.register_forward_hook(
+        assistant.decoder.lm.register_forward_hook(  # the module tree the decoder runs
             lambda m, args, kwargs, out: lm_calls.append(
                 (kwargs.get("inputs_embeds"), kwargs.get("input_ids"))
             ),

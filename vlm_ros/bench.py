@@ -34,6 +34,7 @@ from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig
 from vlm_ros import decode, ranking
 from vlm_ros.checkpoint import cpu_has_native
 from vlm_ros.config import GenerationConfig
+from vlm_ros.cpu_kernels import OneDnnLinear
 from vlm_ros.families import FAMILIES, IMAGE_TOKEN_INDEX
 from vlm_ros.model import VlmModel
 from vlm_ros.static_decode import StaticDecoder
@@ -419,6 +420,11 @@ def run(preset: str, device: str = "cpu", dtype: str | None = None, iters: int =
         "baseline": result_base, "fast": result_fast, "parity": parity, "variants": variants,
         "memory": peak_memory(device),
     }  # fmt: skip
+    out["fast_path"] = {
+        "cpu_linear": "onednn" if any(
+            isinstance(m, OneDnnLinear) for m in fast.decoder.lm.modules()
+        ) else "torch",
+    }  # fmt: skip
     out["speedup"] = _speedups(result_base, result_fast)
     for variant in variants.values():
         variant["speedup"] = _speedups(result_base, variant["stages"])
@@ -499,7 +505,9 @@ def markdown(result: dict) -> str:
     m = result["model"]
     lines = [
         f"### `{result['preset']}` on {result['device']} ({result['dtype']}, "
-        f"vision backend {result['vision_backend']}, {result['iters']} iterations)",
+        f"vision backend {result['vision_backend']}, decoder Linear kernels "
+        f"{result.get('fast_path', {}).get('cpu_linear', 'torch')}, {result['iters']} "
+        "iterations)",
         "",
         f"{m['parameters_total'] / 1e6:.2f}M parameters ({m['parameters_vision'] / 1e6:.2f}M "
         f"vision, {m['parameters_decoder'] / 1e6:.2f}M decoder); {m['image_tokens']} image "

@@ -32,6 +32,9 @@ class RuntimeConfig:
     (transformers' dynamic cache, the reference).
     quantize: "none" or "int8" (static decoder on CPU only: dynamic int8 Linear layers; lossy,
     opt-in; measured agreement in docs/performance.md).
+    cpu_linear: "auto" (static decoder, float32 on an x86 CPU: Linear layers through oneDNN,
+    ~2x MKL on AMD CPUs, same arithmetic), "onednn" (the same, warning where unavailable) or
+    "torch" (plain F.linear everywhere).
     """
 
     device: str = "cpu"
@@ -42,6 +45,7 @@ class RuntimeConfig:
     engine_dir: str = "models/engines"
     compile_decode: bool = False
     quantize: str = "none"
+    cpu_linear: str = "auto"
     drop_first_patch: bool | None = None  # None: family default (Factory TinyLLaVA drops it)
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
 

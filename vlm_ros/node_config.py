@@ -39,6 +39,8 @@ PARAMETERS: dict[str, tuple[object, str]] = {
                        "GPU; compiles at the first answer)"),
     "quantize": ("none", "none or int8 (static decoder on CPU: dynamic int8 Linear layers; "
                  "lossy, opt-in)"),
+    "cpu_linear": ("auto", "static decoder, float32 on x86 CPUs: auto/onednn = Linear layers "
+                   "through oneDNN (~2x MKL on AMD), torch = plain F.linear"),
     "engine_dir": ("models/engines", "directory of prebuilt ONNX/TensorRT engines"),
     "threads": (0, "torch CPU threads; 0 = torch's default"),
     "cameras": (["/camera/image_raw"], "camera topics; '.../compressed' = CompressedImage"),
@@ -108,12 +110,13 @@ class NodeConfig:
             _check(float(v[name]) > 0, name, v[name])
         _check(str(v["decoder"]) in ("static", "eager"), "decoder", v["decoder"])
         _check(str(v["quantize"]) in ("none", "int8"), "quantize", v["quantize"])
+        _check(str(v["cpu_linear"]) in ("auto", "onednn", "torch"), "cpu_linear", v["cpu_linear"])
         runtime = RuntimeConfig(
             device=resolve_device(str(v["device"])), dtype=str(v["dtype"]) or None,
             vision_backend=str(v["vision_backend"]), decoder=str(v["decoder"]),
             max_seq_len=int(v["max_seq_len"]), engine_dir=str(v["engine_dir"]),
             threads=int(v["threads"]), compile_decode=bool(v["compile_decode"]),
-            quantize=str(v["quantize"]),
+            quantize=str(v["quantize"]), cpu_linear=str(v["cpu_linear"]),
         )  # fmt: skip
         return cls(
             model=str(v["model"]),

@@ -166,6 +166,7 @@ class Assistant:
             "max_seq_len": self.runtime.max_seq_len,
             "compile": self.runtime.compile_decode,
             "quantize": self.runtime.quantize,
+            "cpu_linear": self.runtime.cpu_linear,
         }
 
     def _max_positions(self) -> int:

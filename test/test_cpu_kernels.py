@@ -1,0 +1,97 @@
+"""oneDNN float32 Linear on x86 CPUs (vlm_ros/cpu_kernels.py): same results as F.linear within
+float32 rounding, the weights shared rather than copied, the model's own modules untouched, and
+the static decoder using it by default on CPU (greedy parity with the eager reference is in
+test_static_decode.py / test_parity.py, which run with it)."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+from tiny_models import tiny_checkpoint
+from torch import nn
+from torch.nn import functional as F
+
+from vlm_ros import cpu_kernels
+from vlm_ros.checkpoint import load_checkpoint
+from vlm_ros.cpu_kernels import (
+    OneDnnLinear,
+    onednn_linear_available,
+    share_weights_copy,
+    use_onednn_linear,
+    wants_onednn,
+)
+from vlm_ros.static_decode import StaticDecoder
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def test_available_on_x86_builds_of_torch():
+    """Every x86 torch wheel ships oneDNN; if this fails, the fast path silently lost ~2x."""
+    assert onednn_linear_available() == (X86 and torch.backends.mkldnn.is_available())
+
+
+@pytest.mark.skipif(not X86, reason="oneDNN's linear is used on x86-64 only")
+@pytest.mark.parametrize("shape", [(1, 64), (7, 64), (2, 5, 64)])
+def test_same_as_f_linear_within_float32_rounding(shape):
+    generator = torch.Generator().manual_seed(1)
+    linear = nn.Linear(64, 96)
+    x = torch.randn(*shape, generator=generator)
+    with torch.inference_mode():
+        want = F.linear(x, linear.weight, linear.bias)
+        got = OneDnnLinear(linear)(x)
+        strided = OneDnnLinear(linear)(x.transpose(0, -1).contiguous().transpose(0, -1))
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(strided, want, atol=1e-5, rtol=1e-5)
+
+
+def test_other_dtypes_go_through_f_linear_exactly():
+    linear = nn.Linear(16, 8).to(torch.bfloat16)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(OneDnnLinear(linear)(x), F.linear(x, linear.weight, linear.bias))
+
+
+@pytest.mark.skipif(not X86, reason="oneDNN's linear is used on x86-64 only")
+def test_swap_shares_weights_and_keeps_the_original_tree():
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Sequential(nn.Linear(8, 4)))
+    keys = list(model.state_dict())
+    copy = share_weights_copy(model)
+    assert use_onednn_linear(copy) == 2
+    assert [type(m) for m in model.modules()].count(nn.Linear) == 2  # original untouched
+    assert isinstance(copy[0], OneDnnLinear) and isinstance(copy[2][0], OneDnnLinear)
+    assert copy[0].weight is model[0].weight and copy[2][0].bias is model[2][0].bias
+    assert list(copy.state_dict()) == keys
+
+
+def test_mode_choice():
+    assert not wants_onednn("torch", "cpu", torch.float32)
+    assert not wants_onednn("auto", "cpu", torch.bfloat16)  # torch's bf16 is oneDNN already
+    assert not wants_onednn("auto", "cuda", torch.float32)
+    assert wants_onednn("auto", "cpu", torch.float32) == onednn_linear_available()
+    with pytest.raises(ValueError, match="cpu_linear"):
+        wants_onednn("mkl", "cpu", torch.float32)
+
+
+@pytest.mark.skipif(not X86, reason="oneDNN's linear is used on x86-64 only")
+def test_static_decoder_uses_it_on_cpu_and_leaves_the_model_alone():
+    lm = load_checkpoint(tiny_checkpoint("llava_phi")).model.language_model
+    fast = StaticDecoder(lm, 64)
+    reference = StaticDecoder(lm, 64, cpu_linear="torch")
+    swapped = [m for m in fast.lm.modules() if isinstance(m, OneDnnLinear)]
+    assert len(swapped) == sum(isinstance(m, nn.Linear) for m in lm.modules()) > 0
+    assert not any(isinstance(m, OneDnnLinear) for m in lm.modules())
+    assert reference.lm is lm
+    embeds = torch.randn(1, 9, lm.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.prefill(embeds), reference.prefill(embeds), atol=1e-4,
+                                   rtol=0)  # fmt: skip
+
+
+def test_unavailable_op_means_plain_linear(monkeypatch):
+    """Where the private op is missing (another torch), nothing is swapped and nothing fails."""
+    monkeypatch.setattr(cpu_kernels, "onednn_linear_available", lambda: False)
+    model = nn.Sequential(nn.Linear(4, 4))
+    assert use_onednn_linear(model) == 0 and type(model[0]) is nn.Linear
