@@ -39,6 +39,10 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
     int8 = result["variants"]["int8"]
     _positive_stages(int8["stages"], FAST_METRICS)
     assert 0 <= int8["accuracy_vs_fp"]["greedy_prefix_agreement"] <= 1
+    if result["fast_path"]["cpu_linear"] == "onednn":  # x86: the kernels' share is measured
+        plain = result["variants"]["mkl_linear"]
+        _positive_stages(plain["stages"], FAST_METRICS)
+        assert plain["accuracy_vs_fp"]["first_logits_error_over_range"] < 1e-4  # lossless
     bf16 = result["variants"]["bf16"]
     _positive_stages(bf16["stages"], FAST_METRICS)
     _positive_stages(bf16["baseline_same_dtype"], BASE_METRICS)
