@@ -113,17 +113,21 @@ def load_checkpoint(
 def cpu_has_native(dtype: torch.dtype) -> bool:
     """Whether this CPU computes ``dtype`` matrix products natively (oneDNN's own check:
     AVX512-BF16 or AMX for bfloat16, AVX512-FP16 or AMX-FP16 for float16). Without it, torch
-    emulates them, slower than float32."""
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return True
+    emulates them, slower than float32. True where the check itself is missing (another torch
+    build): then nothing is claimed."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported",
+             torch.float16: "_is_mkldnn_fp16_supported"}  # fmt: skip
+    if dtype not in check:
+        return True
+    try:
+        return bool(getattr(torch.ops.mkldnn, check[dtype])())
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def _warn_slow_cpu_precision(device: torch.device, dtype: torch.dtype) -> None:
-    """bf16 on a CPU with AVX512-BF16 is ~2x faster than float32 (docs/performance.md); on one
-    without it, several times slower. Say so instead of leaving a user to guess."""
+    """bf16 on a CPU with AVX512-BF16 is faster than float32 (docs/performance.md); on one
+    without it, emulated and slower. Say so instead of leaving a user to guess."""
     if device.type == "cpu" and not cpu_has_native(dtype):
         _log.warning(
             "%s on this CPU is emulated (no native %s matrix instructions): expect it slower "
