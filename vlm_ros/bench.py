@@ -35,9 +35,8 @@ import torch
 from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig
 
 from vlm_ros import decode, ranking
-from vlm_ros.checkpoint import cpu_has_native
 from vlm_ros.config import GenerationConfig
-from vlm_ros.cpu_kernels import OneDnnLinear
+from vlm_ros.cpu_kernels import OneDnnLinear, cpu_has_native
 from vlm_ros.families import FAMILIES, IMAGE_TOKEN_INDEX
 from vlm_ros.model import VlmModel
 from vlm_ros.static_decode import StaticDecoder

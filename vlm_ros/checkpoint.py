@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlm_ros.cpu_kernels import cpu_has_native
 from vlm_ros.errors import CheckpointError, InputError
 from vlm_ros.families import FamilySpec
 from vlm_ros.layouts import Layout, TensorRef, read_config, resolve, split_fused_qkv
@@ -110,30 +111,15 @@ def load_checkpoint(
 # ---- where it runs, where the checkpoint is ------------------------------------------------
 
 
-def cpu_has_native(dtype: torch.dtype) -> bool:
-    """Whether this CPU computes ``dtype`` matrix products natively (oneDNN's own check:
-    AVX512-BF16 or AMX for bfloat16, AVX512-FP16 or AMX-FP16 for float16). Without it, torch
-    emulates them, slower than float32. True where the check itself is missing (another torch
-    build): then nothing is claimed."""
-    check = {torch.bfloat16: "_is_mkldnn_bf16_supported",
-             torch.float16: "_is_mkldnn_fp16_supported"}  # fmt: skip
-    if dtype not in check:
-        return True
-    try:
-        return bool(getattr(torch.ops.mkldnn, check[dtype])())
-    except (AttributeError, RuntimeError):
-        return True
-
-
 def _warn_slow_cpu_precision(device: torch.device, dtype: torch.dtype) -> None:
     """bf16 on a CPU with AVX512-BF16 is faster than float32 (docs/performance.md); on one
     without it, emulated and slower. Say so instead of leaving a user to guess."""
     if device.type == "cpu" and not cpu_has_native(dtype):
+        name = str(dtype).removeprefix("torch.")
         _log.warning(
             "%s on this CPU is emulated (no native %s matrix instructions): expect it slower "
-            "than float32, the CPU default",
-            str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."),
-        )
+            "than float32, the CPU default", name, name,
+        )  # fmt: skip
 
 
 def check_device(device: str) -> torch.device:

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The values RuntimeConfig's string fields take; the node, the CLI and the decoders all check
+# against these.
+DECODERS = ("static", "eager")
+QUANTIZE_MODES = ("none", "int8")
+CPU_LINEAR_MODES = ("auto", "onednn", "torch")
+
 
 @dataclass(frozen=True)
 class GenerationConfig:

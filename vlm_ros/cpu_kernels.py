@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vlm_ros.config import CPU_LINEAR_MODES
+
 _log = logging.getLogger(__name__)
-CPU_LINEAR_MODES = ("auto", "onednn", "torch")
 _PROBE_RTOL = 1e-4  # max |onednn - F.linear| / max |F.linear| on a seeded probe
 
 
@@ -47,6 +48,21 @@ def onednn_linear_available() -> bool:
         _log.info("oneDNN linear unavailable (%s); float32 Linear stays on F.linear", exc)
         return False
     return bool((got - want).abs().max() <= _PROBE_RTOL * want.abs().max())
+
+
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes ``dtype`` matrix products natively (oneDNN's own check:
+    AVX512-BF16 or AMX for bfloat16, AVX512-FP16 or AMX-FP16 for float16). Without it, torch
+    emulates them, slower than float32. True where the check itself is missing (another torch
+    build): then nothing is claimed."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported",
+             torch.float16: "_is_mkldnn_fp16_supported"}  # fmt: skip
+    if dtype not in check:
+        return True
+    try:
+        return bool(getattr(torch.ops.mkldnn, check[dtype])())
+    except (AttributeError, RuntimeError):
+        return True
 
 
 class OneDnnLinear(nn.Module):

@@ -34,10 +34,9 @@ from torch import nn
 from transformers import Cache, DynamicCache, PhiForCausalLM, StaticCache
 
 from vlm_ros import cpu_kernels
+from vlm_ros.config import QUANTIZE_MODES
 from vlm_ros.decode import cache_kwarg
 from vlm_ros.errors import ContextOverflowError, InputError
-
-QUANTIZE_MODES = ("none", "int8")
 
 
 def quantize_int8(lm: nn.Module) -> nn.Module:
@@ -100,9 +99,8 @@ class StaticDecoder:
     # ---- the Decoder protocol (decode.py) -----------------------------------------------
 
     def reset(self) -> None:
-        """Forget the sequence: zero the cache in place (same storage, so a captured graph's
-        addresses stay valid) and drop any branch cache."""
-        self.cache.reset()
+        """Forget the sequence and drop any branch cache. The storage is cleared by the next
+        prefill, once per request, not by every reset."""
         self.length = 0
         self._branch_cache = None
 
@@ -111,6 +109,9 @@ class StaticDecoder:
         steps = embeds.shape[1]
         self._check_room(steps, start=0)
         self.reset()
+        # Zero in place (same storage, so a captured graph's addresses stay valid): masked
+        # slots are weighted 0, and 0 * an inf left by an earlier overflow would still be NaN.
+        self.cache.reset()
         positions = torch.arange(steps, device=self.device)  # [S]
         logits = self._forward(
             inputs_embeds=embeds.to(self.dtype),

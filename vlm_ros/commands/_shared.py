@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_ros.config import RuntimeConfig
+from vlm_ros.config import DECODERS, RuntimeConfig
 from vlm_ros.errors import InputError
 from vlm_ros.types import STAGES, StageTimings
 
@@ -32,7 +32,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--decoder",
-        choices=("static", "eager"),
+        choices=DECODERS,
         default=RuntimeConfig.decoder,
         help="KV cache: static (allocated once) or eager (transformers' dynamic cache); "
         f"default {RuntimeConfig.decoder}",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlm_ros.config import QUANTIZE_MODES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models/demo", help="checkpoint directory or 'demo'")
@@ -11,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="eval_demo.json", help="where to write the results")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument(
-        "--quantize", choices=("none", "int8"), default="none",
+        "--quantize", choices=QUANTIZE_MODES, default="none",
         help="int8: the opt-in lossy dynamic int8 decoder (CPU), to measure what it costs in "
         "accuracy on a trained model",
     )  # fmt: skip
