@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every check of vlm_ros: install/update .venv/ (scripts/setup.sh, idempotent), then ruff,
-# mypy (the TensorRT module against tensorrt-stubs) and pytest over test/. Extra arguments go to
-# pytest, e.g. `bash scripts/test.sh -k interfaces -x`.
+# mypy (the TensorRT module against tensorrt-stubs), pytest over test/, and the core's tests
+# again on the oldest supported transformers (scripts/compat.sh). Extra arguments go to pytest
+# (and skip the compat run), e.g. `bash scripts/test.sh -k interfaces -x`.
 #
 # The ROS tests run over real rclpy / Fast DDS; rclpy and the generated interfaces are required
 # (a missing rclpy fails the run instead of skipping) unless VLM_ROS_REQUIRE_ROS=0 is set.
@@ -31,6 +32,12 @@ echo "[test] ruff check (target py310)"
 if [[ -f vlm_ros/trt_engine.py ]]; then
     echo "[test] mypy vlm_ros/trt_engine.py (tensorrt-stubs)"
     MYPYPATH="$VENV/typestubs" "$VENV/bin/mypy" vlm_ros/trt_engine.py || FAILED+=(mypy)
+fi
+
+# The oldest supported transformers, on the core's tests (full runs only, not `test.sh -k ...`).
+if (( $# == 0 )) && [[ "${VLM_ROS_SKIP_COMPAT:-0}" != 1 ]]; then
+    echo "[test] transformers floor (scripts/compat.sh)"
+    bash scripts/compat.sh || FAILED+=("compat (oldest transformers)")
 fi
 
 echo "[test] pytest test/ $*"

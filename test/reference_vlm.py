@@ -28,8 +28,13 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+try:  # newer transformers (5.5: yes, 5.3: no) name the PIL-based processors *Pil; older: no suffix
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+except ImportError:  # (the compatibility floor in README is tested with the older names)
+    from transformers import CLIPImageProcessor as CLIPImageProcessorPil
+    from transformers import SiglipImageProcessor as SiglipImageProcessorPil
 
 PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant "

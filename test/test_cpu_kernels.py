@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from vlm_ros import cpu_kernels
 from vlm_ros.checkpoint import load_checkpoint
+from vlm_ros.config import RuntimeConfig
 from vlm_ros.cpu_kernels import (
     OneDnnLinear,
     onednn_linear_available,
@@ -23,6 +24,8 @@ from vlm_ros.cpu_kernels import (
     wants_onednn,
 )
 from vlm_ros.static_decode import StaticDecoder
+from vlm_ros.timing import StageTimer
+from vlm_ros.vision import TorchVisionEncoder
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -95,3 +98,26 @@ def test_unavailable_op_means_plain_linear(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "onednn_linear_available", lambda: False)
     model = nn.Sequential(nn.Linear(4, 4))
     assert use_onednn_linear(model) == 0 and type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("family", ["llava_phi", "mipha_phi"])  # CLIP and SigLIP towers
+def test_torch_vision_backend_kernels(family):
+    """The node's default vision backend: the model's own vision modules as VisionStage, float32
+    Linear through oneDNN on x86 (within float32 rounding of encode_images, the model's modules
+    untouched), and with cpu_linear="torch" the exact bits of encode_images."""
+    model = load_checkpoint(tiny_checkpoint(family)).model
+    size = int(model.vision_config.image_size)
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(3))
+    fast = TorchVisionEncoder(model, RuntimeConfig())
+    exact = TorchVisionEncoder(model, RuntimeConfig(cpu_linear="torch"))
+    timer = StageTimer("cpu")
+    with torch.inference_mode():
+        want = model.encode_images(pixels)
+        got = fast.encode(pixels, timer)
+        assert torch.equal(exact.encode(pixels, StageTimer("cpu")), want)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert {"vision", "projector"} <= set(timer.milliseconds())
+    swapped = sum(isinstance(m, OneDnnLinear) for m in fast.stage.modules())
+    assert (swapped > 0) == onednn_linear_available()
+    assert not any(isinstance(m, OneDnnLinear) for m in model.modules())
+    assert not any(isinstance(m, OneDnnLinear) for m in exact.stage.modules())

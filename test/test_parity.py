@@ -26,6 +26,7 @@ from tiny_models import copy_tiny_checkpoint, tiny_checkpoint
 from vlm_ros.config import GenerationConfig, RuntimeConfig
 from vlm_ros.families import ImageProcessing
 from vlm_ros.pipeline import Assistant
+from vlm_ros.vision import make_vision_encoder
 
 QUESTION = "Is the path ahead clear?"
 NEW_TOKENS = 12
@@ -197,6 +198,8 @@ def test_wrong_vision_layer_is_caught(layout, checkpoints, image, monkeypatch):
     def load_last_layer(*args, **kwargs):
         assistant = real_load(*args, **kwargs)
         assistant.model.spec = assistant.model.spec.with_overrides(select_layer=-1)
+        # the vision stage takes its layers from the spec when built: build it again
+        assistant.encoder = make_vision_encoder(assistant.model, assistant.runtime)
         return assistant
 
     monkeypatch.setattr(Assistant, "load", load_last_layer)

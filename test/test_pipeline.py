@@ -198,13 +198,15 @@ def test_context_boundary():
 
 def test_overflow_costs_no_model_time(assistant, image):
     calls = []
-    hook = assistant.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    hook = assistant.encoder.stage.embeddings.register_forward_hook(lambda *a: calls.append(1))
     try:
         with pytest.raises(ContextOverflowError):
             assistant.answer(image, QUESTION, max_new_tokens=assistant.max_positions)
+        assert calls == []
+        assistant.answer(image, QUESTION, max_new_tokens=2)  # control: the hook does see work
     finally:
         hook.remove()
-    assert calls == []
+    assert calls == [1]
 
 
 @pytest.mark.parametrize(
@@ -300,7 +302,9 @@ def test_rank_costs_one_prefill_and_one_batched_pass(assistant, image):
             ),
             with_kwargs=True,
         ),
-        assistant.model.vision_tower.register_forward_hook(lambda *a: vision_calls.append(1)),
+        assistant.encoder.stage.embeddings.register_forward_hook(  # the vision stage's entry
+            lambda *a: vision_calls.append(1)
+        ),
     ]
     try:
         assistant.rank(image, "What should the robot do?", ACTIONS)

@@ -129,6 +129,55 @@ def test_static_overflow_is_refused():
             a.answer(_images(1)[0], QUESTIONS[0], max_new_tokens=200)
 
 
+def _replaying(step):
+    """What a CUDA graph does to its outputs: every call writes into one and the same buffer."""
+    buffer: list[torch.Tensor] = []
+
+    def replay(token, position):
+        out = step(token, position)
+        if not buffer:
+            buffer.append(torch.empty_like(out))
+        return buffer[0].copy_(out)
+
+    return replay
+
+
+@pytest.mark.parametrize("copied", [True, False], ids=["copied", "negative-control"])
+def test_kept_step_logits_survive_the_next_replay(pair, copied):
+    """A compiled (CUDA-graph) step's logits are overwritten by the next step; decode_one_token
+    copies them out, so trace()'s per-step logits (and the bench's) stay right. Uncopied, the
+    kept logits all read as the last step's: the control shows the check can fail."""
+    eager, static = pair
+    image = _images(1)[0]
+    reference = eager.trace(image, QUESTIONS[0], max_new_tokens=8)
+    assert len(reference.answer.token_ids) >= 3  # at least two decode steps to tell apart
+    decoder = static.decoder
+    saved = decoder._step, decoder._copy_step_output
+    decoder._step, decoder._copy_step_output = _replaying(decoder._decode_step), copied
+    try:
+        kept = static.trace(image, QUESTIONS[0], max_new_tokens=8).step_logits
+    finally:
+        decoder._step, decoder._copy_step_output = saved
+    same = torch.allclose(kept, reference.step_logits, atol=LOGIT_ATOL, rtol=0)
+    assert same == copied
+
+
+def test_decode_step_traces_as_one_graph():
+    """torch.compile(mode="reduce-overhead") captures one CUDA graph per graph it traces: a
+    graph break in the decode step would split it and put Python back between the pieces on
+    every token. Tracing needs no GPU, so CI checks the step is one graph with no break."""
+    path = str(tiny_checkpoint("llava_phi"))
+    with Assistant.load(path, runtime=RuntimeConfig(decoder="static", max_seq_len=64)) as a:
+        decoder = a.decoder
+        with torch.inference_mode():
+            decoder.prefill(torch.randn(1, 9, a.model.text_config.hidden_size))
+            explained = torch._dynamo.explain(decoder._decode_step)(
+                torch.tensor([[5]]), torch.tensor([decoder.length])
+            )
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False"
@@ -143,9 +192,10 @@ def test_cuda_graph_decode_tokens_identical():
         ),
     )
     for image in _images():
-        assert fast.answer(image, QUESTIONS[0], 12).token_ids == eager.answer(
-            image, QUESTIONS[0], 12
-        ).token_ids
+        a, b = eager.trace(image, QUESTIONS[0], 12), fast.trace(image, QUESTIONS[0], 12)
+        assert b.answer.token_ids == a.answer.token_ids
+        # every kept step's logits, read after later replays (outputs copied out of the graph)
+        torch.testing.assert_close(b.step_logits, a.step_logits, atol=LOGIT_ATOL, rtol=0)
 
 
 def test_no_deprecated_cache_argument(pair):

@@ -32,15 +32,16 @@ class RuntimeConfig:
     dtype: None picks the family's safe default for the device (see families.default_dtype):
     fp32 on CPU; bf16 for LLaVA-Phi/Mipha on CUDA (LLaVA-Phi's reference warns fp16 gives NaN),
     fp16 for TinyLLaVA on CUDA.
-    vision_backend: "torch" (reference), "onnxruntime" or "tensorrt" for encoder+projector.
+    vision_backend: "torch" (the model's own modules, only the encoder layers needed: the
+    reference), "onnxruntime" or "tensorrt" for encoder+projector.
     decoder: "static" (KV cache allocated once, max_seq_len long; the default: greedy tokens
     identical to "eager" on every tiny layout, test/test_static_decode.py) or "eager"
     (transformers' dynamic cache, the reference).
     quantize: "none" or "int8" (static decoder on CPU only: dynamic int8 Linear layers; lossy,
     opt-in; measured agreement in docs/performance.md).
-    cpu_linear: "auto" (static decoder, float32 on an x86 CPU: Linear layers through oneDNN,
-    ~2x MKL on AMD CPUs, same arithmetic), "onednn" (the same, warning where unavailable) or
-    "torch" (plain F.linear everywhere).
+    cpu_linear: "auto" (float32 on an x86 CPU: the static decoder's and the torch vision
+    stage's Linear layers through oneDNN, ~2x MKL on AMD CPUs, same arithmetic), "onednn" (the
+    same, warning where unavailable) or "torch" (plain F.linear everywhere).
     """
 
     device: str = "cpu"

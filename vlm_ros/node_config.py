@@ -45,8 +45,9 @@ PARAMETERS: dict[str, tuple[object, str]] = {
                        "GPU; compiles at the first answer)"),
     "quantize": ("none", "none or int8 (static decoder on CPU: dynamic int8 Linear layers; "
                  "lossy, opt-in)"),
-    "cpu_linear": ("auto", "static decoder, float32 on x86 CPUs: auto/onednn = Linear layers "
-                   "through oneDNN (~2x MKL on AMD), torch = plain F.linear"),
+    "cpu_linear": ("auto", "float32 on x86 CPUs, static decoder and torch vision stage: "
+                   "auto/onednn = Linear layers through oneDNN (~2x MKL on AMD), torch = plain "
+                   "F.linear"),
     "engine_dir": ("models/engines", "directory of prebuilt ONNX/TensorRT engines"),
     "threads": (0, "torch CPU threads; 0 = torch's default"),
     "cameras": (["/camera/image_raw"], "camera topics; '.../compressed' = CompressedImage"),

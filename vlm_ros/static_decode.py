@@ -82,6 +82,9 @@ class StaticDecoder:
         self.forward_calls = 0
         self._branch_cache: DynamicCache | None = None
         self._step = self._decode_step
+        # A CUDA graph replays into the same output buffer, so the step's logits are
+        # overwritten by the next step (and reading a kept one raises); copied out when compiled.
+        self._copy_step_output = bool(compile)
         if compile:
             # CUDA: capture the fixed-shape step in a CUDA graph. CPU: inductor's C++ kernels.
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
@@ -129,7 +132,7 @@ class StaticDecoder:
         self.forward_calls += 1
         logits = self._step(token.to(self.device), position)
         self.length += 1
-        return logits
+        return logits.clone() if self._copy_step_output else logits  # [1, V]: 200 KB at most
 
     def _decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """The fixed-shape step a CUDA graph captures: token [1, 1], position [1] -> [1, V]."""

@@ -14,10 +14,12 @@ from typing import Protocol
 
 import torch
 
+from vlm_ros import cpu_kernels
 from vlm_ros.config import RuntimeConfig
 from vlm_ros.errors import VlmError
 from vlm_ros.model import VlmModel
 from vlm_ros.timing import StageTimer
+from vlm_ros.vision_stage import VisionStage
 
 # RuntimeConfig.vision_backend -> "module:factory". The factory is called as factory(model,
 # runtime) and returns a VisionEncoder.
@@ -41,20 +43,33 @@ class VisionEncoder(Protocol):
 
 
 class TorchVisionEncoder:
-    """Reference backend: VlmModel's own vision tower and projector."""
+    """Reference backend: the model's own vision modules in PyTorch, run as VisionStage (only
+    the encoder layers up to select_layer: bit-identical to ``VlmModel.encode_images``, which
+    computes the last layer and throws it away).
+
+    float32 on an x86 CPU: the Linear layers go through oneDNN like the static decoder's
+    (``runtime.cpu_linear``, vlm_ros/cpu_kernels.py; same arithmetic, another summation order),
+    in a copy of the stage that shares the model's weights; ``cpu_linear="torch"`` keeps the
+    exact bits of encode_images.
+    """
 
     def __init__(self, model: VlmModel, runtime: RuntimeConfig | None = None):
-        self.model = model
+        runtime = runtime or RuntimeConfig()
         self.num_image_tokens = model.num_image_tokens
         param = next(model.vision_tower.parameters())
         self.device, self.dtype = param.device, param.dtype
+        stage = VisionStage(model).eval()
+        if cpu_kernels.wants_onednn(runtime.cpu_linear, self.device, self.dtype):
+            stage = cpu_kernels.share_weights_copy(stage)  # the model's modules stay as loaded
+            cpu_kernels.use_onednn_linear(stage)
+        self.stage = stage
 
     def encode(self, pixel_values: torch.Tensor, timer: StageTimer) -> torch.Tensor:
         pixel_values = pixel_values.to(self.device, self.dtype)  # [1, 3, S, S]
         with timer.stage("vision"):
-            feats = self.model.image_features(pixel_values)  # [1, N, vision_hidden]
+            feats = self.stage.features(pixel_values)  # [1, N, vision_hidden]
         with timer.stage("projector"):
-            embeds = self.model.projector(feats)  # [1, N, hidden]
+            embeds = self.stage.projector(feats)  # [1, N, hidden]
         if embeds.shape[1] != self.num_image_tokens:
             raise VlmError(
                 f"vision tower produced {embeds.shape[1]} image tokens, expected "

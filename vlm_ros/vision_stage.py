@@ -4,12 +4,15 @@ token or not -> projector.
 ``VlmModel.image_features`` runs the whole tower with ``output_hidden_states`` and then picks
 ``hidden_states[select_layer]``: with the published select_layer -2 the last encoder layer is
 computed and thrown away (1/24 of CLIP-L's work, 1/27 of SigLIP's). This module runs only the
-layers up to the selected one, shares the model's parameters (nothing copied), and is the single
-graph the ONNX export, the ONNX Runtime backend and the TensorRT engine are built from, so every
-compiled backend is checked against exactly this reference.
+layers up to the selected one, shares the model's parameters (nothing copied), and is what the
+``torch`` vision backend runs (vision.TorchVisionEncoder) and the single graph the ONNX export,
+the ONNX Runtime backend and the TensorRT engine are built from, so every compiled backend is
+checked against exactly this reference.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -46,33 +49,22 @@ class VisionStage(nn.Module):
         self.pre_norm = getattr(vision, "pre_layrnorm", None) or nn.Identity()
         count = layers_needed(len(vision.encoder.layers), model.spec.select_layer)
         self.layers = nn.ModuleList(vision.encoder.layers[:count])
+        # transformers 5 layers take (hidden, attention_mask) and return the hidden states;
+        # 4.x CLIP layers also take causal_attention_mask and return a tuple.
+        forward = inspect.signature(type(self.layers[0]).forward).parameters if count else {}
+        self.mask_args = (None, None) if "causal_attention_mask" in forward else (None,)
         self.drop_first_token = model.spec.drop_first_token
         self.projector = model.projector
         self.num_image_tokens = model.num_image_tokens
         self.image_size = int(model.vision_config.image_size)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> the selected layer's patch features [B, N, vision_hidden]."""
         hidden = self.pre_norm(self.embeddings(pixel_values))  # [B, T, vision_hidden]
         for layer in self.layers:
-            hidden = layer(hidden, None)  # no attention mask: every patch sees every patch
-        if self.drop_first_token:
-            hidden = hidden[:, 1:]  # [B, N, vision_hidden]
-        return self.projector(hidden)  # [B, N, hidden]
+            out = layer(hidden, *self.mask_args)  # no attention mask: every patch sees every one
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden[:, 1:] if self.drop_first_token else hidden  # [B, N, vision_hidden]
 
-
-class FastTorchVisionEncoder:
-    """VisionEncoder (see vision.py) over VisionStage: the PyTorch fast path, also the
-    reference each compiled backend is compared with. Records everything under "vision"
-    (the projector is fused into the stage)."""
-
-    def __init__(self, model: VlmModel, stage: nn.Module | None = None):
-        self.stage = stage if stage is not None else VisionStage(model).eval()
-        self.num_image_tokens = model.num_image_tokens
-        param = next(model.vision_tower.parameters())
-        self.device, self.dtype = param.device, param.dtype
-
-    @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor, timer) -> torch.Tensor:
-        pixel_values = pixel_values.to(self.device, self.dtype)  # [1, 3, S, S]
-        with timer.stage("vision"):
-            return self.stage(pixel_values)  # [1, N, hidden]
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.features(pixel_values))  # [B, N, hidden]
