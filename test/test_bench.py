@@ -85,3 +85,20 @@ def test_presets_have_the_published_shapes():
 def test_percentiles():
     p = percentiles([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (p["p50"], p["p90"], p["p99"], p["n"]) == (3.0, 5.0, 5.0, 5)
+
+
+def test_onnx_vision_run_records_its_parity_and_leaves_no_export_behind(tmp_path, monkeypatch):
+    """With the ONNX Runtime vision stage the export's own parity check is in the result, and
+    the export (GBs at full size) is deleted once the session holds it."""
+    import tempfile
+
+    from vlm_ros.bench import markdown, run
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = run("tiny", iters=1, warmup=0, vision_backend="onnxruntime")
+    export = result["fast_path"]["vision_onnx"]
+    assert 0 <= export["max_rel_error_vs_torch"] <= export["tolerance"]
+    assert "MatMul" in export["ops"]
+    assert result["fast"]["vision"]["p50"] > 0
+    assert list(tmp_path.iterdir()) == []
+    assert "vision ONNX export: ONNX Runtime vs PyTorch" in markdown(result)

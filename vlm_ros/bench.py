@@ -209,6 +209,7 @@ class FastPath:
 
     def __init__(self, model: VlmModel, ids: list[int], encoder, decoder: StaticDecoder):
         self.model, self.ids, self.encoder, self.decoder = model, ids, encoder, decoder
+        self.vision_export: dict | None = None  # the ONNX export's parity check, if one ran
 
     def embeds(self, pixels: torch.Tensor, timer: StageTimer) -> torch.Tensor:
         pixels = pixels.to(model_dtype(self.model))  # a bf16 variant's own dtype
@@ -343,18 +344,25 @@ def make_fast(model: VlmModel, ids, device: str, max_seq: int, vision_backend: s
     decoder = StaticDecoder(
         lm, max_seq, compile=compile_decode, quantize=quantize, cpu_linear=cpu_linear
     )
+    export = None
     if vision_backend == "onnxruntime":
         import tempfile
 
         from vlm_ros.onnx_export import export_and_check
         from vlm_ros.ort_backend import OrtVisionEncoder, providers_for
 
-        path = f"{tempfile.mkdtemp(prefix='vlm_ros_bench_')}/vision_fp32.onnx"
-        export_and_check(model, path, "fp32")
-        encoder = OrtVisionEncoder(model, path, providers_for(device))
+        # The session holds the graph in memory once created, so the file (0.3-1.7 GB for the
+        # full-size towers) goes with the directory.
+        with tempfile.TemporaryDirectory(prefix="vlm_ros_bench_") as tmp:
+            report = export_and_check(model, f"{tmp}/vision_fp32.onnx", "fp32")
+            encoder = OrtVisionEncoder(model, report.path, providers_for(device))
+        export = {"max_rel_error_vs_torch": report.max_rel_error,
+                  "tolerance": report.tolerance, "ops": list(report.ops)}  # fmt: skip
     else:  # the node's default backend, Linear kernels chosen as the decoder's
         encoder = TorchVisionEncoder(model, RuntimeConfig(cpu_linear=cpu_linear))
-    return FastPath(model, ids, encoder, decoder)
+    fast = FastPath(model, ids, encoder, decoder)
+    fast.vision_export = export
+    return fast
 
 
 def _uses_onednn(fast: FastPath) -> bool:
@@ -435,6 +443,8 @@ def run(preset: str, device: str = "cpu", dtype: str | None = None, iters: int =
         "memory": peak_memory(device),
     }  # fmt: skip
     out["fast_path"] = {"cpu_linear": "onednn" if _uses_onednn(fast) else "torch"}
+    if fast.vision_export is not None:
+        out["fast_path"]["vision_onnx"] = fast.vision_export
     out["speedup"] = _speedups(result_base, result_fast)
     for variant in variants.values():
         variant["speedup"] = _speedups(result_base, variant["stages"])
@@ -549,6 +559,13 @@ def markdown(result: dict) -> str:
         f"- peak host RSS {result['memory']['peak_host_rss_mib']:.0f} MiB, peak GPU "
         f"{result['memory']['peak_gpu_mib']:.0f} MiB",
     ]
+    export = result.get("fast_path", {}).get("vision_onnx")
+    if export:
+        lines.append(
+            f"- vision ONNX export: ONNX Runtime vs PyTorch max relative error "
+            f"{export['max_rel_error_vs_torch']:.1e} (tolerance {export['tolerance']:.0e}); "
+            f"{len(export['ops'])} operator types, all in TensorRT's ONNX parser list"
+        )
     for name, variant in result["variants"].items():
         s, acc = variant["speedup"], variant["accuracy_vs_fp"]
         same = variant.get("speedup_vs_same_dtype_baseline")
