@@ -16,6 +16,7 @@ from vlm_ros.errors import EngineMismatchError, VlmError
 from vlm_ros.trt_engine import (
     EngineIdentity,
     TensorRTUnavailable,
+    built_precision,
     check_sidecar,
     engine_path,
     mismatches,
@@ -70,6 +71,17 @@ def test_mismatched_sidecar_is_refused_with_rebuild_command(tmp_path, field, val
     assert field in message and value in message
     assert "vlm-ros build-engines --model models/llava-phi" in message
     assert mismatches(built.as_dict(), IDENTITY)
+
+
+def test_runtime_uses_the_precision_that_was_built(tmp_path):
+    """build-engines --precision fp32 leaves only an fp32 engine: the runtime must find it;
+    with both, the default fp16; with none, fp16 (reported missing with the build command)."""
+    assert built_precision(tmp_path, "abc123") == "fp16"
+    _write_engine(tmp_path, EngineIdentity(**{**IDENTITY.as_dict(), "precision": "fp32"}))
+    assert built_precision(tmp_path, "abc123") == "fp32"
+    assert built_precision(tmp_path, "other") == "fp16"
+    _write_engine(tmp_path, IDENTITY)
+    assert built_precision(tmp_path, "abc123") == "fp16"
 
 
 def test_missing_engine_names_the_build_command(tmp_path):

@@ -321,14 +321,24 @@ def probe_weights(model: VlmModel, engine: TensorRTVision, engine_file: Path) ->
     return error
 
 
+def built_precision(engine_dir: str | Path, model: str) -> str:
+    """The precision of the engine ``build-engines`` left for ``model``: fp16 where both exist
+    (the default build), fp32 where only that was built (``--precision fp32``), else fp16 (and
+    the missing engine is then reported with the command that builds it)."""
+    for precision in PRECISIONS:
+        if engine_path(engine_dir, model, precision).is_file():
+            return precision
+    return PRECISIONS[0]
+
+
 def make_encoder(model: VlmModel, runtime: RuntimeConfig) -> TensorRTVisionEncoder:
     """Factory registered in vision.BACKENDS["tensorrt"]: the engine for this model, this GPU
     and this TensorRT from ``runtime.engine_dir``, or EngineMismatchError with the rebuild
     command."""
     from vlm_ros.ort_backend import structure_fingerprint
 
-    precision = "fp16"
     name = structure_fingerprint(model)
+    precision = built_precision(runtime.engine_dir, name)
     engine_file = engine_path(runtime.engine_dir, name, precision)
     onnx_file = onnx_path_for(runtime.engine_dir, name, precision)
     check_sidecar(engine_file, expected_identity(model, onnx_file, precision))
