@@ -10,11 +10,14 @@
 # (the version this project is tested with) is installed into /tmp/site first, if present.
 # Every step has its own timeout and the run goes on after a failure, so one call yields
 # everything it can; the exit code is that of the first failed step. Results (at most 8 files,
-# flat): pytest log + JUnit XML, bench JSON + Markdown, nvidia-smi, environment.
+# flat, the lent device's limit): pytest log + JUnit XML, bench log, bench JSON + Markdown (and,
+# where TensorRT is installed, a second bench with the TensorRT vision engine: JSON + Markdown),
+# environment with nvidia-smi.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUTDIR="${1:-${OUT:-bench/results/gpu}}"
 mkdir -p "$OUTDIR"
+rm -f "$OUTDIR"/{gpu-tests,bench}.log  # the steps append to these
 PY="${PYTHON:-python3}"
 PRESET="${VLM_ROS_GPU_PRESET:-llava-phi-full}"
 ITERS="${VLM_ROS_GPU_ITERS:-10}"
@@ -31,7 +34,7 @@ step() {  # step NAME SECONDS LOG CMD...: run under a timeout, tee to LOG, keep 
     local name=$1 limit=$2 log=$3
     shift 3
     echo "[gpu-check] $name (limit ${limit}s)"
-    timeout "$limit" "$@" 2>&1 | tee "$log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$log"
     local rc=${PIPESTATUS[0]}
     echo "[gpu-check] $name: exit $rc"
     (( rc != 0 && RC == 0 )) && RC=$rc
@@ -65,4 +68,14 @@ COMPILE=()
 [[ "$DEVICE" == cuda ]] && COMPILE=(--compile)  # the decode step in a CUDA graph
 step "bench $PRESET" 420 "$OUTDIR/bench.log" "$PY" -m vlm_ros bench --preset "$PRESET" --device "$DEVICE" \
     --iters "$ITERS" "${COMPILE[@]}" --out "$OUTDIR/$DEVICE-$PRESET.json"
+# The vision target (encoder + projector <= 2 ms) is TensorRT's: where it is installed, the same
+# bench with the engine built for the run (the lent H200 image has no TensorRT: skipped there).
+if [[ "$DEVICE" == cuda ]] && "$PY" -c "import tensorrt; tensorrt.Builder" 2>/dev/null; then
+    step "bench $PRESET, TensorRT vision" 420 "$OUTDIR/bench.log" "$PY" -m vlm_ros bench \
+        --preset "$PRESET" --device cuda --iters "$ITERS" --compile --vision-backend tensorrt \
+        --out "$OUTDIR/cuda-$PRESET-tensorrt.json"
+else
+    echo "[gpu-check] TensorRT vision bench: skipped (needs CUDA and an importable tensorrt)" \
+        | tee -a "$OUTDIR/bench.log"
+fi
 exit "$RC"

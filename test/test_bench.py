@@ -102,3 +102,23 @@ def test_onnx_vision_run_records_its_parity_and_leaves_no_export_behind(tmp_path
     assert result["fast"]["vision"]["p50"] > 0
     assert list(tmp_path.iterdir()) == []
     assert "vision ONNX export: ONNX Runtime vs PyTorch" in markdown(result)
+
+
+def test_tensorrt_vision_without_tensorrt_is_one_clear_line(capsys):
+    """--vision-backend tensorrt builds the engine for the run where TensorRT and CUDA exist
+    (scripts/gpu-check.sh); elsewhere it must say which is missing, not trace back."""
+    from vlm_ros.trt_engine import TensorRTUnavailable, require_cuda, require_tensorrt
+
+    try:
+        require_tensorrt()
+        require_cuda()
+    except TensorRTUnavailable as exc:
+        missing = str(exc)
+    else:
+        import pytest
+
+        pytest.skip("TensorRT and CUDA exist here: gpu-check.sh runs this backend for real")
+    argv = ["bench", "--preset", "tiny", "--iters", "1", "--vision-backend", "tensorrt"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert missing in err and "Traceback" not in err

@@ -33,6 +33,8 @@ def test_dry_run_writes_every_result_file(tmp_path):
     assert len(names) <= 8 and all(p.is_file() for p in tmp_path.iterdir())  # the device's limit
     assert "torch" in (tmp_path / "environment.txt").read_text()
     assert "passed" in (tmp_path / "gpu-tests.log").read_text()
+    # the TensorRT-vision bench runs only on CUDA with tensorrt importable, and says so
+    assert "TensorRT vision bench: skipped" in (tmp_path / "bench.log").read_text()
     result = json.loads((tmp_path / "cpu-tiny.json").read_text())
     assert result["preset"] == "tiny" and result["speedup"]["image_to_16_tokens"] > 0
 

@@ -3,12 +3,13 @@ the same random weights.
 
 Baseline: the PyTorch vision tower (``VlmModel.encode_images``: every layer, all hidden states)
 then transformers' ``generate()`` with its default DynamicCache. Fast path: the vision stage
-(only the layers needed, projector fused; PyTorch or ONNX Runtime) then the static-KV-cache
-decoder and the small decode verbs (decode.generate). Optional lossy variants, each reported
-with its measured greedy agreement and logit error against the fp32 fast path: dynamic int8
-decoder (``quantize="int8"``), and the whole model in bfloat16 on CPU (fast on CPUs with
-AVX512-BF16/AMX, emulated and slow without; ``machine.bf16_native`` says which), the latter also
-against a bf16 baseline so its gain over a user who simply loads bf16 is stated too. Where the
+(only the layers needed; PyTorch, ONNX Runtime, or TensorRT with an engine built for the run)
+then the static-KV-cache decoder and the small decode verbs (decode.generate). Optional lossy
+variants, each reported with its measured greedy agreement and logit error against the fp32
+fast path: dynamic int8 decoder (``quantize="int8"``), and the whole model in bfloat16 on CPU
+(fast on CPUs with AVX512-BF16/AMX, emulated and slow without; ``machine.bf16_native`` says
+which), the latter also against a bf16 baseline so its gain over a user who simply loads bf16
+is stated too. Where the
 fast path's decoder runs its float32 Linear layers through oneDNN (x86 CPUs), the same path on
 torch's default kernels is measured too (variant ``mkl_linear``, lossless), so the part of the
 speed-up that is the kernel library is stated, not guessed.
@@ -205,7 +206,7 @@ class Baseline:
 
 
 class FastPath:
-    """Vision stage (PyTorch or ONNX Runtime) + static-cache decoder + decode.generate."""
+    """Vision stage (PyTorch, ONNX Runtime or TensorRT) + static-cache decoder + generate."""
 
     def __init__(self, model: VlmModel, ids: list[int], encoder, decoder: StaticDecoder):
         self.model, self.ids, self.encoder, self.decoder = model, ids, encoder, decoder
@@ -358,11 +359,29 @@ def make_fast(model: VlmModel, ids, device: str, max_seq: int, vision_backend: s
             encoder = OrtVisionEncoder(model, report.path, providers_for(device))
         export = {"max_rel_error_vs_torch": report.max_rel_error,
                   "tolerance": report.tolerance, "ops": list(report.ops)}  # fmt: skip
+    elif vision_backend == "tensorrt":
+        encoder = tensorrt_encoder(model, device)
     else:  # the node's default backend, Linear kernels chosen as the decoder's
         encoder = TorchVisionEncoder(model, RuntimeConfig(cpu_linear=cpu_linear))
     fast = FastPath(model, ids, encoder, decoder)
     fast.vision_export = export
     return fast
+
+
+def tensorrt_encoder(model: VlmModel, device: str):
+    """The product's TensorRT vision encoder, its fp16 engine built for this run with
+    ``build-engines``' own code (TensorRTUnavailable, a one-line error, without TensorRT/CUDA).
+    The engine is deserialized into memory, so its directory goes at once."""
+    import tempfile
+
+    from vlm_ros.commands.build_engines import build_for_model
+    from vlm_ros.trt_engine import make_encoder, require_cuda, require_tensorrt
+
+    require_tensorrt()
+    require_cuda()
+    with tempfile.TemporaryDirectory(prefix="vlm_ros_bench_trt_") as tmp:
+        build_for_model(model, tmp, precision="fp16")
+        return make_encoder(model, RuntimeConfig(device=device, engine_dir=tmp))
 
 
 def _uses_onednn(fast: FastPath) -> bool:

@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--iters", type=int, default=5, help="measured iterations per metric")
     parser.add_argument(
-        "--vision-backend", choices=("torch", "onnxruntime"), default="torch",
-        help="fast path's vision stage (TensorRT: build engines, then use the node/Assistant)",
+        "--vision-backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+        help="fast path's vision stage (tensorrt: CUDA + TensorRT; the engine is built for the "
+        "run, in a temporary directory)",
     )  # fmt: skip
     parser.add_argument(
         "--int8", action="store_true", help="also measure the lossy int8 decoder (CPU)"
