@@ -22,6 +22,10 @@ PY="${PYTHON:-python3}"
 PRESET="${VLM_ROS_GPU_PRESET:-llava-phi-full}"
 ITERS="${VLM_ROS_GPU_ITERS:-10}"
 DEVICE="${VLM_ROS_GPU_DEVICE:-cuda}"  # cpu: a dry run of this script (CI checks it so)
+# Step limits: 200 + 360 s fit the lent device's 600 s per call with room to spare (the
+# TensorRT bench only runs where tensorrt is installed, which that image is not).
+TEST_LIMIT="${VLM_ROS_GPU_TEST_LIMIT:-200}"
+BENCH_LIMIT="${VLM_ROS_GPU_BENCH_LIMIT:-360}"
 export PYTHONUNBUFFERED=1 VLM_ROS_REQUIRE_ROS=0 HF_HUB_OFFLINE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WHEELS="${VLM_ROS_GPU_WHEELS:-.whl}"  # a folder of wheels to install first ("none": skip)
@@ -62,16 +66,16 @@ cat "$OUTDIR/environment.txt"
 # each skip and why, so a missing TensorRT shows in the log instead of passing silently.
 TESTS=(test/test_parity.py test/test_static_decode.py test/test_trt.py)
 [[ -n "${VLM_ROS_GPU_TESTS:-}" ]] && read -r -a TESTS <<<"$VLM_ROS_GPU_TESTS"
-step "CUDA tests" 240 "$OUTDIR/gpu-tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider \
+step "CUDA tests" "$TEST_LIMIT" "$OUTDIR/gpu-tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider \
     "${TESTS[@]}" --junitxml="$OUTDIR/gpu-tests.xml"
 COMPILE=()
 [[ "$DEVICE" == cuda ]] && COMPILE=(--compile)  # the decode step in a CUDA graph
-step "bench $PRESET" 420 "$OUTDIR/bench.log" "$PY" -m vlm_ros bench --preset "$PRESET" --device "$DEVICE" \
+step "bench $PRESET" "$BENCH_LIMIT" "$OUTDIR/bench.log" "$PY" -m vlm_ros bench --preset "$PRESET" --device "$DEVICE" \
     --iters "$ITERS" "${COMPILE[@]}" --out "$OUTDIR/$DEVICE-$PRESET.json"
 # The vision target (encoder + projector <= 2 ms) is TensorRT's: where it is installed, the same
 # bench with the engine built for the run (the lent H200 image has no TensorRT: skipped there).
 if [[ "$DEVICE" == cuda ]] && "$PY" -c "import tensorrt; tensorrt.Builder" 2>/dev/null; then
-    step "bench $PRESET, TensorRT vision" 420 "$OUTDIR/bench.log" "$PY" -m vlm_ros bench \
+    step "bench $PRESET, TensorRT vision" "$BENCH_LIMIT" "$OUTDIR/bench.log" "$PY" -m vlm_ros bench \
         --preset "$PRESET" --device cuda --iters "$ITERS" --compile --vision-backend tensorrt \
         --out "$OUTDIR/cuda-$PRESET-tensorrt.json"
 else
