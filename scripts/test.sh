@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run every check of vlm_ros: install/update .venv/ (scripts/setup.sh, idempotent), then ruff,
-# mypy (the TensorRT module against tensorrt-stubs), pytest over test/, and the core's tests
-# again on the oldest supported transformers (scripts/compat.sh). Extra arguments go to pytest
-# (and skip the compat run), e.g. `bash scripts/test.sh -k interfaces -x`.
+# vermin (Python 3.10 APIs), mypy (the TensorRT module against tensorrt-stubs), the core's
+# tests on the oldest supported transformers (scripts/compat.sh) and pytest over test/. Extra
+# arguments go to pytest (and skip the compat run), e.g. `bash scripts/test.sh -k interfaces -x`.
 #
 # The ROS tests run over real rclpy / Fast DDS; rclpy and the generated interfaces are required
 # (a missing rclpy fails the run instead of skipping) unless VLM_ROS_REQUIRE_ROS=0 is set.
@@ -28,6 +28,12 @@ echo "[test] ROS_DOMAIN_ID=$ROS_DOMAIN_ID VLM_ROS_REQUIRE_ROS=$VLM_ROS_REQUIRE_R
 FAILED=()
 echo "[test] ruff check (target py310)"
 "$VENV/bin/ruff" check "$ROOT" || FAILED+=(ruff)
+
+# ruff's py310 target checks syntax; vermin also checks the stdlib APIs used (tomllib,
+# datetime.UTC, ... are 3.11+): users run Python 3.10 (Humble, JetPack 6) to 3.12.
+echo "[test] vermin (Python 3.10 and later)"
+"$VENV/bin/vermin" --no-tips --quiet -t=3.10- --violations --eval-annotations \
+    vlm_ros test launch scripts setup.py || FAILED+=(vermin)
 
 if [[ -f vlm_ros/trt_engine.py ]]; then
     echo "[test] mypy vlm_ros/trt_engine.py (tensorrt-stubs)"
