@@ -111,3 +111,14 @@ def test_onnxruntime_backend_in_pipeline(tmp_path):
         assert b.answer.token_ids == a.answer.token_ids
     # the second load reuses the exported graph (sidecar names the same weights)
     assert len(list(tmp_path.rglob("*.onnx"))) == 1
+
+
+def test_graph_precision_follows_the_provider_that_runs_it():
+    """fp16 only where a GPU provider runs the graph: a CUDA model with the CPU-only
+    onnxruntime wheel must not get an fp16 graph on the CPU provider (casts, no speed)."""
+    from vlm_ros.ort_backend import graph_precision, providers_for
+
+    assert graph_precision(["CUDAExecutionProvider", "CPUExecutionProvider"]) == "fp16"
+    assert graph_precision(["TensorrtExecutionProvider", "CPUExecutionProvider"]) == "fp16"
+    assert graph_precision(["CPUExecutionProvider"]) == "fp32"
+    assert providers_for("cpu") == ["CPUExecutionProvider"]

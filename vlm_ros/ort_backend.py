@@ -99,9 +99,15 @@ class OrtVisionEncoder:
         return torch.from_numpy(embeds).to(self.device, self.dtype)
 
 
+def graph_precision(providers: list[str]) -> str:
+    """fp16 where a GPU provider runs the graph, fp32 on the CPU provider (ONNX Runtime's CPU
+    kernels are fp32; fp16 there would only add casts). A CUDA model with a CPU-only
+    onnxruntime (the plain ``onnxruntime`` wheel) therefore gets the fp32 graph."""
+    return "fp16" if providers and providers[0] in GPU_PROVIDERS else "fp32"
+
+
 def make_encoder(model: VlmModel, runtime: RuntimeConfig) -> OrtVisionEncoder:
-    """Factory registered in vision.BACKENDS["onnxruntime"]. fp16 graphs on CUDA, fp32 on CPU
-    (ONNX Runtime's CPU kernels are fp32; fp16 there would only add casts)."""
-    precision = "fp16" if runtime.device.startswith("cuda") else "fp32"
-    path = ensure_onnx(model, Path(runtime.engine_dir) / "onnx", precision)
-    return OrtVisionEncoder(model, path, providers_for(runtime.device))
+    """Factory registered in vision.BACKENDS["onnxruntime"]."""
+    providers = providers_for(runtime.device)
+    path = ensure_onnx(model, Path(runtime.engine_dir) / "onnx", graph_precision(providers))
+    return OrtVisionEncoder(model, path, providers)
