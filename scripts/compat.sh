@@ -4,7 +4,7 @@
 # often carry an older transformers than the one the rest of the tests run on; the APIs the
 # core leans on (StaticCache, the cache= rename, the vision layers' signatures) changed between.
 #
-#   bash scripts/compat.sh [pytest args]     (scripts/test.sh runs it after the main suite)
+#   bash scripts/compat.sh [pytest args]     (scripts/test.sh runs it before the main suite)
 #
 # The floor is installed once, without dependencies beside those it needs at that version,
 # into .venv/compat/transformers-<version>/ and put first on PYTHONPATH for this run only.

@@ -9,10 +9,9 @@ variants, each reported with its measured greedy agreement and logit error again
 fast path: dynamic int8 decoder (``quantize="int8"``), and the whole model in bfloat16 on CPU
 (fast on CPUs with AVX512-BF16/AMX, emulated and slow without; ``machine.bf16_native`` says
 which), the latter also against a bf16 baseline so its gain over a user who simply loads bf16
-is stated too. Where the
-fast path's decoder runs its float32 Linear layers through oneDNN (x86 CPUs), the same path on
-torch's default kernels is measured too (variant ``mkl_linear``, lossless), so the part of the
-speed-up that is the kernel library is stated, not guessed.
+is stated too. Where the fast path's decoder runs its float32 Linear layers through oneDNN
+(x86 CPUs), the same path on torch's default kernels is measured too (variant ``mkl_linear``,
+lossless), so the part of the speed-up that is the kernel library is stated, not guessed.
 
 Presets are built from configs with random weights (nothing downloaded) and prompts are token
 ids (no tokenizer): the work per request is what a real checkpoint does, the text is not. Answers
