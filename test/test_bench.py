@@ -48,6 +48,10 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
     _positive_stages(bf16["baseline_same_dtype"], BASE_METRICS)
     assert set(bf16["speedup_vs_same_dtype_baseline"]) == SPEEDUPS
     assert 0 < bf16["accuracy_vs_fp"]["first_logits_error_over_range"] < 0.1  # bf16, not fp32
+    weight_only = result["variants"]["bf16_int8_weight_only"]
+    _positive_stages(weight_only["stages"], FAST_METRICS)
+    assert set(weight_only["speedup_vs_same_dtype_baseline"]) == SPEEDUPS
+    assert 0 < weight_only["accuracy_vs_fp"]["first_logits_error_over_range"] < 0.2
     machine = result["machine"]
     assert machine["cpu"] and isinstance(machine["cpu_flags"], list)
     assert isinstance(machine["bf16_native"], bool) and machine["torch_cpu_capability"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 # The values RuntimeConfig's string fields take; the node, the CLI and the decoders all check
 # against these.
 DECODERS = ("static", "eager")
-QUANTIZE_MODES = ("none", "int8")
+QUANTIZE_MODES = ("none", "int8", "int8_weight_only")
 CPU_LINEAR_MODES = ("auto", "onednn", "torch")
 
 
@@ -37,8 +37,9 @@ class RuntimeConfig:
     decoder: "static" (KV cache allocated once, max_seq_len long; the default: greedy tokens
     identical to "eager" on every tiny layout, test/test_static_decode.py) or "eager"
     (transformers' dynamic cache, the reference).
-    quantize: "none" or "int8" (static decoder on CPU only: dynamic int8 Linear layers; lossy,
-    opt-in; measured agreement in docs/performance.md).
+    quantize: "none", "int8" (static decoder on CPU only: dynamic int8 Linear layers; lossy,
+    opt-in; measured agreement in docs/performance.md) or "int8_weight_only" (static decoder,
+    dtype bfloat16/float16: int8 weights, half-precision activations; opt-in, small loss).
     cpu_linear: "auto" (float32 on an x86 CPU: the static decoder's and the torch vision
     stage's Linear layers through oneDNN, ~2x MKL on AMD CPUs, same arithmetic), "onednn" (the
     same, warning where unavailable) or "torch" (plain F.linear everywhere).

@@ -43,8 +43,9 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "max_seq_len": (1024, "static decoder's KV cache length (tokens)"),
     "compile_decode": (False, "static decoder: torch.compile the decode step (a CUDA graph on "
                        "GPU; compiles at the first answer)"),
-    "quantize": ("none", "none or int8 (static decoder on CPU: dynamic int8 Linear layers; "
-                 "lossy, opt-in)"),
+    "quantize": ("none", "none, int8 (static decoder on CPU: dynamic int8 Linear layers; "
+                 "lossy, opt-in) or int8_weight_only (static decoder, dtype bfloat16/float16: "
+                 "int8 weights, half-precision activations)"),
     "cpu_linear": ("auto", "float32 on x86 CPUs, static decoder and torch vision stage: "
                    "auto/onednn = Linear layers through oneDNN (~2x MKL on AMD), torch = plain "
                    "F.linear"),

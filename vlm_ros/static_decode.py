@@ -22,7 +22,9 @@ modules (and the eager reference) are untouched.
 
 Optional ``quantize="int8"``: dynamic int8 quantization (torch.ao, fbgemm/x86) of the decoder's
 Linear layers, CPU only, lossy and opt-in; its greedy agreement and logit error are measured by
-the benchmark (see docs/performance.md). It replaces the Linear modules of ``lm`` in place.
+the benchmark (see docs/performance.md). ``quantize="int8_weight_only"``: int8 weights with
+per-channel scales, bf16/fp16 activations (vlm_ros/weight_int8.py), much less loss. Both replace
+the Linear modules of ``lm`` in place.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 from transformers import Cache, DynamicCache, PhiForCausalLM, StaticCache
 
-from vlm_ros import cpu_kernels
+from vlm_ros import cpu_kernels, weight_int8
 from vlm_ros.config import QUANTIZE_MODES
 from vlm_ros.decode import cache_kwarg
 from vlm_ros.errors import ContextOverflowError, InputError
@@ -70,6 +72,8 @@ class StaticDecoder:
             if param.device.type != "cpu":
                 raise InputError("quantize='int8' is CPU-only (dynamic int8 kernels)")
             lm = quantize_int8(lm)
+        elif quantize == "int8_weight_only":
+            weight_int8.quantize_weights(lm)  # in place: the half-precision weights are freed
         elif cpu_kernels.wants_onednn(cpu_linear, param.device, param.dtype):
             lm = cpu_kernels.share_weights_copy(lm)  # the model's own modules stay as loaded
             cpu_kernels.use_onednn_linear(lm)

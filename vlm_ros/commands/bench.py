@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--bf16", action="store_true",
-        help="also measure the whole model in bfloat16 (CPU; lossy; fast where the CPU has "
-        "AVX512-BF16/AMX), against the fp32 and a bf16 baseline",
+        help="also measure the whole model in bfloat16, and with weight-only int8 Linear "
+        "layers (CPU; lossy; fast where the CPU has AVX512-BF16/AMX), against the fp32 and a "
+        "bf16 baseline",
     )  # fmt: skip
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step (CUDA graph on GPU)"

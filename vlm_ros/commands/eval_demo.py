@@ -14,8 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument(
         "--quantize", choices=QUANTIZE_MODES, default="none",
-        help="int8: the opt-in lossy dynamic int8 decoder (CPU), to measure what it costs in "
-        "accuracy on a trained model",
+        help="int8: the opt-in lossy dynamic int8 decoder (CPU); int8_weight_only: int8 "
+        "weights (with --dtype bfloat16/float16); to measure what they cost in accuracy on a "
+        "trained model",
     )  # fmt: skip
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), default=None,

@@ -1,0 +1,62 @@
+"""Weight-only int8 (``quantize="int8_weight_only"``, vlm_ros/weight_int8.py): each layer within
+int8-weight rounding of the half-precision Linear on both kernel paths, the float weights
+released, float32 models refused by name, and on the trained demo model the same answers as
+bf16 (a trained model is where weight rounding could flip a token; random tiny weights say
+little)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vlm_ros.config import RuntimeConfig
+from vlm_ros.errors import InputError
+from vlm_ros.pipeline import Assistant
+from vlm_ros.weight_int8 import PACKED_ROWS, WeightOnlyInt8Linear, quantize_weights
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, PACKED_ROWS + 1, 64])  # int8 kernel, then dequantize
+def test_layer_within_weight_rounding(dtype, rows):
+    generator = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(96, 160).to(dtype)
+    x = torch.randn(rows, 96, generator=generator).to(dtype)
+    quantized = WeightOnlyInt8Linear(linear)
+    with torch.inference_mode():
+        want = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+        got = quantized(x.unsqueeze(0)).float()[0]  # [1, rows, in]: leading dims kept
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()  # int8 weights + half rounding
+    assert quantized.weight.dtype == torch.int8 and quantized.scales.shape == (160,)
+
+
+def test_quantize_releases_float_weights_and_refuses_float32():
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)).to(torch.bfloat16)
+    assert quantize_weights(model) == 2
+    assert not [p for p in model.parameters() if p.dtype != torch.bfloat16 or p.dim() > 1]
+    assert all(isinstance(m, WeightOnlyInt8Linear) for m in (model[0], model[2]))
+    with pytest.raises(InputError, match="bfloat16 or float16.*float32"):
+        quantize_weights(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_demo_model_answers_as_in_bf16():
+    """The trained demo model in bf16 with and without int8 weights: the same answers and the
+    same action hints on the first test scenes (eval-demo measures all 500)."""
+    from vlm_ros.demo.evaluate import evaluate
+
+    plain = Assistant.load("demo", runtime=RuntimeConfig(dtype="bfloat16"))
+    int8 = Assistant.load(
+        "demo", runtime=RuntimeConfig(dtype="bfloat16", quantize="int8_weight_only")
+    )
+    assert any(isinstance(m, WeightOnlyInt8Linear) for m in int8.decoder.lm.modules())
+    a, b = evaluate(plain, n=12), evaluate(int8, n=12)
+    assert b.accuracy() == a.accuracy() and min(a.accuracy().values()) >= 0.9
+    plain.close()
+    int8.close()
+
+
+def test_float32_model_is_refused_with_the_setting_named():
+    with pytest.raises(InputError, match="int8_weight_only.*bfloat16"):
+        Assistant.load("demo", runtime=RuntimeConfig(quantize="int8_weight_only"))

@@ -1,0 +1,78 @@
+"""Weight-only int8 Linear layers (``quantize="int8_weight_only"``): int8 weights with one
+float scale per output channel, activations kept in the model's half precision.
+
+Why: decoding one token reads every weight once, so on a memory-bound board the time per token
+is the weight bytes over the bandwidth. int8 weights halve what bf16/fp16 weights read; the
+activations stay bf16/fp16, so the only error is the per-channel rounding of the weights (a
+relative ~0.4% per layer), far less than dynamic int8's activation quantization
+(``quantize="int8"``; measured side by side in the bench). It is gpt-fast's WeightOnlyInt8Linear.
+
+Kernels: on CPU, for the few rows of a decode step or an action-hint pass, ATen's
+``_weight_int8pack_mm`` (int8 x bf16/fp16, ~2.5x the bf16 GEMV measured here); for a prefill's
+hundreds of rows the weights are dequantized and multiplied in half precision (that GEMM is
+compute-bound, and the int8 kernel is slower there). On CUDA the same dequantizing form
+``F.linear(x, w.to(dtype)) * scale`` is what torch.compile fuses into one kernel (gpt-fast);
+eager it is correct but not faster. Not run on a GPU here.
+
+Half precision only: ATen's int8 kernel for float32 activations is a slow reference kernel, and
+a float32 model gains more from ``dtype: bfloat16`` first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vlm_ros.errors import InputError
+
+HALF = (torch.bfloat16, torch.float16)
+PACKED_ROWS = 16  # up to this many rows on CPU: the int8 kernel; more: dequantize + GEMM
+
+
+class WeightOnlyInt8Linear(nn.Module):
+    """nn.Linear with int8 weights [out, in] and float scales [out] (symmetric, per output
+    channel); the bias stays in the activation dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()  # [out, in]
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out]
+        quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        dtype = linear.weight.dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", quantized)
+        self.register_buffer("scales", scales.to(dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[:-1]  # [..., in] -> [..., out]
+        if x.device.type == "cpu" and rows.numel() <= PACKED_ROWS:
+            flat = x.reshape(-1, self.in_features).contiguous()
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+            out = out.reshape(*rows, self.out_features)
+        else:
+            out = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+
+
+def quantize_weights(module: nn.Module) -> int:
+    """Replace every nn.Linear under ``module`` by WeightOnlyInt8Linear, in place (the float
+    weights are released); returns how many. The module must be in bfloat16 or float16."""
+    param = next(module.parameters())
+    if param.dtype not in HALF:
+        raise InputError(
+            f"quantize='int8_weight_only' needs dtype bfloat16 or float16 (the model is "
+            f"{str(param.dtype).removeprefix('torch.')}): its kernels take half-precision "
+            "activations"
+        )
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, WeightOnlyInt8Linear(child))
+                count += 1
+    return count
