@@ -37,12 +37,13 @@ class WeightOnlyInt8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight = linear.weight.detach().float()  # [out, in]
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out]
-        quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
         dtype = linear.weight.dtype
+        # the scales the kernels multiply by are in the activation dtype: round with those
+        scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(dtype)  # [out]
+        quantized = torch.round(weight / scales.float()[:, None]).clamp(-127, 127)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", quantized)
-        self.register_buffer("scales", scales.to(dtype))
+        self.register_buffer("weight", quantized.to(torch.int8))
+        self.register_buffer("scales", scales)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
