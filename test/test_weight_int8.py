@@ -32,6 +32,21 @@ def test_layer_within_weight_rounding(dtype, rows):
     assert quantized.weight.dtype == torch.int8 and quantized.scales.shape == (160,)
 
 
+def test_without_the_packed_kernel_the_dequantizing_form_is_used(monkeypatch):
+    """Older torch (< 2.3) lacks ATen's _weight_int8pack_mm: same result, other kernel."""
+    from vlm_ros import weight_int8
+
+    linear = nn.Linear(32, 48).to(torch.bfloat16)
+    quantized = WeightOnlyInt8Linear(linear)
+    x = torch.randn(1, 32).to(torch.bfloat16)
+    with torch.inference_mode():
+        packed = quantized(x).float()
+        monkeypatch.setattr(weight_int8, "HAS_PACKED_KERNEL", False)
+        monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", None, raising=False)
+        fallback = quantized(x).float()
+    torch.testing.assert_close(fallback, packed, atol=2e-2 * packed.abs().max().item(), rtol=0)
+
+
 def test_quantize_releases_float_weights_and_refuses_float32():
     model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)).to(torch.bfloat16)
     assert quantize_weights(model) == 2

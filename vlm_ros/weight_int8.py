@@ -4,8 +4,8 @@ float scale per output channel, activations kept in the model's half precision.
 Why: decoding one token reads every weight once, so on a memory-bound board the time per token
 is the weight bytes over the bandwidth. int8 weights halve what bf16/fp16 weights read; the
 activations stay bf16/fp16, so the only error is the per-channel rounding of the weights (a
-relative ~0.4% per layer), far less than dynamic int8's activation quantization
-(``quantize="int8"``; measured side by side in the bench). It is gpt-fast's WeightOnlyInt8Linear.
+relative ~0.4% per layer), less than dynamic int8's, which quantizes the activations too
+(``quantize="int8"``; half its first-step logit error, measured side by side in the bench). It is gpt-fast's WeightOnlyInt8Linear.
 
 Kernels: on CPU, for the few rows of a decode step or an action-hint pass, ATen's
 ``_weight_int8pack_mm`` (int8 x bf16/fp16, ~2.5x the bf16 GEMV measured here); for a prefill's
@@ -28,6 +28,8 @@ from vlm_ros.errors import InputError
 
 HALF = (torch.bfloat16, torch.float16)
 PACKED_ROWS = 16  # up to this many rows on CPU: the int8 kernel; more: dequantize + GEMM
+# ATen's CPU kernel (torch 2.3+); older torch takes the dequantizing form everywhere
+HAS_PACKED_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 class WeightOnlyInt8Linear(nn.Module):
@@ -48,7 +50,7 @@ class WeightOnlyInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1]  # [..., in] -> [..., out]
-        if x.device.type == "cpu" and rows.numel() <= PACKED_ROWS:
+        if HAS_PACKED_KERNEL and x.device.type == "cpu" and rows.numel() <= PACKED_ROWS:
             flat = x.reshape(-1, self.in_features).contiguous()
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
             out = out.reshape(*rows, self.out_features)
