@@ -5,7 +5,8 @@ Why: decoding one token reads every weight once, so on a memory-bound board the 
 is the weight bytes over the bandwidth. int8 weights halve what bf16/fp16 weights read; the
 activations stay bf16/fp16, so the only error is the per-channel rounding of the weights (a
 relative ~0.4% per layer), less than dynamic int8's, which quantizes the activations too
-(``quantize="int8"``; half its first-step logit error, measured side by side in the bench). It is gpt-fast's WeightOnlyInt8Linear.
+(``quantize="int8"``; half its first-step logit error, measured side by side in the bench).
+It is gpt-fast's WeightOnlyInt8Linear.
 
 Kernels: on CPU, for the few rows of a decode step or an action-hint pass, ATen's
 ``_weight_int8pack_mm`` (int8 x bf16/fp16, ~2.5x the bf16 GEMV measured here); for a prefill's
