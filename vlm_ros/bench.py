@@ -208,9 +208,10 @@ class Baseline:
 class FastPath:
     """Vision stage (PyTorch, ONNX Runtime or TensorRT) + static-cache decoder + generate."""
 
-    def __init__(self, model: VlmModel, ids: list[int], encoder, decoder: StaticDecoder):
+    def __init__(self, model: VlmModel, ids: list[int], encoder, decoder: StaticDecoder,
+                 vision_export: dict | None = None):  # fmt: skip
         self.model, self.ids, self.encoder, self.decoder = model, ids, encoder, decoder
-        self.vision_export: dict | None = None  # the ONNX export's parity check, if one ran
+        self.vision_export = vision_export  # the ONNX export's parity check, if one ran
 
     def embeds(self, pixels: torch.Tensor, timer: StageTimer) -> torch.Tensor:
         pixels = pixels.to(model_dtype(self.model))  # a bf16 variant's own dtype
@@ -363,9 +364,7 @@ def make_fast(model: VlmModel, ids, device: str, max_seq: int, vision_backend: s
         encoder = tensorrt_encoder(model, device)
     else:  # the node's default backend, Linear kernels chosen as the decoder's
         encoder = TorchVisionEncoder(model, RuntimeConfig(cpu_linear=cpu_linear))
-    fast = FastPath(model, ids, encoder, decoder)
-    fast.vision_export = export
-    return fast
+    return FastPath(model, ids, encoder, decoder, vision_export=export)
 
 
 def tensorrt_encoder(model: VlmModel, device: str):

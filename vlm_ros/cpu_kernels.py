@@ -19,6 +19,7 @@ import copy
 import functools
 import logging
 import platform
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -86,18 +87,36 @@ class OneDnnLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn"
 
 
+def replace_linears(module: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace every plain nn.Linear under ``module`` by ``make(linear)``, in place; returns
+    how many (the one module-tree walk OneDnnLinear and weight_int8 both use)."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, make(child))
+                count += 1
+    return count
+
+
 def use_onednn_linear(module: nn.Module) -> int:
     """Replace every plain nn.Linear under ``module`` by OneDnnLinear, in place; returns how
     many (0 where oneDNN's linear is unavailable)."""
     if not onednn_linear_available():
         return 0
-    count = 0
-    for parent in module.modules():
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, OneDnnLinear(child))
-                count += 1
-    return count
+    return replace_linears(module, OneDnnLinear)
+
+
+def with_onednn_linear(module: nn.Module, mode: str) -> nn.Module:
+    """``module`` itself, or, where ``cpu_linear`` ``mode`` picks oneDNN for its device and
+    dtype (wants_onednn), a weight-sharing copy with OneDnnLinear layers: the caller's path
+    gets the fast kernels, the model's own modules stay as loaded."""
+    param = next(module.parameters())
+    if not wants_onednn(mode, param.device, param.dtype):
+        return module
+    swapped = share_weights_copy(module)
+    use_onednn_linear(swapped)
+    return swapped
 
 
 def wants_onednn(mode: str, device: torch.device | str, dtype: torch.dtype) -> bool:

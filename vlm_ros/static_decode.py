@@ -74,9 +74,8 @@ class StaticDecoder:
             lm = quantize_int8(lm)
         elif quantize == "int8_weight_only":
             weight_int8.quantize_weights(lm)  # in place: the half-precision weights are freed
-        elif cpu_kernels.wants_onednn(cpu_linear, param.device, param.dtype):
-            lm = cpu_kernels.share_weights_copy(lm)  # the model's own modules stay as loaded
-            cpu_kernels.use_onednn_linear(lm)
+        else:
+            lm = cpu_kernels.with_onednn_linear(lm, cpu_linear)  # the model's modules untouched
         self.lm = lm
         self.config = lm.config
         self.max_seq_len = int(max_seq_len)
@@ -84,7 +83,6 @@ class StaticDecoder:
         self.cache = self._allocate_cache()
         self.length = 0  # positions held in the cache
         self.forward_calls = 0
-        self._branch_cache: DynamicCache | None = None
         self._step = self._decode_step
         # A CUDA graph replays into the same output buffer, so the step's logits are
         # overwritten by the next step (and reading a kept one raises); copied out when compiled.
@@ -106,10 +104,9 @@ class StaticDecoder:
     # ---- the Decoder protocol (decode.py) -----------------------------------------------
 
     def reset(self) -> None:
-        """Forget the sequence and drop any branch cache. The storage is cleared by the next
-        prefill, once per request, not by every reset."""
+        """Forget the sequence. The storage is cleared by the next prefill, once per request,
+        not by every reset."""
         self.length = 0
-        self._branch_cache = None
 
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
         """embeds [1, S, hidden] -> logits of the last position [1, V] (float32)."""
@@ -208,7 +205,6 @@ class StaticDecoder:
             cache.update(keys, values, index)
         prefix = torch.ones(branches, self.length, dtype=mask.dtype, device=mask.device)
         positions = torch.arange(self.length, self.length + steps, device=tokens.device)
-        self._branch_cache = cache
         logits = self._forward(
             input_ids=tokens,
             cache=cache,

@@ -58,11 +58,7 @@ class TorchVisionEncoder:
         self.num_image_tokens = model.num_image_tokens
         param = next(model.vision_tower.parameters())
         self.device, self.dtype = param.device, param.dtype
-        stage = VisionStage(model).eval()
-        if cpu_kernels.wants_onednn(runtime.cpu_linear, self.device, self.dtype):
-            stage = cpu_kernels.share_weights_copy(stage)  # the model's modules stay as loaded
-            cpu_kernels.use_onednn_linear(stage)
-        self.stage = stage
+        self.stage = cpu_kernels.with_onednn_linear(VisionStage(model).eval(), runtime.cpu_linear)
 
     def encode(self, pixel_values: torch.Tensor, timer: StageTimer) -> torch.Tensor:
         pixel_values = pixel_values.to(self.device, self.dtype)  # [1, 3, S, S]

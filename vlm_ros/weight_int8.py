@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vlm_ros.cpu_kernels import replace_linears
 from vlm_ros.errors import InputError
 
 HALF = (torch.bfloat16, torch.float16)
@@ -73,10 +74,4 @@ def quantize_weights(module: nn.Module) -> int:
             f"{str(param.dtype).removeprefix('torch.')}): its kernels take half-precision "
             "activations"
         )
-    count = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, WeightOnlyInt8Linear(child))
-                count += 1
-    return count
+    return replace_linears(module, WeightOnlyInt8Linear)
