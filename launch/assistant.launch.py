@@ -28,15 +28,25 @@ def generate_launch_description():
         ["'", config, "demo.yaml' if '", demo, "' == 'true' else '", config, "default.yaml'"]
     )
     args = [
-        DeclareLaunchArgument("demo", default_value="false",
-                              description="true: demo model on CPU + synthetic camera"),
-        DeclareLaunchArgument("params_file", default_value=default_params,
-                              description="node parameter YAML (config/*.yaml)"),
+        DeclareLaunchArgument(
+            "demo", default_value="false", description="true: demo model on CPU + synthetic camera"
+        ),
+        DeclareLaunchArgument(
+            "params_file",
+            default_value=default_params,
+            description="node parameter YAML (config/*.yaml)",
+        ),
         DeclareLaunchArgument("namespace", default_value="", description="node namespace"),
-        DeclareLaunchArgument("camera_topic", default_value=CAMERA,
-                              description="camera topic remapped onto the node's input"),
-        DeclareLaunchArgument("model", default_value="",
-                              description="checkpoint dir / hub id; empty = the YAML's model"),
+        DeclareLaunchArgument(
+            "camera_topic",
+            default_value=CAMERA,
+            description="camera topic remapped onto the node's input",
+        ),
+        DeclareLaunchArgument(
+            "model",
+            default_value="",
+            description="checkpoint dir / hub id; empty = the YAML's model",
+        ),
     ]
     has_model = PythonExpression(["'", model, "' != ''"])
     return LaunchDescription(

@@ -28,6 +28,8 @@ echo "[test] ROS_DOMAIN_ID=$ROS_DOMAIN_ID VLM_ROS_REQUIRE_ROS=$VLM_ROS_REQUIRE_R
 FAILED=()
 echo "[test] ruff check (target py310)"
 "$VENV/bin/ruff" check "$ROOT" || FAILED+=(ruff)
+echo "[test] ruff format --check"
+"$VENV/bin/ruff" format --check "$ROOT" || FAILED+=(ruff-format)
 
 # ruff's py310 target checks syntax; vermin also checks the stdlib APIs used (tomllib,
 # datetime.UTC, ... are 3.11+): users run Python 3.10 (Humble, JetPack 6) to 3.12.

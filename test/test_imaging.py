@@ -69,8 +69,9 @@ def test_yuv422_byte_orders_follow_ros_names():
 
 def test_yuv422_red_matches_bt601():
     # BT.601 limited-range red: Y=81, U=90, V=240
-    data = _uyvy(np.full((1, 2), 81, np.uint8), np.full((1, 1), 90, np.uint8),
-                 np.full((1, 1), 240, np.uint8))
+    data = _uyvy(
+        np.full((1, 2), 81, np.uint8), np.full((1, 1), 90, np.uint8), np.full((1, 1), 240, np.uint8)
+    )
     out = image_from_raw("yuv422", 1, 2, 4, data.tobytes())
     np.testing.assert_allclose(out[0, 0].astype(int), [255, 0, 0], atol=3)
 

@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---- generated types -----------------------------------------------------------------------------
 
 LATENCY_FIELDS = {
-    "queue_ms", "preprocess_ms", "vision_ms", "projector_ms", "prefill_ms", "decode_ms",
-    "total_ms", "image_to_output_ms",
+    "queue_ms",
+    "preprocess_ms",
+    "vision_ms",
+    "projector_ms",
+    "prefill_ms",
+    "decode_ms",
+    "total_ms",
+    "image_to_output_ms",
 }
 
 
@@ -36,8 +42,17 @@ def test_messages_have_documented_fields():
         assert name in scene
     hint = ActionHint.get_fields_and_field_types()
     assert hint["probabilities"] == "sequence<float>"
-    for name in ("header", "camera", "instruction", "action", "confidence", "candidates",
-                 "latency", "within_budget", "budget_misses"):
+    for name in (
+        "header",
+        "camera",
+        "instruction",
+        "action",
+        "confidence",
+        "candidates",
+        "latency",
+        "within_budget",
+        "budget_misses",
+    ):
         assert name in hint
 
     msg = ActionHint(candidates=["stop", "continue"], probabilities=[0.75, 0.25], action="stop")
@@ -50,8 +65,12 @@ def test_service_and_action_types():
     from vlm_ros.srv import Ask
 
     req = Ask.Request.get_fields_and_field_types()
-    assert req == {"question": "string", "camera": "string", "max_new_tokens": "uint32",
-                   "want_action_hint": "boolean"}
+    assert req == {
+        "question": "string",
+        "camera": "string",
+        "max_new_tokens": "uint32",
+        "want_action_hint": "boolean",
+    }
     resp = Ask.Response.get_fields_and_field_types()
     assert resp["hint"] == "vlm_ros/ActionHint"
     assert resp["image_stamp"] == "builtin_interfaces/Time"
@@ -127,6 +146,7 @@ def test_ask_round_trip_over_dds(ros_context):
 
 # ---- package description -------------------------------------------------------------------------
 
+
 def _package():
     catkin_pkg = pytest.importorskip("catkin_pkg.package")
     return catkin_pkg.parse_package(str(ROOT / "package.xml"))
@@ -145,8 +165,15 @@ def test_package_xml_is_valid():
 
 def _ros_imports() -> set[str]:
     """Top-level ROS package names imported by vlm_ros/ and launch/ files."""
-    known_ros = {"rclpy", "launch", "launch_ros", "builtin_interfaces", "ament_index_python",
-                 "rosidl_runtime_py", "rcl_interfaces"}
+    known_ros = {
+        "rclpy",
+        "launch",
+        "launch_ros",
+        "builtin_interfaces",
+        "ament_index_python",
+        "rosidl_runtime_py",
+        "rcl_interfaces",
+    }
     names: set[str] = set()
     files = list((ROOT / "vlm_ros").rglob("*.py")) + list((ROOT / "launch").glob("*.py"))
     for path in files:
@@ -174,9 +201,11 @@ def test_package_xml_declares_the_ros_packages_the_code_imports():
 
 def test_cmake_generates_every_interface_file():
     cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
-    files = sorted(p.relative_to(ROOT).as_posix() for d in ("msg", "srv", "action")
-                   for p in (ROOT / d).glob("*.*"))
+    files = sorted(
+        p.relative_to(ROOT).as_posix()
+        for d in ("msg", "srv", "action")
+        for p in (ROOT / d).glob("*.*")
+    )
     assert files, "no interface files"
     missing = [f for f in files if f'"{f}"' not in cmake]
     assert not missing, f"not in rosidl_generate_interfaces: {missing}"
-

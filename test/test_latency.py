@@ -8,8 +8,14 @@ from vlm_ros.latency import ERROR, OK, WARN, Budgets, LatencyMonitor
 
 
 def stages(total: float, vision: float = 1.0) -> dict[str, float]:
-    return {"preprocess": 1.0, "vision": vision, "projector": 0.5, "prefill": 2.0,
-            "decode": total - 4.5, "total": total}
+    return {
+        "preprocess": 1.0,
+        "vision": vision,
+        "projector": 0.5,
+        "prefill": 2.0,
+        "decode": total - 4.5,
+        "total": total,
+    }
 
 
 def test_budget_misses_in_pipeline_order_and_zero_means_none():

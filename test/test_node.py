@@ -39,8 +39,14 @@ def checkpoint(tmp_path_factory):
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llava_phi", "llava_phi"))
 
 
-def image_msg(i: int = 0, encoding: str = "rgb8", height: int = 48, width: int = 64,
-              data: bytes | None = None, stamp=None):
+def image_msg(
+    i: int = 0,
+    encoding: str = "rgb8",
+    height: int = 48,
+    width: int = 64,
+    data: bytes | None = None,
+    stamp=None,
+):
     """A stamped Image with a different pattern per ``i``; frame_id names ``i``."""
     from sensor_msgs.msg import Image
 
@@ -163,8 +169,16 @@ def test_periodic_outputs_carry_the_source_header_and_diagnostics_arrive(ros, ma
     status = wait_for(our_status, what="diagnostics with stage figures")
     values = {kv.key: kv.value for kv in status.values}
     assert status.name == "vlm_assistant: latency"
-    for key in ("vision_p95_ms", "prefill_p50_ms", "image_to_output_p95_ms", "frames_received",
-                "frames_dropped", "frames_rejected", "queue_depth", "budget_total_ms"):
+    for key in (
+        "vision_p95_ms",
+        "prefill_p50_ms",
+        "image_to_output_p95_ms",
+        "frames_received",
+        "frames_dropped",
+        "frames_rejected",
+        "queue_depth",
+        "budget_total_ms",
+    ):
         assert key in values, key
     assert float(values["total_p50_ms"]) > 0
     del subs  # not destroyed while the executor spins (see vlm_ros.node's docstring)
@@ -192,8 +206,9 @@ def test_describe_streams_partial_text(ros, main_node):
     client = ActionClient(probe, Describe, f"{node.get_fully_qualified_name()}/describe")
     assert client.wait_for_server(timeout_sec=10)
     feedback = []
-    goal = client.send_goal_async(Describe.Goal(max_new_tokens=12),
-                                  feedback_callback=lambda fb: feedback.append(fb.feedback))
+    goal = client.send_goal_async(
+        Describe.Goal(max_new_tokens=12), feedback_callback=lambda fb: feedback.append(fb.feedback)
+    )
     handle = wait_for(lambda: goal.done() and goal.result(), what="goal accepted")
     result = handle.get_result_async()
     wait_for(result.done, 15, what="describe result")
@@ -354,8 +369,13 @@ def test_lifecycle_transitions_and_failed_configure(ros, checkpoint):
     assert ask(ros, node, probe).success
 
     missing = "/nonexistent/vlm_checkpoint"
-    broken = ros.add(AssistantNode(namespace="broken", context=ros.ctx,
-                                   parameter_overrides=[Parameter("model", value=missing)]))
+    broken = ros.add(
+        AssistantNode(
+            namespace="broken",
+            context=ros.ctx,
+            parameter_overrides=[Parameter("model", value=missing)],
+        )
+    )
     assert broken.trigger_configure() == TransitionCallbackReturn.FAILURE
     assert missing in broken.last_error
     assert broken._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED

@@ -106,9 +106,10 @@ def test_static_answer_after_rank_unchanged(pair):
     eager, static = pair
     image = _images(1)[0]
     static.rank(image, QUESTIONS[1], ACTIONS)
-    assert static.answer(image, QUESTIONS[0], 8).token_ids == eager.answer(
-        image, QUESTIONS[0], 8
-    ).token_ids
+    assert (
+        static.answer(image, QUESTIONS[0], 8).token_ids
+        == eager.answer(image, QUESTIONS[0], 8).token_ids
+    )
 
 
 def test_cache_allocated_once_and_reused(pair):

@@ -42,10 +42,14 @@ def test_one_thread_runs_queries_before_periodic_work(worker):
             order.append(name)
             threads.add(threading.get_ident())
             return name
+
         return run
 
-    futures = [worker.submit(job("p1"), PERIODIC), worker.submit(job("q1"), QUERY),
-               worker.submit(job("q2"), QUERY)]
+    futures = [
+        worker.submit(job("p1"), PERIODIC),
+        worker.submit(job("q1"), QUERY),
+        worker.submit(job("q2"), QUERY),
+    ]
     gate.set()
     assert [f.result(5) for f in futures] == ["p1", "q1", "q2"]
     assert order == ["q1", "q2", "p1"] and len(threads) == 1

@@ -38,17 +38,29 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "empty = config.json's mm_vision_tower",
     ),
     "vision_backend": ("torch", "vision encoder backend: torch, onnxruntime or tensorrt"),
-    "decoder": ("static", "decoder: static (KV cache allocated once; the fast path, tokens "
-                "identical to eager) or eager (transformers' dynamic cache, the reference)"),
+    "decoder": (
+        "static",
+        "decoder: static (KV cache allocated once; the fast path, tokens "
+        "identical to eager) or eager (transformers' dynamic cache, the reference)",
+    ),
     "max_seq_len": (1024, "static decoder's KV cache length (tokens)"),
-    "compile_decode": (False, "static decoder: torch.compile the decode step (a CUDA graph on "
-                       "GPU; compiles at the first answer)"),
-    "quantize": ("none", "none, int8 (static decoder on CPU: dynamic int8 Linear layers; "
-                 "lossy, opt-in) or int8_weight_only (static decoder, dtype bfloat16/float16: "
-                 "int8 weights, half-precision activations)"),
-    "cpu_linear": ("auto", "float32 on x86 CPUs, static decoder and torch vision stage: "
-                   "auto/onednn = Linear layers through oneDNN (~2x MKL on AMD), torch = plain "
-                   "F.linear"),
+    "compile_decode": (
+        False,
+        "static decoder: torch.compile the decode step (a CUDA graph on "
+        "GPU; compiles at the first answer)",
+    ),
+    "quantize": (
+        "none",
+        "none, int8 (static decoder on CPU: dynamic int8 Linear layers; "
+        "lossy, opt-in) or int8_weight_only (static decoder, dtype bfloat16/float16: "
+        "int8 weights, half-precision activations)",
+    ),
+    "cpu_linear": (
+        "auto",
+        "float32 on x86 CPUs, static decoder and torch vision stage: "
+        "auto/onednn = Linear layers through oneDNN (~2x MKL on AMD), torch = plain "
+        "F.linear",
+    ),
     "engine_dir": ("models/engines", "directory of prebuilt ONNX/TensorRT engines"),
     "threads": (0, "torch CPU threads; 0 = torch's default"),
     "cameras": (["/camera/image_raw"], "camera topics; '.../compressed' = CompressedImage"),
