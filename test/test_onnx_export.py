@@ -67,6 +67,18 @@ def test_export_matches_torch_and_tensorrt_ops(model, precision, tmp_path):
     assert inp.type.tensor_type.elem_type == elem
 
 
+def test_half_precision_model_is_checked_against_its_fp32_copy(tmp_path):
+    """A GPU run exports from a bf16 model: the parity check must compare with the stage in
+    fp32 (bf16 itself is ~1e-2 off on the full-size towers, the whole fp16 tolerance)."""
+    import copy
+
+    bf16 = copy.deepcopy(load_checkpoint(tiny_checkpoint("llava_phi")).model).to(torch.bfloat16)
+    fp32 = copy.deepcopy(bf16).to(torch.float32)  # the same weights, exactly
+    path = export_and_check(bf16, tmp_path / "v.onnx", "fp16").path
+    assert check_against_torch(bf16, path, "fp16") == check_against_torch(fp32, path, "fp16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16  # the caller's model is left as is
+
+
 def test_unsupported_operator_is_reported(tmp_path):
     """A graph with an op outside the list (Unique) and a bicubic Resize is refused."""
     from onnx import TensorProto, helper

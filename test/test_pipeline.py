@@ -99,6 +99,34 @@ def test_config_eos_does_not_stop(mipha, image, monkeypatch):
     assert answer.token_ids[1] == 2 and answer.stop_reason == "max_new_tokens"
 
 
+class _OneBufferEncoder:
+    """Wraps the real encoder and, as TensorRT does, writes every result into one buffer."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.num_image_tokens = inner.num_image_tokens
+        self.buffer = None
+
+    def encode(self, pixel_values, timer):
+        embeds = self.inner.encode(pixel_values, timer)
+        if self.buffer is None:
+            self.buffer = torch.empty_like(embeds)
+        return self.buffer.copy_(embeds)
+
+
+def test_trace_keeps_its_image_features_when_the_encoder_reuses_a_buffer(
+    assistant, image, monkeypatch
+):
+    """A TensorRT engine returns the same output tensor every call: a kept trace must hold
+    its own copy, or the next request rewrites it."""
+    monkeypatch.setattr(assistant, "encoder", _OneBufferEncoder(assistant.encoder))
+    first = assistant.trace(image, QUESTION, max_new_tokens=1)
+    kept = first.image_embeds.clone()
+    assistant.trace(255 - image, QUESTION, max_new_tokens=1)
+    assert not torch.equal(assistant.encoder.buffer, kept)  # the buffer did change (control)
+    assert torch.equal(first.image_embeds, kept)
+
+
 def test_max_new_tokens(assistant, image):
     for n in (1, 3):
         answer = assistant.answer(image, QUESTION, max_new_tokens=n)

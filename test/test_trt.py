@@ -84,6 +84,33 @@ def test_runtime_uses_the_precision_that_was_built(tmp_path):
     assert built_precision(tmp_path, "abc123") == "fp16"
 
 
+def test_build_options_are_checked_before_tensorrt_is_needed():
+    from vlm_ros.trt_engine import BuildOptions, EngineBuilder
+
+    for options, words in [(BuildOptions(optimization_level=6), "optimization level"),
+                           (BuildOptions(workspace_gib=0), "workspace"),
+                           (BuildOptions(precision="int8"), "precision")]:  # fmt: skip
+        with pytest.raises(VlmError, match=words):
+            EngineBuilder(options)
+
+
+def test_network_flags_ask_for_explicit_batch_before_tensorrt_10():
+    """TensorRT 8.x makes an implicit-batch network from flags 0, which its ONNX parser
+    refuses; 10.x has only explicit batch and deprecates the flag."""
+    from vlm_ros.trt_engine import EngineBuilder, major_version
+
+    assert [major_version(v) for v in ("10.3.0.26", "8.6.2", "8.5.2.2", "")] == [10, 8, 8, 0]
+    builder = EngineBuilder.__new__(EngineBuilder)  # no TensorRT here: only the flag logic
+    builder.version = "10.13.0"
+    assert builder.network_flags() == 0
+    if TRT_MISSING is None:
+        import tensorrt as trt
+
+        builder.version = "8.6.2"
+        explicit = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        assert builder.network_flags() == explicit
+
+
 def test_missing_engine_names_the_build_command(tmp_path):
     with pytest.raises(EngineMismatchError, match="vlm-ros build-engines --model DIR"):
         check_sidecar(tmp_path / "vision-x-fp16.engine", IDENTITY)
@@ -117,9 +144,14 @@ def test_engine_build_and_parity(tmp_path, family):
     pixels = torch.randn(1, 3, size, size, device="cuda", dtype=torch.float16)
     with torch.inference_mode():
         expected = VisionStage(model)(pixels).float()
-        got = encoder.encode(pixels, StageTimer("cuda")).float()
-    assert relative_error(got, expected) <= TOLERANCE["fp16"]
-    assert got.data_ptr() == encoder.engine.output.data_ptr()  # written in place, no copy
+        raw = encoder.encode(pixels, StageTimer("cuda"))
+    assert relative_error(raw.float(), expected) <= TOLERANCE["fp16"]
+    assert raw.data_ptr() == encoder.engine.output.data_ptr()  # written in place, no copy
+    side = torch.cuda.Stream()  # a non-default stream: the engine runs on it directly
+    with torch.inference_mode(), torch.cuda.stream(side):
+        again = encoder.encode(pixels, StageTimer("cuda")).float()
+    side.synchronize()
+    assert relative_error(again, expected) <= TOLERANCE["fp16"]
 
 
 def test_build_engines_without_tensorrt_says_what_is_missing(tmp_path, capsys):

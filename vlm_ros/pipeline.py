@@ -335,7 +335,12 @@ class Assistant:
             timings = _timings(timer)
             answer = Answer(text, tuple(gen.token_ids), timings, gen.stop_reason, len(pre.ids))
             logits = torch.stack(gen.step_logits) if gen.step_logits else torch.empty(0)
-            return Trace(answer, pre.pixels, pre.image_embeds, pre.ids, pre.embeds, logits)
+            # A trace outlives the call: copy the image features, which a compiled encoder
+            # (TensorRT) writes into one buffer that the next request overwrites.
+            image_embeds = pre.image_embeds
+            if keep and image_embeds is not None:
+                image_embeds = image_embeds.clone()
+            return Trace(answer, pre.pixels, image_embeds, pre.ids, pre.embeds, logits)
 
 
 class _FiniteLogits:

@@ -1,22 +1,29 @@
 """TensorRT engine of the vision stage: build ahead of time (``EngineBuilder``), run on the
 PyTorch CUDA stream with zero copies (``TensorRTVision``), refuse engines built for something else.
 
-Build: the ONNX graph from onnx_export.py -> OnnxParser (every parser error reported) ->
-IBuilderConfig (fp16 by default, workspace via set_memory_pool_limit, builder_optimization_level)
--> build_serialized_network -> ``<engine_dir>/vision-<weights>-<precision>.engine`` plus a JSON
-sidecar naming what it was built from and for: ONNX sha256, TensorRT version, GPU name and
-compute capability, precision, input/output shapes.
+Build: the ONNX graph from onnx_export.py -> OnnxParser (every parser error reported; an
+explicit-batch network, which TensorRT < 10 needs a flag for) -> IBuilderConfig (fp16 by default;
+fp32 with TF32 off, so it really is fp32; workspace via set_memory_pool_limit;
+builder_optimization_level where the TensorRT has it, 8.6 on) -> build_serialized_network ->
+``<engine_dir>/vision-<weights>-<precision>.engine`` plus a JSON sidecar naming what it was
+built from and for: ONNX sha256, TensorRT version, GPU name and compute capability, precision,
+input/output shapes.
 
 Run: the sidecar is checked BEFORE deserialising (an engine is specific to the TensorRT version
 and GPU it was built on; a stale one is refused with EngineMismatchError that prints the rebuild
 command). Input and output are bound by name (num_io_tensors / get_tensor_name /
 set_tensor_address: TensorRT 8.5 through 10.x); the output is a torch tensor allocated once, the
 input is the caller's CUDA tensor, and execute_async_v3 runs on torch's current stream, so no
-copy and no synchronisation sits between vision and the decoder.
+copy and no host synchronisation sits between vision and the decoder. One exception: on the
+legacy default stream (torch's unless the caller made another current), TensorRT adds a
+device-wide synchronisation per launch, so there the engine runs on its own stream, ordered
+against the caller's by two stream waits (events, no host sync).
 
 ``import tensorrt`` happens only here, inside functions, and raises TensorRTUnavailable (naming
 what is missing) where it is not installed. This module is type-checked with mypy against
 ``tensorrt-stubs`` in CI (test/test_trt_types.py); the GPU tests are in test/test_trt.py.
+Never run: no machine this was written on had TensorRT (not even the lent GPU's image), so the
+TensorRT 8.x branches rest on NVIDIA's API reference and the stubs only.
 """
 
 from __future__ import annotations
@@ -67,6 +74,26 @@ def require_cuda() -> None:
         raise TensorRTUnavailable("no CUDA device: torch.cuda.is_available() is False")
 
 
+_LOGGER: Any = None
+
+
+def trt_logger() -> Any:
+    """One TensorRT logger per process: builder and runtime given different loggers make
+    TensorRT warn that the logger changed."""
+    global _LOGGER
+    if _LOGGER is None:
+        import tensorrt as trt
+
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
+def major_version(version: str) -> int:
+    """10 for "10.3.0.26"; 0 where the string does not start with a number."""
+    head = version.split(".")[0]
+    return int(head) if head.isdigit() else 0
+
+
 # ---- identity: what an engine was built from and for -----------------------------------------
 
 
@@ -85,10 +112,13 @@ class EngineIdentity:
         return asdict(self)
 
 
-def current_gpu() -> tuple[str, str]:
-    """(name, compute capability "major.minor") of the current CUDA device."""
+def current_gpu(device: str | torch.device | None = None) -> tuple[str, str]:
+    """(name, compute capability "major.minor") of ``device`` (default: the current one)."""
     require_cuda()
-    index = torch.cuda.current_device()
+    chosen = torch.device(device) if device is not None else None
+    index = chosen.index if chosen is not None and chosen.index is not None else None
+    if index is None:
+        index = torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
     return torch.cuda.get_device_name(index), f"{major}.{minor}"
 
@@ -155,7 +185,7 @@ def dims(shape: Any) -> tuple[int, ...]:
 class BuildOptions:
     precision: str = "fp16"
     workspace_gib: float = 4.0
-    optimization_level: int = 3  # TensorRT's default; 5 searches longest
+    optimization_level: int = 3  # TensorRT's default; 5 searches longest (TensorRT >= 8.6)
 
 
 class EngineBuilder:
@@ -164,6 +194,10 @@ class EngineBuilder:
     def __init__(self, options: BuildOptions = BuildOptions()):
         if options.precision not in PRECISIONS:
             raise VlmError(f"precision must be one of {PRECISIONS}, got {options.precision!r}")
+        if not 0 <= options.optimization_level <= 5:
+            raise VlmError(f"optimization level must be 0-5, got {options.optimization_level}")
+        if options.workspace_gib <= 0:
+            raise VlmError(f"workspace must be > 0 GiB, got {options.workspace_gib}")
         self.options = options
         self.version = require_tensorrt()
         require_cuda()
@@ -172,9 +206,9 @@ class EngineBuilder:
         """Parse, build, write ``out_path`` and its sidecar; returns out_path."""
         import tensorrt as trt
 
-        logger = trt.Logger(trt.Logger.WARNING)
+        logger = trt_logger()
         builder = trt.Builder(logger)
-        network = builder.create_network(0)  # explicit batch: the default since TensorRT 10
+        network = builder.create_network(self.network_flags())
         parser = trt.OnnxParser(network, logger)
         if not parser.parse(onnx_path.read_bytes(), str(onnx_path)):
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -182,9 +216,14 @@ class EngineBuilder:
         config = builder.create_builder_config()
         workspace = int(self.options.workspace_gib * 2**30)
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-        config.builder_optimization_level = self.options.optimization_level
+        if hasattr(config, "builder_optimization_level"):  # TensorRT 8.6 on (JetPack 5: 8.5)
+            config.builder_optimization_level = self.options.optimization_level
         if self.options.precision == "fp16":
+            # Weakly typed: TensorRT may keep a layer in fp32 where fp16 is slower or unsafe.
+            # (10.12 deprecates the flag in favour of strongly typed networks; still honoured.)
             config.set_flag(trt.BuilderFlag.FP16)
+        else:
+            config.clear_flag(trt.BuilderFlag.TF32)  # on by default: 10-bit-mantissa matmuls
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise VlmError(f"TensorRT failed to build an engine from {onnx_path} (see log above)")
@@ -200,6 +239,16 @@ class EngineBuilder:
         sidecar_for(out_path).write_text(json.dumps(sidecar, indent=2) + "\n")
         return out_path
 
+    def network_flags(self) -> int:
+        """create_network's flags: EXPLICIT_BATCH before TensorRT 10 (0 made an implicit-batch
+        network there, which the ONNX parser refuses); 0 from 10 on, where every network is
+        explicit batch and the flag is deprecated."""
+        if major_version(self.version) >= 10:
+            return 0
+        import tensorrt as trt
+
+        return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+
 
 # ---- run --------------------------------------------------------------------------------------
 
@@ -211,20 +260,33 @@ class TensorRTVision:
     """A deserialized vision engine bound to one input and one preallocated output tensor.
 
     ``encode`` returns the same output tensor every call (the engine writes into it on torch's
-    current stream): read it, or copy it, before the next call.
+    current stream): read it, or copy it, before the next call. Everything (engine, context,
+    output) lives on ``device``.
     """
 
-    def __init__(self, engine_file: Path):
+    def __init__(self, engine_file: Path, device: str | torch.device = "cuda"):
         require_tensorrt()
         require_cuda()
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise VlmError(f"the TensorRT backend runs on a CUDA device, not {self.device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        with torch.cuda.device(self.device):
+            self._load(engine_file)
+            # Used only when the caller is on the legacy default stream (see __call__).
+            self.side_stream = torch.cuda.Stream(self.device)
+
+    def _load(self, engine_file: Path) -> None:
         import tensorrt as trt
 
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
+        self.runtime = trt.Runtime(trt_logger())
         self.engine = self.runtime.deserialize_cuda_engine(engine_file.read_bytes())
         if self.engine is None:
             raise VlmError(f"TensorRT could not deserialize {engine_file}")
         self.context = self.engine.create_execution_context()
+        if self.context is None:  # e.g. no device memory left for its activations
+            raise VlmError(f"TensorRT could not create an execution context for {engine_file}")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         modes = {n: self.engine.get_tensor_mode(n) for n in names}
         inputs = [n for n in names if modes[n] == trt.TensorIOMode.INPUT]
@@ -237,9 +299,13 @@ class TensorRTVision:
         self.output = torch.empty(
             dims(self.engine.get_tensor_shape(self.output_name)),
             dtype=self._torch_dtype(self.output_name),
-            device="cuda",
+            device=self.device,
         )  # [1, N, hidden], allocated once
-        self.context.set_tensor_address(self.output_name, self.output.data_ptr())
+        self._bind(self.output_name, self.output)
+
+    def _bind(self, name: str, tensor: torch.Tensor) -> None:
+        if not self.context.set_tensor_address(name, tensor.data_ptr()):
+            raise VlmError(f"TensorRT refused the address of tensor {name}")
 
     def _torch_dtype(self, name: str) -> torch.dtype:
         kind = self.engine.get_tensor_dtype(name).name
@@ -248,17 +314,29 @@ class TensorRTVision:
         return TORCH_DTYPES[kind]
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [1, 3, S, S] (CUDA) -> [1, N, hidden], on torch's current stream."""
+        """pixel_values [1, 3, S, S] (CUDA) -> [1, N, hidden], ordered on torch's current
+        stream: whatever the caller queues next on it sees the output."""
         if tuple(pixel_values.shape) != self.input_shape:
             raise VlmError(f"engine input is {self.input_shape}, got {tuple(pixel_values.shape)}")
-        pixels = pixel_values.to("cuda", self.input_dtype).contiguous()  # no-op when it fits
-        self.context.set_tensor_address(self.input_name, pixels.data_ptr())
-        stream = torch.cuda.current_stream().cuda_stream
-        if not self.context.execute_async_v3(stream):
+        with torch.cuda.device(self.device):
+            caller = torch.cuda.current_stream(self.device)
+            # a cast where the caller's dtype differs (fp32 pixels, fp16 engine); else no-op
+            pixels = pixel_values.to(self.device, self.input_dtype).contiguous()
+            self._bind(self.input_name, pixels)
+            if caller.cuda_stream != 0:
+                self._execute(caller)
+                return self.output
+            # Legacy default stream: TensorRT would synchronise the device around the launch.
+            side = self.side_stream
+            side.wait_stream(caller)  # the input is ready; the last output has been read
+            self._execute(side)
+            caller.wait_stream(side)  # the caller's next kernels see this output
+            pixels.record_stream(side)  # not reused by the caller's allocator before the launch
+            return self.output
+
+    def _execute(self, stream: torch.cuda.Stream) -> None:
+        if not self.context.execute_async_v3(stream.cuda_stream):
             raise VlmError("TensorRT execute_async_v3 failed")
-        # pixels must outlive the launch: record it on the stream before it can be freed.
-        pixels.record_stream(torch.cuda.current_stream())
-        return self.output
 
 
 class TensorRTVisionEncoder:
@@ -280,13 +358,16 @@ class TensorRTVisionEncoder:
         return embeds.to(self.dtype)  # a no-op when the engine's output dtype is the decoder's
 
 
-def expected_identity(model: VlmModel, onnx_file: Path, precision: str) -> EngineIdentity:
-    """What an engine for ``model`` on this GPU and TensorRT must have been built from/for."""
+def expected_identity(
+    model: VlmModel, onnx_file: Path, precision: str, device: str | torch.device | None = None
+) -> EngineIdentity:
+    """What an engine for ``model`` on this GPU (``device``, default the current one) and this
+    TensorRT must have been built from/for."""
     from vlm_ros.onnx_export import sha256_file
     from vlm_ros.ort_backend import structure_fingerprint
 
     version = require_tensorrt()
-    name, capability = current_gpu()
+    name, capability = current_gpu(device)
     onnx_hash = sha256_file(onnx_file) if onnx_file.is_file() else "missing"
     return EngineIdentity(
         structure_fingerprint(model), onnx_hash, version, name, capability, precision
@@ -309,7 +390,7 @@ def probe_weights(model: VlmModel, engine: TensorRTVision, engine_file: Path) ->
     param = next(model.vision_tower.parameters())
     with torch.inference_mode():
         expected = VisionStage(model)(pixels.to(param.device, param.dtype)).float()
-        got = engine(pixels.cuda()).float()
+        got = engine(pixels.to(engine.device)).float()
     error = relative_error(got.cpu(), expected.cpu())
     limit = 2 * TOLERANCE["fp16"]  # fp16 engine vs a bf16/fp16/fp32 PyTorch stage
     if error > limit:
@@ -341,7 +422,7 @@ def make_encoder(model: VlmModel, runtime: RuntimeConfig) -> TensorRTVisionEncod
     precision = built_precision(runtime.engine_dir, name)
     engine_file = engine_path(runtime.engine_dir, name, precision)
     onnx_file = onnx_path_for(runtime.engine_dir, name, precision)
-    check_sidecar(engine_file, expected_identity(model, onnx_file, precision))
-    engine = TensorRTVision(engine_file)
+    check_sidecar(engine_file, expected_identity(model, onnx_file, precision, runtime.device))
+    engine = TensorRTVision(engine_file, runtime.device)
     probe_weights(model, engine, engine_file)
     return TensorRTVisionEncoder(model, engine)
