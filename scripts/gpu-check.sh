@@ -30,15 +30,20 @@ export PYTHONUNBUFFERED=1 VLM_ROS_REQUIRE_ROS=0 HF_HUB_OFFLINE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WHEELS="${VLM_ROS_GPU_WHEELS:-.whl}"  # a folder of wheels to install first ("none": skip)
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site "$WHEELS"/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site "$WHEELS"/*.whl; then
+        export PYTHONPATH="/tmp/site:$PYTHONPATH"
+    else
+        echo "[gpu-check] WARNING: installing $WHEELS/*.whl failed: the machine's own packages are used"
+    fi
 fi
 RC=0
 step() {  # step NAME SECONDS LOG CMD...: run under a timeout, tee to LOG, keep the first failure
     local name=$1 limit=$2 log=$3
     shift 3
     echo "[gpu-check] $name (limit ${limit}s)"
-    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    # SIGINT first: pytest still writes its JUnit XML and summary; KILL 15 s later if need be
+    timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee -a "$log"
     local rc=${PIPESTATUS[0]}
     echo "[gpu-check] $name: exit $rc"
     (( rc != 0 && RC == 0 )) && RC=$rc
@@ -62,12 +67,15 @@ EOF
 } >"$OUTDIR/environment.txt" 2>&1
 cat "$OUTDIR/environment.txt"
 
-# The three files hold every CUDA/TensorRT test (and their CPU siblings, seconds); -rs names
-# each skip and why, so a missing TensorRT shows in the log instead of passing silently.
+# The three files hold every CUDA/TensorRT test; on CUDA only those marked gpu run (their CPU
+# siblings run in CI: device time is scarce). -rs names each skip and why, so a missing
+# TensorRT shows in the log instead of passing silently.
 TESTS=(test/test_parity.py test/test_static_decode.py test/test_trt.py)
 [[ -n "${VLM_ROS_GPU_TESTS:-}" ]] && read -r -a TESTS <<<"$VLM_ROS_GPU_TESTS"
+MARK=()
+[[ "$DEVICE" == cuda ]] && MARK=(-m gpu)
 step "CUDA tests" "$TEST_LIMIT" "$OUTDIR/gpu-tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider \
-    "${TESTS[@]}" --junitxml="$OUTDIR/gpu-tests.xml"
+    "${MARK[@]}" "${TESTS[@]}" --junitxml="$OUTDIR/gpu-tests.xml"
 COMPILE=()
 [[ "$DEVICE" == cuda ]] && COMPILE=(--compile)  # the decode step in a CUDA graph
 step "bench $PRESET" "$BENCH_LIMIT" "$OUTDIR/bench.log" "$PY" -m vlm_ros bench --preset "$PRESET" --device "$DEVICE" \

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from vlm_ros.bench import PRESETS, build_model, parameter_count, percentiles
 from vlm_ros.cli import main
 
@@ -59,6 +61,35 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
     assert "| image -> 16-token answer |" in table and "speedup" in table
     assert "vs generate() in bf16" in table and "native bf16" in table
     assert "image -> 16-token answer" in capsys.readouterr().out
+    from vlm_ros.bench import markdown
+
+    gpu = {
+        "copy_bandwidth_gb_s": 4000.0,
+        "decode_bandwidth_fraction": 0.5,
+        "decode_bytes_per_token": {"weights": 5_300_000_000, "kv_cache": 230_000_000},
+    }
+    fast_path = {**result["fast_path"], "cudagraph_skips": 2}
+    table = markdown({**result, "gpu": gpu, "fast_path": fast_path})
+    assert "5.30 GB of weights + 0.23 GB of KV cache" in table and "50% of that floor" in table
+    assert "declined a CUDA graph 2 time(s)" in table
+
+
+def test_decode_bytes_count_the_cache_the_decoder_allocates():
+    """The bandwidth floor counts what a decode step reads: weights without the embedding
+    table (one row is looked up) plus the whole static cache (attention reads every slot)."""
+    from vlm_ros.bench import decode_bytes_per_token
+    from vlm_ros.static_decode import StaticDecoder
+
+    model = build_model("tiny", "cpu", torch.float32)
+    lm = model.language_model
+    step = decode_bytes_per_token(model, max_seq=48)
+    decoder = StaticDecoder(lm, max_seq_len=48, cpu_linear="torch")
+    held = sum(t.numel() * t.element_size() for layer in decoder.cache.layers
+               for t in (layer.keys, layer.values))  # fmt: skip
+    assert step["kv_cache"] == held
+    embed = lm.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in lm.parameters())
+    assert step["weights"] == total - (embed.shape[0] - 1) * embed.shape[1] * 4
 
 
 def test_fast_path_is_greedy_identical_to_generate_on_tiny():

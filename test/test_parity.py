@@ -265,6 +265,7 @@ def test_cpu_bf16_runs_close_to_fp32(layout, checkpoints, image):
 
 
 @CUDA
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parity_cuda(layout, dtype, checkpoints, image):

@@ -179,6 +179,43 @@ def test_decode_step_traces_as_one_graph():
     assert explained.graph_count == 1
 
 
+def test_compiled_decode_on_cpu_with_the_default_linear_kernels():
+    """compile_decode on CPU with cpu_linear left at auto: inductor cannot lower the oneDNN
+    Linear the uncompiled path swaps in (it crashed at the first answer), so compiled it keeps
+    torch's Linear for inductor to lower; tokens as the uncompiled static decoder's."""
+    path = str(tiny_checkpoint("llava_phi"))
+    image = _images(1)[0]
+    runtime = RuntimeConfig(decoder="static", max_seq_len=256)
+    with Assistant.load(path, runtime=runtime) as plain:
+        reference = plain.answer(image, QUESTIONS[0], 6).token_ids
+    runtime = RuntimeConfig(decoder="static", compile_decode=True, max_seq_len=256)
+    with Assistant.load(path, runtime=runtime) as compiled:
+        assert not any("OneDnn" in type(m).__name__ for m in compiled.decoder.lm.modules())
+        assert compiled.answer(image, QUESTIONS[0], 6).token_ids == reference
+
+
+def test_cache_write_counter_follows_the_decoder_length(pair):
+    """transformers 5.x places new keys/values by the cache's own counter, not by the
+    cache_position passed in: it must equal the decoder's length after prefill, decode steps
+    and a rank followed by a new request."""
+    _, static = pair
+    decoder = static.decoder
+
+    def counter() -> int | None:
+        layer = decoder.cache.layers[0]
+        held = getattr(layer, "cumulative_length", None)  # transformers 5.x
+        return None if held is None else int(held)
+
+    image = _images(1)[0]
+    static.rank(image, QUESTIONS[1], ACTIONS)
+    with torch.inference_mode():
+        decoder.prefill(torch.randn(1, 11, static.model.text_config.hidden_size))
+        assert counter() in (None, 11) and decoder.length == 11
+        for _ in range(3):
+            decoder.decode_one_token(torch.tensor([[7]]))
+        assert counter() in (None, 14) and decoder.length == 14
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False"
@@ -197,6 +234,53 @@ def test_cuda_graph_decode_tokens_identical():
         assert b.answer.token_ids == a.answer.token_ids
         # every kept step's logits, read after later replays (outputs copied out of the graph)
         torch.testing.assert_close(b.step_logits, a.step_logits, atol=LOGIT_ATOL, rtol=0)
+
+
+NEEDS_CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False"
+)
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_packed_branches_equal_the_expanded_cache(dtype):
+    """The tree-masked packed pass on CUDA (sdpa kernels with an additive mask, bf16's
+    finfo.min): the same logits as the expanded per-branch cache, padding rows 0."""
+    path = str(tiny_checkpoint("llava_phi"))
+    runtime = RuntimeConfig(device="cuda", dtype=dtype, decoder="static", max_seq_len=64)
+    with Assistant.load(path, runtime=runtime) as a:
+        decoder = a.decoder
+        generator = torch.Generator().manual_seed(3)
+        prefix = torch.randn(1, 20, a.model.text_config.hidden_size, generator=generator)
+        tokens = torch.randint(0, 100, (4, 5), generator=generator).cuda()
+        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
+        with torch.inference_mode():
+            packed, expanded = _branches_both_ways(decoder, prefix.cuda(), tokens, mask.cuda())
+    wanted = mask.bool().cuda()
+    assert torch.isfinite(packed[wanted]).all()
+    scale = expanded[wanted].abs().max()
+    limit = LOGIT_ATOL if dtype == "float32" else 3e-2 * float(scale)  # bf16: summation order
+    torch.testing.assert_close(packed[wanted], expanded[wanted], atol=limit, rtol=0)
+    assert packed[~wanted].abs().max() == 0
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+def test_cuda_static_action_hint_scores_equal_eager():
+    path = str(tiny_checkpoint("mipha_phi"))
+    cuda = {"device": "cuda", "dtype": "float32"}
+    eager = Assistant.load(path, runtime=RuntimeConfig(decoder="eager", **cuda))
+    static = Assistant.load(path, runtime=RuntimeConfig(decoder="static", max_seq_len=256, **cuda))
+    try:
+        for image in _images(2):
+            a = eager.rank(image, QUESTIONS[1], ACTIONS)
+            b = static.rank(image, QUESTIONS[1], ACTIONS)
+            assert b.chosen == a.chosen
+            np.testing.assert_allclose(b.log_likelihoods, a.log_likelihoods, atol=1e-3, rtol=0)
+    finally:
+        eager.close()
+        static.close()
 
 
 def test_no_deprecated_cache_argument(pair):

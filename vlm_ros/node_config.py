@@ -58,8 +58,8 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "cpu_linear": (
         "auto",
         "float32 on x86 CPUs, static decoder and torch vision stage: "
-        "auto/onednn = Linear layers through oneDNN (~2x MKL on AMD), torch = plain "
-        "F.linear",
+        "auto/onednn = Linear layers through oneDNN (~2x MKL on AMD; the decoder not with "
+        "compile_decode, whose inductor lowers Linear itself), torch = plain F.linear",
     ),
     "engine_dir": ("models/engines", "directory of prebuilt ONNX/TensorRT engines"),
     "threads": (0, "torch CPU threads; 0 = torch's default"),

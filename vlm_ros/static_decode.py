@@ -5,7 +5,10 @@ decode step has fixed shapes, so it can be captured in a CUDA graph
 
 It runs transformers' own PhiForCausalLM (not a rewrite) with a ``StaticCache`` and explicit
 ``cache_position``, so it computes what the eager reference (decode.EagerDecoder, DynamicCache)
-computes: the parity tests require identical greedy tokens on every tiny layout.
+computes: the parity tests require identical greedy tokens on every tiny layout. Where the new
+keys/values land: by ``cache_position`` in transformers 4.x; in 5.x by the cache's own on-device
+counter (a tensor, so a captured graph advances it too). ``prefill`` zeroes storage and counter
+together and every request starts with a prefill, so both agree with ``self.length`` (tested).
 
 Action hints reuse the image+prompt prefix: ``score_branches`` packs every candidate's tokens
 into one batch-1 sequence written into the static cache right after the prefix, with a
@@ -16,7 +19,8 @@ in torch.cat copies on the ``small`` preset. Where the cache lacks room for the 
 it falls back to that expanded form.
 
 On CPU in float32 the decoder's Linear layers run through oneDNN (``cpu_linear="auto"``,
-vlm_ros/cpu_kernels.py): ~2x MKL's speed on the AMD hosts measured, same float32 arithmetic.
+vlm_ros/cpu_kernels.py; not with ``compile``, whose inductor lowers Linear itself): ~2x MKL's
+speed on the AMD hosts measured, same float32 arithmetic.
 They are swapped in a copy of ``lm``'s module tree that shares its weights, so the model's own
 modules (and the eager reference) are untouched.
 
@@ -74,8 +78,10 @@ class StaticDecoder:
             lm = quantize_int8(lm)
         elif quantize == "int8_weight_only":
             weight_int8.quantize_weights(lm)  # in place: the half-precision weights are freed
-        else:
+        elif not compile:
             lm = cpu_kernels.with_onednn_linear(lm, cpu_linear)  # the model's modules untouched
+        # Compiled, the step's Linear layers are inductor's (its own mkldnn lowering on CPU):
+        # inductor cannot lower the prepacked oneDNN op (LoweringException, torch 2.13).
         self.lm = lm
         self.config = lm.config
         self.max_seq_len = int(max_seq_len)
