@@ -134,3 +134,73 @@ def test_graph_precision_follows_the_provider_that_runs_it():
     assert graph_precision(["TensorrtExecutionProvider", "CPUExecutionProvider"]) == "fp16"
     assert graph_precision(["CPUExecutionProvider"]) == "fp32"
     assert providers_for("cpu") == ["CPUExecutionProvider"]
+
+
+def test_onnx_cache_is_keyed_on_the_stage_structure_too(tmp_path):
+    """Same weights, another drop-first-token (RuntimeConfig.drop_first_patch) or select
+    layer: another graph, never the cached one; a sidecar giving another output shape, or one
+    left by an interrupted export, is not reused."""
+    import json
+
+    from vlm_ros.ort_backend import ensure_onnx
+
+    model = load_checkpoint(tiny_checkpoint("llava_phi")).model
+    first = ensure_onnx(model, tmp_path, "fp32")
+    assert ensure_onnx(model, tmp_path, "fp32") == first  # reused
+    spec = model.spec
+    try:
+        model.spec = spec.with_overrides(drop_first_token=not spec.drop_first_token)
+        other = ensure_onnx(model, tmp_path, "fp32")
+    finally:
+        model.spec = spec
+    assert other != first and other.is_file()
+    sidecar = first.with_name(first.name + ".json")
+    report = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**report, "output_shape": [1, 3, 4]}))
+    stamp = first.stat().st_mtime_ns
+    assert ensure_onnx(model, tmp_path, "fp32") == first
+    assert first.stat().st_mtime_ns != stamp  # exported again
+    assert json.loads(sidecar.read_text())["output_shape"] == report["output_shape"]
+
+
+def test_a_gpu_provider_that_does_not_start_falls_back_to_the_fp32_graph(tmp_path, monkeypatch,
+                                                                          caplog):  # fmt: skip
+    """onnxruntime-gpu without its CUDA libraries drops the CUDA provider quietly and runs on
+    the CPU. The encoder reads the session's real providers, says so, and serves the fp32 graph
+    (an fp16 one there would only add casts). Simulated with the CPU-only wheel here: asking
+    it for CUDA gives the same quiet fallback."""
+    import logging
+
+    from vlm_ros import ort_backend
+
+    monkeypatch.setattr(
+        ort_backend,
+        "providers_for",
+        lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    model = load_checkpoint(tiny_checkpoint("mipha_phi")).model
+    runtime = RuntimeConfig(vision_backend="onnxruntime", engine_dir=str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="vlm_ros.ort_backend"):
+        encoder = ort_backend.make_encoder(model, runtime)
+    assert encoder.providers == ["CPUExecutionProvider"]
+    assert encoder.input_dtype == torch.float32
+    assert "could not start CUDAExecutionProvider" in caplog.text
+    names = sorted(p.name for p in tmp_path.rglob("*.onnx"))
+    assert names == ["vision_fp16.onnx", "vision_fp32.onnx"]
+
+
+def test_serving_session_check_and_io_binding(tmp_path):
+    """The check a GPU provider's session gets at load, run here on the CPU provider through
+    the same IOBinding path: within tolerance for its own weights, refused for others'."""
+    from vlm_ros.ort_backend import OrtVisionEncoder, check_session
+
+    a = load_checkpoint(tiny_checkpoint("llava_phi")).model
+    b = load_checkpoint(tiny_checkpoint("llava_phi", seed=1)).model
+    report = export_and_check(a, tmp_path / "a.onnx", "fp32")
+    encoder = OrtVisionEncoder(a, report.path, ["CPUExecutionProvider"])
+    assert check_session(encoder, a, "fp32") <= TOLERANCE["fp32"]
+    with pytest.raises(VlmError, match="differs from the PyTorch vision stage"):
+        check_session(encoder, b, "fp32")
+    b.spec = b.spec.with_overrides(drop_first_token=not b.spec.drop_first_token)  # N +- 1
+    with pytest.raises(VlmError, match="image tokens x hidden"):
+        OrtVisionEncoder(b, report.path, ["CPUExecutionProvider"])

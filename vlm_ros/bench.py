@@ -383,13 +383,16 @@ def make_fast(model: VlmModel, ids, device: str, max_seq: int, vision_backend: s
         import tempfile
 
         from vlm_ros.onnx_export import export_and_check
-        from vlm_ros.ort_backend import OrtVisionEncoder, providers_for
+        from vlm_ros.ort_backend import OrtVisionEncoder, graph_precision, providers_for
 
         # The session holds the graph in memory once created, so the file (0.3-1.7 GB for the
-        # full-size towers) goes with the directory.
+        # full-size towers) goes with the directory. The precision the product picks (fp16
+        # under a GPU provider).
+        providers = providers_for(device)
+        precision = graph_precision(providers)
         with tempfile.TemporaryDirectory(prefix="vlm_ros_bench_") as tmp:
-            report = export_and_check(model, f"{tmp}/vision_fp32.onnx", "fp32")
-            encoder = OrtVisionEncoder(model, report.path, providers_for(device))
+            report = export_and_check(model, f"{tmp}/vision_{precision}.onnx", precision)
+            encoder = OrtVisionEncoder(model, report.path, providers)
         export = {"max_rel_error_vs_torch": report.max_rel_error,
                   "tolerance": report.tolerance, "ops": list(report.ops)}  # fmt: skip
     elif vision_backend == "tensorrt":
