@@ -75,3 +75,14 @@ def test_demo_model_answers_as_in_bf16():
 def test_float32_model_is_refused_with_the_setting_named():
     with pytest.raises(InputError, match="int8_weight_only.*bfloat16"):
         Assistant.load("demo", runtime=RuntimeConfig(quantize="int8_weight_only"))
+
+
+def test_settings_that_cannot_apply_are_refused_at_load():
+    """Found by loading every RuntimeConfig combination on a tiny model: dynamic int8 with a
+    half-precision model crashed at the first answer, and the eager decoder silently ignored
+    quantize / compile_decode. Both are refused at load, naming the fix."""
+    with pytest.raises(InputError, match="int8.*needs dtype float32.*int8_weight_only"):
+        Assistant.load("demo", runtime=RuntimeConfig(dtype="bfloat16", quantize="int8"))
+    for options in ({"quantize": "int8"}, {"compile_decode": True}):
+        with pytest.raises(InputError, match="need decoder 'static'"):
+            Assistant.load("demo", runtime=RuntimeConfig(decoder="eager", **options))

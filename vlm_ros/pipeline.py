@@ -161,6 +161,14 @@ class Assistant:
 
     def _decoder_options(self) -> dict:
         if self.runtime.decoder != "static":
+            quantize, compiled = self.runtime.quantize, self.runtime.compile_decode
+            asked = [f"quantize={quantize!r}"] if quantize != "none" else []
+            asked += ["compile_decode=True"] if compiled else []
+            if asked:
+                raise InputError(
+                    f"{' and '.join(asked)} need decoder 'static'; the "
+                    f"{self.runtime.decoder!r} decoder is the unmodified reference"
+                )
             return {}
         return {
             "max_seq_len": self.runtime.max_seq_len,

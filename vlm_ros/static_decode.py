@@ -55,6 +55,10 @@ def quantize_int8(lm: nn.Module) -> nn.Module:
         return quantize_dynamic(lm, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 class StaticDecoder:
     """PhiForCausalLM + a StaticCache of ``max_seq_len`` positions (batch 1), allocated here.
 
@@ -75,6 +79,12 @@ class StaticDecoder:
         if quantize == "int8":
             if param.device.type != "cpu":
                 raise InputError("quantize='int8' is CPU-only (dynamic int8 kernels)")
+            if param.dtype != torch.float32:
+                raise InputError(
+                    f"quantize='int8' needs dtype float32 (the model is {_name(param.dtype)}): "
+                    "its dynamic kernels take float32 activations; with bfloat16/float16 use "
+                    "quantize='int8_weight_only'"
+                )
             lm = quantize_int8(lm)
         elif quantize == "int8_weight_only":
             weight_int8.quantize_weights(lm)  # in place: the half-precision weights are freed
