@@ -75,11 +75,11 @@ TESTS=(test/test_parity.py test/test_static_decode.py test/test_trt.py)
 MARK=()
 [[ "$DEVICE" == cuda ]] && MARK=(-m gpu)
 step "CUDA tests" "$TEST_LIMIT" "$OUTDIR/gpu-tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider \
-    "${MARK[@]}" "${TESTS[@]}" --junitxml="$OUTDIR/gpu-tests.xml"
+    ${MARK[@]+"${MARK[@]}"} "${TESTS[@]}" --junitxml="$OUTDIR/gpu-tests.xml"
 COMPILE=()
 [[ "$DEVICE" == cuda ]] && COMPILE=(--compile)  # the decode step in a CUDA graph
 step "bench $PRESET" "$BENCH_LIMIT" "$OUTDIR/bench.log" "$PY" -m vlm_ros bench --preset "$PRESET" --device "$DEVICE" \
-    --iters "$ITERS" "${COMPILE[@]}" --out "$OUTDIR/$DEVICE-$PRESET.json"
+    --iters "$ITERS" ${COMPILE[@]+"${COMPILE[@]}"} --out "$OUTDIR/$DEVICE-$PRESET.json"
 # The vision target (encoder + projector <= 2 ms) is TensorRT's: where it is installed, the same
 # bench with the engine built for the run (the lent H200 image has no TensorRT: skipped there).
 if [[ "$DEVICE" == cuda ]] && "$PY" -c "import tensorrt; tensorrt.Builder" 2>/dev/null; then

@@ -136,7 +136,8 @@ def test_onnx_vision_run_records_its_parity_and_leaves_no_export_behind(tmp_path
     assert "MatMul" in export["ops"]
     assert result["fast"]["vision"]["p50"] > 0
     assert list(tmp_path.iterdir()) == []
-    assert "vision ONNX export: ONNX Runtime vs PyTorch" in markdown(result)
+    assert export["providers"] == ["CPUExecutionProvider"] and export["precision"] == "fp32"
+    assert "vision ONNX export (fp32, served by CPUExecutionProvider)" in markdown(result)
 
 
 def test_tensorrt_vision_without_tensorrt_is_one_clear_line(capsys):

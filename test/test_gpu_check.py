@@ -44,3 +44,17 @@ def test_a_failing_step_fails_the_run_but_not_the_others(tmp_path):
     assert done.returncode != 0
     assert "CUDA tests: exit 0" in done.stdout  # the step before still ran and passed
     assert "bench no-such-preset: exit" in done.stdout
+
+
+def test_on_cuda_only_the_gpu_marked_tests_run(tmp_path):
+    """On CUDA the test step selects the tests marked gpu (CI runs their CPU siblings). Here,
+    without a GPU, that selection must be exactly the CUDA tests, each skipped with its reason;
+    the CUDA bench then fails on its own, without hiding the test step's result."""
+    done = _dry_run(
+        tmp_path, VLM_ROS_GPU_DEVICE="cuda", VLM_ROS_GPU_TESTS="test/test_static_decode.py"
+    )
+    log = (tmp_path / "gpu-tests.log").read_text()
+    assert "CUDA tests: exit 0" in done.stdout
+    assert "4 skipped" in log and "passed" not in log, log[-2000:]
+    assert "no CUDA device" in log
+    assert done.returncode != 0 and "bench tiny: exit" in done.stdout

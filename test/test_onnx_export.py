@@ -204,3 +204,24 @@ def test_serving_session_check_and_io_binding(tmp_path):
     b.spec = b.spec.with_overrides(drop_first_token=not b.spec.drop_first_token)  # N +- 1
     with pytest.raises(VlmError, match="image tokens x hidden"):
         OrtVisionEncoder(b, report.path, ["CPUExecutionProvider"])
+
+
+def test_cpu_copy_converts_floats_keeps_integers_and_leaves_the_original():
+    """cpu_copy is how a GPU model's stage reaches the CPU for export and checks, without a
+    second copy on the GPU first: tensor by tensor into deepcopy's memo."""
+    from vlm_ros.onnx_export import cpu_copy
+
+    model = load_checkpoint(tiny_checkpoint("llava_phi")).model.to(torch.bfloat16)
+    stage = VisionStage(model).eval()
+    copied = cpu_copy(stage, torch.float32)
+    assert {p.dtype for p in copied.parameters()} == {torch.float32}
+    assert {p.dtype for p in stage.parameters()} == {torch.bfloat16}
+    (buffer,) = [b for n, b in copied.named_buffers() if n.endswith("position_ids")]
+    assert buffer.dtype == torch.int64
+    pairs = zip(stage.parameters(), copied.parameters(), strict=True)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in pairs)
+    size = model.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size)
+    with torch.inference_mode():
+        reference = VisionStage(model.to(torch.float32))(pixels)
+        torch.testing.assert_close(copied(pixels), reference, rtol=0, atol=0)

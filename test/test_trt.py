@@ -148,6 +148,7 @@ def test_engine_build_and_parity(tmp_path, family):
     assert relative_error(raw.float(), expected) <= TOLERANCE["fp16"]
     assert raw.data_ptr() == encoder.engine.output.data_ptr()  # written in place, no copy
     side = torch.cuda.Stream()  # a non-default stream: the engine runs on it directly
+    side.wait_stream(torch.cuda.current_stream())  # pixels were made on the default one
     with torch.inference_mode(), torch.cuda.stream(side):
         again = encoder.encode(pixels, StageTimer("cuda")).float()
     side.synchronize()

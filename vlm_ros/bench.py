@@ -380,21 +380,23 @@ def make_fast(model: VlmModel, ids, device: str, max_seq: int, vision_backend: s
     )
     export = None
     if vision_backend == "onnxruntime":
+        import json
         import tempfile
+        from pathlib import Path
 
-        from vlm_ros.onnx_export import export_and_check
-        from vlm_ros.ort_backend import OrtVisionEncoder, graph_precision, providers_for
+        from vlm_ros.ort_backend import make_encoder
 
-        # The session holds the graph in memory once created, so the file (0.3-1.7 GB for the
-        # full-size towers) goes with the directory. The precision the product picks (fp16
-        # under a GPU provider).
-        providers = providers_for(device)
-        precision = graph_precision(providers)
+        # The product's encoder (providers read back, fp16 under a GPU provider, the serving
+        # session checked there). The session holds the graph in memory once created, so the
+        # file (0.3-1.7 GB for the full-size towers) goes with the directory.
         with tempfile.TemporaryDirectory(prefix="vlm_ros_bench_") as tmp:
-            report = export_and_check(model, f"{tmp}/vision_{precision}.onnx", precision)
-            encoder = OrtVisionEncoder(model, report.path, providers)
-        export = {"max_rel_error_vs_torch": report.max_rel_error,
-                  "tolerance": report.tolerance, "ops": list(report.ops)}  # fmt: skip
+            encoder = make_encoder(model, RuntimeConfig(device=device, engine_dir=tmp))
+            precision = "fp16" if encoder.input_dtype == torch.float16 else "fp32"
+            (sidecar,) = Path(tmp).rglob(f"vision_{precision}.onnx.json")
+            report = json.loads(sidecar.read_text())
+        export = {"max_rel_error_vs_torch": report["max_rel_error"], "precision": precision,
+                  "tolerance": report["tolerance"], "ops": list(report["ops"]),
+                  "providers": encoder.providers}  # fmt: skip
     elif vision_backend == "tensorrt":
         encoder = tensorrt_encoder(model, device)
     else:  # the node's default backend, Linear kernels chosen as the decoder's
@@ -623,9 +625,11 @@ def markdown(result: dict) -> str:
     export = result.get("fast_path", {}).get("vision_onnx")
     if export:
         lines.append(
-            f"- vision ONNX export: ONNX Runtime vs PyTorch max relative error "
-            f"{export['max_rel_error_vs_torch']:.1e} (tolerance {export['tolerance']:.0e}); "
-            f"{len(export['ops'])} operator types, all in TensorRT's ONNX parser list"
+            f"- vision ONNX export ({export.get('precision', 'fp32')}, served by "
+            f"{', '.join(export.get('providers', ['CPUExecutionProvider']))}): ONNX Runtime vs "
+            f"PyTorch max relative error {export['max_rel_error_vs_torch']:.1e} (tolerance "
+            f"{export['tolerance']:.0e}); {len(export['ops'])} operator types, all in "
+            f"TensorRT's ONNX parser list"
         )
     for name, variant in result["variants"].items():
         s, acc = variant["speedup"], variant["accuracy_vs_fp"]

@@ -105,7 +105,7 @@ def export_vision(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # A private copy in the export precision (configs included), so the caller's model is
     # left as it was.
-    stage = copy.deepcopy(VisionStage(model).eval()).to("cpu", dtype)
+    stage = cpu_copy(VisionStage(model).eval(), dtype)
     use_eager_attention(stage)
     size = stage.image_size
     example = torch.zeros(1, 3, size, size, dtype=dtype)  # [1, 3, S, S]
@@ -121,6 +121,20 @@ def export_vision(
             do_constant_folding=True,
         )
     return out_path
+
+
+def cpu_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``module`` on the CPU, floating tensors in ``dtype``, made tensor by tensor:
+    deepcopy of a GPU module would first duplicate it on the GPU (a Jetson's memory is shared
+    with everything else). Integer buffers keep their dtype."""
+    memo: dict[int, object] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        moved = tensor.detach().to("cpu")
+        moved = moved.to(dtype) if moved.is_floating_point() else moved
+        if isinstance(tensor, torch.nn.Parameter):
+            moved = torch.nn.Parameter(moved, requires_grad=False)
+        memo[id(tensor)] = moved
+    return copy.deepcopy(module, memo)
 
 
 def graph_ops(onnx_path: str | Path) -> tuple[str, ...]:
@@ -192,7 +206,7 @@ def check_against_torch(
         # A bf16/fp16 model (a GPU run) is no reference for an fp16 graph: on the full-size
         # towers bf16 alone is 1.2e-2 off fp32, fp16 1.7e-3 (CPU, measured). Its fp32 copy on
         # the CPU is (on a GPU, TF32 convolutions would blur even a float32 reference).
-        stage = copy.deepcopy(stage).to("cpu", torch.float32)
+        stage = cpu_copy(stage, torch.float32)
         param = next(stage.parameters())
     size = stage.image_size
     generator = torch.Generator().manual_seed(seed)

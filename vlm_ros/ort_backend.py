@@ -153,7 +153,7 @@ class OrtVisionEncoder:
             if self.io_device.type == "cuda":  # ORT runs on its own stream: inputs ready first
                 torch.cuda.current_stream(self.io_device).synchronize()
             self.session.run_with_iobinding(self._binding(pixels))  # [1, N, hidden]
-        return self.output.to(self.device, self.dtype)  # no-op where they already match
+            return self.output.to(self.device, self.dtype)  # no-op where they already match
 
     def _binding(self, pixels: torch.Tensor) -> Any:
         kind, index = self.io_device.type, self.io_device.index or 0
@@ -173,12 +173,11 @@ def check_session(encoder: OrtVisionEncoder, model: VlmModel, precision: str) ->
     """Relative error of the serving session against the float32 PyTorch stage on a seeded
     probe image; VlmError above TOLERANCE[precision]. The export check ran the graph on the
     CPU provider: a GPU provider (its own kernels, TensorRT's fusions) is checked here."""
-    import copy
-
+    from vlm_ros.onnx_export import cpu_copy
     from vlm_ros.timing import StageTimer
     from vlm_ros.vision_stage import VisionStage
 
-    stage = copy.deepcopy(VisionStage(model).eval()).to("cpu", torch.float32)
+    stage = cpu_copy(VisionStage(model).eval(), torch.float32)
     size = stage.image_size
     pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -189,7 +188,7 @@ def check_session(encoder: OrtVisionEncoder, model: VlmModel, precision: str) ->
         raise VlmError(
             f"ONNX Runtime ({encoder.providers[0]}) differs from the PyTorch vision stage by "
             f"{error:.2e} (relative), more than the {precision} tolerance "
-            f"{TOLERANCE[precision]:.0e}; vision_backend: torch serves meanwhile"
+            f"{TOLERANCE[precision]:.0e}; set vision_backend: torch meanwhile"
         )
     return error
 

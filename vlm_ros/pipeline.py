@@ -129,10 +129,12 @@ class Assistant:
         self.model = model
         self.tokenizer = loaded.tokenizer
         self.stop_token_id = loaded.stop_token_id
-        self.encoder = make_vision_encoder(model, runtime)
+        # The decoder first: its settings are checked there, before an ONNX export or a
+        # TensorRT probe is paid for.
         self.decoder = decode.make_decoder(
             model.language_model, runtime.decoder, **self._decoder_options()
         )
+        self.encoder = make_vision_encoder(model, runtime)
         self.max_positions = self._max_positions()
         self._lock = threading.Lock()
         self._closed = False
@@ -344,7 +346,7 @@ class Assistant:
             answer = Answer(text, tuple(gen.token_ids), timings, gen.stop_reason, len(pre.ids))
             logits = torch.stack(gen.step_logits) if gen.step_logits else torch.empty(0)
             # A trace outlives the call: copy the image features, which a compiled encoder
-            # (TensorRT) writes into one buffer that the next request overwrites.
+            # (TensorRT, ONNX Runtime) writes into one buffer that the next request overwrites.
             image_embeds = pre.image_embeds
             if keep and image_embeds is not None:
                 image_embeds = image_embeds.clone()

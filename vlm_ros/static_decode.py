@@ -33,6 +33,7 @@ the Linear modules of ``lm`` in place.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -53,6 +54,9 @@ def quantize_int8(lm: nn.Module) -> nn.Module:
     with warnings.catch_warnings():  # torch.ao's deprecation notices, once per process
         warnings.simplefilter("ignore")
         return quantize_dynamic(lm, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+_log = logging.getLogger(__name__)
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -90,8 +94,12 @@ class StaticDecoder:
             weight_int8.quantize_weights(lm)  # in place: the half-precision weights are freed
         elif not compile:
             lm = cpu_kernels.with_onednn_linear(lm, cpu_linear)  # the model's modules untouched
-        # Compiled, the step's Linear layers are inductor's (its own mkldnn lowering on CPU):
-        # inductor cannot lower the prepacked oneDNN op (LoweringException, torch 2.13).
+        elif cpu_kernels.wants_onednn(cpu_linear, param.device, param.dtype) and (
+            cpu_linear == "onednn"
+        ):
+            # Compiled, the step's Linear layers are inductor's (its own mkldnn lowering on
+            # CPU): inductor cannot lower the prepacked oneDNN op (LoweringException, 2.13).
+            _log.warning("cpu_linear='onednn' is not used with compile_decode (inductor's own)")
         self.lm = lm
         self.config = lm.config
         self.max_seq_len = int(max_seq_len)

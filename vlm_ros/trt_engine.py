@@ -17,7 +17,8 @@ input is the caller's CUDA tensor, and execute_async_v3 runs on torch's current 
 copy and no host synchronisation sits between vision and the decoder. One exception: on the
 legacy default stream (torch's unless the caller made another current), TensorRT adds a
 device-wide synchronisation per launch, so there the engine runs on its own stream, ordered
-against the caller's by two stream waits (events, no host sync).
+against the caller's by two stream waits (events, no host sync). A launch also waits for the
+stream that read the previous output, should the caller have changed streams since.
 
 ``import tensorrt`` happens only here, inside functions, and raises TensorRTUnavailable (naming
 what is missing) where it is not installed. This module is type-checked with mypy against
@@ -276,6 +277,7 @@ class TensorRTVision:
             self._load(engine_file)
             # Used only when the caller is on the legacy default stream (see __call__).
             self.side_stream = torch.cuda.Stream(self.device)
+        self._reader: torch.cuda.Stream | None = None  # the stream given the last output
 
     def _load(self, engine_file: Path) -> None:
         import tensorrt as trt
@@ -323,15 +325,17 @@ class TensorRTVision:
             # a cast where the caller's dtype differs (fp32 pixels, fp16 engine); else no-op
             pixels = pixel_values.to(self.device, self.input_dtype).contiguous()
             self._bind(self.input_name, pixels)
-            if caller.cuda_stream != 0:
-                self._execute(caller)
-                return self.output
             # Legacy default stream: TensorRT would synchronise the device around the launch.
-            side = self.side_stream
-            side.wait_stream(caller)  # the input is ready; the last output has been read
-            self._execute(side)
-            caller.wait_stream(side)  # the caller's next kernels see this output
-            pixels.record_stream(side)  # not reused by the caller's allocator before the launch
+            run_on = caller if caller.cuda_stream != 0 else self.side_stream
+            for earlier in (caller, self._reader):  # the input is ready; the last output read
+                if earlier is not None and earlier != run_on:
+                    run_on.wait_stream(earlier)
+            self._execute(run_on)
+            if run_on != caller:
+                # The caller's next kernels see this output; they also come after the launch,
+                # so the caller's allocator cannot reuse the input's memory too early.
+                caller.wait_stream(run_on)
+            self._reader = caller
             return self.output
 
     def _execute(self, stream: torch.cuda.Stream) -> None:
@@ -351,11 +355,12 @@ class TensorRTVisionEncoder:
     def encode(self, pixel_values: torch.Tensor, timer: Any) -> torch.Tensor:
         with timer.stage("vision"):
             embeds = self.engine(pixel_values)  # [1, N, hidden]
-        if embeds.shape[1] != self.num_image_tokens:
-            raise VlmError(
-                f"engine produced {embeds.shape[1]} image tokens, expected {self.num_image_tokens}"
-            )
-        return embeds.to(self.dtype)  # a no-op when the engine's output dtype is the decoder's
+            if embeds.shape[1] != self.num_image_tokens:
+                raise VlmError(
+                    f"engine produced {embeds.shape[1]} image tokens, expected "
+                    f"{self.num_image_tokens}"
+                )
+            return embeds.to(self.dtype)  # a no-op when the engine's output is the decoder's
 
 
 def expected_identity(
