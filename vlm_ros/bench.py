@@ -391,10 +391,9 @@ def make_fast(model: VlmModel, ids, device: str, max_seq: int, vision_backend: s
         # file (0.3-1.7 GB for the full-size towers) goes with the directory.
         with tempfile.TemporaryDirectory(prefix="vlm_ros_bench_") as tmp:
             encoder = make_encoder(model, RuntimeConfig(device=device, engine_dir=tmp))
-            precision = "fp16" if encoder.input_dtype == torch.float16 else "fp32"
-            (sidecar,) = Path(tmp).rglob(f"vision_{precision}.onnx.json")
-            report = json.loads(sidecar.read_text())
-        export = {"max_rel_error_vs_torch": report["max_rel_error"], "precision": precision,
+            report = json.loads(Path(f"{encoder.path}.json").read_text())  # export's sidecar
+        export = {"max_rel_error_vs_torch": report["max_rel_error"],
+                  "precision": report["precision"],
                   "tolerance": report["tolerance"], "ops": list(report["ops"]),
                   "providers": encoder.providers}  # fmt: skip
     elif vision_backend == "tensorrt":

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlm_ros.config import dtype_name
 from vlm_ros.cpu_kernels import cpu_has_native
 from vlm_ros.errors import CheckpointError, InputError
 from vlm_ros.families import FamilySpec
@@ -115,7 +116,7 @@ def _warn_slow_cpu_precision(device: torch.device, dtype: torch.dtype) -> None:
     """bf16 on a CPU with AVX512-BF16 is faster than float32 (docs/performance.md); on one
     without it, emulated and slower. Say so instead of leaving a user to guess."""
     if device.type == "cpu" and not cpu_has_native(dtype):
-        name = str(dtype).removeprefix("torch.")
+        name = dtype_name(dtype)
         _log.warning(
             "%s on this CPU is emulated (no native %s matrix instructions): expect it slower "
             "than float32, the CPU default", name, name,

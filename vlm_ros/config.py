@@ -12,6 +12,11 @@ QUANTIZE_MODES = ("none", "int8", "int8_weight_only")
 CPU_LINEAR_MODES = ("auto", "onednn", "torch")
 
 
+def dtype_name(dtype: object) -> str:
+    """The spelling RuntimeConfig.dtype and the errors use: "bfloat16" for torch.bfloat16."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """How answers are decoded. Greedy by default: every published eval of the three families

@@ -135,5 +135,17 @@ def wants_onednn(mode: str, device: torch.device | str, dtype: torch.dtype) -> b
 def share_weights_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module``'s structure that shares its parameters and buffers (no weight
     memory), so one path's modules can be swapped without touching another path's."""
-    memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return copy_structure(module, lambda tensor: tensor)
+
+
+def copy_structure(module: nn.Module, tensor_fn: Callable[[torch.Tensor], torch.Tensor]):
+    """A copy of ``module``'s structure whose every parameter and buffer ``t`` is
+    ``tensor_fn(t)`` (``t`` itself: shared; a new tensor: a frozen Parameter where ``t`` was
+    one), without deepcopy first copying the tensors themselves."""
+    memo: dict[int, object] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        new = tensor_fn(tensor)
+        if new is not tensor and isinstance(tensor, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=False)
+        memo[id(tensor)] = new
     return copy.deepcopy(module, memo)

@@ -15,7 +15,6 @@ out as MatMul + Softmax rather than a fused op that older parsers do not know.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from vlm_ros.cpu_kernels import copy_structure
 from vlm_ros.errors import VlmError
 from vlm_ros.model import VlmModel
 from vlm_ros.vision_stage import VisionStage
@@ -127,14 +127,12 @@ def cpu_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A copy of ``module`` on the CPU, floating tensors in ``dtype``, made tensor by tensor:
     deepcopy of a GPU module would first duplicate it on the GPU (a Jetson's memory is shared
     with everything else). Integer buffers keep their dtype."""
-    memo: dict[int, object] = {}
-    for tensor in [*module.parameters(), *module.buffers()]:
+
+    def to_cpu(tensor: torch.Tensor) -> torch.Tensor:
         moved = tensor.detach().to("cpu")
-        moved = moved.to(dtype) if moved.is_floating_point() else moved
-        if isinstance(tensor, torch.nn.Parameter):
-            moved = torch.nn.Parameter(moved, requires_grad=False)
-        memo[id(tensor)] = moved
-    return copy.deepcopy(module, memo)
+        return moved.to(dtype) if moved.is_floating_point() else moved
+
+    return copy_structure(module, to_cpu)
 
 
 def graph_ops(onnx_path: str | Path) -> tuple[str, ...]:
@@ -195,11 +193,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / scale)
 
 
-def check_against_torch(
-    model: VlmModel, onnx_path: str | Path, precision: str = "fp32", seed: int = 0
-) -> float:
-    """Relative error of ORT (CPU) on the exported graph against the fp32 PyTorch stage, for
-    a seeded random image; raises VlmError above TOLERANCE[precision]."""
+def probe_reference(model: VlmModel, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random image [1, 3, S, S] and the vision stage's output for it [1, N, hidden],
+    both float32 on the CPU: what every compiled stage is compared with."""
     stage = VisionStage(model).eval()
     param = next(stage.parameters())
     if param.dtype != torch.float32 or param.device.type != "cpu":
@@ -207,12 +203,19 @@ def check_against_torch(
         # towers bf16 alone is 1.2e-2 off fp32, fp16 1.7e-3 (CPU, measured). Its fp32 copy on
         # the CPU is (on a GPU, TF32 convolutions would blur even a float32 reference).
         stage = cpu_copy(stage, torch.float32)
-        param = next(stage.parameters())
     size = stage.image_size
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn(1, 3, size, size, generator=generator)  # [1, 3, S, S]
     with torch.inference_mode():
-        expected = stage(pixels.to(param.device, param.dtype)).float().cpu()
+        return pixels, stage(pixels).float()
+
+
+def check_against_torch(
+    model: VlmModel, onnx_path: str | Path, precision: str = "fp32", seed: int = 0
+) -> float:
+    """Relative error of ORT (CPU) on the exported graph against the fp32 PyTorch stage, for
+    a seeded random image; raises VlmError above TOLERANCE[precision]."""
+    pixels, expected = probe_reference(model, seed)
     np_dtype = "float16" if precision == "fp16" else "float32"
     session = ort_session(onnx_path)
     (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy().astype(np_dtype)})

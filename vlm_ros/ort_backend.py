@@ -130,6 +130,7 @@ class OrtVisionEncoder:
     """
 
     def __init__(self, model: VlmModel, onnx_path: str | Path, providers: list):
+        self.path = Path(onnx_path)
         self.session = ort_session(onnx_path, providers)
         self.providers = list(self.session.get_providers())  # what really runs it
         self.num_image_tokens = model.num_image_tokens
@@ -146,23 +147,23 @@ class OrtVisionEncoder:
                 f"{expected_output_shape(model)} (image tokens x hidden); delete it to re-export"
             )
         self.output = torch.empty(shape, dtype=out_dtype, device=self.io_device)
+        # One binding: the output buffer bound once, each frame's pixels rebound in place (the
+        # caller's tensor itself where dtype and device fit: no copy).
+        self.binding = self.session.io_binding()
+        self._bind(self.binding.bind_output, OUTPUT_NAME, self.output)
 
     def encode(self, pixel_values: torch.Tensor, timer) -> torch.Tensor:
         with timer.stage("vision"):
             pixels = pixel_values.detach().to(self.io_device, self.input_dtype).contiguous()
             if self.io_device.type == "cuda":  # ORT runs on its own stream: inputs ready first
                 torch.cuda.current_stream(self.io_device).synchronize()
-            self.session.run_with_iobinding(self._binding(pixels))  # [1, N, hidden]
+            self._bind(self.binding.bind_input, INPUT_NAME, pixels)
+            self.session.run_with_iobinding(self.binding)  # [1, N, hidden]
             return self.output.to(self.device, self.dtype)  # no-op where they already match
 
-    def _binding(self, pixels: torch.Tensor) -> Any:
+    def _bind(self, bind: Any, name: str, tensor: torch.Tensor) -> None:
         kind, index = self.io_device.type, self.io_device.index or 0
-        binding = self.session.io_binding()
-        binding.bind_input(INPUT_NAME, kind, index, _np_dtype(pixels.dtype),
-                           list(pixels.shape), pixels.data_ptr())  # fmt: skip
-        binding.bind_output(OUTPUT_NAME, kind, index, _np_dtype(self.output.dtype),
-                            list(self.output.shape), self.output.data_ptr())  # fmt: skip
-        return binding
+        bind(name, kind, index, _np_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
 
 
 def _np_dtype(dtype: torch.dtype) -> type:
@@ -173,15 +174,11 @@ def check_session(encoder: OrtVisionEncoder, model: VlmModel, precision: str) ->
     """Relative error of the serving session against the float32 PyTorch stage on a seeded
     probe image; VlmError above TOLERANCE[precision]. The export check ran the graph on the
     CPU provider: a GPU provider (its own kernels, TensorRT's fusions) is checked here."""
-    from vlm_ros.onnx_export import cpu_copy
+    from vlm_ros.onnx_export import probe_reference
     from vlm_ros.timing import StageTimer
-    from vlm_ros.vision_stage import VisionStage
 
-    stage = cpu_copy(VisionStage(model).eval(), torch.float32)
-    size = stage.image_size
-    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    pixels, expected = probe_reference(model)
     with torch.inference_mode():
-        expected = stage(pixels).float()
         got = encoder.encode(pixels.to(encoder.device), StageTimer(encoder.device)).float().cpu()
     error = relative_error(got, expected)
     if error > TOLERANCE[precision]:

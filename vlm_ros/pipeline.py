@@ -22,7 +22,7 @@ import torch
 
 from vlm_ros import decode, prompt, ranking
 from vlm_ros.checkpoint import LoadedCheckpoint, load_checkpoint
-from vlm_ros.config import GenerationConfig, ImageLimits, RuntimeConfig
+from vlm_ros.config import GenerationConfig, ImageLimits, RuntimeConfig, dtype_name
 from vlm_ros.errors import InputError, NonFiniteLogitsError, VlmError
 from vlm_ros.families import FamilySpec
 from vlm_ros.preprocess import preprocess, validate_image
@@ -380,7 +380,7 @@ class _FiniteLogits:
     def _checked(self, logits: torch.Tensor, stage: str) -> torch.Tensor:
         if bool(torch.isfinite(logits).all()):
             return logits
-        dtype = str(self.dtype).removeprefix("torch.")
+        dtype = dtype_name(self.dtype)
         if self.dtype == torch.float16:
             warned = " (its reference warns so)" if self.family.fp16_overflows else ""
             advice = (

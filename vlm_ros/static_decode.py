@@ -41,7 +41,7 @@ from torch import nn
 from transformers import Cache, DynamicCache, PhiForCausalLM, StaticCache
 
 from vlm_ros import cpu_kernels, weight_int8
-from vlm_ros.config import QUANTIZE_MODES
+from vlm_ros.config import QUANTIZE_MODES, dtype_name
 from vlm_ros.decode import cache_kwarg
 from vlm_ros.errors import ContextOverflowError, InputError
 
@@ -57,10 +57,6 @@ def quantize_int8(lm: nn.Module) -> nn.Module:
 
 
 _log = logging.getLogger(__name__)
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class StaticDecoder:
@@ -85,9 +81,9 @@ class StaticDecoder:
                 raise InputError("quantize='int8' is CPU-only (dynamic int8 kernels)")
             if param.dtype != torch.float32:
                 raise InputError(
-                    f"quantize='int8' needs dtype float32 (the model is {_name(param.dtype)}): "
-                    "its dynamic kernels take float32 activations; with bfloat16/float16 use "
-                    "quantize='int8_weight_only'"
+                    f"quantize='int8' needs dtype float32 (the model is "
+                    f"{dtype_name(param.dtype)}): its dynamic kernels take float32 activations; "
+                    "with bfloat16/float16 use quantize='int8_weight_only'"
                 )
             lm = quantize_int8(lm)
         elif quantize == "int8_weight_only":

@@ -113,13 +113,19 @@ class EngineIdentity:
         return asdict(self)
 
 
+def cuda_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` with its index ("cuda" -> "cuda:<current>"; None: the current device)."""
+    chosen = torch.device(device if device is not None else "cuda")
+    if chosen.type == "cuda" and chosen.index is None:
+        chosen = torch.device("cuda", torch.cuda.current_device())
+    return chosen
+
+
 def current_gpu(device: str | torch.device | None = None) -> tuple[str, str]:
     """(name, compute capability "major.minor") of ``device`` (default: the current one)."""
     require_cuda()
-    chosen = torch.device(device) if device is not None else None
-    index = chosen.index if chosen is not None and chosen.index is not None else None
-    if index is None:
-        index = torch.cuda.current_device()
+    chosen = cuda_device(device)
+    index = chosen.index if chosen.type == "cuda" else torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
     return torch.cuda.get_device_name(index), f"{major}.{minor}"
 
@@ -268,11 +274,9 @@ class TensorRTVision:
     def __init__(self, engine_file: Path, device: str | torch.device = "cuda"):
         require_tensorrt()
         require_cuda()
-        self.device = torch.device(device)
+        self.device = cuda_device(device)
         if self.device.type != "cuda":
             raise VlmError(f"the TensorRT backend runs on a CUDA device, not {self.device}")
-        if self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
         with torch.cuda.device(self.device):
             self._load(engine_file)
             # Used only when the caller is on the legacy default stream (see __call__).

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vlm_ros.config import dtype_name
 from vlm_ros.cpu_kernels import replace_linears
 from vlm_ros.errors import InputError
 
@@ -71,7 +72,7 @@ def quantize_weights(module: nn.Module) -> int:
     if param.dtype not in HALF:
         raise InputError(
             f"quantize='int8_weight_only' needs dtype bfloat16 or float16 (the model is "
-            f"{str(param.dtype).removeprefix('torch.')}): its kernels take half-precision "
+            f"{dtype_name(param.dtype)}): its kernels take half-precision "
             "activations"
         )
     return replace_linears(module, WeightOnlyInt8Linear)
