@@ -37,9 +37,9 @@ echo "[test] vermin (Python 3.10 and later)"
 "$VENV/bin/vermin" --no-tips --quiet -t=3.10- --violations --eval-annotations \
     vlm_ros test launch scripts setup.py || FAILED+=(vermin)
 
-if [[ -f vlm_ros/trt_engine.py ]]; then
-    echo "[test] mypy vlm_ros/trt_engine.py (tensorrt-stubs)"
-    MYPYPATH="$VENV/typestubs" "$VENV/bin/mypy" vlm_ros/trt_engine.py || FAILED+=(mypy)
+if [[ -f vlm_ros/engines/trt_engine.py ]]; then
+    echo "[test] mypy vlm_ros/engines/trt_engine.py (tensorrt-stubs)"
+    MYPYPATH="$VENV/typestubs" "$VENV/bin/mypy" vlm_ros/engines/trt_engine.py || FAILED+=(mypy)
 fi
 
 # The oldest supported transformers, on the core's tests (full runs only, not `test.sh -k ...`).

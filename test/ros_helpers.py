@@ -56,7 +56,7 @@ def start_node(ros: Ros, model: str, ns: str, **params):
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
-    from vlm_ros.node import AssistantNode
+    from vlm_ros.ros.node import AssistantNode
 
     values = dict(model=model, cameras=[f"/{ns}/cam"], scene_rate_hz=0.0, hint_rate_hz=0.0,
                   max_new_tokens=6, hint_candidates=CANDIDATES, diagnostics_period_s=0.5,

@@ -33,7 +33,7 @@ def camera_bag(tmp_path: Path, name: str, **kw) -> Path:
 
 @pytest.fixture(scope="module")
 def assistant():
-    from vlm_ros.pipeline import Assistant
+    from vlm_ros.infer.pipeline import Assistant
 
     a = Assistant.load("demo")
     yield a
@@ -675,7 +675,7 @@ def test_output_bag_deserialises_with_rclpy(tmp_path, assistant):
 
 def rclpy_recording(path: Path, storage: str, delays_ms: list[float]) -> dict:
     """A bag as `ros2 bag record` of the live node writes it: every message is a generated ROS
-    type, built by the node's own builders (vlm_ros.node_messages) and serialised by rclpy; the
+    type, built by the node's own builders (vlm_ros.ros.node_messages) and serialised by rclpy; the
     /diagnostics status is the node's latency_status of a LatencyMonitor fed what it published.
     Returns what the report must find."""
     from builtin_interfaces.msg import Time
@@ -685,9 +685,9 @@ def rclpy_recording(path: Path, storage: str, delays_ms: list[float]) -> dict:
     from sensor_msgs.msg import Image
     from std_msgs.msg import Header
 
-    from vlm_ros import node_messages
     from vlm_ros.bag.types import typestore
-    from vlm_ros.latency import Budgets, LatencyMonitor
+    from vlm_ros.ros import node_messages
+    from vlm_ros.serving.latency import Budgets, LatencyMonitor
     from vlm_ros.types import ActionHint as Hint
     from vlm_ros.types import Answer, StageTimings
 

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from vlm_ros.bench import PRESETS, build_model, parameter_count, percentiles
+from vlm_ros.bench.measure import PRESETS, build_model, parameter_count, percentiles
 from vlm_ros.cli import main
 
 STAGE_KEYS = {"p50", "p90", "p99", "mean", "n"}
@@ -61,7 +61,7 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
     assert "| image -> 16-token answer |" in table and "speedup" in table
     assert "vs generate() in bf16" in table and "native bf16" in table
     assert "image -> 16-token answer" in capsys.readouterr().out
-    from vlm_ros.bench import markdown
+    from vlm_ros.bench.measure import markdown
 
     gpu = {
         "copy_bandwidth_gb_s": 4000.0,
@@ -77,8 +77,8 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
 def test_decode_bytes_count_the_cache_the_decoder_allocates():
     """The bandwidth floor counts what a decode step reads: weights without the embedding
     table (one row is looked up) plus the whole static cache (attention reads every slot)."""
-    from vlm_ros.bench import decode_bytes_per_token
-    from vlm_ros.static_decode import StaticDecoder
+    from vlm_ros.bench.measure import decode_bytes_per_token
+    from vlm_ros.infer.static_decode import StaticDecoder
 
     model = build_model("tiny", "cpu", torch.float32)
     lm = model.language_model
@@ -94,7 +94,7 @@ def test_decode_bytes_count_the_cache_the_decoder_allocates():
 
 def test_fast_path_is_greedy_identical_to_generate_on_tiny():
     """The bench's own parity line: static decoder + vision stage vs generate()."""
-    from vlm_ros.bench import run
+    from vlm_ros.bench.measure import run
 
     result = run("tiny", iters=1, warmup=0)
     assert result["parity"]["greedy_prefix_agreement_fast_vs_generate"] == 1.0
@@ -103,7 +103,7 @@ def test_fast_path_is_greedy_identical_to_generate_on_tiny():
 def test_bf16_variant_needs_a_float32_cpu_run():
     import pytest
 
-    from vlm_ros.bench import run
+    from vlm_ros.bench.measure import run
 
     with pytest.raises(ValueError, match="float32 run on CPU"):
         run("tiny", dtype="bfloat16", iters=1, warmup=0, bf16=True)
@@ -127,7 +127,7 @@ def test_onnx_vision_run_records_its_parity_and_leaves_no_export_behind(tmp_path
     the export (GBs at full size) is deleted once the session holds it."""
     import tempfile
 
-    from vlm_ros.bench import markdown, run
+    from vlm_ros.bench.measure import markdown, run
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     result = run("tiny", iters=1, warmup=0, vision_backend="onnxruntime")
@@ -143,7 +143,7 @@ def test_onnx_vision_run_records_its_parity_and_leaves_no_export_behind(tmp_path
 def test_tensorrt_vision_without_tensorrt_is_one_clear_line(capsys):
     """--vision-backend tensorrt builds the engine for the run where TensorRT and CUDA exist
     (scripts/gpu-check.sh); elsewhere it must say which is missing, not trace back."""
-    from vlm_ros.trt_engine import TensorRTUnavailable, require_cuda, require_tensorrt
+    from vlm_ros.engines.trt_engine import TensorRTUnavailable, require_cuda, require_tensorrt
 
     try:
         require_tensorrt()

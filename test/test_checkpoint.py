@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from tiny_models import FAMILIES, copy_tiny_checkpoint, tiny_checkpoint
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from vlm_ros import tiny
-from vlm_ros.checkpoint import load_checkpoint
 from vlm_ros.errors import CheckpointError
+from vlm_ros.model import tiny
+from vlm_ros.model.checkpoint import load_checkpoint
 
 FORMATS = {
     "safetensors": {},
@@ -34,7 +34,7 @@ FORMATS = {
     "sharded-bin": {"safetensors": False, "sharded": True},
 }
 # Published prefix -> VlmModel prefix, per layout (shared/facts/model-formats.md), written out
-# independently of vlm_ros.layouts. Towers are named as published (vision_model.*).
+# independently of vlm_ros.model.layouts. Towers are named as published (vision_model.*).
 PREFIXES = {
     "llava_phi": [
         ("model.vision_tower.", "vision_tower."),
@@ -539,7 +539,7 @@ def test_explicit_float16_warns_where_the_reference_does(caplog):
     def overflow_warnings():  # (not the CPU-speed warning, which depends on this CPU)
         return [r for r in caplog.records if "overflow" in r.getMessage()]
 
-    with caplog.at_level("WARNING", logger="vlm_ros.checkpoint"):
+    with caplog.at_level("WARNING", logger="vlm_ros.model.checkpoint"):
         load_checkpoint(tiny_checkpoint("mipha_phi"), dtype="float16")  # its reference: fp16
         assert not overflow_warnings()
         loaded = load_checkpoint(tiny_checkpoint("llava_phi"), dtype="float16")
@@ -552,12 +552,12 @@ def test_explicit_float16_warns_where_the_reference_does(caplog):
 def test_emulated_cpu_precision_warns(caplog, monkeypatch):
     """bfloat16 on a CPU without native bf16 matrix instructions is slower than float32: the
     loader says so (and stays quiet where the CPU has them)."""
-    from vlm_ros import checkpoint
+    from vlm_ros.model import checkpoint
 
     for native in (True, False):
         monkeypatch.setattr(checkpoint, "cpu_has_native", lambda dtype, native=native: native)
         caplog.clear()
-        with caplog.at_level("WARNING", logger="vlm_ros.checkpoint"):
+        with caplog.at_level("WARNING", logger="vlm_ros.model.checkpoint"):
             loaded = load_checkpoint(tiny_checkpoint("mipha_phi"), dtype="bfloat16")
         assert loaded.dtype == torch.bfloat16
         emulated = [r for r in caplog.records if "emulated" in r.getMessage()]

@@ -178,7 +178,7 @@ def moved_tower(tmp_path_factory) -> tuple[Path, Path]:
     tower directory moved out of the checkpoint."""
     from tiny_models import copy_tiny_checkpoint
 
-    from vlm_ros import tiny
+    from vlm_ros.model import tiny
 
     root = tmp_path_factory.mktemp("legacy")
     ckpt = copy_tiny_checkpoint("tiny_llava_phi", root / "TinyLLaVA-3.1B")
@@ -227,8 +227,8 @@ def test_vision_tower_errors_are_one_line(moved_tower, model, png, tmp_path, cap
 
 
 def test_node_parameter_vision_tower_reaches_the_loader(moved_tower, png):
-    from vlm_ros.node_config import PARAMETERS, NodeConfig
-    from vlm_ros.pipeline import Assistant
+    from vlm_ros.infer.pipeline import Assistant
+    from vlm_ros.ros.node_config import PARAMETERS, NodeConfig
 
     ckpt, tower = moved_tower
     values = {name: default for name, (default, _) in PARAMETERS.items()}

@@ -28,7 +28,7 @@ class Spy:
         return None  # let the real finders decide
 
 sys.meta_path.insert(0, Spy())
-core = ["vlm_ros.pipeline", "vlm_ros.cli", "vlm_ros.bench", "vlm_ros.bag",
+core = ["vlm_ros.infer.pipeline", "vlm_ros.cli", "vlm_ros.bench.measure", "vlm_ros.bag",
         "vlm_ros.commands.ask", "vlm_ros.commands.rank", "vlm_ros.commands.make_tiny"]
 for name in core:
     importlib.import_module(name)
@@ -39,7 +39,7 @@ for name in bag:
 result = {"imported": core + bag, "attempts": list(attempts),
           "in_sys_modules": "rclpy" in sys.modules}
 try:
-    importlib.import_module("vlm_ros.synthetic_camera")
+    importlib.import_module("vlm_ros.ros.synthetic_camera")
 except ImportError:  # no ROS here: the attempt is what counts
     pass
 result["control_attempts"] = attempts[len(result["attempts"]):]

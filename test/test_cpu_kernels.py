@@ -1,4 +1,4 @@
-"""oneDNN float32 Linear on x86 CPUs (vlm_ros/cpu_kernels.py): same results as F.linear within
+"""oneDNN float32 Linear on x86 CPUs (engines/cpu_kernels.py): same results as F.linear within
 float32 rounding, the weights shared rather than copied, the model's own modules untouched, and
 the static decoder using it by default on CPU (greedy parity with the eager reference is in
 test_static_decode.py / test_parity.py, which run with it)."""
@@ -13,19 +13,19 @@ from tiny_models import tiny_checkpoint
 from torch import nn
 from torch.nn import functional as F
 
-from vlm_ros import cpu_kernels
-from vlm_ros.checkpoint import load_checkpoint
 from vlm_ros.config import RuntimeConfig
-from vlm_ros.cpu_kernels import (
+from vlm_ros.engines import cpu_kernels
+from vlm_ros.engines.cpu_kernels import (
     OneDnnLinear,
     onednn_linear_available,
     share_weights_copy,
     use_onednn_linear,
     wants_onednn,
 )
-from vlm_ros.static_decode import StaticDecoder
+from vlm_ros.infer.static_decode import StaticDecoder
+from vlm_ros.infer.vision import TorchVisionEncoder
+from vlm_ros.model.checkpoint import load_checkpoint
 from vlm_ros.timing import StageTimer
-from vlm_ros.vision import TorchVisionEncoder
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 

@@ -127,7 +127,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_training_smoke_lowers_the_loss_and_writes_a_loadable_checkpoint(smoke_run):
-    from vlm_ros.checkpoint import load_checkpoint
+    from vlm_ros.model.checkpoint import load_checkpoint
 
     out, summary = smoke_run
     assert summary["instruct"]["last"] < summary["instruct"]["first"]
@@ -155,8 +155,8 @@ def test_training_path_matches_the_pipeline(smoke_run):
     """The logits training optimises are the logits the pipeline answers with: same
     preprocessing, prompt, splicing and model (so what is trained is what is served)."""
     from vlm_ros.demo.train import TextCodec, multimodal_logits
-    from vlm_ros.pipeline import Assistant
-    from vlm_ros.preprocess import preprocess
+    from vlm_ros.infer.pipeline import Assistant
+    from vlm_ros.infer.preprocess import preprocess
 
     out, _ = smoke_run
     assistant = Assistant.load(str(out))
@@ -187,7 +187,7 @@ MIN_SLICE = 0.9
 def test_shipped_demo_model_answers_every_question_type():
     """On unseen test scenes, through the public Assistant API, every question type and the
     action hint are right on at least MIN_SLICE of the slice (chance: CHANCE)."""
-    from vlm_ros.pipeline import Assistant
+    from vlm_ros.infer.pipeline import Assistant
 
     assistant = Assistant.load("demo")
     assert assistant.family.name == "llava_phi"
@@ -216,7 +216,7 @@ def test_shipped_demo_model_is_what_train_demo_makes():
 def test_a_swapped_channel_order_shows_as_wrong_colours():
     """By meaning: the same scenes with red and blue swapped (an RGB image declared BGR) make
     the shipped model name the other colour. Random weights could never show this."""
-    from vlm_ros.pipeline import Assistant
+    from vlm_ros.infer.pipeline import Assistant
 
     assistant = Assistant.load("demo")
     swap = {"red": "blue", "blue": "red"}

@@ -57,7 +57,7 @@ def test_node_answers_synthetic_camera_frames_by_meaning(ros):
     from sensor_msgs.msg import Image
 
     from vlm_ros.demo import data, world
-    from vlm_ros.node import SENSOR_QOS
+    from vlm_ros.ros.node import SENSOR_QOS
     from vlm_ros.srv import Ask
 
     ns = f"e2e_{os.getpid()}"

@@ -1,4 +1,4 @@
-"""vlm_ros.imaging: every supported encoding to RGB, and a named refusal for every bad frame."""
+"""vlm_ros.ros.imaging: every supported encoding to RGB, and a named refusal for every bad frame."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vlm_ros.errors import InputError
-from vlm_ros.imaging import ImageFormatError, image_from_compressed, image_from_raw
+from vlm_ros.ros.imaging import ImageFormatError, image_from_compressed, image_from_raw
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)

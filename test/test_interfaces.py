@@ -91,7 +91,7 @@ def test_source_package_is_extended_with_generated_modules():
     import vlm_ros
     import vlm_ros.msg
 
-    # The source tree's vlm_ros/ is the package (so vlm_ros.pipeline etc. come from it); the
+    # The source tree's vlm_ros/ is the package (so vlm_ros.infer.pipeline etc. come from it); the
     # generated modules are found through its extended __path__.
     assert Path(vlm_ros.__path__[0]).resolve() == (ROOT / "vlm_ros").resolve() or (
         # colcon install: both live in one site-packages folder

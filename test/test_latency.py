@@ -1,10 +1,10 @@
-"""vlm_ros.latency: budget misses, window percentiles, counters and the OK/WARN/ERROR rule."""
+"""serving.latency: budget misses, window percentiles, counters and the OK/WARN/ERROR rule."""
 
 from __future__ import annotations
 
 import pytest
 
-from vlm_ros.latency import ERROR, OK, WARN, Budgets, LatencyMonitor
+from vlm_ros.serving.latency import ERROR, OK, WARN, Budgets, LatencyMonitor
 
 
 def stages(total: float, vision: float = 1.0) -> dict[str, float]:

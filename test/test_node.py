@@ -34,7 +34,7 @@ def executor_alive(ros):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from vlm_ros.tiny import write_tiny_checkpoint
+    from vlm_ros.model.tiny import write_tiny_checkpoint
 
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llava_phi", "llava_phi"))
 
@@ -79,7 +79,7 @@ class Camera:
     def __init__(self, ros: Ros, ns: str, topic: str = "cam", msg_type=None):
         from sensor_msgs.msg import Image
 
-        from vlm_ros.node import SENSOR_QOS
+        from vlm_ros.ros.node import SENSOR_QOS
 
         self.node = ros.client_node(f"{ns}_camera")
         self.pub = self.node.create_publisher(msg_type or Image, f"/{ns}/{topic}", SENSOR_QOS)
@@ -181,7 +181,7 @@ def test_periodic_outputs_carry_the_source_header_and_diagnostics_arrive(ros, ma
     ):
         assert key in values, key
     assert float(values["total_p50_ms"]) > 0
-    del subs  # not destroyed while the executor spins (see vlm_ros.node's docstring)
+    del subs  # not destroyed while the executor spins (see vlm_ros.ros.node's docstring)
 
 
 def test_ask_answers_with_an_action_hint(ros, main_node):
@@ -324,7 +324,7 @@ def test_lifecycle_transitions_and_failed_configure(ros, checkpoint):
     from rclpy.parameter import Parameter
 
     from vlm_ros.msg import SceneAnswer
-    from vlm_ros.node import AssistantNode
+    from vlm_ros.ros.node import AssistantNode
 
     node = start_node(ros, checkpoint, "life", scene_rate_hz=5.0)
     probe, camera = ros.client_node("life_probe"), Camera(ros, "life")
@@ -389,7 +389,7 @@ def rss_mb() -> float:
 def test_camera_flood_keeps_the_queue_bounded_memory_flat_and_frames_accounted(ros, checkpoint):
     from rclpy.lifecycle import TransitionCallbackReturn
 
-    from vlm_ros.worker import PERIODIC
+    from vlm_ros.serving.worker import PERIODIC
 
     node = start_node(ros, checkpoint, "flood", queue_size=2, inference_delay_ms=100.0,
                       scene_rate_hz=10.0, hint_rate_hz=10.0, max_new_tokens=2)  # fmt: skip
@@ -458,7 +458,7 @@ def test_synthetic_camera_drives_the_node(ros, checkpoint):
     from rclpy.parameter import Parameter
 
     from vlm_ros.msg import SceneAnswer
-    from vlm_ros.synthetic_camera import SyntheticCamera
+    from vlm_ros.ros.synthetic_camera import SyntheticCamera
 
     node = start_node(ros, checkpoint, "synth", scene_rate_hz=5.0)
     got = []

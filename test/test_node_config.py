@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from vlm_ros.errors import InputError
-from vlm_ros.latency import Budgets
-from vlm_ros.node_config import PARAMETERS, NodeConfig
+from vlm_ros.ros.node_config import PARAMETERS, NodeConfig
+from vlm_ros.serving.latency import Budgets
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted((ROOT / "config").glob("*.yaml"))

@@ -10,10 +10,8 @@ import pytest
 import torch
 from tiny_models import FAMILIES, tiny_checkpoint
 
-from vlm_ros.checkpoint import load_checkpoint
 from vlm_ros.config import RuntimeConfig
-from vlm_ros.errors import VlmError
-from vlm_ros.onnx_export import (
+from vlm_ros.engines.onnx_export import (
     TENSORRT_SUPPORTED_OPS,
     TOLERANCE,
     check_against_torch,
@@ -21,8 +19,10 @@ from vlm_ros.onnx_export import (
     graph_ops,
     unsupported_ops,
 )
-from vlm_ros.pipeline import Assistant
-from vlm_ros.vision_stage import VisionStage, layers_needed
+from vlm_ros.errors import VlmError
+from vlm_ros.infer.pipeline import Assistant
+from vlm_ros.model.checkpoint import load_checkpoint
+from vlm_ros.model.vision_stage import VisionStage, layers_needed
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -128,7 +128,7 @@ def test_onnxruntime_backend_in_pipeline(tmp_path):
 def test_graph_precision_follows_the_provider_that_runs_it():
     """fp16 only where a GPU provider runs the graph: a CUDA model with the CPU-only
     onnxruntime wheel must not get an fp16 graph on the CPU provider (casts, no speed)."""
-    from vlm_ros.ort_backend import graph_precision, providers_for
+    from vlm_ros.engines.ort_backend import graph_precision, providers_for
 
     assert graph_precision(["CUDAExecutionProvider", "CPUExecutionProvider"]) == "fp16"
     assert graph_precision(["TensorrtExecutionProvider", "CPUExecutionProvider"]) == "fp16"
@@ -142,7 +142,7 @@ def test_onnx_cache_is_keyed_on_the_stage_structure_too(tmp_path):
     left by an interrupted export, is not reused."""
     import json
 
-    from vlm_ros.ort_backend import ensure_onnx
+    from vlm_ros.engines.ort_backend import ensure_onnx
 
     model = load_checkpoint(tiny_checkpoint("llava_phi")).model
     first = ensure_onnx(model, tmp_path, "fp32")
@@ -171,7 +171,7 @@ def test_a_gpu_provider_that_does_not_start_falls_back_to_the_fp32_graph(tmp_pat
     it for CUDA gives the same quiet fallback."""
     import logging
 
-    from vlm_ros import ort_backend
+    from vlm_ros.engines import ort_backend
 
     monkeypatch.setattr(
         ort_backend,
@@ -180,7 +180,7 @@ def test_a_gpu_provider_that_does_not_start_falls_back_to_the_fp32_graph(tmp_pat
     )
     model = load_checkpoint(tiny_checkpoint("mipha_phi")).model
     runtime = RuntimeConfig(vision_backend="onnxruntime", engine_dir=str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="vlm_ros.ort_backend"):
+    with caplog.at_level(logging.WARNING, logger="vlm_ros.engines.ort_backend"):
         encoder = ort_backend.make_encoder(model, runtime)
     assert encoder.providers == ["CPUExecutionProvider"]
     assert encoder.input_dtype == torch.float32
@@ -192,7 +192,7 @@ def test_a_gpu_provider_that_does_not_start_falls_back_to_the_fp32_graph(tmp_pat
 def test_serving_session_check_and_io_binding(tmp_path):
     """The check a GPU provider's session gets at load, run here on the CPU provider through
     the same IOBinding path: within tolerance for its own weights, refused for others'."""
-    from vlm_ros.ort_backend import OrtVisionEncoder, check_session
+    from vlm_ros.engines.ort_backend import OrtVisionEncoder, check_session
 
     a = load_checkpoint(tiny_checkpoint("llava_phi")).model
     b = load_checkpoint(tiny_checkpoint("llava_phi", seed=1)).model
@@ -209,7 +209,7 @@ def test_serving_session_check_and_io_binding(tmp_path):
 def test_cpu_copy_converts_floats_keeps_integers_and_leaves_the_original():
     """cpu_copy is how a GPU model's stage reaches the CPU for export and checks, without a
     second copy on the GPU first: tensor by tensor into deepcopy's memo."""
-    from vlm_ros.onnx_export import cpu_copy
+    from vlm_ros.engines.onnx_export import cpu_copy
 
     model = load_checkpoint(tiny_checkpoint("llava_phi")).model.to(torch.bfloat16)
     stage = VisionStage(model).eval()

@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 from tiny_models import copy_tiny_checkpoint, tiny_checkpoint
 
 from vlm_ros.config import GenerationConfig, RuntimeConfig
-from vlm_ros.families import ImageProcessing
-from vlm_ros.pipeline import Assistant
-from vlm_ros.vision import make_vision_encoder
+from vlm_ros.infer.pipeline import Assistant
+from vlm_ros.infer.vision import make_vision_encoder
+from vlm_ros.model.families import ImageProcessing
 
 QUESTION = "Is the path ahead clear?"
 NEW_TOKENS = 12

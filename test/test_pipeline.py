@@ -13,14 +13,14 @@ import pytest
 import torch
 from tiny_models import tiny_checkpoint
 
-from vlm_ros import pipeline
 from vlm_ros.config import GenerationConfig, ImageLimits, RuntimeConfig
-from vlm_ros.decode import sample, splice_image
 from vlm_ros.errors import ContextOverflowError, InputError, VlmError
-from vlm_ros.families import IMAGE_TOKEN_INDEX
-from vlm_ros.pipeline import Assistant, NonFiniteLogitsError, _TextStream
-from vlm_ros.prompt import check_context, encode_text
-from vlm_ros.ranking import candidate_ids
+from vlm_ros.infer import pipeline
+from vlm_ros.infer.decode import sample, splice_image
+from vlm_ros.infer.pipeline import Assistant, NonFiniteLogitsError, _TextStream
+from vlm_ros.infer.prompt import check_context, encode_text
+from vlm_ros.infer.ranking import candidate_ids
+from vlm_ros.model.families import IMAGE_TOKEN_INDEX
 from vlm_ros.types import STAGES
 
 QUESTION = "Is the path ahead clear?"

@@ -18,8 +18,8 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from vlm_ros.config import ImageLimits
 from vlm_ros.errors import InputError
-from vlm_ros.families import FAMILIES
-from vlm_ros.preprocess import preprocess
+from vlm_ros.infer.preprocess import preprocess
+from vlm_ros.model.families import FAMILIES
 
 CLIP = FAMILIES["llava_phi"].processing  # 336, shortest edge + crop, pad (122, 116, 104)
 SIGLIP = FAMILIES["mipha_phi"].processing  # 384, direct resize, pad (127, 127, 127)

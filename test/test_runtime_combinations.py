@@ -14,7 +14,7 @@ from tiny_models import tiny_checkpoint
 
 from vlm_ros.config import RuntimeConfig
 from vlm_ros.errors import InputError
-from vlm_ros.pipeline import Assistant
+from vlm_ros.infer.pipeline import Assistant
 
 GRID = {
     "dtype": ["float32", "bfloat16", "float16"],

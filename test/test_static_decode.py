@@ -11,8 +11,8 @@ from tiny_models import FAMILIES, tiny_checkpoint
 
 from vlm_ros.config import RuntimeConfig
 from vlm_ros.errors import ContextOverflowError
-from vlm_ros.pipeline import Assistant
-from vlm_ros.static_decode import StaticDecoder
+from vlm_ros.infer.pipeline import Assistant
+from vlm_ros.infer.static_decode import StaticDecoder
 
 QUESTIONS = ["Is the path ahead clear?", "What should the robot do?"]
 ACTIONS = ["continue", "slow_down", "stop", "turn_left", "turn_right"]

@@ -10,10 +10,8 @@ import pytest
 import torch
 from tiny_models import tiny_checkpoint
 
-from vlm_ros.checkpoint import load_checkpoint
 from vlm_ros.config import RuntimeConfig
-from vlm_ros.errors import EngineMismatchError, VlmError
-from vlm_ros.trt_engine import (
+from vlm_ros.engines.trt_engine import (
     EngineIdentity,
     TensorRTUnavailable,
     built_precision,
@@ -23,6 +21,8 @@ from vlm_ros.trt_engine import (
     require_tensorrt,
     sidecar_for,
 )
+from vlm_ros.errors import EngineMismatchError, VlmError
+from vlm_ros.model.checkpoint import load_checkpoint
 
 IDENTITY = EngineIdentity("abc123", "f" * 64, "10.3.0", "NVIDIA H100 80GB HBM3", "9.0", "fp16")
 
@@ -85,7 +85,7 @@ def test_runtime_uses_the_precision_that_was_built(tmp_path):
 
 
 def test_build_options_are_checked_before_tensorrt_is_needed():
-    from vlm_ros.trt_engine import BuildOptions, EngineBuilder
+    from vlm_ros.engines.trt_engine import BuildOptions, EngineBuilder
 
     for options, words in [(BuildOptions(optimization_level=6), "optimization level"),
                            (BuildOptions(workspace_gib=0), "workspace"),
@@ -97,7 +97,7 @@ def test_build_options_are_checked_before_tensorrt_is_needed():
 def test_network_flags_ask_for_explicit_batch_before_tensorrt_10():
     """TensorRT 8.x makes an implicit-batch network from flags 0, which its ONNX parser
     refuses; 10.x has only explicit batch and deprecates the flag."""
-    from vlm_ros.trt_engine import EngineBuilder, major_version
+    from vlm_ros.engines.trt_engine import EngineBuilder, major_version
 
     assert [major_version(v) for v in ("10.3.0.26", "8.6.2", "8.5.2.2", "")] == [10, 8, 8, 0]
     builder = EngineBuilder.__new__(EngineBuilder)  # no TensorRT here: only the flag logic
@@ -119,7 +119,7 @@ def test_missing_engine_names_the_build_command(tmp_path):
 def test_tensorrt_backend_without_tensorrt_is_a_clear_error(tmp_path):
     if TRT_MISSING is None:
         pytest.skip("tensorrt is installed here; this checks the message where it is not")
-    from vlm_ros.pipeline import Assistant
+    from vlm_ros.infer.pipeline import Assistant
 
     runtime = RuntimeConfig(vision_backend="tensorrt", engine_dir=str(tmp_path))
     with pytest.raises(VlmError, match="TensorRT is not installed|no CUDA"):
@@ -131,11 +131,11 @@ def test_tensorrt_backend_without_tensorrt_is_a_clear_error(tmp_path):
 @NEEDS_GPU_TRT[1]
 @NEEDS_GPU_TRT[2]
 def test_engine_build_and_parity(tmp_path, family):
-    from vlm_ros.commands.build_engines import build_for_model
-    from vlm_ros.onnx_export import TOLERANCE, relative_error
+    from vlm_ros.engines.build import build_for_model
+    from vlm_ros.engines.onnx_export import TOLERANCE, relative_error
+    from vlm_ros.engines.trt_engine import make_encoder
+    from vlm_ros.model.vision_stage import VisionStage
     from vlm_ros.timing import StageTimer
-    from vlm_ros.trt_engine import make_encoder
-    from vlm_ros.vision_stage import VisionStage
 
     model = load_checkpoint(tiny_checkpoint(family), "cuda", "float16").model
     build_for_model(model, tmp_path, precision="fp16")

@@ -34,7 +34,7 @@ def _mypy(*paths: str | Path) -> subprocess.CompletedProcess:
 
 
 def test_trt_engine_is_mypy_clean_against_tensorrt_stubs():
-    result = _mypy("vlm_ros/trt_engine.py")
+    result = _mypy("vlm_ros/engines/trt_engine.py")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Success" in result.stdout
 

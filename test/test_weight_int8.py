@@ -1,4 +1,4 @@
-"""Weight-only int8 (``quantize="int8_weight_only"``, vlm_ros/weight_int8.py): each layer within
+"""Weight-only int8 (``quantize="int8_weight_only"``, engines/weight_int8.py): each layer within
 int8-weight rounding of the half-precision Linear on both kernel paths, the float weights
 released, float32 models refused by name, and on the trained demo model the same answers as
 bf16 (a trained model is where weight rounding could flip a token; random tiny weights say
@@ -12,9 +12,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlm_ros.config import RuntimeConfig
+from vlm_ros.engines.weight_int8 import PACKED_ROWS, WeightOnlyInt8Linear, quantize_weights
 from vlm_ros.errors import InputError
-from vlm_ros.pipeline import Assistant
-from vlm_ros.weight_int8 import PACKED_ROWS, WeightOnlyInt8Linear, quantize_weights
+from vlm_ros.infer.pipeline import Assistant
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -34,7 +34,7 @@ def test_layer_within_weight_rounding(dtype, rows):
 
 def test_without_the_packed_kernel_the_dequantizing_form_is_used(monkeypatch):
     """Older torch (< 2.3) lacks ATen's _weight_int8pack_mm: same result, other kernel."""
-    from vlm_ros import weight_int8
+    from vlm_ros.engines import weight_int8
 
     linear = nn.Linear(32, 48).to(torch.bfloat16)
     quantized = WeightOnlyInt8Linear(linear)

@@ -1,4 +1,4 @@
-"""vlm_ros.worker with plain callables: one thread, priorities, bound, coalescing, deadlines."""
+"""serving.worker with plain callables: one thread, priorities, bound, coalescing, deadlines."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from concurrent.futures import CancelledError
 
 import pytest
 
-from vlm_ros.worker import (
+from vlm_ros.serving.worker import (
     PERIODIC,
     QUERY,
     InferenceWorker,

@@ -1,7 +1,7 @@
 """Tiny checkpoints for tests, written once per test session and shared.
 
 ``tiny_checkpoint(family, **options)`` returns the directory of a tiny checkpoint in the exact
-published layout of ``family`` (options as vlm_ros.tiny.write_tiny_checkpoint: seed, safetensors,
+published layout of ``family`` (options as model.tiny.write_tiny_checkpoint: seed, safetensors,
 sharded, fused_qkv, vocab_size), writing it on first use into one temporary directory removed at
 exit. The directories are shared: a test that damages a checkpoint copies it first
 (``copy_tiny_checkpoint``). Import from tests as ``from tiny_models import tiny_checkpoint``
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm_ros.tiny import FAMILY_NAMES, write_tiny_checkpoint
+from vlm_ros.model.tiny import FAMILY_NAMES, write_tiny_checkpoint
 
 FAMILIES = FAMILY_NAMES  # llava_phi, mipha_phi, tiny_llava_phi, tinyllava
 

@@ -1,6 +1,6 @@
 """vlm_ros: a small vision-language model (LLaVA-Phi, TinyLLaVA, Mipha) as a ROS 2 assistant.
 
-The package is split in two: a ROS-free core (everything except ``vlm_ros.node``) that turns
+The package is split in two: a ROS-free core (everything except ``vlm_ros.ros.node``) that turns
 (image, question) into an answer or an action hint, and a thin rclpy node around it.
 
 ``extend_path`` lets the rosidl-generated interface modules (``vlm_ros.msg``, ``vlm_ros.srv``,

@@ -30,3 +30,9 @@ class BagDamageError(BagError):
     """The bag's files are there but cannot be read (truncated, corrupt): what eval-bag and
     report answer with a partial report of what was read (possibly nothing), unlike a wrong
     path, a missing topic or an unsupported encoding, which are the caller's to fix."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a library exception: its text, or its type when the text is empty."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

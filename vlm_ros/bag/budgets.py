@@ -1,6 +1,6 @@
 """Latency budgets for eval-bag and report, from a node parameter file and/or STAGE=MS flags.
 
-Names and rule are vlm_ros.latency's (the node's): the pipeline stages plus ``image_to_output``
+Names and rule are serving.latency's (the node's): the pipeline stages plus ``image_to_output``
 (image stamp to published output), in milliseconds, 0 meaning "no budget". Here they are kept as
 a plain dict of the budgets that are set, which is what the report prints and draws.
 """
@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from vlm_ros.errors import InputError
-from vlm_ros.latency import NAMES, Budgets
+from vlm_ros.serving.latency import NAMES, Budgets
 
 
 def checked(values: Mapping[str, float], origin: str) -> dict[str, float]:

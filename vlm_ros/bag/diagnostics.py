@@ -1,4 +1,4 @@
-"""/diagnostics for a replay, judged by the node's own rule (vlm_ros.latency.LatencyMonitor).
+"""/diagnostics for a replay, judged by the node's own rule (serving.latency.LatencyMonitor).
 
 The replay's outputs and frame counts are fed to a LatencyMonitor in virtual-time order, and it
 reports once per virtual second and once at the end, as the node's diagnostics timer does. The
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlm_ros.bag.io import OutMessage
-from vlm_ros.latency import ERROR, OK, Budgets, LatencyMonitor
+from vlm_ros.serving.latency import ERROR, OK, Budgets, LatencyMonitor
 
 STATUS_NAME = "vlm_assistant: latency"
 RUN_STATUS_NAME = "vlm_assistant: eval-bag run"

@@ -34,8 +34,8 @@ from vlm_ros.bag.types import (
     typestore,
 )
 from vlm_ros.errors import InputError
-from vlm_ros.latency import Budgets
-from vlm_ros.node_config import PARAMETERS
+from vlm_ros.ros.node_config import PARAMETERS
+from vlm_ros.serving.latency import Budgets
 from vlm_ros.types import StageTimings
 
 # the node's own defaults, so a replay asks what the live node asks unless told otherwise
@@ -152,9 +152,9 @@ def read_frames(
 
 
 def frame_pixels(frame: Frame) -> np.ndarray:
-    """The frame as RGB uint8 (H, W, 3) through the node's own converter (vlm_ros.imaging), so a
+    """The frame as RGB uint8 (H, W, 3) through the node's own converter (vlm_ros.ros.imaging), so a
     frame the node would refuse is refused here, with the same ImageFormatError message."""
-    from vlm_ros.imaging import image_from_compressed, image_from_raw
+    from vlm_ros.ros.imaging import image_from_compressed, image_from_raw
 
     m = frame.msg
     if frame.msgtype == COMPRESSED_IMAGE:
@@ -303,7 +303,7 @@ def warm_up(runner: FrameRunner, reader, connections: Sequence, runs: int) -> No
 
 def load_assistant(settings: EvalSettings):
     from vlm_ros.config import RuntimeConfig
-    from vlm_ros.pipeline import Assistant
+    from vlm_ros.infer.pipeline import Assistant
 
     return Assistant.load(settings.model, runtime=RuntimeConfig(device=settings.device))
 

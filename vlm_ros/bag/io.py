@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from vlm_ros.bag import BagDamageError, BagError
+from vlm_ros.bag import BagDamageError, BagError, describe_error
 from vlm_ros.bag.types import typestore
 
 STORAGES = ("mcap", "sqlite3", "ros1")
@@ -82,12 +82,6 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover - rosbags pulls apsw in on current versions
         pass
     return tuple(errors)
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for a library exception: its text, or its type when the text is empty."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 @contextmanager

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlm_ros.bag import describe_error
+
 
 @dataclass(frozen=True)
 class SalvagedConnection:
@@ -49,8 +51,6 @@ class SalvageReader:
     def _records(self, path: Path) -> Iterator[object]:
         """Records of one file; the first failure is kept in ``damage`` and ends the stream."""
         from mcap.stream_reader import StreamReader
-
-        from vlm_ros.bag.io import describe_error
 
         with open(path, "rb") as fh:
             try:

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     image = read_image(args.image)  # before the heavy imports: a bad path fails at once
-    from vlm_ros.pipeline import Assistant
+    from vlm_ros.infer.pipeline import Assistant
 
     generation = GenerationConfig(
         max_new_tokens=args.max_new_tokens,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vlm_ros.bench import PRESETS
+    from vlm_ros.bench.measure import PRESETS
 
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vlm_ros.bench import markdown
-    from vlm_ros.bench import run as run_bench
+    from vlm_ros.bench.measure import markdown
+    from vlm_ros.bench.measure import run as run_bench
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -5,9 +5,6 @@ sidecar the runtime checks before it uses the engine."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-from vlm_ros.model import VlmModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,34 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_for_model(
-    model: VlmModel,
-    engine_dir: str | Path,
-    precision: str = "fp16",
-    workspace_gib: float = 4.0,
-    opt_level: int = 3,
-) -> Path:
-    """ONNX export (checked) -> TensorRT engine + sidecar for ``model``; returns the engine."""
-    from vlm_ros.onnx_export import export_and_check
-    from vlm_ros.ort_backend import structure_fingerprint
-    from vlm_ros.trt_engine import (
-        BuildOptions,
-        EngineBuilder,
-        engine_path,
-        expected_identity,
-        onnx_path_for,
-    )
-
-    builder = EngineBuilder(BuildOptions(precision, workspace_gib, opt_level))  # checks TRT+CUDA
-    name = structure_fingerprint(model)
-    onnx_file = onnx_path_for(engine_dir, name, precision)
-    export_and_check(model, onnx_file, precision)
-    identity = expected_identity(model, onnx_file, precision)
-    return builder.build(onnx_file, engine_path(engine_dir, name, precision), identity)
-
-
 def run(args: argparse.Namespace) -> int:
-    from vlm_ros.checkpoint import load_checkpoint
+    from vlm_ros.engines.build import build_for_model
+    from vlm_ros.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(args.model, "cpu", "float32").model
     engine = build_for_model(

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from vlm_ros.config import RuntimeConfig
     from vlm_ros.demo.evaluate import evaluate, write_report
-    from vlm_ros.pipeline import Assistant
+    from vlm_ros.infer.pipeline import Assistant
 
     runtime = RuntimeConfig(threads=args.threads, quantize=args.quantize, dtype=args.dtype)
     assistant = Assistant.load(args.model, runtime=runtime)

@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_ros.checkpoint import load_checkpoint
-    from vlm_ros.onnx_export import export_and_check, onnx_name
+    from vlm_ros.engines.onnx_export import export_and_check, onnx_name
+    from vlm_ros.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(args.model, "cpu", "float32").model
     for precision in args.precision:

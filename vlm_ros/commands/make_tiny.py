@@ -12,7 +12,7 @@ FORMATS = ("safetensors", "sharded", "bin")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vlm_ros.families import FAMILIES
+    from vlm_ros.model.families import FAMILIES
 
     parser.add_argument(
         "--family",
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_ros.tiny import write_tiny_checkpoint
+    from vlm_ros.model.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(
         args.out,

@@ -46,6 +46,6 @@ def ros_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_ros.node import run as run_node  # rclpy only when the command runs
+    from vlm_ros.ros.node import run as run_node  # rclpy only when the command runs
 
     return run_node(ros_arguments(args), demo=args.demo, camera_rate_hz=args.camera_rate)

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     image = read_image(args.image)  # before the heavy imports: a bad path fails at once
-    from vlm_ros.pipeline import Assistant
+    from vlm_ros.infer.pipeline import Assistant
 
     runtime = runtime_from_args(args)
     with Assistant.load(args.model, runtime, vision_tower=args.vision_tower) as assistant:

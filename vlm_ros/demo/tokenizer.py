@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from vlm_ros.demo.data import corpus, split_seeds
-from vlm_ros.prompt import build_prompt
+from vlm_ros.infer.prompt import build_prompt
 
 ENDOFTEXT = "<|endoftext|>"
 VOCAB_SIZE = 640

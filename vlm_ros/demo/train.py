@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, PhiConfig
 
-from vlm_ros import prompt
-from vlm_ros.checkpoint import load_tokenizer
 from vlm_ros.demo import data, world
 from vlm_ros.demo.tokenizer import ENDOFTEXT, train_tokenizer
-from vlm_ros.families import CLIP_MEAN, CLIP_STD, FAMILIES, ImageProcessing
-from vlm_ros.model import VlmModel
-from vlm_ros.preprocess import preprocess
+from vlm_ros.infer import prompt
+from vlm_ros.infer.preprocess import preprocess
+from vlm_ros.model.checkpoint import load_tokenizer
+from vlm_ros.model.families import CLIP_MEAN, CLIP_STD, FAMILIES, ImageProcessing
+from vlm_ros.model.network import VlmModel
 
 # Camera sizes scenes are rendered at for training (the pipeline pads any size to square).
 RENDER_SIZES = ((96, 72), (128, 96), (160, 120), (320, 240))
@@ -121,7 +121,7 @@ def build_model(cfg: TrainConfig, vocab: int) -> VlmModel:
 
 
 def phi_fields(cfg: TrainConfig, vocab: int) -> dict:
-    from vlm_ros.tiny import _phi_fields
+    from vlm_ros.model.tiny import _phi_fields
 
     fields = {**_phi_fields(vocab, bos=1, eos=2), **cfg.text, "resid_pdrop": 0.0}
     fields["max_position_embeddings"] = 512
@@ -479,7 +479,7 @@ def _ends(losses: list[float]) -> dict:
 def save_checkpoint(model: VlmModel, cfg: TrainConfig, out: Path) -> None:
     """model.safetensors with LLaVA-Phi's key names (tiny.py's naming), config.json nested as
     LLaVA-Phi's, and the CLIP preprocessor config at the demo's size."""
-    from vlm_ros.tiny import (
+    from vlm_ros.model.tiny import (
         _LLAVA_BODY,
         _mm_projector,
         _published_state,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from vlm_ros.config import ImageLimits
 from vlm_ros.errors import ContextOverflowError, InputError
-from vlm_ros.families import IMAGE_TOKEN_INDEX
+from vlm_ros.model.families import IMAGE_TOKEN_INDEX
 
 IMAGE_PLACEHOLDER = "<image>"
 SYSTEM = (

@@ -38,7 +38,7 @@ import torch
 
 from vlm_ros.config import RuntimeConfig
 from vlm_ros.errors import EngineMismatchError, VlmError
-from vlm_ros.model import VlmModel
+from vlm_ros.model.network import VlmModel
 
 PRECISIONS = ("fp16", "fp32")
 REBUILD = "vlm-ros build-engines --model {model}"
@@ -372,8 +372,8 @@ def expected_identity(
 ) -> EngineIdentity:
     """What an engine for ``model`` on this GPU (``device``, default the current one) and this
     TensorRT must have been built from/for."""
-    from vlm_ros.onnx_export import sha256_file
-    from vlm_ros.ort_backend import structure_fingerprint
+    from vlm_ros.engines.onnx_export import sha256_file
+    from vlm_ros.engines.ort_backend import structure_fingerprint
 
     version = require_tensorrt()
     name, capability = current_gpu(device)
@@ -392,8 +392,8 @@ def probe_weights(model: VlmModel, engine: TensorRTVision, engine_file: Path) ->
     """Run a seeded probe image through the engine and the PyTorch stage: the sidecar proves
     shapes, GPU and TensorRT; this proves the engine computes THIS model's weights (same-shape
     checkpoints share an engine name). Costs one vision pass at load."""
-    from vlm_ros.onnx_export import TOLERANCE, relative_error
-    from vlm_ros.vision_stage import VisionStage
+    from vlm_ros.engines.onnx_export import TOLERANCE, relative_error
+    from vlm_ros.model.vision_stage import VisionStage
 
     pixels = torch.randn(engine.input_shape, generator=torch.Generator().manual_seed(0))
     param = next(model.vision_tower.parameters())
@@ -425,7 +425,7 @@ def make_encoder(model: VlmModel, runtime: RuntimeConfig) -> TensorRTVisionEncod
     """Factory registered in vision.BACKENDS["tensorrt"]: the engine for this model, this GPU
     and this TensorRT from ``runtime.engine_dir``, or EngineMismatchError with the rebuild
     command."""
-    from vlm_ros.ort_backend import structure_fingerprint
+    from vlm_ros.engines.ort_backend import structure_fingerprint
 
     name = structure_fingerprint(model)
     precision = built_precision(runtime.engine_dir, name)

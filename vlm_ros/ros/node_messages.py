@@ -1,6 +1,6 @@
 """Builders of the node's output messages from core results; no rclpy (generated types only).
 
-Split from vlm_ros/node.py so the node keeps to scheduling and ROS glue. Every output copies the
+Split from vlm_ros/ros/node.py so the node keeps to scheduling and ROS glue. Every output copies the
 source image's header, so consumers can compute the true image-to-output latency.
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Mapping
 
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
-from vlm_ros.latency import Report
 from vlm_ros.msg import ActionHint, SceneAnswer, StageLatency
+from vlm_ros.serving.latency import Report
 from vlm_ros.types import STAGES, Answer
 from vlm_ros.types import ActionHint as Hint
 

@@ -51,21 +51,6 @@ def onednn_linear_available() -> bool:
     return bool((got - want).abs().max() <= _PROBE_RTOL * want.abs().max())
 
 
-def cpu_has_native(dtype: torch.dtype) -> bool:
-    """Whether this CPU computes ``dtype`` matrix products natively (oneDNN's own check:
-    AVX512-BF16 or AMX for bfloat16, AVX512-FP16 or AMX-FP16 for float16). Without it, torch
-    emulates them, slower than float32. True where the check itself is missing (another torch
-    build): then nothing is claimed."""
-    check = {torch.bfloat16: "_is_mkldnn_bf16_supported",
-             torch.float16: "_is_mkldnn_fp16_supported"}  # fmt: skip
-    if dtype not in check:
-        return True
-    try:
-        return bool(getattr(torch.ops.mkldnn, check[dtype])())
-    except (AttributeError, RuntimeError):
-        return True
-
-
 class OneDnnLinear(nn.Module):
     """An nn.Linear's own weight and bias (shared, not copied), float32 CPU inputs through
     oneDNN, anything else through F.linear. State-dict keys are nn.Linear's."""

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 
 import torch
 
-from vlm_ros.decode import Decoder
 from vlm_ros.errors import InputError
-from vlm_ros.prompt import ANSWER_PREFIX, encode_text
+from vlm_ros.infer.decode import Decoder
+from vlm_ros.infer.prompt import ANSWER_PREFIX, encode_text
 from vlm_ros.timing import StageTimer
 
 MAX_CANDIDATES = 64

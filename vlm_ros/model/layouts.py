@@ -3,7 +3,7 @@
 One function per ``model_type`` reads config.json (and, for legacy TinyLLaVA, the separate
 vision-tower directory) and returns a ``Layout``: the FamilySpec resolved for this checkpoint,
 the transformers configs of the vision tower and of the Phi decoder, and where each canonical
-parameter of ``VlmModel`` (see vlm_ros/model.py) comes from. Nothing here reads tensor data;
+parameter of ``VlmModel`` (see vlm_ros/model/network.py) comes from. Nothing here reads tensor data;
 checkpoint.py checks the plan against the model and then loads it.
 
 Facts: shared/facts/model-formats.md.
@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig
 
 from vlm_ros.errors import CheckpointError
-from vlm_ros.families import (
+from vlm_ros.model.families import (
     CLIP_MEAN,
     CLIP_STD,
     FAMILIES,
@@ -29,7 +29,7 @@ from vlm_ros.families import (
     FamilySpec,
     ImageProcessing,
 )
-from vlm_ros.weights import WeightFiles, open_weights
+from vlm_ros.model.weights import WeightFiles, open_weights
 
 SUPPORTED = tuple(FAMILIES)
 

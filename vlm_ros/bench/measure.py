@@ -35,14 +35,15 @@ from dataclasses import dataclass, field
 import torch
 from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig
 
-from vlm_ros import decode, ranking
 from vlm_ros.config import GenerationConfig, RuntimeConfig
-from vlm_ros.cpu_kernels import OneDnnLinear, cpu_has_native
-from vlm_ros.families import FAMILIES, IMAGE_TOKEN_INDEX
-from vlm_ros.model import VlmModel
-from vlm_ros.static_decode import StaticDecoder
+from vlm_ros.engines.cpu_kernels import OneDnnLinear
+from vlm_ros.infer import decode, ranking
+from vlm_ros.infer.static_decode import StaticDecoder
+from vlm_ros.infer.vision import TorchVisionEncoder
+from vlm_ros.model.compat import cpu_has_native
+from vlm_ros.model.families import FAMILIES, IMAGE_TOKEN_INDEX
+from vlm_ros.model.network import VlmModel
 from vlm_ros.timing import StageTimer
-from vlm_ros.vision import TorchVisionEncoder
 
 PHI2 = dict(
     vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
@@ -384,7 +385,7 @@ def make_fast(model: VlmModel, ids, device: str, max_seq: int, vision_backend: s
         import tempfile
         from pathlib import Path
 
-        from vlm_ros.ort_backend import make_encoder
+        from vlm_ros.engines.ort_backend import make_encoder
 
         # The product's encoder (providers read back, fp16 under a GPU provider, the serving
         # session checked there). The session holds the graph in memory once created, so the
@@ -409,8 +410,8 @@ def tensorrt_encoder(model: VlmModel, device: str):
     The engine is deserialized into memory, so its directory goes at once."""
     import tempfile
 
-    from vlm_ros.commands.build_engines import build_for_model
-    from vlm_ros.trt_engine import make_encoder, require_cuda, require_tensorrt
+    from vlm_ros.engines.build import build_for_model
+    from vlm_ros.engines.trt_engine import make_encoder, require_cuda, require_tensorrt
 
     require_tensorrt()
     require_cuda()

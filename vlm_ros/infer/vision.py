@@ -14,19 +14,19 @@ from typing import Protocol
 
 import torch
 
-from vlm_ros import cpu_kernels
 from vlm_ros.config import RuntimeConfig
+from vlm_ros.engines import cpu_kernels
 from vlm_ros.errors import VlmError
-from vlm_ros.model import VlmModel
+from vlm_ros.model.network import VlmModel
+from vlm_ros.model.vision_stage import VisionStage
 from vlm_ros.timing import StageTimer
-from vlm_ros.vision_stage import VisionStage
 
 # RuntimeConfig.vision_backend -> "module:factory". The factory is called as factory(model,
 # runtime) and returns a VisionEncoder.
 BACKENDS: dict[str, str] = {
-    "torch": "vlm_ros.vision:TorchVisionEncoder",
-    "onnxruntime": "vlm_ros.ort_backend:make_encoder",
-    "tensorrt": "vlm_ros.trt_engine:make_encoder",
+    "torch": "vlm_ros.infer.vision:TorchVisionEncoder",
+    "onnxruntime": "vlm_ros.engines.ort_backend:make_encoder",
+    "tensorrt": "vlm_ros.engines.trt_engine:make_encoder",
 }
 
 
@@ -48,7 +48,7 @@ class TorchVisionEncoder:
     computes the last layer and throws it away).
 
     float32 on an x86 CPU: the Linear layers go through oneDNN like the static decoder's
-    (``runtime.cpu_linear``, vlm_ros/cpu_kernels.py; same arithmetic, another summation order),
+    (``runtime.cpu_linear``, engines/cpu_kernels.py; same arithmetic, another summation order),
     in a copy of the stage that shares the model's weights; ``cpu_linear="torch"`` keeps the
     exact bits of encode_images.
     """

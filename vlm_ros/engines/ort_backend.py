@@ -31,9 +31,7 @@ import numpy as np
 import torch
 
 from vlm_ros.config import RuntimeConfig
-from vlm_ros.errors import VlmError
-from vlm_ros.model import VlmModel
-from vlm_ros.onnx_export import (
+from vlm_ros.engines.onnx_export import (
     INPUT_NAME,
     OUTPUT_NAME,
     TOLERANCE,
@@ -42,6 +40,8 @@ from vlm_ros.onnx_export import (
     ort_session,
     relative_error,
 )
+from vlm_ros.errors import VlmError
+from vlm_ros.model.network import VlmModel
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
@@ -174,7 +174,7 @@ def check_session(encoder: OrtVisionEncoder, model: VlmModel, precision: str) ->
     """Relative error of the serving session against the float32 PyTorch stage on a seeded
     probe image; VlmError above TOLERANCE[precision]. The export check ran the graph on the
     CPU provider: a GPU provider (its own kernels, TensorRT's fusions) is checked here."""
-    from vlm_ros.onnx_export import probe_reference
+    from vlm_ros.engines.onnx_export import probe_reference
     from vlm_ros.timing import StageTimer
 
     pixels, expected = probe_reference(model)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlm_ros.config import dtype_name
-from vlm_ros.cpu_kernels import replace_linears
+from vlm_ros.engines.cpu_kernels import replace_linears
 from vlm_ros.errors import InputError
 
 HALF = (torch.bfloat16, torch.float16)

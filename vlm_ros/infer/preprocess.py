@@ -15,7 +15,7 @@ from PIL import Image
 
 from vlm_ros.config import ImageLimits
 from vlm_ros.errors import InputError
-from vlm_ros.families import ImageProcessing
+from vlm_ros.model.families import ImageProcessing
 
 COLOR_ORDERS = ("rgb", "bgr")
 

@@ -9,7 +9,6 @@ rules here are shared by all of them.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -17,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from transformers import Cache, DynamicCache, PhiForCausalLM
+from transformers import DynamicCache, PhiForCausalLM
 
 from vlm_ros.config import GenerationConfig
 from vlm_ros.errors import InputError, VlmError
-from vlm_ros.prompt import split_at_image
+from vlm_ros.infer.prompt import split_at_image
+from vlm_ros.model.compat import cache_kwarg
 from vlm_ros.timing import StageTimer
 
 
@@ -49,18 +49,6 @@ class Decoder(Protocol):
         logits are wanted, ones then zeros) -> logits [K, T, V]; rows where mask is 0 are not
         read. The decoder must be reset (or prefilled again) before it is used for anything
         else."""
-
-
-def cache_kwarg(cache: Cache | None) -> dict[str, Cache | None]:
-    """``{name: cache}`` for PhiForCausalLM.forward: transformers renamed ``past_key_values``
-    to ``cache`` (5.2x; the old name is removed in 5.40), and users run both sides of that."""
-    return {_CACHE_NAME: cache}
-
-
-_CACHE_NAME = (
-    "cache" if "cache" in inspect.signature(PhiForCausalLM.forward).parameters
-    else "past_key_values"
-)  # fmt: skip
 
 
 class EagerDecoder:
@@ -110,7 +98,7 @@ def make_decoder(lm: PhiForCausalLM, kind: str = "eager", **options) -> Decoder:
     if kind == "eager":
         return EagerDecoder(lm)
     if kind == "static":
-        from vlm_ros import static_decode  # written separately; imported only when chosen
+        from vlm_ros.infer import static_decode  # written separately; imported only when chosen
 
         return static_decode.StaticDecoder(lm, **options)
     raise InputError(f"unknown decoder {kind!r}; expected 'eager' or 'static'")

@@ -22,8 +22,8 @@ from vlm_ros.config import (
     RuntimeConfig,
 )
 from vlm_ros.errors import InputError
-from vlm_ros.latency import NAMES as BUDGET_NAMES
-from vlm_ros.latency import Budgets
+from vlm_ros.serving.latency import NAMES as BUDGET_NAMES
+from vlm_ros.serving.latency import Budgets
 
 DEFAULT_CANDIDATES = ["continue", "slow_down", "stop", "turn_left", "turn_right"]
 

@@ -12,13 +12,12 @@ checked against exactly this reference.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
 from vlm_ros.errors import VlmError
-from vlm_ros.model import VlmModel
+from vlm_ros.model import compat
+from vlm_ros.model.network import VlmModel
 
 
 def layers_needed(num_layers: int, select_layer: int) -> int:
@@ -41,18 +40,14 @@ class VisionStage(nn.Module):
 
     def __init__(self, model: VlmModel):
         super().__init__()
-        # transformers < 5 nests the tower's modules under .vision_model; 5.x flattens them.
-        vision = getattr(model.vision_tower, "vision_model", model.vision_tower)
+        vision = compat.tower_body(model.vision_tower)
         self.embeddings = vision.embeddings
         # CLIP normalises the embeddings before the encoder (hidden_states[0] is after it);
         # SigLIP has no pre-norm.
         self.pre_norm = getattr(vision, "pre_layrnorm", None) or nn.Identity()
         count = layers_needed(len(vision.encoder.layers), model.spec.select_layer)
         self.layers = nn.ModuleList(vision.encoder.layers[:count])
-        # transformers 5 layers take (hidden, attention_mask) and return the hidden states;
-        # 4.x CLIP layers also take causal_attention_mask and return a tuple.
-        forward = inspect.signature(type(self.layers[0]).forward).parameters if count else {}
-        self.mask_args = (None, None) if "causal_attention_mask" in forward else (None,)
+        self.mask_args = compat.encoder_layer_args(self.layers[0]) if count else (None,)
         self.drop_first_token = model.spec.drop_first_token
         self.projector = model.projector
         self.num_image_tokens = model.num_image_tokens
@@ -62,8 +57,8 @@ class VisionStage(nn.Module):
         """[B, 3, S, S] -> the selected layer's patch features [B, N, vision_hidden]."""
         hidden = self.pre_norm(self.embeddings(pixel_values))  # [B, T, vision_hidden]
         for layer in self.layers:
-            out = layer(hidden, *self.mask_args)  # no attention mask: every patch sees every one
-            hidden = out[0] if isinstance(out, tuple) else out
+            # no attention mask: every patch sees every one
+            hidden = compat.layer_output(layer(hidden, *self.mask_args))
         return hidden[:, 1:] if self.drop_first_token else hidden  # [B, N, vision_hidden]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

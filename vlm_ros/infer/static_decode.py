@@ -19,7 +19,7 @@ in torch.cat copies on the ``small`` preset. Where the cache lacks room for the 
 it falls back to that expanded form.
 
 On CPU in float32 the decoder's Linear layers run through oneDNN (``cpu_linear="auto"``,
-vlm_ros/cpu_kernels.py; not with ``compile``, whose inductor lowers Linear itself): ~2x MKL's
+engines/cpu_kernels.py; not with ``compile``, whose inductor lowers Linear itself): ~2x MKL's
 speed on the AMD hosts measured, same float32 arithmetic.
 They are swapped in a copy of ``lm``'s module tree that shares its weights, so the model's own
 modules (and the eager reference) are untouched.
@@ -27,7 +27,7 @@ modules (and the eager reference) are untouched.
 Optional ``quantize="int8"``: dynamic int8 quantization (torch.ao, fbgemm/x86) of the decoder's
 Linear layers, CPU only, lossy and opt-in; its greedy agreement and logit error are measured by
 the benchmark (see docs/performance.md). ``quantize="int8_weight_only"``: int8 weights with
-per-channel scales, bf16/fp16 activations (vlm_ros/weight_int8.py), much less loss. Both replace
+per-channel scales, bf16/fp16 activations (engines/weight_int8.py), much less loss. Both replace
 the Linear modules of ``lm`` in place.
 """
 
@@ -40,10 +40,10 @@ import torch
 from torch import nn
 from transformers import Cache, DynamicCache, PhiForCausalLM, StaticCache
 
-from vlm_ros import cpu_kernels, weight_int8
 from vlm_ros.config import QUANTIZE_MODES, dtype_name
-from vlm_ros.decode import cache_kwarg
+from vlm_ros.engines import cpu_kernels, weight_int8
 from vlm_ros.errors import ContextOverflowError, InputError
+from vlm_ros.model.compat import cache_kwarg
 
 
 def quantize_int8(lm: nn.Module) -> nn.Module:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from vlm_ros.cpu_kernels import copy_structure
+from vlm_ros.engines.cpu_kernels import copy_structure
 from vlm_ros.errors import VlmError
-from vlm_ros.model import VlmModel
-from vlm_ros.vision_stage import VisionStage
+from vlm_ros.model.network import VlmModel
+from vlm_ros.model.vision_stage import VisionStage
 
 OPSET = 17
 INPUT_NAME = "pixel_values"

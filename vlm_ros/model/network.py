@@ -24,7 +24,8 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from vlm_ros.families import FamilySpec
+from vlm_ros.model.compat import tower_is_nested
+from vlm_ros.model.families import FamilySpec
 
 # How every published checkpoint (saved with transformers 4.3x/4.4x) names the vision tower.
 PUBLISHED_TOWER_PREFIX = "vision_tower.vision_model."
@@ -69,8 +70,7 @@ class VlmModel(nn.Module):
     def tower_prefix(self) -> str:
         """State-dict prefix of the tower's own modules in the installed transformers:
         "vision_tower.vision_model." before 5.0, "vision_tower." from 5.0 (flattened)."""
-        nested = isinstance(getattr(self.vision_tower, "vision_model", None), nn.Module)
-        return PUBLISHED_TOWER_PREFIX if nested else "vision_tower."
+        return PUBLISHED_TOWER_PREFIX if tower_is_nested(self.vision_tower) else "vision_tower."
 
     @property
     def num_image_tokens(self) -> int:

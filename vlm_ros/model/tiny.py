@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig, SiglipVisionModel
 
-from vlm_ros.families import CLIP_MEAN, CLIP_STD, FAMILIES, SIGLIP_MEAN, SIGLIP_STD
-from vlm_ros.model import PUBLISHED_TOWER_PREFIX, VlmModel
+from vlm_ros.model.compat import tower_is_nested
+from vlm_ros.model.families import CLIP_MEAN, CLIP_STD, FAMILIES, SIGLIP_MEAN, SIGLIP_STD
+from vlm_ros.model.network import PUBLISHED_TOWER_PREFIX, VlmModel
 
 FAMILY_NAMES = tuple(FAMILIES)
 ENDOFTEXT = "<|endoftext|>"
@@ -164,7 +165,7 @@ def _tiny_llava_phi(out: Path, vocab: int, eot: int, seed: int):
     model.vision_tower.load_state_dict(
         {k: v for k, v in tower_state.items() if k in model.vision_tower.state_dict()}
     )
-    flat = not isinstance(getattr(tower, "vision_model", None), torch.nn.Module)
+    flat = not tower_is_nested(tower)
     tower_state = {("vision_model." if flat else "") + k: v.clone() for k, v in tower_state.items()}
     tower_dir = out / LEGACY_TOWER_DIR
     tower_dir.mkdir(exist_ok=True)
