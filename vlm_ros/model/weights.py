@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from vlm_ros.errors import CheckpointError
+from vlm_ros.errors import CheckpointError, NoWeightsError
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -59,7 +59,7 @@ def find_weight_files(directory: Path) -> list[Path]:
             return [directory / single]
         if (directory / index_name).is_file():
             return _shards_from_index(directory / index_name)
-    raise CheckpointError(
+    raise NoWeightsError(
         f"no weights in {directory}: expected one of {', '.join(LAYOUTS)} "
         f"(found: {', '.join(sorted(p.name for p in directory.iterdir())) or 'nothing'})"
     )
