@@ -153,12 +153,12 @@ def test_kept_step_logits_survive_the_next_replay(pair, copied):
     reference = eager.trace(image, QUESTIONS[0], max_new_tokens=8)
     assert len(reference.answer.token_ids) >= 3  # at least two decode steps to tell apart
     decoder = static.decoder
-    saved = decoder._step, decoder._copy_step_output
-    decoder._step, decoder._copy_step_output = _replaying(decoder._decode_step), copied
+    saved = decoder._step, decoder.reuses_outputs
+    decoder._step, decoder.reuses_outputs = _replaying(decoder._decode_step), copied
     try:
         kept = static.trace(image, QUESTIONS[0], max_new_tokens=8).step_logits
     finally:
-        decoder._step, decoder._copy_step_output = saved
+        decoder._step, decoder.reuses_outputs = saved
     same = torch.allclose(kept, reference.step_logits, atol=LOGIT_ATOL, rtol=0)
     assert same == copied
 

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig
 
@@ -44,6 +45,7 @@ from vlm_ros.model.compat import cpu_has_native
 from vlm_ros.model.families import FAMILIES, IMAGE_TOKEN_INDEX
 from vlm_ros.model.network import VlmModel
 from vlm_ros.timing import StageTimer
+from vlm_ros.types import Request
 
 PHI2 = dict(
     vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
@@ -124,6 +126,7 @@ PRESETS: dict[str, Preset] = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ACTIONS = ("continue", "slow_down", "stop", "turn_left", "turn_right")
 NEVER_STOP = -1  # no token id is -1: answers run to max_new_tokens
+NO_IMAGE = np.zeros((0, 0, 3), np.uint8)  # the decode loop's Request: pixels come ready-made
 
 
 def build_model(name: str, device: str, dtype: torch.dtype, seed: int = 0) -> VlmModel:
@@ -224,11 +227,15 @@ class FastPath:
     def answer(self, pixels: torch.Tensor, new_tokens: int, timer: StageTimer | None = None,
                keep_logits: bool = False) -> decode.Generation:  # fmt: skip
         timer = timer or StageTimer(pixels.device)
+        request = Request(NO_IMAGE, "", max_new_tokens=new_tokens, generation=GenerationConfig())
         gen = decode.generate(
-            self.decoder, self.embeds(pixels, timer), config=GenerationConfig(),
-            max_new_tokens=new_tokens, stop_token_id=NEVER_STOP, timer=timer,
+            self.decoder,
+            self.embeds(pixels, timer),
+            request,
+            stop_token_id=NEVER_STOP,
+            timer=timer,
             keep_logits=keep_logits,
-        )  # fmt: skip
+        )
         self.decoder.reset()
         return gen
 
