@@ -16,10 +16,12 @@ DecoderKind = Literal["static", "eager"]
 QuantizeMode = Literal["none", "int8", "int8_weight_only"]
 CpuLinearMode = Literal["auto", "onednn", "torch"]
 VisionBackend = Literal["torch", "onnxruntime", "tensorrt"]
+DTypeName = Literal["float32", "bfloat16", "float16"]  # torch.<name>; checkpoint.to_dtype
 DECODERS: tuple[DecoderKind, ...] = get_args(DecoderKind)
 QUANTIZE_MODES: tuple[QuantizeMode, ...] = get_args(QuantizeMode)
 CPU_LINEAR_MODES: tuple[CpuLinearMode, ...] = get_args(CpuLinearMode)
 VISION_BACKENDS: tuple[VisionBackend, ...] = get_args(VisionBackend)
+DTYPE_NAMES: tuple[DTypeName, ...] = get_args(DTypeName)
 
 
 def check_choice(name: str, value: object, allowed: Collection[object]) -> None:
@@ -69,7 +71,7 @@ class RuntimeConfig:
     """
 
     device: str = "cpu"
-    dtype: str | None = None
+    dtype: DTypeName | None = None
     vision_backend: VisionBackend = "torch"
     decoder: DecoderKind = "static"
     max_seq_len: int = 1024
@@ -82,6 +84,7 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in (
+            ("dtype", (None, *DTYPE_NAMES)),
             ("vision_backend", VISION_BACKENDS),
             ("decoder", DECODERS),
             ("quantize", QUANTIZE_MODES),

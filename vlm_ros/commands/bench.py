@@ -42,15 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from vlm_ros.bench.measure import markdown
+    from vlm_ros.bench.measure import BenchOptions, markdown
     from vlm_ros.bench.measure import run as run_bench
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    result = run_bench(
-        args.preset, args.device, args.dtype, args.iters, args.vision_backend, args.int8,
-        args.compile, bf16=args.bf16,
-    )  # fmt: skip
+    options = BenchOptions(
+        preset=args.preset,
+        device=args.device,
+        dtype=args.dtype,
+        iters=args.iters,
+        vision_backend=args.vision_backend,
+        int8=args.int8,
+        compile_decode=args.compile,
+        bf16=args.bf16,
+    )
+    result = run_bench(options)
     table = markdown(result)
     print(table)
     if args.out:

@@ -21,7 +21,6 @@ onnxruntime-gpu with a GPU here); IOBinding is tested on the CPU provider.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from vlm_ros.config import RuntimeConfig
+from vlm_ros.engines.naming import structure_fingerprint, weights_fingerprint
 from vlm_ros.engines.onnx_export import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -38,42 +38,16 @@ from vlm_ros.engines.onnx_export import (
     export_and_check,
     onnx_name,
     ort_session,
+    probe_reference,
     relative_error,
 )
 from vlm_ros.errors import VlmError
 from vlm_ros.model.network import VlmModel
+from vlm_ros.timing import StageTimer
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 _log = logging.getLogger(__name__)
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """Short sha256 over the vision stage's parameters (names, shapes and a strided sample of
-    values): identifies which weights an export was made from, without hashing every byte."""
-    digest = hashlib.sha256()
-    stage_prefixes = ("vision_tower.", "projector.")
-    for name, tensor in model.state_dict().items():
-        if not name.startswith(stage_prefixes):
-            continue
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(sample.tobytes())
-    return digest.hexdigest()[:16]
-
-
-def structure_fingerprint(model: torch.nn.Module) -> str:
-    """Short sha256 over the vision stage's parameter names and shapes (and nothing that
-    depends on dtype): names a TensorRT engine, whose weights are then verified by a probe."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        if name.startswith(("vision_tower.", "projector.")):
-            digest.update(f"{name}{tuple(tensor.shape)};".encode())
-    spec = getattr(model, "spec", None)
-    layer, drop = getattr(spec, "select_layer", None), getattr(spec, "drop_first_token", None)
-    digest.update(f"select={layer};drop={drop}".encode())
-    return digest.hexdigest()[:16]
 
 
 def providers_for(device: str) -> list[str]:
@@ -174,9 +148,6 @@ def check_session(encoder: OrtVisionEncoder, model: VlmModel, precision: str) ->
     """Relative error of the serving session against the float32 PyTorch stage on a seeded
     probe image; VlmError above TOLERANCE[precision]. The export check ran the graph on the
     CPU provider: a GPU provider (its own kernels, TensorRT's fusions) is checked here."""
-    from vlm_ros.engines.onnx_export import probe_reference
-    from vlm_ros.timing import StageTimer
-
     pixels, expected = probe_reference(model)
     with torch.inference_mode():
         got = encoder.encode(pixels.to(encoder.device), StageTimer(encoder.device)).float().cpu()

@@ -37,8 +37,11 @@ from typing import Any
 import torch
 
 from vlm_ros.config import RuntimeConfig
+from vlm_ros.engines.naming import structure_fingerprint
+from vlm_ros.engines.onnx_export import TOLERANCE, relative_error, sha256_file
 from vlm_ros.errors import EngineMismatchError, VlmError
 from vlm_ros.model.network import VlmModel
+from vlm_ros.model.vision_stage import VisionStage
 
 PRECISIONS = ("fp16", "fp32")
 REBUILD = "vlm-ros build-engines --model {model}"
@@ -102,7 +105,7 @@ def major_version(version: str) -> int:
 class EngineIdentity:
     """The facts an engine depends on. The sidecar stores them; the runtime compares them."""
 
-    model: str  # ort_backend.structure_fingerprint: vision-stage names, shapes, select layer
+    model: str  # naming.structure_fingerprint: vision-stage names, shapes, select layer
     onnx_sha256: str
     tensorrt_version: str
     gpu_name: str
@@ -372,9 +375,6 @@ def expected_identity(
 ) -> EngineIdentity:
     """What an engine for ``model`` on this GPU (``device``, default the current one) and this
     TensorRT must have been built from/for."""
-    from vlm_ros.engines.onnx_export import sha256_file
-    from vlm_ros.engines.ort_backend import structure_fingerprint
-
     version = require_tensorrt()
     name, capability = current_gpu(device)
     onnx_hash = sha256_file(onnx_file) if onnx_file.is_file() else "missing"
@@ -392,9 +392,6 @@ def probe_weights(model: VlmModel, engine: TensorRTVision, engine_file: Path) ->
     """Run a seeded probe image through the engine and the PyTorch stage: the sidecar proves
     shapes, GPU and TensorRT; this proves the engine computes THIS model's weights (same-shape
     checkpoints share an engine name). Costs one vision pass at load."""
-    from vlm_ros.engines.onnx_export import TOLERANCE, relative_error
-    from vlm_ros.model.vision_stage import VisionStage
-
     pixels = torch.randn(engine.input_shape, generator=torch.Generator().manual_seed(0))
     param = next(model.vision_tower.parameters())
     with torch.inference_mode():
@@ -425,8 +422,6 @@ def make_encoder(model: VlmModel, runtime: RuntimeConfig) -> TensorRTVisionEncod
     """Factory registered in vision.BACKENDS["tensorrt"]: the engine for this model, this GPU
     and this TensorRT from ``runtime.engine_dir``, or EngineMismatchError with the rebuild
     command."""
-    from vlm_ros.engines.ort_backend import structure_fingerprint
-
     name = structure_fingerprint(model)
     precision = built_precision(runtime.engine_dir, name)
     engine_file = engine_path(runtime.engine_dir, name, precision)

@@ -16,9 +16,10 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, PhiForCausalLM
 
-from vlm_ros.config import DecoderKind, GenerationConfig
-from vlm_ros.errors import VlmError
+from vlm_ros.config import GenerationConfig, RuntimeConfig
+from vlm_ros.errors import InputError, VlmError
 from vlm_ros.infer.prompt import split_at_image
+from vlm_ros.infer.static_decode import StaticDecoder
 from vlm_ros.model.compat import cache_kwarg
 from vlm_ros.timing import StageTimer
 from vlm_ros.types import Request, StopReason
@@ -95,13 +96,21 @@ class EagerDecoder:
         return logits  # [K, T, V]
 
 
-def make_decoder(lm: PhiForCausalLM, kind: DecoderKind = "eager", **options) -> Decoder:
-    """The decoder selected by RuntimeConfig.decoder ("eager" or "static", checked there)."""
-    if kind == "eager":
+def make_decoder(lm: PhiForCausalLM, runtime: RuntimeConfig) -> Decoder:
+    """The decoder ``runtime.decoder`` selects, with its settings. The eager decoder is the
+    unmodified reference: settings only the static one has are refused, not ignored."""
+    if runtime.decoder == "eager":
+        asked = [f"quantize={runtime.quantize!r}"] if runtime.quantize != "none" else []
+        asked += ["compile_decode=True"] if runtime.compile_decode else []
+        if asked:
+            raise InputError(
+                f"{' and '.join(asked)} need decoder 'static'; the 'eager' decoder is the "
+                "unmodified reference"
+            )
         return EagerDecoder(lm)
-    from vlm_ros.infer import static_decode  # imports the engines; only when chosen
-
-    return static_decode.StaticDecoder(lm, **options)
+    return StaticDecoder(
+        lm, runtime.max_seq_len, runtime.compile_decode, runtime.quantize, runtime.cpu_linear
+    )
 
 
 def splice_image(

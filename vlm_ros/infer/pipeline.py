@@ -147,9 +147,7 @@ class Assistant:
         self.stop_token_id = loaded.stop_token_id
         # The decoder first: its settings are checked there, before an ONNX export or a
         # TensorRT probe is paid for.
-        self.decoder = decode.make_decoder(
-            model.language_model, runtime.decoder, **self._decoder_options()
-        )
+        self.decoder = decode.make_decoder(model.language_model, runtime)
         self.encoder = make_vision_encoder(model, runtime)
         self.max_positions = self._max_positions()
         self._lock = threading.Lock()
@@ -182,24 +180,6 @@ class Assistant:
     @property
     def family(self) -> FamilySpec:
         return self.model.spec
-
-    def _decoder_options(self) -> dict:
-        if self.runtime.decoder != "static":
-            quantize, compiled = self.runtime.quantize, self.runtime.compile_decode
-            asked = [f"quantize={quantize!r}"] if quantize != "none" else []
-            asked += ["compile_decode=True"] if compiled else []
-            if asked:
-                raise InputError(
-                    f"{' and '.join(asked)} need decoder 'static'; the "
-                    f"{self.runtime.decoder!r} decoder is the unmodified reference"
-                )
-            return {}
-        return {
-            "max_seq_len": self.runtime.max_seq_len,
-            "compile": self.runtime.compile_decode,
-            "quantize": self.runtime.quantize,
-            "cpu_linear": self.runtime.cpu_linear,
-        }
 
     def _max_positions(self) -> int:
         """The decoder's context: Phi's position table, and the static cache's length if used."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlm_ros.config import dtype_name
+from vlm_ros.config import DTYPE_NAMES, dtype_name
 from vlm_ros.errors import CheckpointError, InputError
 from vlm_ros.model.compat import cpu_has_native
 from vlm_ros.model.families import FamilySpec
@@ -38,7 +38,7 @@ from vlm_ros.model.network import VlmModel, installed_tower_prefix
 
 ENDOFTEXT = "<|endoftext|>"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 DEVICE_TYPES = ("cpu", "cuda")
 _log = logging.getLogger(__name__)
