@@ -99,7 +99,7 @@ PRESETS: dict[str, Preset] = {
             max_position_embeddings=512,
         ),
         text_tokens=16,
-    ),  # fmt: skip
+    ),
     # ~260M parameters: a CLIP-B/14-224-like tower (86M, 256 image tokens) and a shrunken Phi
     # (hidden 800 = 10 heads of Phi-2's 80, 12 layers, Phi-2's vocabulary: 174M).
     # Compute-bound prefill, memory-bound decode on a CPU, like the full model on a board.
@@ -123,7 +123,7 @@ PRESETS: dict[str, Preset] = {
             partial_rotary_factor=0.4,
             max_position_embeddings=2048,
         ),
-    ),  # fmt: skip
+    ),
     "llava-phi-full": Preset("llava_phi", CLIP_L_336, PHI2),
     "mipha-full": Preset("mipha_phi", SIGLIP_SO400M_384, PHI2),
     "tinyllava-full": Preset("tinyllava", SIGLIP_SO400M_384, PHI2),
@@ -185,8 +185,13 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     def rank(q: float) -> float:
         return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
-    return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99),
-            "mean": statistics.fmean(ordered), "n": len(ordered)}  # fmt: skip
+    return {
+        "p50": rank(0.5),
+        "p90": rank(0.9),
+        "p99": rank(0.99),
+        "mean": statistics.fmean(ordered),
+        "n": len(ordered),
+    }
 
 
 # ---- the two paths ------------------------------------------------------------------------
@@ -208,17 +213,28 @@ class Baseline:
         embeds = self.embeds(pixels)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         out = self.model.language_model.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-        )  # fmt: skip
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         return out[0, -new_tokens:].tolist()
 
 
 class FastPath:
     """Vision stage (PyTorch, ONNX Runtime or TensorRT) + static-cache decoder + generate."""
 
-    def __init__(self, model: VlmModel, ids: list[int], encoder, decoder: StaticDecoder,
-                 vision_export: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: VlmModel,
+        ids: list[int],
+        encoder,
+        decoder: StaticDecoder,
+        vision_export: dict | None = None,
+    ):
         self.model, self.ids, self.encoder, self.decoder = model, ids, encoder, decoder
         self.vision_export = vision_export  # the ONNX export's parity check, if one ran
 
@@ -229,8 +245,13 @@ class FastPath:
             self.ids, image, self.model.embed_tokens, self.model.num_image_tokens
         )
 
-    def answer(self, pixels: torch.Tensor, new_tokens: int, timer: StageTimer | None = None,
-               keep_logits: bool = False) -> decode.Generation:  # fmt: skip
+    def answer(
+        self,
+        pixels: torch.Tensor,
+        new_tokens: int,
+        timer: StageTimer | None = None,
+        keep_logits: bool = False,
+    ) -> decode.Generation:
         timer = timer or StageTimer(pixels.device)
         request = Request(NO_IMAGE, "", max_new_tokens=new_tokens, generation=GenerationConfig())
         gen = decode.generate(
@@ -293,8 +314,9 @@ def fast_iteration(fast: FastPath, pixels: torch.Tensor, device: str, s: Samples
     s.add("action_hint_branches", timer.milliseconds()["decode"])
 
 
-def measure(paths: dict[str, Baseline | FastPath], pixels: torch.Tensor, iters: int,
-            device: str) -> dict[str, Samples]:  # fmt: skip
+def measure(
+    paths: dict[str, Baseline | FastPath], pixels: torch.Tensor, iters: int, device: str
+) -> dict[str, Samples]:
     """Samples per path, the paths interleaved within every iteration: on a shared machine the
     load changes over minutes, and interleaving gives every path the same conditions."""
     samples = {name: Samples() for name in paths}
@@ -367,7 +389,7 @@ def reset_peak_gpu_memory(device: str) -> None:
 
 def cudagraph_skips() -> int:
     """How often inductor declined a CUDA graph (it only logs a warning and runs slower)."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters  # dynamo loads only for compiled runs
 
     return int(counters["inductor"]["cudagraph_skips"])
 
@@ -666,11 +688,15 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
 
 def _machine(device: str) -> dict:
     cpu_model, flags = _cpu_model_and_flags()
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": cpu_model, "cpu_flags": flags,
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_native": cpu_has_native(torch.bfloat16),
-            "threads": torch.get_num_threads()}  # fmt: skip
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": cpu_model,
+        "cpu_flags": flags,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": cpu_has_native(torch.bfloat16),
+        "threads": torch.get_num_threads(),
+    }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -679,11 +705,14 @@ def _machine(device: str) -> dict:
 # ---- report ----------------------------------------------------------------------------------
 
 ROWS = (
-    ("vision", "vision encoder + projector"), ("prefill", "prefill (image + prompt)"),
-    ("ttft", "time to first token (image in)"), ("decode_per_token", "decode, per token"),
-    ("answer_16", "image -> 16-token answer"), ("answer_64", "image -> 64-token answer"),
+    ("vision", "vision encoder + projector"),
+    ("prefill", "prefill (image + prompt)"),
+    ("ttft", "time to first token (image in)"),
+    ("decode_per_token", "decode, per token"),
+    ("answer_16", "image -> 16-token answer"),
+    ("answer_64", "image -> 64-token answer"),
     ("action_hint_5", "image -> action hint (5 candidates)"),
-)  # fmt: skip
+)
 
 
 def markdown(result: dict) -> str:

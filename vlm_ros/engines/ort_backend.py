@@ -52,7 +52,7 @@ _log = logging.getLogger(__name__)
 
 def providers_for(device: str) -> list[str]:
     """GPU providers the installed onnxruntime offers (CUDA models only), then the CPU one."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional dependency (the onnx extra)
 
     available = set(ort.get_available_providers())
     gpu = [p for p in GPU_PROVIDERS if p in available] if device.startswith("cuda") else []
@@ -66,8 +66,12 @@ def provider_options(name: str, device: torch.device, engine_dir: Path) -> dict[
     if name == "CUDAExecutionProvider":
         return {"device_id": index}
     if name == "TensorrtExecutionProvider":
-        return {"device_id": index, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": str(engine_dir / "ort_trt")}  # fmt: skip
+        return {
+            "device_id": index,
+            "trt_fp16_enable": True,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(engine_dir / "ort_trt"),
+        }
     return {}
 
 
@@ -184,8 +188,10 @@ def make_encoder(model: VlmModel, runtime: RuntimeConfig) -> OrtVisionEncoder:
     if dropped:
         _log.warning(
             "ONNX Runtime could not start %s (missing CUDA/cuDNN/TensorRT libraries?): the "
-            "vision stage runs on %s", ", ".join(dropped), encoder.providers[0]
-        )  # fmt: skip
+            "vision stage runs on %s",
+            ", ".join(dropped),
+            encoder.providers[0],
+        )
     if graph_precision(encoder.providers) != precision:  # an fp16 graph left on the CPU
         precision = graph_precision(encoder.providers)
         path = ensure_onnx(model, engine_dir / "onnx", precision)

@@ -46,8 +46,14 @@ from vlm_ros.model.vision_stage import VisionStage
 PRECISIONS = ("fp16", "fp32")
 REBUILD = "vlm-ros build-engines --model {model}"
 # Sidecar fields that must equal the running setup for an engine to be used.
-MATCHED_FIELDS = ("model", "onnx_sha256", "tensorrt_version", "gpu_name", "compute_capability",
-                  "precision")  # fmt: skip
+MATCHED_FIELDS = (
+    "model",
+    "onnx_sha256",
+    "tensorrt_version",
+    "gpu_name",
+    "compute_capability",
+    "precision",
+)
 
 
 class TensorRTUnavailable(VlmError):
@@ -61,7 +67,7 @@ def require_tensorrt() -> str:
     Python imports as an empty namespace package: that is "not installed" too.
     """
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # optional dependency (GPU machines only)
     except ImportError as exc:
         raise TensorRTUnavailable(
             f"TensorRT is not installed ({exc}); install NVIDIA's tensorrt wheel or JetPack"
@@ -86,7 +92,7 @@ def trt_logger() -> Any:
     TensorRT warn that the logger changed."""
     global _LOGGER
     if _LOGGER is None:
-        import tensorrt as trt
+        import tensorrt as trt  # optional dependency (GPU machines only)
 
         _LOGGER = trt.Logger(trt.Logger.WARNING)
     return _LOGGER
@@ -214,7 +220,7 @@ class EngineBuilder:
 
     def build(self, onnx_path: Path, out_path: Path, identity: EngineIdentity) -> Path:
         """Parse, build, write ``out_path`` and its sidecar; returns out_path."""
-        import tensorrt as trt
+        import tensorrt as trt  # optional dependency (GPU machines only)
 
         logger = trt_logger()
         builder = trt.Builder(logger)
@@ -240,11 +246,15 @@ class EngineBuilder:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_bytes(bytes(serialized))
         shapes = {
-            "inputs": {network.get_input(i).name: dims(network.get_input(i).shape)
-                       for i in range(network.num_inputs)},
-            "outputs": {network.get_output(i).name: dims(network.get_output(i).shape)
-                        for i in range(network.num_outputs)},
-        }  # fmt: skip
+            "inputs": {
+                network.get_input(i).name: dims(network.get_input(i).shape)
+                for i in range(network.num_inputs)
+            },
+            "outputs": {
+                network.get_output(i).name: dims(network.get_output(i).shape)
+                for i in range(network.num_outputs)
+            },
+        }
         sidecar = {**identity.as_dict(), **shapes, **asdict(self.options)}
         sidecar_for(out_path).write_text(json.dumps(sidecar, indent=2) + "\n")
         return out_path
@@ -255,15 +265,20 @@ class EngineBuilder:
         explicit batch and the flag is deprecated."""
         if major_version(self.version) >= 10:
             return 0
-        import tensorrt as trt
+        import tensorrt as trt  # optional dependency (GPU machines only)
 
         return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
 
 
 # ---- run --------------------------------------------------------------------------------------
 
-TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16,
-                "INT32": torch.int32, "INT64": torch.int64}  # fmt: skip
+TORCH_DTYPES = {
+    "FLOAT": torch.float32,
+    "HALF": torch.float16,
+    "BF16": torch.bfloat16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+}
 
 
 class TensorRTVision:
@@ -287,7 +302,7 @@ class TensorRTVision:
         self._reader: torch.cuda.Stream | None = None  # the stream given the last output
 
     def _load(self, engine_file: Path) -> None:
-        import tensorrt as trt
+        import tensorrt as trt  # optional dependency (GPU machines only)
 
         self.runtime = trt.Runtime(trt_logger())
         self.engine = self.runtime.deserialize_cuda_engine(engine_file.read_bytes())

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ from vlm_ros.infer.preprocess import preprocess, validate_image
 from vlm_ros.infer.vision import make_vision_encoder
 from vlm_ros.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from vlm_ros.model.families import FamilySpec
+from vlm_ros.model.tiny import write_tiny_checkpoint
 from vlm_ros.timing import StageTimer
 from vlm_ros.types import (
     STAGES,
@@ -77,7 +79,6 @@ def _ensure_tiny(directory: Path) -> Path:
     or a concurrent first run never leaves a half-written demo behind."""
     if (directory / "config.json").is_file():
         return directory
-    from vlm_ros.model.tiny import write_tiny_checkpoint
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
@@ -85,8 +86,6 @@ def _ensure_tiny(directory: Path) -> Path:
     try:
         staging.rename(directory)
     except OSError:  # another process won the race; use its copy
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
     return directory
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer, PhiConfig
+from transformers.utils import logging as hf_logging
 
 from vlm_ros.config import DTYPE_NAMES, dtype_name
 from vlm_ros.errors import CheckpointError, InputError
@@ -134,8 +136,10 @@ def _warn_slow_cpu_precision(device: torch.device, dtype: torch.dtype) -> None:
         name = dtype_name(dtype)
         _log.warning(
             "%s on this CPU is emulated (no native %s matrix instructions): expect it slower "
-            "than float32, the CPU default", name, name,
-        )  # fmt: skip
+            "than float32, the CPU default",
+            name,
+            name,
+        )
 
 
 def check_device(device: str) -> torch.device:
@@ -176,7 +180,7 @@ def resolve_checkpoint_dir(name: str) -> Path:
 
 def hub_snapshot(repo_id: str, what: str) -> Path:
     """Download (or find in the HF cache) a hub repository; any failure says how to go local."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # only hub ids need the hub client
 
     try:
         return Path(snapshot_download(repo_id=repo_id))
@@ -225,8 +229,6 @@ def load_tokenizer(directory: Path):
         raise CheckpointError(
             f"no tokenizer in {directory}: expected {' or '.join(TOKENIZER_FILES)}"
         )
-    from transformers import AutoTokenizer, PhiConfig
-    from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()

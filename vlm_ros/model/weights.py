@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from vlm_ros.errors import CheckpointError, NoWeightsError
 
@@ -92,8 +93,6 @@ class _SafetensorsFile(_File):
     """Header read at open; tensor data read on demand (``safe_open`` memory-maps the file)."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         self.path = path
         try:
             self._handle = safe_open(str(path), framework="pt", device="cpu")
