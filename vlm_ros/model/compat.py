@@ -11,7 +11,7 @@ import inspect
 
 import torch
 from torch import nn
-from transformers import Cache, PhiForCausalLM
+from transformers import Cache, PhiConfig, PhiForCausalLM
 
 
 def cache_kwarg(cache: Cache | None) -> dict[str, Cache | None]:
@@ -25,6 +25,13 @@ _CACHE_NAME = (
     if "cache" in inspect.signature(PhiForCausalLM.forward).parameters
     else "past_key_values"
 )
+
+
+def rotary_factor(text: PhiConfig) -> float:
+    """PhiConfig's partial_rotary_factor: an attribute in 4.x, inside ``rope_parameters`` in
+    5.x (when given as a keyword)."""
+    params = getattr(text, "rope_parameters", None) or {}
+    return float(params.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0)))
 
 
 def tower_is_nested(tower: nn.Module) -> bool:

@@ -24,6 +24,7 @@ from types import MappingProxyType
 from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig
 
 from vlm_ros.errors import CheckpointError, NoWeightsError
+from vlm_ros.model.compat import rotary_factor
 from vlm_ros.model.families import (
     CLIP_MEAN,
     CLIP_STD,
@@ -478,14 +479,9 @@ def _phi_config(config: dict) -> PhiConfig:
         del fields["rope_scaling"]
     text = PhiConfig(**fields)
     factor = config.get("partial_rotary_factor")
-    if factor is not None and _rotary_factor(text) != float(factor):
+    if factor is not None and rotary_factor(text) != float(factor):
         raise CheckpointError(f"partial_rotary_factor {factor} was not honoured by PhiConfig")
     return text
-
-
-def _rotary_factor(text: PhiConfig) -> float:
-    params = getattr(text, "rope_parameters", None) or {}
-    return float(params.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0)))
 
 
 def _siglip_config(fields: dict, weights: WeightFiles, keymap: KeyMap) -> SiglipVisionConfig:
