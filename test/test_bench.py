@@ -94,19 +94,19 @@ def test_decode_bytes_count_the_cache_the_decoder_allocates():
 
 def test_fast_path_is_greedy_identical_to_generate_on_tiny():
     """The bench's own parity line: static decoder + vision stage vs generate()."""
-    from vlm_ros.bench.measure import run
+    from vlm_ros.bench.measure import BenchOptions, run
 
-    result = run("tiny", iters=1, warmup=0)
+    result = run(BenchOptions("tiny", iters=1, warmup=0))
     assert result["parity"]["greedy_prefix_agreement_fast_vs_generate"] == 1.0
 
 
 def test_bf16_variant_needs_a_float32_cpu_run():
     import pytest
 
-    from vlm_ros.bench.measure import run
+    from vlm_ros.bench.measure import BenchOptions, run
 
     with pytest.raises(ValueError, match="float32 run on CPU"):
-        run("tiny", dtype="bfloat16", iters=1, warmup=0, bf16=True)
+        run(BenchOptions("tiny", dtype="bfloat16", iters=1, warmup=0, bf16=True))
 
 
 def test_presets_have_the_published_shapes():
@@ -127,10 +127,10 @@ def test_onnx_vision_run_records_its_parity_and_leaves_no_export_behind(tmp_path
     the export (GBs at full size) is deleted once the session holds it."""
     import tempfile
 
-    from vlm_ros.bench.measure import markdown, run
+    from vlm_ros.bench.measure import BenchOptions, markdown, run
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    result = run("tiny", iters=1, warmup=0, vision_backend="onnxruntime")
+    result = run(BenchOptions("tiny", iters=1, warmup=0, vision_backend="onnxruntime"))
     export = result["fast_path"]["vision_onnx"]
     assert 0 <= export["max_rel_error_vs_torch"] <= export["tolerance"]
     assert "MatMul" in export["ops"]

@@ -145,20 +145,21 @@ def _replaying(step):
 
 @pytest.mark.parametrize("copied", [True, False], ids=["copied", "negative-control"])
 def test_kept_step_logits_survive_the_next_replay(pair, copied):
-    """A compiled (CUDA-graph) step's logits are overwritten by the next step; decode_one_token
-    copies them out, so trace()'s per-step logits (and the bench's) stay right. Uncopied, the
-    kept logits all read as the last step's: the control shows the check can fail."""
+    """A compiled (CUDA-graph) step's logits are overwritten by the next step; generate copies
+    them where it keeps them (reuses_outputs), so trace()'s per-step logits (and the bench's)
+    stay right. Uncopied, the kept logits all read as the last step's: the control shows the
+    check can fail."""
     eager, static = pair
     image = _images(1)[0]
     reference = eager.trace(image, QUESTIONS[0], max_new_tokens=8)
     assert len(reference.answer.token_ids) >= 3  # at least two decode steps to tell apart
     decoder = static.decoder
-    saved = decoder._step, decoder._copy_step_output
-    decoder._step, decoder._copy_step_output = _replaying(decoder._decode_step), copied
+    saved = decoder._step, decoder.reuses_outputs
+    decoder._step, decoder.reuses_outputs = _replaying(decoder._decode_step), copied
     try:
         kept = static.trace(image, QUESTIONS[0], max_new_tokens=8).step_logits
     finally:
-        decoder._step, decoder._copy_step_output = saved
+        decoder._step, decoder.reuses_outputs = saved
     same = torch.allclose(kept, reference.step_logits, atol=LOGIT_ATOL, rtol=0)
     assert same == copied
 

@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from vlm_ros.errors import VlmError
+
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("vlm_ros.commands.ask", "answer a question about an image file"),
@@ -48,7 +50,6 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    from vlm_ros.errors import VlmError
 
     try:
         return int(_command_module(args.command).run(args) or 0)

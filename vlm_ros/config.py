@@ -3,13 +3,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-# The values RuntimeConfig's string fields take; the node, the CLI and the decoders all check
-# against these.
-DECODERS = ("static", "eager")
-QUANTIZE_MODES = ("none", "int8", "int8_weight_only")
-CPU_LINEAR_MODES = ("auto", "onednn", "torch")
+from vlm_ros.errors import InputError
+
+# The modes RuntimeConfig's string fields take. Literal types, so mypy checks the spellings in
+# code; YAML, CLI and parameter strings are checked once, in RuntimeConfig.__post_init__, and
+# nothing downstream checks them again.
+DecoderKind = Literal["static", "eager"]
+QuantizeMode = Literal["none", "int8", "int8_weight_only"]
+CpuLinearMode = Literal["auto", "onednn", "torch"]
+VisionBackend = Literal["torch", "onnxruntime", "tensorrt"]
+DTypeName = Literal["float32", "bfloat16", "float16"]  # torch.<name>; checkpoint.to_dtype
+DECODERS: tuple[DecoderKind, ...] = get_args(DecoderKind)
+QUANTIZE_MODES: tuple[QuantizeMode, ...] = get_args(QuantizeMode)
+CPU_LINEAR_MODES: tuple[CpuLinearMode, ...] = get_args(CpuLinearMode)
+VISION_BACKENDS: tuple[VisionBackend, ...] = get_args(VisionBackend)
+DTYPE_NAMES: tuple[DTypeName, ...] = get_args(DTypeName)
+
+
+def check_choice(name: str, value: object, allowed: Collection[object]) -> None:
+    """The one check of a mode string: InputError (a ValueError) naming the field, the value
+    and the allowed values, on one line, so a node can log it and a CLI print it."""
+    if value not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        raise InputError(f"{name} must be one of {choices}; got {value!r}")
 
 
 def dtype_name(dtype: object) -> str:
@@ -51,16 +71,26 @@ class RuntimeConfig:
     """
 
     device: str = "cpu"
-    dtype: str | None = None
-    vision_backend: str = "torch"
-    decoder: str = "static"
+    dtype: DTypeName | None = None
+    vision_backend: VisionBackend = "torch"
+    decoder: DecoderKind = "static"
     max_seq_len: int = 1024
     engine_dir: str = "models/engines"
     compile_decode: bool = False
-    quantize: str = "none"
-    cpu_linear: str = "auto"
+    quantize: QuantizeMode = "none"
+    cpu_linear: CpuLinearMode = "auto"
     drop_first_patch: bool | None = None  # None: family default (Factory TinyLLaVA drops it)
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("dtype", (None, *DTYPE_NAMES)),
+            ("vision_backend", VISION_BACKENDS),
+            ("decoder", DECODERS),
+            ("quantize", QUANTIZE_MODES),
+            ("cpu_linear", CPU_LINEAR_MODES),
+        ):
+            check_choice(f"RuntimeConfig.{name}", getattr(self, name), allowed)
 
 
 @dataclass(frozen=True)

@@ -25,25 +25,33 @@ in the same run on the same weights much less so.
 from __future__ import annotations
 
 import copy
+import json
 import platform
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig
 
-from vlm_ros.config import GenerationConfig, RuntimeConfig
+from vlm_ros.config import DTypeName, GenerationConfig, RuntimeConfig, VisionBackend
+from vlm_ros.engines.build import build_for_model
 from vlm_ros.engines.cpu_kernels import OneDnnLinear
 from vlm_ros.infer import decode, ranking
+from vlm_ros.infer.decode import make_decoder
 from vlm_ros.infer.static_decode import StaticDecoder
-from vlm_ros.infer.vision import TorchVisionEncoder
+from vlm_ros.infer.vision import make_vision_encoder
+from vlm_ros.model.checkpoint import to_dtype
 from vlm_ros.model.compat import cpu_has_native
 from vlm_ros.model.families import FAMILIES, IMAGE_TOKEN_INDEX
 from vlm_ros.model.network import VlmModel
 from vlm_ros.timing import StageTimer
+from vlm_ros.types import Request
 
 PHI2 = dict(
     vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
@@ -91,7 +99,7 @@ PRESETS: dict[str, Preset] = {
             max_position_embeddings=512,
         ),
         text_tokens=16,
-    ),  # fmt: skip
+    ),
     # ~260M parameters: a CLIP-B/14-224-like tower (86M, 256 image tokens) and a shrunken Phi
     # (hidden 800 = 10 heads of Phi-2's 80, 12 layers, Phi-2's vocabulary: 174M).
     # Compute-bound prefill, memory-bound decode on a CPU, like the full model on a board.
@@ -115,15 +123,15 @@ PRESETS: dict[str, Preset] = {
             partial_rotary_factor=0.4,
             max_position_embeddings=2048,
         ),
-    ),  # fmt: skip
+    ),
     "llava-phi-full": Preset("llava_phi", CLIP_L_336, PHI2),
     "mipha-full": Preset("mipha_phi", SIGLIP_SO400M_384, PHI2),
     "tinyllava-full": Preset("tinyllava", SIGLIP_SO400M_384, PHI2),
 }
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ACTIONS = ("continue", "slow_down", "stop", "turn_left", "turn_right")
 NEVER_STOP = -1  # no token id is -1: answers run to max_new_tokens
+NO_IMAGE = np.zeros((0, 0, 3), np.uint8)  # the decode loop's Request: pixels come ready-made
 
 
 def build_model(name: str, device: str, dtype: torch.dtype, seed: int = 0) -> VlmModel:
@@ -177,8 +185,13 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     def rank(q: float) -> float:
         return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
-    return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99),
-            "mean": statistics.fmean(ordered), "n": len(ordered)}  # fmt: skip
+    return {
+        "p50": rank(0.5),
+        "p90": rank(0.9),
+        "p99": rank(0.99),
+        "mean": statistics.fmean(ordered),
+        "n": len(ordered),
+    }
 
 
 # ---- the two paths ------------------------------------------------------------------------
@@ -200,17 +213,28 @@ class Baseline:
         embeds = self.embeds(pixels)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         out = self.model.language_model.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-        )  # fmt: skip
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
         return out[0, -new_tokens:].tolist()
 
 
 class FastPath:
     """Vision stage (PyTorch, ONNX Runtime or TensorRT) + static-cache decoder + generate."""
 
-    def __init__(self, model: VlmModel, ids: list[int], encoder, decoder: StaticDecoder,
-                 vision_export: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: VlmModel,
+        ids: list[int],
+        encoder,
+        decoder: StaticDecoder,
+        vision_export: dict | None = None,
+    ):
         self.model, self.ids, self.encoder, self.decoder = model, ids, encoder, decoder
         self.vision_export = vision_export  # the ONNX export's parity check, if one ran
 
@@ -221,14 +245,23 @@ class FastPath:
             self.ids, image, self.model.embed_tokens, self.model.num_image_tokens
         )
 
-    def answer(self, pixels: torch.Tensor, new_tokens: int, timer: StageTimer | None = None,
-               keep_logits: bool = False) -> decode.Generation:  # fmt: skip
+    def answer(
+        self,
+        pixels: torch.Tensor,
+        new_tokens: int,
+        timer: StageTimer | None = None,
+        keep_logits: bool = False,
+    ) -> decode.Generation:
         timer = timer or StageTimer(pixels.device)
+        request = Request(NO_IMAGE, "", max_new_tokens=new_tokens, generation=GenerationConfig())
         gen = decode.generate(
-            self.decoder, self.embeds(pixels, timer), config=GenerationConfig(),
-            max_new_tokens=new_tokens, stop_token_id=NEVER_STOP, timer=timer,
+            self.decoder,
+            self.embeds(pixels, timer),
+            request,
+            stop_token_id=NEVER_STOP,
+            timer=timer,
             keep_logits=keep_logits,
-        )  # fmt: skip
+        )
         self.decoder.reset()
         return gen
 
@@ -281,8 +314,9 @@ def fast_iteration(fast: FastPath, pixels: torch.Tensor, device: str, s: Samples
     s.add("action_hint_branches", timer.milliseconds()["decode"])
 
 
-def measure(paths: dict[str, Baseline | FastPath], pixels: torch.Tensor, iters: int,
-            device: str) -> dict[str, Samples]:  # fmt: skip
+def measure(
+    paths: dict[str, Baseline | FastPath], pixels: torch.Tensor, iters: int, device: str
+) -> dict[str, Samples]:
     """Samples per path, the paths interleaved within every iteration: on a shared machine the
     load changes over minutes, and interleaving gives every path the same conditions."""
     samples = {name: Samples() for name in paths}
@@ -355,7 +389,7 @@ def reset_peak_gpu_memory(device: str) -> None:
 
 def cudagraph_skips() -> int:
     """How often inductor declined a CUDA graph (it only logs a warning and runs slower)."""
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import counters  # dynamo loads only for compiled runs
 
     return int(counters["inductor"]["cudagraph_skips"])
 
@@ -371,53 +405,95 @@ def peak_memory(device: str) -> dict[str, float]:
 # ---- the run ---------------------------------------------------------------------------------
 
 
-def make_fast(model: VlmModel, ids, device: str, max_seq: int, vision_backend: str,
-              quantize: str = "none", compile_decode: bool = False,
-              cpu_linear: str = "auto") -> FastPath:  # fmt: skip
-    """A fast path on ``model`` (int8 quantizes a private copy of the decoder)."""
-    lm = copy.deepcopy(model.language_model) if quantize != "none" else model.language_model
-    decoder = StaticDecoder(
-        lm, max_seq, compile=compile_decode, quantize=quantize, cpu_linear=cpu_linear
-    )
-    export = None
-    if vision_backend == "onnxruntime":
-        import json
-        import tempfile
-        from pathlib import Path
+@dataclass(frozen=True)
+class BenchOptions:
+    """What one bench run measures (``vlm-ros bench`` builds it from its arguments).
 
-        from vlm_ros.engines.ort_backend import make_encoder
+    dtype None: float32 on CPU, bfloat16 on CUDA. int8: also the lossy dynamic-int8 decoder
+    (CPU). bf16: also the whole model in bfloat16 and with weight-only int8 Linear layers,
+    against a float32 CPU run. compile_decode: torch.compile the decode step (CUDA graph on
+    GPU). warmup: untimed rounds of every path first."""
 
-        # The product's encoder (providers read back, fp16 under a GPU provider, the serving
-        # session checked there). The session holds the graph in memory once created, so the
-        # file (0.3-1.7 GB for the full-size towers) goes with the directory.
-        with tempfile.TemporaryDirectory(prefix="vlm_ros_bench_") as tmp:
-            encoder = make_encoder(model, RuntimeConfig(device=device, engine_dir=tmp))
-            report = json.loads(Path(f"{encoder.path}.json").read_text())  # export's sidecar
-        export = {"max_rel_error_vs_torch": report["max_rel_error"],
-                  "precision": report["precision"],
-                  "tolerance": report["tolerance"], "ops": list(report["ops"]),
-                  "providers": encoder.providers}  # fmt: skip
-    elif vision_backend == "tensorrt":
-        encoder = tensorrt_encoder(model, device)
-    else:  # the node's default backend, Linear kernels chosen as the decoder's
-        encoder = TorchVisionEncoder(model, RuntimeConfig(cpu_linear=cpu_linear))
+    preset: str = "tiny"
+    device: str = "cpu"
+    dtype: DTypeName | None = None
+    iters: int = 3
+    vision_backend: VisionBackend = "torch"
+    int8: bool = False
+    compile_decode: bool = False
+    warmup: int = 1
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bf16 and (self.device != "cpu" or self.dtype_name != "float32"):
+            raise ValueError("the bf16 variant is measured against a float32 run on CPU")
+
+    @property
+    def dtype_name(self) -> DTypeName:
+        return self.dtype or ("float32" if self.device == "cpu" else "bfloat16")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The model and the one request every path serves: prompt ids (with the image
+    placeholder), pixels [1, 3, S, S] and the static cache's length."""
+
+    model: VlmModel
+    ids: list[int]
+    pixels: torch.Tensor
+    prompt_len: int
+    max_seq: int
+
+
+def make_workload(options: BenchOptions) -> Workload:
+    dtype = to_dtype(options.dtype_name)
+    model = build_model(options.preset, options.device, dtype)
+    reset_peak_gpu_memory(options.device)
+    ids = prompt_ids(model, PRESETS[options.preset].text_tokens)
+    size = int(model.vision_config.image_size)
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    prompt_len = len(ids) - 1 + model.num_image_tokens
+    return Workload(model, ids, pixels.to(options.device, dtype), prompt_len, prompt_len + 72)
+
+
+def make_fast(
+    model: VlmModel, ids: list[int], runtime: RuntimeConfig, export: dict | None = None
+) -> FastPath:
+    """A fast path on ``model``, built by the product's own factories from ``runtime`` (a
+    quantized decoder works on a private copy of the decoder: quantization is in place)."""
+    quantized = runtime.quantize != "none"
+    lm = copy.deepcopy(model.language_model) if quantized else model.language_model
+    decoder = _static(make_decoder(lm, runtime))
+    if runtime.vision_backend == "torch":
+        return FastPath(model, ids, make_vision_encoder(model, runtime), decoder)
+    # A compiled stage is built into a temporary directory: the session/engine holds it in
+    # memory once loaded, and the files (0.3-1.7 GB for the full-size towers) go at once.
+    with tempfile.TemporaryDirectory(prefix="vlm_ros_bench_") as tmp:
+        runtime = replace(runtime, engine_dir=tmp)
+        if runtime.vision_backend == "tensorrt":  # built ahead, as build-engines does
+            build_for_model(model, tmp, precision="fp16")  # one-line error without TensorRT
+        encoder = make_vision_encoder(model, runtime)
+        if runtime.vision_backend == "onnxruntime":
+            export = _onnx_export_report(encoder)
     return FastPath(model, ids, encoder, decoder, vision_export=export)
 
 
-def tensorrt_encoder(model: VlmModel, device: str):
-    """The product's TensorRT vision encoder, its fp16 engine built for this run with
-    ``build-engines``' own code (TensorRTUnavailable, a one-line error, without TensorRT/CUDA).
-    The engine is deserialized into memory, so its directory goes at once."""
-    import tempfile
+def _onnx_export_report(encoder) -> dict:
+    """The export check's sidecar (next to the ONNX file) and the providers serving it."""
+    report = json.loads(Path(f"{encoder.path}.json").read_text())
+    return {
+        "max_rel_error_vs_torch": report["max_rel_error"],
+        "precision": report["precision"],
+        "tolerance": report["tolerance"],
+        "ops": list(report["ops"]),
+        "providers": encoder.providers,
+    }
 
-    from vlm_ros.engines.build import build_for_model
-    from vlm_ros.engines.trt_engine import make_encoder, require_cuda, require_tensorrt
 
-    require_tensorrt()
-    require_cuda()
-    with tempfile.TemporaryDirectory(prefix="vlm_ros_bench_trt_") as tmp:
-        build_for_model(model, tmp, precision="fp16")
-        return make_encoder(model, RuntimeConfig(device=device, engine_dir=tmp))
+def _static(decoder: decode.Decoder) -> StaticDecoder:
+    """The bench measures the static decoder (RuntimeConfig's default)."""
+    assert isinstance(decoder, StaticDecoder), type(decoder)
+    return decoder
 
 
 def _uses_onednn(fast: FastPath) -> bool:
@@ -428,107 +504,157 @@ def ratio(baseline: dict, fast: dict, key: str) -> float:
     return baseline[key]["p50"] / fast[key]["p50"]
 
 
-def run(preset: str, device: str = "cpu", dtype: str | None = None, iters: int = 3,
-        vision_backend: str = "torch", int8: bool = False, compile_decode: bool = False,
-        warmup: int = 1, bf16: bool = False) -> dict:  # fmt: skip
-    """Measure baseline and fast path (and the int8 / bf16 variants when asked) and return the
-    result dict."""
-    dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
-    if bf16 and (device != "cpu" or dtype != "float32"):
-        raise ValueError("the bf16 variant is measured against a float32 run on CPU")
-    with torch.inference_mode():
-        model = build_model(preset, device, DTYPES[dtype])
-        reset_peak_gpu_memory(device)
-        ids = prompt_ids(model, PRESETS[preset].text_tokens)
-        size = int(model.vision_config.image_size)
-        pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-        pixels = pixels.to(device, DTYPES[dtype])  # [1, 3, S, S]
-        prompt_len = len(ids) - 1 + model.num_image_tokens
-        max_seq = prompt_len + 64 + 8
-        base = Baseline(model, ids)
-        fast = make_fast(model, ids, device, max_seq, vision_backend, "none", compile_decode)
-        paths: dict[str, Baseline | FastPath] = {"baseline": base, "fast": fast}
-        if _uses_onednn(fast):  # the same fast path on torch's default kernels: the attribution
-            plain = make_fast(model, ids, device, max_seq, "torch", cpu_linear="torch")
-            encoder = plain.encoder if vision_backend == "torch" else fast.encoder  # ORT: shared
-            paths["mkl_linear"] = FastPath(model, ids, encoder, plain.decoder)
-        if int8:
-            lm = copy.deepcopy(model.language_model)  # quantized in place: a private copy
-            int8_decoder = StaticDecoder(lm, max_seq, quantize="int8")
-            paths["int8"] = FastPath(model, ids, fast.encoder, int8_decoder)
-        if bf16:  # a bf16 copy of the whole model: its fast path and its own generate()
-            model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
-            paths["baseline_bf16"] = Baseline(model_bf16, ids)
-            paths["bf16"] = make_fast(model_bf16, ids, device, max_seq, "torch")
-            # weight-only int8 needs half-precision activations: measured on the bf16 copy
-            paths["bf16_int8_weight_only"] = make_fast(
-                model_bf16, ids, device, max_seq, "torch", quantize="int8_weight_only"
-            )
-        for _ in range(warmup):
-            for path in paths.values():
-                path.answer(pixels, 4)
-                if isinstance(path, FastPath):
-                    path.rank(pixels, StageTimer(device))
-        measured = {name: s.summary() for name, s in measure(paths, pixels, iters, device).items()}
-        result_base, result_fast = measured["baseline"], measured["fast"]
-        parity = {
-            "greedy_prefix_agreement_fast_vs_generate": agreement(
-                base.answer(pixels, 16), fast.answer(pixels, 16).token_ids
-            )
-        }
-        variants = {}
-        for name in ("mkl_linear", "int8", "bf16", "bf16_int8_weight_only"):
-            variant = paths.get(name)
-            if isinstance(variant, FastPath):
-                variants[name] = {
-                    "stages": measured[name],
-                    "accuracy_vs_fp": logit_error(fast, variant, pixels, 16),
-                }
-        if bf16:
-            for name in ("bf16", "bf16_int8_weight_only"):
+def make_paths(work: Workload, options: BenchOptions) -> dict[str, Baseline | FastPath]:
+    """The baseline, the fast path, and the variants the options ask for."""
+    model, ids, device = work.model, work.ids, options.device
+    runtime = RuntimeConfig(
+        device=device,
+        vision_backend=options.vision_backend,
+        max_seq_len=work.max_seq,
+        compile_decode=options.compile_decode,
+    )
+    fast = make_fast(model, ids, runtime)
+    paths: dict[str, Baseline | FastPath] = {"baseline": Baseline(model, ids), "fast": fast}
+    if _uses_onednn(fast):  # the same fast path on torch's default kernels: the attribution
+        torch_linear = RuntimeConfig(device, max_seq_len=work.max_seq, cpu_linear="torch")
+        plain = make_fast(model, ids, torch_linear)
+        encoder = plain.encoder if options.vision_backend == "torch" else fast.encoder
+        paths["mkl_linear"] = FastPath(model, ids, encoder, plain.decoder)  # ORT: shared
+    if options.int8:  # the same encoder, a dynamic-int8 copy of the decoder
+        runtime = RuntimeConfig(device, max_seq_len=work.max_seq, quantize="int8")
+        int8 = _static(make_decoder(copy.deepcopy(model.language_model), runtime))
+        paths["int8"] = FastPath(model, ids, fast.encoder, int8)
+    if options.bf16:
+        paths.update(_bf16_paths(work))
+    return paths
+
+
+def _bf16_paths(work: Workload) -> dict[str, Baseline | FastPath]:
+    """A bf16 copy of the whole model: its own generate(), its fast path, and that path with
+    weight-only int8 Linear layers (which needs half-precision activations)."""
+    model_bf16 = copy.deepcopy(work.model).to(torch.bfloat16)
+    runtime = RuntimeConfig("cpu", "bfloat16", max_seq_len=work.max_seq)
+    weight_only = replace(runtime, quantize="int8_weight_only")
+    return {
+        "baseline_bf16": Baseline(model_bf16, work.ids),
+        "bf16": make_fast(model_bf16, work.ids, runtime),
+        "bf16_int8_weight_only": make_fast(model_bf16, work.ids, weight_only),
+    }
+
+
+def warm_up(paths: dict[str, Baseline | FastPath], pixels: torch.Tensor, rounds: int) -> None:
+    for _ in range(rounds):
+        for path in paths.values():
+            path.answer(pixels, 4)
+            if isinstance(path, FastPath):
+                path.rank(pixels, StageTimer(pixels.device))
+
+
+def measure_variants(
+    paths: dict[str, Baseline | FastPath], measured: dict, pixels: torch.Tensor
+) -> dict[str, dict]:
+    """Each variant's stages and its accuracy against the float fast path; the bf16 ones also
+    against generate() in bf16."""
+    fast = paths["fast"]
+    assert isinstance(fast, FastPath)
+    variants = {}
+    for name in VARIANTS:
+        variant = paths.get(name)
+        if isinstance(variant, FastPath):
+            variants[name] = {
+                "stages": measured[name],
+                "accuracy_vs_fp": logit_error(fast, variant, pixels, 16),
+            }
+            if name.startswith("bf16"):
                 variants[name]["baseline_same_dtype"] = measured["baseline_bf16"]
                 variants[name]["speedup_vs_same_dtype_baseline"] = _speedups(
                     measured["baseline_bf16"], measured[name]
                 )
-    out = {
-        "preset": preset, "device": device, "dtype": dtype, "iters": iters,
-        "vision_backend": vision_backend, "compile_decode": compile_decode,
-        "machine": _machine(device),
+    return variants
+
+
+VARIANTS = ("mkl_linear", "int8", "bf16", "bf16_int8_weight_only")
+
+
+def run(options: BenchOptions) -> dict:
+    """Measure baseline and fast path (and the int8 / bf16 variants when asked) and return the
+    result dict."""
+    with torch.inference_mode():
+        work = make_workload(options)
+        paths = make_paths(work, options)
+        warm_up(paths, work.pixels, options.warmup)
+        samples = measure(paths, work.pixels, options.iters, options.device)
+        measured = {name: s.summary() for name, s in samples.items()}
+        base, fast = paths["baseline"], paths["fast"]
+        assert isinstance(base, Baseline) and isinstance(fast, FastPath)
+        agreeing = agreement(base.answer(work.pixels, 16), fast.answer(work.pixels, 16).token_ids)
+        variants = measure_variants(paths, measured, work.pixels)
+    out = _result_header(options, work, measured, variants)
+    out["parity"] = {"greedy_prefix_agreement_fast_vs_generate": agreeing}
+    out["fast_path"] = _fast_path_facts(fast, options)
+    out.update(_derived(measured["baseline"], measured["fast"], variants))
+    if options.device.startswith("cuda"):
+        out["gpu"] = _gpu_facts(work, measured["fast"]["decode_per_token"]["p50"], options.device)
+    return out
+
+
+def _result_header(options: BenchOptions, work: Workload, measured: dict, variants: dict) -> dict:
+    model = work.model
+    return {
+        "preset": options.preset,
+        "device": options.device,
+        "dtype": options.dtype_name,
+        "iters": options.iters,
+        "vision_backend": options.vision_backend,
+        "compile_decode": options.compile_decode,
+        "machine": _machine(options.device),
         "model": {
             "parameters_total": parameter_count(model),
             "parameters_vision": parameter_count(model.vision_tower),
             "parameters_decoder": parameter_count(model.language_model),
-            "image_tokens": model.num_image_tokens, "prompt_tokens": prompt_len,
+            "image_tokens": model.num_image_tokens,
+            "prompt_tokens": work.prompt_len,
         },
-        "baseline": result_base, "fast": result_fast, "parity": parity, "variants": variants,
-        "memory": peak_memory(device),
-    }  # fmt: skip
-    out["fast_path"] = {"cpu_linear": "onednn" if _uses_onednn(fast) else "torch"}
+        "baseline": measured["baseline"],
+        "fast": measured["fast"],
+        "variants": variants,
+        "memory": peak_memory(options.device),
+    }
+
+
+def _fast_path_facts(fast: FastPath, options: BenchOptions) -> dict:
+    facts: dict = {"cpu_linear": "onednn" if _uses_onednn(fast) else "torch"}
     if fast.vision_export is not None:
-        out["fast_path"]["vision_onnx"] = fast.vision_export
-    out["speedup"] = _speedups(result_base, result_fast)
+        facts["vision_onnx"] = fast.vision_export
+    if options.compile_decode:
+        facts["cudagraph_skips"] = cudagraph_skips()
+    return facts
+
+
+def _derived(base: dict, fast: dict, variants: dict) -> dict:
+    """Speed-ups (baseline p50 / fast p50) and the ratios the docs quote."""
     for variant in variants.values():
-        variant["speedup"] = _speedups(result_base, variant["stages"])
-    fast_decode = result_fast["decode_per_token"]["p50"]
-    out["decode_tokens_per_s"] = 1000.0 / fast_decode
-    out["action_hint_over_prefill"] = (
-        result_fast["action_hint_5"]["p50"] / (result_fast["ttft"]["p50"])
-    )
-    out["action_hint_branches_over_prefill"] = (
-        result_fast["action_hint_branches"]["p50"] / result_fast["prefill"]["p50"]
-    )
-    if compile_decode:
-        out["fast_path"]["cudagraph_skips"] = cudagraph_skips()
-    if device.startswith("cuda"):
-        bandwidth = device_copy_bandwidth(device)
-        step_bytes = decode_bytes_per_token(model, max_seq)
-        bytes_per_token = sum(step_bytes.values())
-        out["gpu"] = {
-            "copy_bandwidth_gb_s": bandwidth,
-            "decode_bytes_per_token": step_bytes,
-            "decode_bandwidth_fraction": bytes_per_token / (fast_decode / 1000.0) / 1e9 / bandwidth,
-        }
-    return out
+        variant["speedup"] = _speedups(base, variant["stages"])
+    return {
+        "speedup": _speedups(base, fast),
+        "decode_tokens_per_s": 1000.0 / fast["decode_per_token"]["p50"],
+        "action_hint_over_prefill": fast["action_hint_5"]["p50"] / fast["ttft"]["p50"],
+        "action_hint_branches_over_prefill": (
+            fast["action_hint_branches"]["p50"] / fast["prefill"]["p50"]
+        ),
+    }
+
+
+def _gpu_facts(work: Workload, decode_ms: float, device: str) -> dict:
+    """How close decode comes to the memory-bandwidth floor of its bytes per token."""
+    bandwidth = device_copy_bandwidth(device)
+    step_bytes = decode_bytes_per_token(work.model, work.max_seq)
+    per_second = sum(step_bytes.values()) / (decode_ms / 1000.0) / 1e9
+    return {
+        "copy_bandwidth_gb_s": bandwidth,
+        "decode_bytes_per_token": step_bytes,
+        "decode_bandwidth_fraction": per_second / bandwidth,
+    }
 
 
 def _speedups(base: dict, fast: dict) -> dict[str, float]:
@@ -562,11 +688,15 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
 
 def _machine(device: str) -> dict:
     cpu_model, flags = _cpu_model_and_flags()
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": cpu_model, "cpu_flags": flags,
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_native": cpu_has_native(torch.bfloat16),
-            "threads": torch.get_num_threads()}  # fmt: skip
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": cpu_model,
+        "cpu_flags": flags,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": cpu_has_native(torch.bfloat16),
+        "threads": torch.get_num_threads(),
+    }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -575,52 +705,70 @@ def _machine(device: str) -> dict:
 # ---- report ----------------------------------------------------------------------------------
 
 ROWS = (
-    ("vision", "vision encoder + projector"), ("prefill", "prefill (image + prompt)"),
-    ("ttft", "time to first token (image in)"), ("decode_per_token", "decode, per token"),
-    ("answer_16", "image -> 16-token answer"), ("answer_64", "image -> 64-token answer"),
+    ("vision", "vision encoder + projector"),
+    ("prefill", "prefill (image + prompt)"),
+    ("ttft", "time to first token (image in)"),
+    ("decode_per_token", "decode, per token"),
+    ("answer_16", "image -> 16-token answer"),
+    ("answer_64", "image -> 64-token answer"),
     ("action_hint_5", "image -> action hint (5 candidates)"),
-)  # fmt: skip
+)
 
 
 def markdown(result: dict) -> str:
-    """The result as a Markdown table (p50/p90/p99 ms; baseline p50 and speedup)."""
-    base, fast = result["baseline"], result["fast"]
+    """The result as a Markdown table (p50/p90/p99 ms; baseline p50 and speedup) and notes."""
+    lines = [*_markdown_header(result), *_stage_rows(result), "", *_notes(result)]
+    lines += _variant_lines(result)
+    lines += _gpu_lines(result)
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_header(result: dict) -> list[str]:
     m = result["model"]
-    lines = [
+    kernels = result.get("fast_path", {}).get("cpu_linear", "torch")
+    return [
         f"### `{result['preset']}` on {result['device']} ({result['dtype']}, "
-        f"vision backend {result['vision_backend']}, decoder Linear kernels "
-        f"{result.get('fast_path', {}).get('cpu_linear', 'torch')}, {result['iters']} "
-        "iterations)",
+        f"vision backend {result['vision_backend']}, decoder Linear kernels {kernels}, "
+        f"{result['iters']} iterations)",
         "",
         f"{m['parameters_total'] / 1e6:.2f}M parameters ({m['parameters_vision'] / 1e6:.2f}M "
         f"vision, {m['parameters_decoder'] / 1e6:.2f}M decoder); {m['image_tokens']} image "
         f"tokens, {m['prompt_tokens']} prompt positions.",
         "",
+    ]
+
+
+def _stage_rows(result: dict) -> list[str]:
+    base, fast = result["baseline"], result["fast"]
+    lines = [
         "| stage | fast p50 ms | p90 | p99 | baseline p50 ms | speedup |",
         "|---|---|---|---|---|---|",
     ]
     for key, label in ROWS:
         if key not in fast:
             continue
-        f = fast[key]
-        b = base.get(key)
+        f, b = fast[key], base.get(key)
         b50 = f"{b['p50']:.1f}" if b else "-"
         speed = f"{b['p50'] / f['p50']:.2f}x" if b else "-"
         lines.append(
             f"| {label} | {f['p50']:.1f} | {f['p90']:.1f} | {f['p99']:.1f} | {b50} | {speed} |"
         )
-    lines += [
-        "",
+    return lines
+
+
+def _notes(result: dict) -> list[str]:
+    machine, memory = result["machine"], result["memory"]
+    lines = [
         f"- decode: {result['decode_tokens_per_s']:.1f} tok/s",
         f"- action hint / time to first token: {result['action_hint_over_prefill']:.2f} "
         f"(branch pass / prefill: {result['action_hint_branches_over_prefill']:.2f})",
         f"- greedy tokens fast vs generate(): "
         f"{result['parity']['greedy_prefix_agreement_fast_vs_generate']:.0%} identical",
-        f"- machine: {result['machine']['cpu']}, {result['machine']['threads']} threads, "
-        f"torch CPU kernels {result['machine']['torch_cpu_capability']}, native bf16: "
-        f"{'yes' if result['machine']['bf16_native'] else 'no'}",
-        f"- peak host RSS {result['memory']['peak_host_rss_mib']:.0f} MiB, peak GPU "
-        f"{result['memory']['peak_gpu_mib']:.0f} MiB",
+        f"- machine: {machine['cpu']}, {machine['threads']} threads, "
+        f"torch CPU kernels {machine['torch_cpu_capability']}, native bf16: "
+        f"{'yes' if machine['bf16_native'] else 'no'}",
+        f"- peak host RSS {memory['peak_host_rss_mib']:.0f} MiB, peak GPU "
+        f"{memory['peak_gpu_mib']:.0f} MiB",
     ]
     export = result.get("fast_path", {}).get("vision_onnx")
     if export:
@@ -631,17 +779,31 @@ def markdown(result: dict) -> str:
             f"{export['tolerance']:.0e}); {len(export['ops'])} operator types, all in "
             f"TensorRT's ONNX parser list"
         )
+    return lines
+
+
+def _variant_lines(result: dict) -> list[str]:
+    lines = []
     for name, variant in result["variants"].items():
         s, acc = variant["speedup"], variant["accuracy_vs_fp"]
         same = variant.get("speedup_vs_same_dtype_baseline")
-        versus = (f" ({same['image_to_16_tokens']:.2f}x / {same['image_to_64_tokens']:.2f}x vs "
-                  "generate() in bf16)" if same else "")  # fmt: skip
+        versus = ""
+        if same:
+            versus = (
+                f" ({same['image_to_16_tokens']:.2f}x / {same['image_to_64_tokens']:.2f}x vs "
+                "generate() in bf16)"
+            )
         lines.append(
             f"- {name}: image->16 {s['image_to_16_tokens']:.2f}x, image->64 "
             f"{s['image_to_64_tokens']:.2f}x vs baseline{versus}; greedy agreement with the fp "
             f"path {acc['greedy_prefix_agreement']:.0%}, first-step logit error "
             f"{acc['first_logits_error_over_range']:.2%} of the logit range"
         )
+    return lines
+
+
+def _gpu_lines(result: dict) -> list[str]:
+    lines = []
     if "gpu" in result:
         g = result["gpu"]
         step = g["decode_bytes_per_token"]
@@ -653,4 +815,4 @@ def markdown(result: dict) -> str:
     skips = result.get("fast_path", {}).get("cudagraph_skips")
     if skips:
         lines.append(f"- **inductor declined a CUDA graph {skips} time(s)**: decode ran without")
-    return "\n".join(lines) + "\n"
+    return lines

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from vlm_ros.config import DECODERS, RuntimeConfig
 from vlm_ros.errors import InputError
@@ -47,8 +48,6 @@ def runtime_from_args(args: argparse.Namespace) -> RuntimeConfig:
 
 def read_image(path: str) -> np.ndarray:
     """An image file -> HxWx3 RGB uint8, opened like the references (PIL, convert("RGB"))."""
-    from PIL import Image, UnidentifiedImageError
-
     file = Path(path)
     if not file.is_file():
         raise InputError(f"image file {path} does not exist")

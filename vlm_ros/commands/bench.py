@@ -7,31 +7,38 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
+from vlm_ros.bench.measure import PRESETS, BenchOptions, markdown
+from vlm_ros.bench.measure import run as run_bench
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vlm_ros.bench.measure import PRESETS
-
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument(
-        "--dtype", choices=("float32", "float16", "bfloat16"),
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
         help="default: float32 on CPU, bfloat16 on CUDA",
-    )  # fmt: skip
+    )
     parser.add_argument("--iters", type=int, default=5, help="measured iterations per metric")
     parser.add_argument(
-        "--vision-backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch",
+        "--vision-backend",
+        choices=("torch", "onnxruntime", "tensorrt"),
+        default="torch",
         help="fast path's vision stage (tensorrt: CUDA + TensorRT; the engine is built for the "
         "run, in a temporary directory)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--int8", action="store_true", help="also measure the lossy int8 decoder (CPU)"
     )
     parser.add_argument(
-        "--bf16", action="store_true",
+        "--bf16",
+        action="store_true",
         help="also measure the whole model in bfloat16, and with weight-only int8 Linear "
         "layers (CPU; lossy; fast where the CPU has AVX512-BF16/AMX), against the fp32 and a "
         "bf16 baseline",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step (CUDA graph on GPU)"
     )
@@ -40,17 +47,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from vlm_ros.bench.measure import markdown
-    from vlm_ros.bench.measure import run as run_bench
-
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    result = run_bench(
-        args.preset, args.device, args.dtype, args.iters, args.vision_backend, args.int8,
-        args.compile, bf16=args.bf16,
-    )  # fmt: skip
+    options = BenchOptions(
+        preset=args.preset,
+        device=args.device,
+        dtype=args.dtype,
+        iters=args.iters,
+        vision_backend=args.vision_backend,
+        int8=args.int8,
+        compile_decode=args.compile,
+        bf16=args.bf16,
+    )
+    result = run_bench(options)
     table = markdown(result)
     print(table)
     if args.out:

@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_ros.engines.build import build_for_model
+    from vlm_ros.engines.build import (
+        build_for_model,  # torch: loaded when the command runs, not for --help
+    )
     from vlm_ros.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(args.model, "cpu", "float32").model

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import argparse
 
+from vlm_ros.bag.budgets import load_budgets, parse_budget_flags
+from vlm_ros.bag.evaluate import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_INSTRUCTION,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_SCENE_PROMPT,
+    EvalSettings,
+    evaluate,
+    load_questions,
+)
+from vlm_ros.bag.replay import RATES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vlm_ros.bag.evaluate import (
-        DEFAULT_CANDIDATES,
-        DEFAULT_INSTRUCTION,
-        DEFAULT_MAX_NEW_TOKENS,
-        DEFAULT_SCENE_PROMPT,
-    )
-    from vlm_ros.bag.replay import RATES
-
     parser.add_argument("bag", help="camera bag: rosbag2 folder (sqlite3 or MCAP) or ROS 1 .bag")
     parser.add_argument("--out", required=True, help="new folder for output_bag/ and the report")
     parser.add_argument("--model", default="demo", help="'demo', a checkpoint folder or a hub id")
@@ -88,16 +92,12 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def budgets_from_args(args: argparse.Namespace) -> dict[str, float]:
-    from vlm_ros.bag.budgets import load_budgets, parse_budget_flags
-
     budgets = load_budgets(args.budgets) if args.budgets else {}
     budgets.update(parse_budget_flags(args.budget))
     return budgets
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_ros.bag.evaluate import EvalSettings, evaluate, load_questions
-
     settings = EvalSettings(
         bag=args.bag,
         out_dir=args.out,

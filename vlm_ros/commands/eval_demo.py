@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vlm_ros.config import QUANTIZE_MODES
+from vlm_ros.config import QUANTIZE_MODES, RuntimeConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,21 +13,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="eval_demo.json", help="where to write the results")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument(
-        "--quantize", choices=QUANTIZE_MODES, default="none",
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default="none",
         help="int8: the opt-in lossy dynamic int8 decoder (CPU); int8_weight_only: int8 "
         "weights (with --dtype bfloat16/float16); to measure what they cost in accuracy on a "
         "trained model",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
         help="default: the family's for the device (float32 on CPU); bfloat16 measures what the "
         "faster bf16 path costs in accuracy",
-    )  # fmt: skip
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_ros.config import RuntimeConfig
-    from vlm_ros.demo.evaluate import evaluate, write_report
+    from vlm_ros.demo.evaluate import (  # torch: loaded when the command runs, not for --help
+        evaluate,
+        write_report,
+    )
     from vlm_ros.infer.pipeline import Assistant
 
     runtime = RuntimeConfig(threads=args.threads, quantize=args.quantize, dtype=args.dtype)

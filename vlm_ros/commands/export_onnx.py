@@ -20,7 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_ros.engines.onnx_export import export_and_check, onnx_name
+    from vlm_ros.engines.onnx_export import (  # torch: loaded when the command runs, not for --help
+        export_and_check,
+        onnx_name,
+    )
     from vlm_ros.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(args.model, "cpu", "float32").model

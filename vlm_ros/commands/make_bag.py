@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlm_ros.bag.io import STORAGES
+from vlm_ros.bag.make_bag import ENCODINGS, BagSpec, make_bag
 from vlm_ros.errors import InputError
 
 
@@ -16,9 +18,6 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vlm_ros.bag.io import STORAGES
-    from vlm_ros.bag.make_bag import ENCODINGS
-
     parser.add_argument(
         "out", help="output bag: a new rosbag2 folder, or a .bag file with --storage ros1"
     )
@@ -50,8 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_ros.bag.make_bag import BagSpec, make_bag
-
     width, height = args.size
     if args.storage == "ros1" and not args.out.endswith(".bag"):
         raise InputError("a ROS 1 bag's file name must end in .bag")

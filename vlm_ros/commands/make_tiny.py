@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 
+from vlm_ros.model.families import FAMILIES
+
 FORMATS = ("safetensors", "sharded", "bin")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vlm_ros.model.families import FAMILIES
-
     parser.add_argument(
         "--family",
         choices=tuple(FAMILIES),
@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_ros.model.tiny import write_tiny_checkpoint
+    from vlm_ros.model.tiny import (
+        write_tiny_checkpoint,  # torch: loaded when the command runs, not for --help
+    )
 
     path = write_tiny_checkpoint(
         args.out,

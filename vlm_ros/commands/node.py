@@ -17,17 +17,29 @@ CAMERA = "/camera/image_raw"  # the node's default camera input, as in launch/as
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--demo", action="store_true",
-                        help="demo model on CPU plus a synthetic camera")  # fmt: skip
+    parser.add_argument(
+        "--demo", action="store_true", help="demo model on CPU plus a synthetic camera"
+    )
     parser.add_argument("--params-file", help="ROS parameter YAML (e.g. config/default.yaml)")
-    parser.add_argument("--namespace", default="",
-                        help="namespace of the node (and of the demo camera)")  # fmt: skip
-    parser.add_argument("--camera-topic", default="",
-                        help=f"topic remapped onto the camera input {CAMERA}")  # fmt: skip
-    parser.add_argument("--camera-rate", type=float, default=10.0,
-                        help="synthetic camera frames per second (with --demo)")  # fmt: skip
-    parser.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=[],
-                        help="everything after it goes to ROS unchanged")  # fmt: skip
+    parser.add_argument(
+        "--namespace", default="", help="namespace of the node (and of the demo camera)"
+    )
+    parser.add_argument(
+        "--camera-topic", default="", help=f"topic remapped onto the camera input {CAMERA}"
+    )
+    parser.add_argument(
+        "--camera-rate",
+        type=float,
+        default=10.0,
+        help="synthetic camera frames per second (with --demo)",
+    )
+    parser.add_argument(
+        "--ros-args",
+        dest="ros_args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="everything after it goes to ROS unchanged",
+    )
 
 
 def ros_arguments(args: argparse.Namespace) -> list[str]:

@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     image = read_image(args.image)  # before the heavy imports: a bad path fails at once
-    from vlm_ros.infer.pipeline import Assistant
+    from vlm_ros.infer.pipeline import (
+        Assistant,  # torch: loaded when the command runs, not for --help
+    )
 
     runtime = runtime_from_args(args)
     with Assistant.load(args.model, runtime, vision_tower=args.vision_tower) as assistant:

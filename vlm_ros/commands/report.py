@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vlm_ros.bag.report import report_bag
+from vlm_ros.commands.eval_bag import add_budget_arguments, budgets_from_args
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vlm_ros.commands.eval_bag import add_budget_arguments
-
     parser.add_argument("bag", help="bag with SceneAnswer/ActionHint (and /diagnostics) messages")
     parser.add_argument(
         "--out", default=None, help="report folder (default: BAG_report beside the bag)"
@@ -18,9 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_ros.bag.report import report_bag
-    from vlm_ros.commands.eval_bag import budgets_from_args
-
     out = Path(args.out) if args.out else Path(f"{Path(args.bag).resolve()}_report")
     report_bag(args.bag, out, budgets_ms=budgets_from_args(args) or None)
     print(f"report: {out / 'report.md'}")

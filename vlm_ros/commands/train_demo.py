@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 DEFAULT_MINUTES = 20.0  # the shipped recipe's budget on a 2-core CPU (models/demo/README.md)
 
@@ -21,9 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from vlm_ros.demo.train import TrainConfig, train
+    from vlm_ros.demo.train import (  # torch: loaded when the command runs, not for --help
+        TrainConfig,
+        train,
+    )
 
     cfg = TrainConfig(seed=args.seed)
     if args.minutes != DEFAULT_MINUTES:

@@ -34,7 +34,7 @@ PHRASINGS = {
         "Is the {c} box on the left, in the centre or on the right?",
     ),
     "count": ("How many boxes are there?", "How many boxes can you see?"),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)

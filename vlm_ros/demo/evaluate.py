@@ -13,6 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from vlm_ros.demo import data, world
 
 RENDER_SIZES = ((96, 72), (128, 96), (160, 120), (320, 240))
@@ -37,8 +39,14 @@ class Report:
         self.total[sample.kind] += 1
         self.correct[sample.kind] += int(ok)
         if not ok and len(self.errors) < 20:
-            self.errors.append({"seed": sample.seed, "question": sample.question,
-                                "expected": sample.answer, "got": predicted})  # fmt: skip
+            self.errors.append(
+                {
+                    "seed": sample.seed,
+                    "question": sample.question,
+                    "expected": sample.answer,
+                    "got": predicted,
+                }
+            )
 
     def accuracy(self) -> dict[str, float]:
         return {k: self.correct[k] / self.total[k] for k in sorted(self.total)}
@@ -71,8 +79,6 @@ def evaluate(
 ) -> Report:
     """Score ``assistant`` on the first ``n`` scenes of ``split`` (every question of each, and
     with ``captions`` the whole caption, exact match: what the demo's scene answers show)."""
-    from tqdm import tqdm
-
     report = Report()
     for seed in tqdm(data.split_seeds(split, n), disable=not progress, unit="scene"):
         _, image = scene_image(seed)
@@ -82,8 +88,9 @@ def evaluate(
                 text = assistant.answer(image, sample.question, max_new_tokens=CAPTION_TOKENS).text
                 report.add(sample, text)
                 # the same caption without its first sentence (the place): the boxes and path
-                boxes = data.Sample(sample.seed, "caption_boxes", sample.question,
-                                    _after_place(sample.answer))  # fmt: skip
+                boxes = data.Sample(
+                    sample.seed, "caption_boxes", sample.question, _after_place(sample.answer)
+                )
                 report.add(boxes, _after_place(text.strip().lower()))
                 continue
             if sample.kind == "action":

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenizers import ByteLevelBPETokenizer
+
 from vlm_ros.demo.data import corpus, split_seeds
 from vlm_ros.infer.prompt import build_prompt
 
@@ -29,15 +31,16 @@ def training_text() -> list[str]:
 
 def train_tokenizer(out: str | Path):
     """Train and write the tokenizer files into ``out``; returns the ``tokenizers`` object."""
-    from tokenizers import ByteLevelBPETokenizer
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = ByteLevelBPETokenizer(add_prefix_space=False)
     tokenizer.train_from_iterator(
-        training_text(), vocab_size=VOCAB_SIZE, min_frequency=2,
-        special_tokens=[ENDOFTEXT], show_progress=False,
-    )  # fmt: skip
+        training_text(),
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=[ENDOFTEXT],
+        show_progress=False,
+    )
     tokenizer.save(str(out / "tokenizer.json"))
     tokenizer.save_model(str(out))
     special = {f"{role}_token": ENDOFTEXT for role in ("bos", "eos", "unk")}

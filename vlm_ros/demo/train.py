@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 from transformers import CLIPVisionConfig, PhiConfig
 
 from vlm_ros.demo import data, world
@@ -40,6 +41,15 @@ from vlm_ros.infer.preprocess import preprocess
 from vlm_ros.model.checkpoint import load_tokenizer
 from vlm_ros.model.families import CLIP_MEAN, CLIP_STD, FAMILIES, ImageProcessing
 from vlm_ros.model.network import VlmModel
+from vlm_ros.model.tiny import (
+    _LLAVA_BODY,
+    _mm_projector,
+    _phi_fields,
+    _published_state,
+    _rename,
+    _vision_fields,
+    _write_weights,
+)
 
 # Camera sizes scenes are rendered at for training (the pipeline pads any size to square).
 RENDER_SIZES = ((96, 72), (128, 96), (160, 120), (320, 240))
@@ -72,8 +82,9 @@ class TrainConfig:
     steps: dict = field(
         default_factory=lambda: dict(vision=2000, language=300, align=300, instruct=5000)
     )
-    lr: dict = field(default_factory=lambda: dict(
-        vision=2e-3, language=2e-3, align=2e-3, instruct=1e-3))  # fmt: skip
+    lr: dict = field(
+        default_factory=lambda: dict(vision=2e-3, language=2e-3, align=2e-3, instruct=1e-3)
+    )
     # Scale of the decoder's token embeddings at init (Phi's default is 0.02). Image embeddings
     # are brought to the same scale before alignment (match_projector), so image and text
     # tokens enter the residual stream on an equal footing instead of 600x apart.
@@ -113,16 +124,17 @@ def processing(cfg: TrainConfig) -> ImageProcessing:
 
 def build_model(cfg: TrainConfig, vocab: int) -> VlmModel:
     vision = CLIPVisionConfig(
-        **cfg.vision, image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=64,
+        **cfg.vision,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=64,
         attention_dropout=0.0,
-    )  # fmt: skip
+    )
     text = PhiConfig(**phi_fields(cfg, vocab))
     return VlmModel(FAMILIES["llava_phi"], vision, text)
 
 
 def phi_fields(cfg: TrainConfig, vocab: int) -> dict:
-    from vlm_ros.model.tiny import _phi_fields
-
     fields = {**_phi_fields(vocab, bos=1, eos=2), **cfg.text, "resid_pdrop": 0.0}
     fields["max_position_embeddings"] = 512
     del fields["rope_scaling"]
@@ -308,15 +320,18 @@ class Log:
     """Loss log (JSON lines) + a tqdm bar for the whole run."""
 
     def __init__(self, path: Path, total: int, quiet: bool = False):
-        from tqdm import tqdm
-
         self.file = path.open("w")
         self.bar = tqdm(total=total, disable=quiet, unit="step", dynamic_ncols=True)
         self.start = time.monotonic()
 
     def step(self, stage: str, step: int, loss: float, lr: float) -> None:
-        row = {"stage": stage, "step": step, "loss": round(loss, 5), "lr": lr,
-               "elapsed_s": round(time.monotonic() - self.start, 1)}  # fmt: skip
+        row = {
+            "stage": stage,
+            "step": step,
+            "loss": round(loss, 5),
+            "lr": lr,
+            "elapsed_s": round(time.monotonic() - self.start, 1),
+        }
         self.file.write(json.dumps(row) + "\n")
         self.bar.set_description(f"{stage} loss {loss:.3f}")
         self.bar.update(1)
@@ -336,9 +351,10 @@ def run_stage(
     if lr_scale:
         part_of = {id(p): n.split(".")[0] for n, p in model.named_parameters()}
         multipliers = sorted({lr_scale.get(part_of.get(id(p)), 1.0) for p in params})
-        groups = [{"params": [p for p in params
-                              if lr_scale.get(part_of.get(id(p)), 1.0) == m], "mult": m}
-                  for m in multipliers]  # fmt: skip
+        groups = [
+            {"params": [p for p in params if lr_scale.get(part_of.get(id(p)), 1.0) == m], "mult": m}
+            for m in multipliers
+        ]
     else:
         groups = [{"params": params, "mult": 1.0}]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
@@ -366,88 +382,138 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), quiet: bool = False
     """Run every stage and write a loadable LLaVA-Phi-layout checkpoint into ``out``.
 
     Returns a summary (first/last losses per stage, timings) also written to train_log.json.
+    The stages run in this order, each drawing from the one seeded generator: the order is
+    part of what makes a run reproducible.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     set_determinism(cfg.seed, cfg.threads)
     started = time.monotonic()
+    run = _prepare(out, cfg, quiet)
+    _pretrain_vision(run)
+    _pretrain_language(run)
+    _align(run)
+    _instruct(run)
+    run.log.close()
+    save_checkpoint(run.model, cfg, out)
+    run.summary["minutes"] = round((time.monotonic() - started) / 60, 2)
+    run.summary["config"] = asdict(cfg)
+    (out / "train_log.json").write_text(json.dumps(run.summary, indent=2) + "\n")
+    return run.summary
+
+
+@dataclass
+class _Run:
+    """One training run's state, shared by the stages: the model and tokenizer, the rendered
+    training scenes and their samples, the one seeded generator, the log and the summary."""
+
+    cfg: TrainConfig
+    model: VlmModel
+    tokenizer: object
+    stop_id: int
+    codec: TextCodec
+    proc: ImageProcessing
+    seeds: range
+    images: Images
+    samples: list[data.Sample]
+    rng: np.random.Generator
+    log: Log
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def captions(self) -> list[data.Sample]:
+        return [s for s in self.samples if s.kind == "caption"]
+
+    @property
+    def instruct(self) -> list[data.Sample]:
+        """Question/action samples, each kind repeated as cfg.repeat says."""
+        plain = [s for s in self.samples if s.kind != "caption"]
+        return [s for s in plain for _ in range(self.cfg.repeat.get(s.kind, 1))]
+
+    def pick(self, pool: list) -> list:
+        return [pool[int(i)] for i in self.rng.integers(len(pool), size=self.cfg.batch_size)]
+
+    def with_pixels(self, batch: list[data.Sample]) -> tuple[torch.Tensor, list[data.Sample]]:
+        return self.images.pixels[self.images.rows([s.seed for s in batch])], batch
+
+    def stage(self, name: str, parts: tuple[str, ...], loss_fn, extra=(), lr_scale=None) -> None:
+        """Train ``parts`` of the model on ``loss_fn`` for the stage's steps; record its ends."""
+        params = only_trainable(self.model, *parts)
+        steps, lr = self.cfg.steps[name], self.cfg.lr[name]
+        losses = run_stage(
+            name, self.model, params, steps, lr, self.rng, loss_fn, self.log, extra, lr_scale
+        )
+        self.summary[name] = _ends(losses)
+
+
+def _prepare(out: Path, cfg: TrainConfig, quiet: bool) -> _Run:
+    """Tokenizer, model, rendered training scenes and their samples (in the seeded order)."""
     train_tokenizer(out)
     tokenizer = load_tokenizer(out)
     stop_id = tokenizer.get_vocab()[ENDOFTEXT]
     model = build_model(cfg, vocab=-(-len(tokenizer) // 64) * 64)
     if cfg.embed_std:
         nn.init.normal_(model.language_model.get_input_embeddings().weight, std=cfg.embed_std)
-    codec = TextCodec(tokenizer, stop_id)
     proc = processing(cfg)
-
     seeds = data.split_seeds("train", cfg.train_scenes)
     images = render_images(seeds, proc)
     samples = data.samples_for(seeds, with_captions=True, every_box=cfg.every_box)
-    captions = [s for s in samples if s.kind == "caption"]
-    instruct = [s for s in samples if s.kind != "caption"]
-    instruct = [s for s in instruct for _ in range(cfg.repeat.get(s.kind, 1))]
-    text_lines = [s.question + " " + s.answer for s in samples]
     rng = np.random.default_rng(cfg.seed)
     log = Log(out / "train_log.jsonl", sum(cfg.steps.values()), quiet)
-    bs = cfg.batch_size
+    codec = TextCodec(tokenizer, stop_id)
+    return _Run(cfg, model, tokenizer, stop_id, codec, proc, seeds, images, samples, rng, log)
 
-    def pick(pool):
-        return [pool[int(i)] for i in rng.integers(len(pool), size=bs)]
 
-    def pixels_of(batch):
-        return images.pixels[images.rows([s.seed for s in batch])]
-
-    # 0a. vision tower stand-in pretraining (supervised lane contents)
-    head = LaneHead(model.vision_config.hidden_size, cfg.colour_head)
+def _pretrain_vision(run: _Run) -> None:
+    """0a. vision tower stand-in pretraining (supervised lane contents)."""
+    model, images, rng, bs = run.model, run.images, run.rng, run.cfg.batch_size
+    head = LaneHead(model.vision_config.hidden_size, run.cfg.colour_head)
 
     def vision_loss(_):
-        rows = torch.from_numpy(rng.integers(len(seeds), size=bs))
+        rows = torch.from_numpy(rng.integers(len(run.seeds), size=bs))
         return lane_loss(head, model.image_features(images.pixels[rows]), images, rows)
 
-    summary = {}
-    stage = lambda name, parts, fn, extra=(), lr_scale=None: summary.__setitem__(  # noqa: E731
-        name, _ends(run_stage(name, model, only_trainable(model, *parts), cfg.steps[name],
-                              cfg.lr[name], rng, fn, log, extra, lr_scale)))  # fmt: skip
-    stage("vision", ("vision_tower",), vision_loss, (head,))
-    val_images = render_images(data.split_seeds("val", cfg.val_scenes), proc)
-    summary["vision_val_lane_accuracy"] = lane_accuracy(model, head, val_images)
-    # 0b. decoder stand-in pretraining (language model on world text)
-    stage(
-        "language",
-        ("language_model",),
-        lambda _: language_loss(
-            model,
-            tokenizer,
-            stop_id,
-            [text_lines[int(i)] for i in rng.integers(len(text_lines), size=bs)],
-        ),
-    )
-    # 1. alignment: projector only, captions. First bring the projector's output to the
-    # scale of the token embeddings (a LayerNorm-friendly init of its last layer).
-    if cfg.match_projector:
-        summary["projector_gain"] = match_projector_scale(model, images.pixels[:256])
-    stage(
+    run.stage("vision", ("vision_tower",), vision_loss, (head,))
+    val_images = render_images(data.split_seeds("val", run.cfg.val_scenes), run.proc)
+    run.summary["vision_val_lane_accuracy"] = lane_accuracy(model, head, val_images)
+
+
+def _pretrain_language(run: _Run) -> None:
+    """0b. decoder stand-in pretraining (language model on world text)."""
+    lines = [s.question + " " + s.answer for s in run.samples]
+    size = run.cfg.batch_size
+
+    def text_loss(_):
+        batch = [lines[int(i)] for i in run.rng.integers(len(lines), size=size)]
+        return language_loss(run.model, run.tokenizer, run.stop_id, batch)
+
+    run.stage("language", ("language_model",), text_loss)
+
+
+def _align(run: _Run) -> None:
+    """1. alignment: projector only, captions. First bring the projector's output to the
+    scale of the token embeddings (a LayerNorm-friendly init of its last layer)."""
+    if run.cfg.match_projector:
+        gain = match_projector_scale(run.model, run.images.pixels[:256])
+        run.summary["projector_gain"] = gain
+    captions = run.captions
+    run.stage(
         "align",
         ("projector",),
-        lambda _: multimodal_loss(model, codec, *_with_pixels(pick(captions), pixels_of)),
+        lambda _: multimodal_loss(run.model, run.codec, *run.with_pixels(run.pick(captions))),
     )
-    # 2. instruction tuning: everything, QA + actions (+ a few captions, as LLaVA mixes)
-    stage(
-        "instruct",
-        ("projector", "language_model", "vision_tower"),
-        lambda _: multimodal_loss(
-            model,
-            codec,
-            *_with_pixels(pick(instruct) if rng.random() > 0.1 else pick(captions), pixels_of),
-        ),
-        lr_scale={"vision_tower": cfg.tower_lr_scale},
-    )
-    log.close()
-    save_checkpoint(model, cfg, out)
-    summary["minutes"] = round((time.monotonic() - started) / 60, 2)
-    summary["config"] = asdict(cfg)
-    (out / "train_log.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+
+
+def _instruct(run: _Run) -> None:
+    """2. instruction tuning: everything, QA + actions (+ a few captions, as LLaVA mixes)."""
+    captions, instruct = run.captions, run.instruct
+
+    def mixed_loss(_):
+        batch = run.pick(instruct) if run.rng.random() > 0.1 else run.pick(captions)
+        return multimodal_loss(run.model, run.codec, *run.with_pixels(batch))
+
+    everything = ("projector", "language_model", "vision_tower")
+    run.stage("instruct", everything, mixed_loss, lr_scale={"vision_tower": run.cfg.tower_lr_scale})
 
 
 @torch.no_grad()
@@ -463,14 +529,13 @@ def match_projector_scale(model: VlmModel, pixels: torch.Tensor) -> float:
     return round(gain, 6)
 
 
-def _with_pixels(batch, pixels_of):
-    return pixels_of(batch), batch
-
-
 def _ends(losses: list[float]) -> dict:
     k = max(1, len(losses) // 10)
-    return {"steps": len(losses), "first": round(float(np.mean(losses[:k])), 4),
-            "last": round(float(np.mean(losses[-k:])), 4)}  # fmt: skip
+    return {
+        "steps": len(losses),
+        "first": round(float(np.mean(losses[:k])), 4),
+        "last": round(float(np.mean(losses[-k:])), 4),
+    }
 
 
 # ---- writing the checkpoint (LLaVA-Phi layout) -----------------------------------------------
@@ -479,21 +544,15 @@ def _ends(losses: list[float]) -> dict:
 def save_checkpoint(model: VlmModel, cfg: TrainConfig, out: Path) -> None:
     """model.safetensors with LLaVA-Phi's key names (tiny.py's naming), config.json nested as
     LLaVA-Phi's, and the CLIP preprocessor config at the demo's size."""
-    from vlm_ros.model.tiny import (
-        _LLAVA_BODY,
-        _mm_projector,
-        _published_state,
-        _rename,
-        _vision_fields,
-        _write_weights,
-    )
-
     keys = {"vision_tower.": "model.vision_tower.", **_LLAVA_BODY}
     state = _rename(_published_state(model), keys)
     _write_weights(out, state, safetensors=True, sharded=False)
     text = model.text_config
-    projector = {**_mm_projector(), "mm_hidden_size": model.vision_config.hidden_size,
-                 "hidden_size": text.hidden_size}  # fmt: skip
+    projector = {
+        **_mm_projector(),
+        "mm_hidden_size": model.vision_config.hidden_size,
+        "hidden_size": text.hidden_size,
+    }
     config = {
         **phi_fields(cfg, text.vocab_size),
         "rope_scaling": None,
@@ -524,10 +583,16 @@ def write_preprocessor(out: Path, size: int) -> None:
     """CLIPImageProcessor fields as CLIP-336's file, at ``size``."""
     doc = {
         "crop_size": {"height": size, "width": size},
-        "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
-        "do_rescale": True, "do_resize": True,
-        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
-        "image_processor_type": "CLIPImageProcessor", "resample": 3,
-        "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": size},
-    }  # fmt: skip
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+        "image_processor_type": "CLIPImageProcessor",
+        "resample": 3,
+        "rescale_factor": 0.00392156862745098,
+        "size": {"shortest_edge": size},
+    }
     (out / "preprocessor_config.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -99,7 +99,7 @@ def sample_scene(rng: np.random.Generator, seed: int = -1, action: str | None = 
                 int(rng.integers(len(CLUTTER_COLOURS))),
             )
             for _ in range(int(rng.integers(0, 6)))
-        ),  # fmt: skip
+        ),
         light=float(rng.uniform(0.7, 1.2)),
         gradient=float(rng.uniform(-0.15, 0.15)),
         noise=float(rng.uniform(2.0, 8.0)),

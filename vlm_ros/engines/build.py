@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlm_ros.engines.naming import structure_fingerprint
 from vlm_ros.engines.onnx_export import export_and_check
-from vlm_ros.engines.ort_backend import structure_fingerprint
 from vlm_ros.engines.trt_engine import (
     BuildOptions,
     EngineBuilder,

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlm_ros.config import CPU_LINEAR_MODES
+from vlm_ros.config import CPU_LINEAR_MODES, check_choice
 
 _log = logging.getLogger(__name__)
 _PROBE_RTOL = 1e-4  # max |onednn - F.linear| / max |F.linear| on a seeded probe
@@ -108,8 +108,7 @@ def wants_onednn(mode: str, device: torch.device | str, dtype: torch.dtype) -> b
     """Whether ``cpu_linear`` mode picks oneDNN for a model on device/dtype: "auto" (the
     default) for float32 on CPU where available, "onednn" the same but said when impossible,
     "torch" never."""
-    if mode not in CPU_LINEAR_MODES:
-        raise ValueError(f"cpu_linear must be one of {CPU_LINEAR_MODES}, got {mode!r}")
+    check_choice("cpu_linear", mode, CPU_LINEAR_MODES)  # also called outside RuntimeConfig
     if mode == "torch" or torch.device(device).type != "cpu" or dtype != torch.float32:
         return False
     if mode == "onednn" and not onednn_linear_available():

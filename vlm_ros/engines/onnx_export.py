@@ -137,7 +137,7 @@ def cpu_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 def graph_ops(onnx_path: str | Path) -> tuple[str, ...]:
     """Sorted distinct operator types of the graph (subgraphs included)."""
-    import onnx
+    import onnx  # optional dependency (the onnx extra)
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     ops: set[str] = set()
@@ -155,7 +155,7 @@ def graph_ops(onnx_path: str | Path) -> tuple[str, ...]:
 
 def unsupported_ops(onnx_path: str | Path) -> list[str]:
     """Operators (or restricted uses) the TensorRT ONNX parser would refuse; [] when clean."""
-    import onnx
+    import onnx  # optional dependency (the onnx extra)
 
     bad = [op for op in graph_ops(onnx_path) if op not in TENSORRT_SUPPORTED_OPS]
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -173,7 +173,7 @@ def unsupported_ops(onnx_path: str | Path) -> list[str]:
 
 def ort_session(onnx_path: str | Path, providers: list[str] | None = None):
     """An ONNX Runtime session (CPU unless providers are given), sharing cores with torch."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional dependency (the onnx extra)
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

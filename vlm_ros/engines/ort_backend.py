@@ -21,7 +21,6 @@ onnxruntime-gpu with a GPU here); IOBinding is tested on the CPU provider.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from vlm_ros.config import RuntimeConfig
+from vlm_ros.engines.naming import structure_fingerprint, weights_fingerprint
 from vlm_ros.engines.onnx_export import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -38,47 +38,21 @@ from vlm_ros.engines.onnx_export import (
     export_and_check,
     onnx_name,
     ort_session,
+    probe_reference,
     relative_error,
 )
 from vlm_ros.errors import VlmError
 from vlm_ros.model.network import VlmModel
+from vlm_ros.timing import StageTimer
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 TORCH_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 _log = logging.getLogger(__name__)
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """Short sha256 over the vision stage's parameters (names, shapes and a strided sample of
-    values): identifies which weights an export was made from, without hashing every byte."""
-    digest = hashlib.sha256()
-    stage_prefixes = ("vision_tower.", "projector.")
-    for name, tensor in model.state_dict().items():
-        if not name.startswith(stage_prefixes):
-            continue
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(sample.tobytes())
-    return digest.hexdigest()[:16]
-
-
-def structure_fingerprint(model: torch.nn.Module) -> str:
-    """Short sha256 over the vision stage's parameter names and shapes (and nothing that
-    depends on dtype): names a TensorRT engine, whose weights are then verified by a probe."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        if name.startswith(("vision_tower.", "projector.")):
-            digest.update(f"{name}{tuple(tensor.shape)};".encode())
-    spec = getattr(model, "spec", None)
-    layer, drop = getattr(spec, "select_layer", None), getattr(spec, "drop_first_token", None)
-    digest.update(f"select={layer};drop={drop}".encode())
-    return digest.hexdigest()[:16]
-
-
 def providers_for(device: str) -> list[str]:
     """GPU providers the installed onnxruntime offers (CUDA models only), then the CPU one."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional dependency (the onnx extra)
 
     available = set(ort.get_available_providers())
     gpu = [p for p in GPU_PROVIDERS if p in available] if device.startswith("cuda") else []
@@ -92,8 +66,12 @@ def provider_options(name: str, device: torch.device, engine_dir: Path) -> dict[
     if name == "CUDAExecutionProvider":
         return {"device_id": index}
     if name == "TensorrtExecutionProvider":
-        return {"device_id": index, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": str(engine_dir / "ort_trt")}  # fmt: skip
+        return {
+            "device_id": index,
+            "trt_fp16_enable": True,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(engine_dir / "ort_trt"),
+        }
     return {}
 
 
@@ -174,9 +152,6 @@ def check_session(encoder: OrtVisionEncoder, model: VlmModel, precision: str) ->
     """Relative error of the serving session against the float32 PyTorch stage on a seeded
     probe image; VlmError above TOLERANCE[precision]. The export check ran the graph on the
     CPU provider: a GPU provider (its own kernels, TensorRT's fusions) is checked here."""
-    from vlm_ros.engines.onnx_export import probe_reference
-    from vlm_ros.timing import StageTimer
-
     pixels, expected = probe_reference(model)
     with torch.inference_mode():
         got = encoder.encode(pixels.to(encoder.device), StageTimer(encoder.device)).float().cpu()
@@ -213,8 +188,10 @@ def make_encoder(model: VlmModel, runtime: RuntimeConfig) -> OrtVisionEncoder:
     if dropped:
         _log.warning(
             "ONNX Runtime could not start %s (missing CUDA/cuDNN/TensorRT libraries?): the "
-            "vision stage runs on %s", ", ".join(dropped), encoder.providers[0]
-        )  # fmt: skip
+            "vision stage runs on %s",
+            ", ".join(dropped),
+            encoder.providers[0],
+        )
     if graph_precision(encoder.providers) != precision:  # an fp16 graph left on the CPU
         precision = graph_precision(encoder.providers)
         path = ensure_onnx(model, engine_dir / "onnx", precision)

@@ -37,14 +37,23 @@ from typing import Any
 import torch
 
 from vlm_ros.config import RuntimeConfig
+from vlm_ros.engines.naming import structure_fingerprint
+from vlm_ros.engines.onnx_export import TOLERANCE, relative_error, sha256_file
 from vlm_ros.errors import EngineMismatchError, VlmError
 from vlm_ros.model.network import VlmModel
+from vlm_ros.model.vision_stage import VisionStage
 
 PRECISIONS = ("fp16", "fp32")
 REBUILD = "vlm-ros build-engines --model {model}"
 # Sidecar fields that must equal the running setup for an engine to be used.
-MATCHED_FIELDS = ("model", "onnx_sha256", "tensorrt_version", "gpu_name", "compute_capability",
-                  "precision")  # fmt: skip
+MATCHED_FIELDS = (
+    "model",
+    "onnx_sha256",
+    "tensorrt_version",
+    "gpu_name",
+    "compute_capability",
+    "precision",
+)
 
 
 class TensorRTUnavailable(VlmError):
@@ -58,7 +67,7 @@ def require_tensorrt() -> str:
     Python imports as an empty namespace package: that is "not installed" too.
     """
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # optional dependency (GPU machines only)
     except ImportError as exc:
         raise TensorRTUnavailable(
             f"TensorRT is not installed ({exc}); install NVIDIA's tensorrt wheel or JetPack"
@@ -83,7 +92,7 @@ def trt_logger() -> Any:
     TensorRT warn that the logger changed."""
     global _LOGGER
     if _LOGGER is None:
-        import tensorrt as trt
+        import tensorrt as trt  # optional dependency (GPU machines only)
 
         _LOGGER = trt.Logger(trt.Logger.WARNING)
     return _LOGGER
@@ -102,7 +111,7 @@ def major_version(version: str) -> int:
 class EngineIdentity:
     """The facts an engine depends on. The sidecar stores them; the runtime compares them."""
 
-    model: str  # ort_backend.structure_fingerprint: vision-stage names, shapes, select layer
+    model: str  # naming.structure_fingerprint: vision-stage names, shapes, select layer
     onnx_sha256: str
     tensorrt_version: str
     gpu_name: str
@@ -211,7 +220,7 @@ class EngineBuilder:
 
     def build(self, onnx_path: Path, out_path: Path, identity: EngineIdentity) -> Path:
         """Parse, build, write ``out_path`` and its sidecar; returns out_path."""
-        import tensorrt as trt
+        import tensorrt as trt  # optional dependency (GPU machines only)
 
         logger = trt_logger()
         builder = trt.Builder(logger)
@@ -237,11 +246,15 @@ class EngineBuilder:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_bytes(bytes(serialized))
         shapes = {
-            "inputs": {network.get_input(i).name: dims(network.get_input(i).shape)
-                       for i in range(network.num_inputs)},
-            "outputs": {network.get_output(i).name: dims(network.get_output(i).shape)
-                        for i in range(network.num_outputs)},
-        }  # fmt: skip
+            "inputs": {
+                network.get_input(i).name: dims(network.get_input(i).shape)
+                for i in range(network.num_inputs)
+            },
+            "outputs": {
+                network.get_output(i).name: dims(network.get_output(i).shape)
+                for i in range(network.num_outputs)
+            },
+        }
         sidecar = {**identity.as_dict(), **shapes, **asdict(self.options)}
         sidecar_for(out_path).write_text(json.dumps(sidecar, indent=2) + "\n")
         return out_path
@@ -252,15 +265,20 @@ class EngineBuilder:
         explicit batch and the flag is deprecated."""
         if major_version(self.version) >= 10:
             return 0
-        import tensorrt as trt
+        import tensorrt as trt  # optional dependency (GPU machines only)
 
         return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
 
 
 # ---- run --------------------------------------------------------------------------------------
 
-TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16,
-                "INT32": torch.int32, "INT64": torch.int64}  # fmt: skip
+TORCH_DTYPES = {
+    "FLOAT": torch.float32,
+    "HALF": torch.float16,
+    "BF16": torch.bfloat16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+}
 
 
 class TensorRTVision:
@@ -284,7 +302,7 @@ class TensorRTVision:
         self._reader: torch.cuda.Stream | None = None  # the stream given the last output
 
     def _load(self, engine_file: Path) -> None:
-        import tensorrt as trt
+        import tensorrt as trt  # optional dependency (GPU machines only)
 
         self.runtime = trt.Runtime(trt_logger())
         self.engine = self.runtime.deserialize_cuda_engine(engine_file.read_bytes())
@@ -372,9 +390,6 @@ def expected_identity(
 ) -> EngineIdentity:
     """What an engine for ``model`` on this GPU (``device``, default the current one) and this
     TensorRT must have been built from/for."""
-    from vlm_ros.engines.onnx_export import sha256_file
-    from vlm_ros.engines.ort_backend import structure_fingerprint
-
     version = require_tensorrt()
     name, capability = current_gpu(device)
     onnx_hash = sha256_file(onnx_file) if onnx_file.is_file() else "missing"
@@ -392,9 +407,6 @@ def probe_weights(model: VlmModel, engine: TensorRTVision, engine_file: Path) ->
     """Run a seeded probe image through the engine and the PyTorch stage: the sidecar proves
     shapes, GPU and TensorRT; this proves the engine computes THIS model's weights (same-shape
     checkpoints share an engine name). Costs one vision pass at load."""
-    from vlm_ros.engines.onnx_export import TOLERANCE, relative_error
-    from vlm_ros.model.vision_stage import VisionStage
-
     pixels = torch.randn(engine.input_shape, generator=torch.Generator().manual_seed(0))
     param = next(model.vision_tower.parameters())
     with torch.inference_mode():
@@ -425,8 +437,6 @@ def make_encoder(model: VlmModel, runtime: RuntimeConfig) -> TensorRTVisionEncod
     """Factory registered in vision.BACKENDS["tensorrt"]: the engine for this model, this GPU
     and this TensorRT from ``runtime.engine_dir``, or EngineMismatchError with the rebuild
     command."""
-    from vlm_ros.engines.ort_backend import structure_fingerprint
-
     name = structure_fingerprint(model)
     precision = built_precision(runtime.engine_dir, name)
     engine_file = engine_path(runtime.engine_dir, name, precision)

@@ -9,8 +9,6 @@ rules here are shared by all of them.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -18,21 +16,25 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache, PhiForCausalLM
 
-from vlm_ros.config import GenerationConfig
+from vlm_ros.config import GenerationConfig, RuntimeConfig
 from vlm_ros.errors import InputError, VlmError
 from vlm_ros.infer.prompt import split_at_image
+from vlm_ros.infer.static_decode import StaticDecoder
 from vlm_ros.model.compat import cache_kwarg
 from vlm_ros.timing import StageTimer
+from vlm_ros.types import Request, StopReason
 
 
 class Decoder(Protocol):
     """One sequence's decoder state. Logits are returned as float32.
 
     forward_calls counts decoder forward passes (tests assert ranking costs one prefill + one
-    batched pass).
+    batched pass). reuses_outputs: decode_one_token's logits are overwritten by the next call
+    (a replayed CUDA graph), so a caller that keeps them must copy them.
     """
 
     forward_calls: int
+    reuses_outputs: bool
 
     def reset(self) -> None:
         """Forget the cached sequence."""
@@ -59,6 +61,7 @@ class EagerDecoder:
         self.cache: DynamicCache | None = None
         self.length = 0  # positions held in the cache
         self.forward_calls = 0
+        self.reuses_outputs = False
 
     def reset(self) -> None:
         self.cache, self.length = None, 0
@@ -93,15 +96,21 @@ class EagerDecoder:
         return logits  # [K, T, V]
 
 
-def make_decoder(lm: PhiForCausalLM, kind: str = "eager", **options) -> Decoder:
-    """The decoder selected by RuntimeConfig.decoder ("eager" or "static")."""
-    if kind == "eager":
+def make_decoder(lm: PhiForCausalLM, runtime: RuntimeConfig) -> Decoder:
+    """The decoder ``runtime.decoder`` selects, with its settings. The eager decoder is the
+    unmodified reference: settings only the static one has are refused, not ignored."""
+    if runtime.decoder == "eager":
+        asked = [f"quantize={runtime.quantize!r}"] if runtime.quantize != "none" else []
+        asked += ["compile_decode=True"] if runtime.compile_decode else []
+        if asked:
+            raise InputError(
+                f"{' and '.join(asked)} need decoder 'static'; the 'eager' decoder is the "
+                "unmodified reference"
+            )
         return EagerDecoder(lm)
-    if kind == "static":
-        from vlm_ros.infer import static_decode  # written separately; imported only when chosen
-
-        return static_decode.StaticDecoder(lm, **options)
-    raise InputError(f"unknown decoder {kind!r}; expected 'eager' or 'static'")
+    return StaticDecoder(
+        lm, runtime.max_seq_len, runtime.compile_decode, runtime.quantize, runtime.cpu_linear
+    )
 
 
 def splice_image(
@@ -162,63 +171,80 @@ class Generation:
     every step (step_logits[i] produced token i; the last may have produced the stop token)."""
 
     token_ids: list[int]
-    stop_reason: str
+    stop_reason: StopReason
     step_logits: list[torch.Tensor] = field(default_factory=list)
-
-
-def interrupted(deadline: float | None, cancel: threading.Event | None) -> str | None:
-    """The stop reason ("cancelled" or "deadline") if the request must stop now, else None."""
-    if cancel is not None and cancel.is_set():
-        return "cancelled"
-    if deadline is not None and time.monotonic() >= deadline:
-        return "deadline"
-    return None
 
 
 def generate(
     decoder: Decoder,
     embeds: torch.Tensor,
+    request: Request,
     *,
-    config: GenerationConfig,
-    max_new_tokens: int,
     stop_token_id: int,
     timer: StageTimer,
-    deadline: float | None = None,
-    cancel: threading.Event | None = None,
     on_token: Callable[[list[int]], None] | None = None,
     keep_logits: bool = False,
 ) -> Generation:
-    """Prefill ``embeds`` [1, S, hidden], then decode until the stop token, max_new_tokens,
-    the deadline or cancel. Deadline and cancel are checked before every forward pass, so an
-    expired request costs no model time and a cancelled one stops within one token."""
+    """Prefill ``embeds`` [1, S, hidden], then decode until the stop token, the request's token
+    budget, its deadline or its cancel. Deadline and cancel are checked before every forward
+    pass, so an expired request costs no model time and a cancelled one stops within one token.
+
+    The token loop allocates nothing of its own and syncs with the device once per token, for
+    the stop check (``int(token)``); the decode stage is timed as one span around the whole
+    loop, not per token (on CUDA an event pair per token was two allocations per token).
+    keep_logits (trace mode) keeps each step's logits, copied where the decoder reuses its
+    output buffer (a compiled step replays a CUDA graph into one buffer, which the next step
+    overwrites); otherwise nothing is copied."""
     out = Generation([], "max_new_tokens")
-    reason = interrupted(deadline, cancel)
+    reason = request.interrupted()
     if reason:
         out.stop_reason = reason
         return out
+    config = request.config
     generator = make_generator(config, embeds.device)
+    copy = keep_logits and decoder.reuses_outputs
+    step = _Step(out, request, stop_token_id, on_token, keep_logits, copy)
     with timer.stage("prefill"):
         logits = decoder.prefill(embeds)  # [1, V]
         token = sample(logits, config, generator)  # [1]
-        token_id = int(token)
-    while True:
-        if keep_logits:
-            out.step_logits.append(logits[0])
-        if token_id == stop_token_id:
-            out.stop_reason = "eos"
-            break
-        out.token_ids.append(token_id)
-        if on_token is not None:
-            on_token(out.token_ids)
-        if len(out.token_ids) >= max_new_tokens:
-            out.stop_reason = "max_new_tokens"
-            break
-        reason = interrupted(deadline, cancel)
-        if reason:
-            out.stop_reason = reason
-            break
-        with timer.stage("decode"):
+        token_id = int(token)  # the stop check's one host sync
+    if not step.take(token_id, logits):
+        return out
+    with timer.stage("decode"):
+        while True:
             logits = decoder.decode_one_token(token.view(1, 1))  # [1, V]
             token = sample(logits, config, generator)
-            token_id = int(token)
-    return out
+            if not step.take(int(token), logits):
+                return out
+
+
+@dataclass
+class _Step:
+    """The per-token bookkeeping of ``generate``: keep, stop, stream."""
+
+    out: Generation
+    request: Request
+    stop_token_id: int
+    on_token: Callable[[list[int]], None] | None
+    keep_logits: bool
+    copy_logits: bool
+
+    def take(self, token_id: int, logits: torch.Tensor) -> bool:
+        """Record one sampled token; False when generation stops here (out.stop_reason set)."""
+        out = self.out
+        if self.keep_logits:
+            out.step_logits.append(logits[0].clone() if self.copy_logits else logits[0])
+        if token_id == self.stop_token_id:
+            out.stop_reason = "eos"
+            return False
+        out.token_ids.append(token_id)
+        if self.on_token is not None:
+            self.on_token(out.token_ids)
+        if len(out.token_ids) >= self.request.token_budget:
+            out.stop_reason = "max_new_tokens"
+            return False
+        reason = self.request.interrupted()
+        if reason:
+            out.stop_reason = reason
+            return False
+        return True

@@ -12,10 +12,12 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,10 +29,21 @@ from vlm_ros.infer.preprocess import preprocess, validate_image
 from vlm_ros.infer.vision import make_vision_encoder
 from vlm_ros.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from vlm_ros.model.families import FamilySpec
+from vlm_ros.model.tiny import write_tiny_checkpoint
 from vlm_ros.timing import StageTimer
-from vlm_ros.types import STAGES, ActionHint, Answer, StageTimings
+from vlm_ros.types import (
+    STAGES,
+    ActionHint,
+    Answer,
+    ColorOrder,
+    Request,
+    StageTimings,
+    StopReason,
+    check_token_budget,
+)
 
 DEMO = "demo"
+ResultMode = Literal["answer", "trace"]  # what _run keeps: the answer, or every tensor too
 DEMO_FAMILY = "llava_phi"
 _log = logging.getLogger(__name__)
 
@@ -70,7 +83,6 @@ def _ensure_tiny(directory: Path) -> Path:
     or a concurrent first run never leaves a half-written demo behind."""
     if (directory / "config.json").is_file():
         return directory
-    from vlm_ros.model.tiny import write_tiny_checkpoint
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
@@ -78,8 +90,6 @@ def _ensure_tiny(directory: Path) -> Path:
     try:
         staging.rename(directory)
     except OSError:  # another process won the race; use its copy
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
     return directory
 
@@ -93,7 +103,7 @@ class _Prefix:
     pixels: torch.Tensor | None  # None: the request expired or was cancelled before encoding
     image_embeds: torch.Tensor | None
     embeds: torch.Tensor | None
-    stopped: str | None = None  # "deadline" / "cancelled" before the image was encoded
+    stopped: StopReason | None = None  # "deadline" / "cancelled" before the image was encoded
 
 
 @dataclass
@@ -128,16 +138,19 @@ class Assistant:
         self.runtime, self.generation, self.limits = runtime, generation, limits
         self.device = torch.device(loaded.device)
         model = loaded.model
-        if runtime.drop_first_patch is not None:  # e.g. un-dropping Factory TinyLLaVA's patch
-            model.spec = model.spec.with_overrides(drop_first_token=runtime.drop_first_patch)
+        wanted = runtime.drop_first_patch
+        if wanted is not None and wanted != model.spec.drop_first_token:
+            raise InputError(
+                f"drop_first_patch={wanted} is a load option: the checkpoint was loaded with "
+                f"drop_first_token={model.spec.drop_first_token}; use Assistant.load(..., "
+                "runtime) or load_checkpoint(..., drop_first_patch=...)"
+            )
         self.model = model
         self.tokenizer = loaded.tokenizer
         self.stop_token_id = loaded.stop_token_id
         # The decoder first: its settings are checked there, before an ONNX export or a
         # TensorRT probe is paid for.
-        self.decoder = decode.make_decoder(
-            model.language_model, runtime.decoder, **self._decoder_options()
-        )
+        self.decoder = decode.make_decoder(model.language_model, runtime)
         self.encoder = make_vision_encoder(model, runtime)
         self.max_positions = self._max_positions()
         self._lock = threading.Lock()
@@ -158,30 +171,18 @@ class Assistant:
         if runtime.threads > 0:
             torch.set_num_threads(runtime.threads)
         path = demo_checkpoint_dir() if model == DEMO else model
-        loaded = load_checkpoint(path, runtime.device, runtime.dtype, vision_tower=vision_tower)
+        loaded = load_checkpoint(
+            path,
+            runtime.device,
+            runtime.dtype,
+            vision_tower=vision_tower,
+            drop_first_patch=runtime.drop_first_patch,
+        )
         return cls(loaded, runtime, generation, limits)
 
     @property
     def family(self) -> FamilySpec:
         return self.model.spec
-
-    def _decoder_options(self) -> dict:
-        if self.runtime.decoder != "static":
-            quantize, compiled = self.runtime.quantize, self.runtime.compile_decode
-            asked = [f"quantize={quantize!r}"] if quantize != "none" else []
-            asked += ["compile_decode=True"] if compiled else []
-            if asked:
-                raise InputError(
-                    f"{' and '.join(asked)} need decoder 'static'; the "
-                    f"{self.runtime.decoder!r} decoder is the unmodified reference"
-                )
-            return {}
-        return {
-            "max_seq_len": self.runtime.max_seq_len,
-            "compile": self.runtime.compile_decode,
-            "quantize": self.runtime.quantize,
-            "cpu_linear": self.runtime.cpu_linear,
-        }
 
     def _max_positions(self) -> int:
         """The decoder's context: Phi's position table, and the static cache's length if used."""
@@ -201,12 +202,13 @@ class Assistant:
         deadline: float | None = None,
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
-        color_order: str = "rgb",
+        color_order: ColorOrder = "rgb",
     ) -> Answer:
         """Answer ``question`` about ``image`` (see docs/ARCHITECTURE.md)."""
-        return self._run(
-            image, question, max_new_tokens, generation, deadline, on_text, cancel, color_order
-        ).answer
+        request = Request(
+            image, question, color_order, max_new_tokens, generation, deadline, cancel, on_text
+        )
+        return self.answer_request(request)
 
     def trace(
         self,
@@ -214,30 +216,42 @@ class Assistant:
         question: str,
         max_new_tokens: int | None = None,
         generation: GenerationConfig | None = None,
-        color_order: str = "rgb",
+        color_order: ColorOrder = "rgb",
     ) -> Trace:
         """``answer`` that also returns the intermediate tensors and per-step logits (the same
         code path; used by the parity tests)."""
-        return self._run(
-            image, question, max_new_tokens, generation, None, None, None, color_order, True
-        )
+        return self.trace_request(Request(image, question, color_order, max_new_tokens, generation))
 
     def rank(
         self,
         image: np.ndarray,
         instruction: str,
         candidates: list[str] | tuple[str, ...],
-        color_order: str = "rgb",
+        color_order: ColorOrder = "rgb",
     ) -> ActionHint:
         """Probability of each candidate as the answer to ``instruction`` (see ranking.py)."""
+        return self.rank_request(Request(image, instruction, color_order), candidates)
+
+    def answer_request(self, request: Request) -> Answer:
+        """``answer`` for a Request built by the caller (the node builds one per job)."""
+        return self._run(request, "answer").answer
+
+    def trace_request(self, request: Request) -> Trace:
+        """``trace`` for a Request (its deadline, cancel and on_text are honoured too)."""
+        return self._run(request, "trace")
+
+    def rank_request(self, request: Request, candidates: list[str] | tuple[str, ...]) -> ActionHint:
+        """``rank`` for a Request: request.question is the instruction. Its token budget,
+        generation, deadline, cancel and on_text do not apply: a ranking runs whole."""
         actions = ranking.validate_candidates(candidates)
+        request = replace(request, deadline=None, cancel=None)
         with self._lock, torch.inference_mode():
             self._check_open()
             timer = StageTimer(self.device)
             with timer.stage("total"), self._finite_logits() as decoder:
                 cand_ids = ranking.candidate_ids(self.tokenizer, actions, self.stop_token_id)
                 longest = max(len(c) for c in cand_ids)  # positions the branches need
-                pre = self._prefix(image, instruction, color_order, timer, longest)
+                pre = self._prefix(request, timer, longest)
                 totals = ranking.score_candidates(
                     decoder, pre.embeds, cand_ids, self.stop_token_id, timer
                 )
@@ -282,69 +296,59 @@ class Assistant:
         finally:
             self.decoder.reset()
 
-    def _prefix(
-        self,
-        image: np.ndarray,
-        question: str,
-        color_order: str,
-        timer: StageTimer,
-        max_new_tokens: int,
-        deadline: float | None = None,
-        cancel: threading.Event | None = None,
-    ) -> _Prefix:
+    def _prefix(self, request: Request, timer: StageTimer, new_positions: int) -> _Prefix:
         """Question and image -> prompt ids and spliced inputs_embeds [1, S - 1 + N, hidden].
         Text checks run first, so a bad question or an overflow costs no model time; an image
-        is still validated on an expired or cancelled request, but not encoded."""
-        prompt.validate_question(question, self.limits)
-        ids = prompt.prompt_ids(self.tokenizer, question)
+        is still validated on an expired or cancelled request, but not encoded.
+        new_positions: what comes after the prompt (the token budget, or ranking's longest
+        candidate), for the context check."""
+        prompt.validate_question(request.question, self.limits)
+        ids = prompt.prompt_ids(self.tokenizer, request.question)
         n_image = self.encoder.num_image_tokens
-        prompt.check_context(len(ids), n_image, max_new_tokens, self.max_positions)
-        stopped = decode.interrupted(deadline, cancel)
+        prompt.check_context(len(ids), n_image, new_positions, self.max_positions)
+        stopped = request.interrupted()
         if stopped:
-            validate_image(image, self.limits)
+            validate_image(request.image, self.limits)
             return _Prefix(ids, None, None, None, stopped)
         with timer.stage("preprocess"):
-            pixels = preprocess(image, self.family.processing, color_order, self.limits)
+            processing = self.family.processing
+            pixels = preprocess(request.image, processing, request.color_order, self.limits)
             pixels = pixels.to(self.device)  # [1, 3, S, S] float32
         image_embeds = self.encoder.encode(pixels, timer)  # [1, N, hidden]
         embeds = decode.splice_image(ids, image_embeds, self.model.embed_tokens, n_image)
         return _Prefix(ids, pixels, image_embeds, embeds)
 
-    def _resolve_generation(
-        self, max_new_tokens: int | None, generation: GenerationConfig | None
-    ) -> tuple[GenerationConfig, int]:
-        config = generation or self.generation
-        n = config.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise InputError(f"max_new_tokens must be a positive integer, got {n!r}")
-        return config, n
+    def _complete(self, request: Request) -> Request:
+        """The request with the Assistant's generation config where it names none, and its
+        token budget checked (a config may hold a bad one too)."""
+        if request.generation is None:
+            request = replace(request, generation=self.generation)
+        check_token_budget(request.token_budget)
+        return request
 
-    def _run(
-        self,
-        image: np.ndarray,
-        question: str,
-        max_new_tokens: int | None,
-        generation: GenerationConfig | None,
-        deadline: float | None,
-        on_text: Callable[[str], None] | None,
-        cancel: threading.Event | None,
-        color_order: str,
-        keep: bool = False,
-    ) -> Trace:
-        config, n_new = self._resolve_generation(max_new_tokens, generation)
+    def _run(self, request: Request, mode: ResultMode) -> Trace:
+        """One generated answer; mode "trace" also keeps every step's logits and a copy of the
+        image features (what trace() returns), "answer" keeps nothing extra."""
+        request, keep = self._complete(request), mode == "trace"
         with self._lock, torch.inference_mode():
             self._check_open()
             timer = StageTimer(self.device)
-            stream = _TextStream(self.tokenizer, on_text)
+            stream = _TextStream(self.tokenizer, request.on_text)
             with timer.stage("total"):
-                pre = self._prefix(image, question, color_order, timer, n_new, deadline, cancel)
+                pre = self._prefix(request, timer, request.token_budget)
                 with self._finite_logits() as decoder:
-                    gen = decode.Generation([], pre.stopped) if pre.stopped else decode.generate(
-                        decoder, pre.embeds, config=config, max_new_tokens=n_new,
-                        stop_token_id=self.stop_token_id, timer=timer, deadline=deadline,
-                        cancel=cancel, on_token=stream.push if on_text else None,
-                        keep_logits=keep,
-                    )  # fmt: skip
+                    if pre.stopped:
+                        gen = decode.Generation([], pre.stopped)
+                    else:
+                        gen = decode.generate(
+                            decoder,
+                            pre.embeds,
+                            request,
+                            stop_token_id=self.stop_token_id,
+                            timer=timer,
+                            on_token=stream.push if request.on_text else None,
+                            keep_logits=keep,
+                        )
                 text = stream.finish(gen.token_ids)
             timings = _timings(timer)
             answer = Answer(text, tuple(gen.token_ids), timings, gen.stop_reason, len(pre.ids))
@@ -368,6 +372,10 @@ class _FiniteLogits:
     @property
     def forward_calls(self) -> int:
         return self.decoder.forward_calls
+
+    @property
+    def reuses_outputs(self) -> bool:
+        return self.decoder.reuses_outputs
 
     def reset(self) -> None:
         self.decoder.reset()

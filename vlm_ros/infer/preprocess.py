@@ -115,16 +115,12 @@ def center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
 def resize(rgb: np.ndarray, processing: ImageProcessing) -> np.ndarray:
     """Resize (and crop for CLIP) with PIL bicubic on uint8, like the references -> SxSx3 uint8."""
     size = processing.size
-    if processing.mode == "shortest_edge_crop":
-        height, width = shortest_edge_size(rgb.shape[0], rgb.shape[1], size)
-    elif processing.mode == "resize":
-        height, width = size, size
-    else:
-        raise ValueError(f"unknown image processing mode {processing.mode!r}")
+    crop = processing.mode == "shortest_edge_crop"  # else "resize" (ImageProcessing checks)
+    height, width = shortest_edge_size(rgb.shape[0], rgb.shape[1], size) if crop else (size, size)
     if (height, width) != rgb.shape[:2]:
         resized = Image.fromarray(rgb).resize((width, height), Image.Resampling.BICUBIC)
         rgb = np.asarray(resized)
-    if processing.mode == "shortest_edge_crop":
+    if crop:
         rgb = center_crop(rgb, size)
     return rgb
 

@@ -35,20 +35,24 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers import Cache, DynamicCache, PhiForCausalLM, StaticCache
 
-from vlm_ros.config import QUANTIZE_MODES, dtype_name
+from vlm_ros.config import CpuLinearMode, QuantizeMode, dtype_name
 from vlm_ros.engines import cpu_kernels, weight_int8
 from vlm_ros.errors import ContextOverflowError, InputError
 from vlm_ros.model.compat import cache_kwarg
+
+_log = logging.getLogger(__name__)
 
 
 def quantize_int8(lm: nn.Module) -> nn.Module:
     """Dynamic int8 (per-tensor weights, activations quantized per call) for every Linear of
     ``lm``, in place. CPU only: the quantized kernels are fbgemm/onednn."""
+    # Optional: only the opt-in int8 mode uses torch.ao (deprecated); kept off the import path.
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():  # torch.ao's deprecation notices, once per process
@@ -56,7 +60,45 @@ def quantize_int8(lm: nn.Module) -> nn.Module:
         return quantize_dynamic(lm, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
-_log = logging.getLogger(__name__)
+def check_quantize(quantize: QuantizeMode, device: torch.device, dtype: torch.dtype) -> None:
+    """The quantization policy: dynamic int8 runs on CPU kernels that take float32."""
+    if quantize != "int8":
+        return
+    if device.type != "cpu":
+        raise InputError("quantize='int8' is CPU-only (dynamic int8 kernels)")
+    if dtype != torch.float32:
+        raise InputError(
+            f"quantize='int8' needs dtype float32 (the model is {dtype_name(dtype)}): its "
+            "dynamic kernels take float32 activations; with bfloat16/float16 use "
+            "quantize='int8_weight_only'"
+        )
+
+
+def with_kernels(
+    lm: PhiForCausalLM, quantize: QuantizeMode, cpu_linear: CpuLinearMode, compile: bool
+) -> nn.Module:
+    """``lm`` with the Linear kernels the settings pick: int8 (in place), oneDNN (a copy that
+    shares the weights, the model's own modules untouched) or as it is."""
+    param = next(lm.parameters())
+    check_quantize(quantize, param.device, param.dtype)
+    if quantize == "int8":
+        return quantize_int8(lm)
+    if quantize == "int8_weight_only":
+        weight_int8.quantize_weights(lm)  # in place: the half-precision weights are freed
+        return lm
+    if not compile:
+        return cpu_kernels.with_onednn_linear(lm, cpu_linear)
+    if cpu_linear == "onednn" and cpu_kernels.wants_onednn(cpu_linear, param.device, param.dtype):
+        # Compiled, the step's Linear layers are inductor's (its own mkldnn lowering on
+        # CPU): inductor cannot lower the prepacked oneDNN op (LoweringException, 2.13).
+        _log.warning("cpu_linear='onednn' is not used with compile_decode (inductor's own)")
+    return lm
+
+
+def compile_step(step: Callable, device: torch.device) -> Callable:
+    """CUDA: capture the fixed-shape step in a CUDA graph. CPU: inductor's C++ kernels."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return torch.compile(step, mode=mode, dynamic=False)
 
 
 class StaticDecoder:
@@ -70,47 +112,26 @@ class StaticDecoder:
         lm: PhiForCausalLM,
         max_seq_len: int = 1024,
         compile: bool = False,
-        quantize: str = "none",
-        cpu_linear: str = "auto",
+        quantize: QuantizeMode = "none",
+        cpu_linear: CpuLinearMode = "auto",
     ):
-        if quantize not in QUANTIZE_MODES:
-            raise InputError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
         param = next(lm.parameters())
-        if quantize == "int8":
-            if param.device.type != "cpu":
-                raise InputError("quantize='int8' is CPU-only (dynamic int8 kernels)")
-            if param.dtype != torch.float32:
-                raise InputError(
-                    f"quantize='int8' needs dtype float32 (the model is "
-                    f"{dtype_name(param.dtype)}): its dynamic kernels take float32 activations; "
-                    "with bfloat16/float16 use quantize='int8_weight_only'"
-                )
-            lm = quantize_int8(lm)
-        elif quantize == "int8_weight_only":
-            weight_int8.quantize_weights(lm)  # in place: the half-precision weights are freed
-        elif not compile:
-            lm = cpu_kernels.with_onednn_linear(lm, cpu_linear)  # the model's modules untouched
-        elif cpu_kernels.wants_onednn(cpu_linear, param.device, param.dtype) and (
-            cpu_linear == "onednn"
-        ):
-            # Compiled, the step's Linear layers are inductor's (its own mkldnn lowering on
-            # CPU): inductor cannot lower the prepacked oneDNN op (LoweringException, 2.13).
-            _log.warning("cpu_linear='onednn' is not used with compile_decode (inductor's own)")
-        self.lm = lm
+        self.device, self.dtype = param.device, param.dtype
+        self.lm = with_kernels(lm, quantize, cpu_linear, compile)
         self.config = lm.config
         self.max_seq_len = int(max_seq_len)
-        self.device, self.dtype = param.device, param.dtype
         self.cache = self._allocate_cache()
         self.length = 0  # positions held in the cache
         self.forward_calls = 0
-        self._step = self._decode_step
-        # A CUDA graph replays into the same output buffer, so the step's logits are
-        # overwritten by the next step (and reading a kept one raises); copied out when compiled.
-        self._copy_step_output = bool(compile)
-        if compile:
-            # CUDA: capture the fixed-shape step in a CUDA graph. CPU: inductor's C++ kernels.
-            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-            self._step = torch.compile(self._decode_step, mode=mode, dynamic=False)
+        # [1] the next cache slot, advanced in place every step (gpt-fast's input_pos): the
+        # step allocates nothing, and a captured graph finds its input at the same address.
+        # Made outside inference mode, so callers with or without it may advance it.
+        with torch.inference_mode(False):
+            self._position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._step = compile_step(self._decode_step, self.device) if compile else self._decode_step
+        # A CUDA graph replays into the same output buffer, so a step's logits are overwritten
+        # by the next step (and reading a kept one raises): whoever keeps them copies them.
+        self.reuses_outputs = bool(compile)
 
     def _allocate_cache(self) -> StaticCache:
         """[1, heads, max_seq_len, head_dim] keys and values per layer, allocated now."""
@@ -144,16 +165,19 @@ class StaticDecoder:
             logits_to_keep=1,
         )  # [1, 1, V]
         self.length = steps
+        self._position.fill_(steps)  # a scalar fill: no host sync, nothing allocated
         return logits[:, -1]
 
     def decode_one_token(self, token: torch.Tensor) -> torch.Tensor:
-        """token [1, 1] -> its logits [1, V] (float32); the cache grows by one position."""
+        """token [1, 1] -> its logits [1, V] (float32); the cache grows by one position.
+        Compiled, the logits live in the graph's output buffer until the next step
+        (reuses_outputs; decode.generate copies them where it keeps them)."""
         self._check_room(1, start=self.length)
-        position = torch.tensor([self.length], device=self.device)  # [1]
         self.forward_calls += 1
-        logits = self._step(token.to(self.device), position)
+        logits = self._step(token, self._position)
+        self._position += 1
         self.length += 1
-        return logits.clone() if self._copy_step_output else logits  # [1, V]: 200 KB at most
+        return logits  # [1, V]
 
     def _decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """The fixed-shape step a CUDA graph captures: token [1, 1], position [1] -> [1, V]."""

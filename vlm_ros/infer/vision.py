@@ -14,16 +14,16 @@ from typing import Protocol
 
 import torch
 
-from vlm_ros.config import RuntimeConfig
+from vlm_ros.config import RuntimeConfig, VisionBackend
 from vlm_ros.engines import cpu_kernels
 from vlm_ros.errors import VlmError
 from vlm_ros.model.network import VlmModel
 from vlm_ros.model.vision_stage import VisionStage
 from vlm_ros.timing import StageTimer
 
-# RuntimeConfig.vision_backend -> "module:factory". The factory is called as factory(model,
-# runtime) and returns a VisionEncoder.
-BACKENDS: dict[str, str] = {
+# RuntimeConfig.vision_backend (checked there) -> "module:factory". The factory is called as
+# factory(model, runtime) and returns a VisionEncoder.
+BACKENDS: dict[VisionBackend, str] = {
     "torch": "vlm_ros.infer.vision:TorchVisionEncoder",
     "onnxruntime": "vlm_ros.engines.ort_backend:make_encoder",
     "tensorrt": "vlm_ros.engines.trt_engine:make_encoder",
@@ -76,13 +76,7 @@ class TorchVisionEncoder:
 
 def make_vision_encoder(model: VlmModel, runtime: RuntimeConfig) -> VisionEncoder:
     """The encoder selected by ``runtime.vision_backend`` (imported lazily)."""
-    target = BACKENDS.get(runtime.vision_backend)
-    if target is None:
-        raise VlmError(
-            f"unknown vision_backend {runtime.vision_backend!r}; expected one of "
-            f"{', '.join(sorted(BACKENDS))}"
-        )
-    module_name, factory_name = target.split(":")
+    module_name, factory_name = BACKENDS[runtime.vision_backend].split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -21,17 +21,26 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer, PhiConfig
+from transformers.utils import logging as hf_logging
 
-from vlm_ros.config import dtype_name
+from vlm_ros.config import DTYPE_NAMES, dtype_name
 from vlm_ros.errors import CheckpointError, InputError
 from vlm_ros.model.compat import cpu_has_native
 from vlm_ros.model.families import FamilySpec
-from vlm_ros.model.layouts import Layout, TensorRef, read_config, resolve, split_fused_qkv
-from vlm_ros.model.network import PUBLISHED_TOWER_PREFIX, VlmModel
+from vlm_ros.model.layouts import (
+    Layout,
+    LoadOptions,
+    detect,
+    read_config,
+    resolve,
+    split_fused_qkv,
+)
+from vlm_ros.model.network import VlmModel, installed_tower_prefix
 
 ENDOFTEXT = "<|endoftext|>"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 DEVICE_TYPES = ("cpu", "cuda")
 _log = logging.getLogger(__name__)
@@ -68,6 +77,7 @@ def load_checkpoint(
     dtype: str | torch.dtype | None = None,
     *,
     vision_tower: str | Path | None = None,
+    drop_first_patch: bool | None = None,
 ) -> LoadedCheckpoint:
     """Load a checkpoint directory (or a Hugging Face hub id, fetched once into the HF cache).
 
@@ -75,21 +85,23 @@ def load_checkpoint(
     dtype None picks the family's safe default for the device (FamilySpec.default_dtype).
     vision_tower overrides legacy TinyLLaVA's ``mm_vision_tower`` (a local directory), for
     machines that cannot reach the hub id written in its config; other layouts refuse it.
+    drop_first_patch overrides the family's drop-first-token (RuntimeConfig.drop_first_patch);
+    it is part of the layout, so ``spec`` and ``model.spec`` are the same object.
     """
     check_device(device)
     directory = resolve_checkpoint_dir(str(path_or_hub_id))
     config = read_config(directory)
-    layout = resolve(directory, config, _tower_resolver(vision_tower))
+    detect(config, directory)  # an unknown layout is named before the tokenizer is read
+    tokenizer = load_tokenizer(directory)
+    stop = stop_token_id(tokenizer, directory)
+    options = LoadOptions(len(tokenizer), stop, installed_tower_prefix(), drop_first_patch)
+    layout = resolve(directory, config, _tower_resolver(vision_tower), options)
     if vision_tower is not None and layout.vision_tower_dir is None:
         raise CheckpointError(
             f"a vision tower directory ({vision_tower}) was given, but {layout.spec.name} keeps "
             "its vision tower inside the checkpoint; only legacy TinyLLaVA (tiny_llava_phi) "
             "reads a separate one"
         )
-    tokenizer = load_tokenizer(directory)
-    stop = stop_token_id(tokenizer, directory)
-    if layout.resize_to_tokenizer:
-        _resize_vocab_to_tokenizer(layout, len(tokenizer) + layout.extra_tokens)
     torch_dtype = to_dtype(dtype if dtype is not None else layout.spec.default_dtype(device))
     if dtype is not None and torch_dtype == torch.float16 and layout.spec.fp16_overflows:
         _log.warning(
@@ -98,15 +110,20 @@ def load_checkpoint(
             layout.spec.name,
         )
     _warn_slow_cpu_precision(torch.device(device), torch_dtype)
-    spec = layout.spec.with_overrides(stop_token_id=stop)
-    model = build_model(layout, spec)
-    _rename_tower(layout, model.tower_prefix)
+    model = build_model(layout)
     check_layout(layout, model)
     fill_model(model, layout, device, torch_dtype)
     return LoadedCheckpoint(
-        spec, model.eval(), tokenizer, stop, config, directory, torch_dtype, device,
+        layout.spec,
+        model.eval(),
+        tokenizer,
+        stop,
+        config,
+        directory,
+        torch_dtype,
+        device,
         layout.vision_tower_dir,
-    )  # fmt: skip
+    )
 
 
 # ---- where it runs, where the checkpoint is ------------------------------------------------
@@ -119,8 +136,10 @@ def _warn_slow_cpu_precision(device: torch.device, dtype: torch.dtype) -> None:
         name = dtype_name(dtype)
         _log.warning(
             "%s on this CPU is emulated (no native %s matrix instructions): expect it slower "
-            "than float32, the CPU default", name, name,
-        )  # fmt: skip
+            "than float32, the CPU default",
+            name,
+            name,
+        )
 
 
 def check_device(device: str) -> torch.device:
@@ -161,7 +180,7 @@ def resolve_checkpoint_dir(name: str) -> Path:
 
 def hub_snapshot(repo_id: str, what: str) -> Path:
     """Download (or find in the HF cache) a hub repository; any failure says how to go local."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # only hub ids need the hub client
 
     try:
         return Path(snapshot_download(repo_id=repo_id))
@@ -210,8 +229,6 @@ def load_tokenizer(directory: Path):
         raise CheckpointError(
             f"no tokenizer in {directory}: expected {' or '.join(TOKENIZER_FILES)}"
         )
-    from transformers import AutoTokenizer, PhiConfig
-    from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -233,21 +250,6 @@ def stop_token_id(tokenizer, directory: Path) -> int:
     if token_id is None:
         raise CheckpointError(f"the tokenizer in {directory} has no {ENDOFTEXT} token")
     return int(token_id)
-
-
-def _resize_vocab_to_tokenizer(layout: Layout, rows: int) -> None:
-    """builder.py calls resize_token_embeddings(len(tokenizer)): the rows past the tokenizer
-    (Phi-2: 51200 rows, 50295 tokens) are cut from embed_tokens and lm_head, so greedy decoding
-    can never pick them. A tokenizer larger than the embeddings keeps the embeddings as they are
-    (the reference would add untrained rows for tokens no prompt contains)."""
-    embed = layout.refs.get("language_model.model.embed_tokens.weight")
-    if embed is None or rows >= embed.shape()[0]:
-        return
-    for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
-        if key in layout.refs:
-            ref = layout.refs[key]
-            layout.refs[key] = TensorRef(ref.files, ref.name, ref.part, rows)
-    layout.text_config.vocab_size = rows
 
 
 # ---- build, check, fill ----------------------------------------------------------------------
@@ -280,16 +282,11 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def build_model(layout: Layout, spec: FamilySpec) -> VlmModel:
+def build_model(layout: Layout) -> VlmModel:
+    """The model the layout describes, parameters on the meta device; model.spec is
+    layout.spec (the same frozen object LoadedCheckpoint.spec holds)."""
     with _parameters_on_meta():
-        return VlmModel(spec, layout.vision_config, layout.text_config)
-
-
-def _rename_tower(layout: Layout, prefix: str) -> None:
-    """Published tower names -> the installed transformers' names (flattened in 5.x)."""
-    for refs in (layout.refs, layout.checked_only):
-        for key in [k for k in refs if k.startswith(PUBLISHED_TOWER_PREFIX)]:
-            refs[prefix + key[len(PUBLISHED_TOWER_PREFIX) :]] = refs.pop(key)
+        return VlmModel(layout.spec, layout.vision_config, layout.text_config)
 
 
 def check_layout(layout: Layout, model: VlmModel) -> None:

@@ -11,7 +11,7 @@ import inspect
 
 import torch
 from torch import nn
-from transformers import Cache, PhiForCausalLM
+from transformers import Cache, PhiConfig, PhiForCausalLM
 
 
 def cache_kwarg(cache: Cache | None) -> dict[str, Cache | None]:
@@ -21,9 +21,17 @@ def cache_kwarg(cache: Cache | None) -> dict[str, Cache | None]:
 
 
 _CACHE_NAME = (
-    "cache" if "cache" in inspect.signature(PhiForCausalLM.forward).parameters
+    "cache"
+    if "cache" in inspect.signature(PhiForCausalLM.forward).parameters
     else "past_key_values"
-)  # fmt: skip
+)
+
+
+def rotary_factor(text: PhiConfig) -> float:
+    """PhiConfig's partial_rotary_factor: an attribute in 4.x, inside ``rope_parameters`` in
+    5.x (when given as a keyword)."""
+    params = getattr(text, "rope_parameters", None) or {}
+    return float(params.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0)))
 
 
 def tower_is_nested(tower: nn.Module) -> bool:
@@ -55,8 +63,10 @@ def cpu_has_native(dtype: torch.dtype) -> bool:
     AVX512-BF16 or AMX for bfloat16, AVX512-FP16 or AMX-FP16 for float16). Without it, torch
     emulates them, slower than float32. True where the check itself is missing (another torch
     build): then nothing is claimed."""
-    check = {torch.bfloat16: "_is_mkldnn_bf16_supported",
-             torch.float16: "_is_mkldnn_fp16_supported"}  # fmt: skip
+    check = {
+        torch.bfloat16: "_is_mkldnn_bf16_supported",
+        torch.float16: "_is_mkldnn_fp16_supported",
+    }
     if dtype not in check:
         return True
     try:

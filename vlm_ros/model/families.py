@@ -8,6 +8,9 @@ reads a FamilySpec and never branches on a family name or, worse, a folder name.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
+
+from vlm_ros.config import check_choice
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -18,6 +21,11 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 # (Mipha's and a LLaVA-Phi upload's config say eos 2).
 ENDOFTEXT_ID = 50256
 IMAGE_TOKEN_INDEX = -200  # placeholder id used by all reference implementations
+
+VisionKind = Literal["clip", "siglip"]
+ProcessingMode = Literal["shortest_edge_crop", "resize"]
+VISION_KINDS: tuple[VisionKind, ...] = get_args(VisionKind)
+PROCESSING_MODES: tuple[ProcessingMode, ...] = get_args(ProcessingMode)
 
 
 @dataclass(frozen=True)
@@ -30,10 +38,13 @@ class ImageProcessing:
     """
 
     size: int
-    mode: str
+    mode: ProcessingMode
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     pad_to_square: bool
+
+    def __post_init__(self) -> None:
+        check_choice("ImageProcessing.mode", self.mode, PROCESSING_MODES)
 
     @property
     def pad_color(self) -> tuple[int, int, int]:
@@ -47,7 +58,7 @@ class FamilySpec:
     """One published family, resolved for one checkpoint (config.json may override defaults)."""
 
     name: str  # config.json model_type
-    vision_kind: str  # "clip" | "siglip"
+    vision_kind: VisionKind
     processing: ImageProcessing
     select_layer: int  # hidden_states index of the vision tower (penultimate layer: -2)
     drop_first_token: bool  # CLIP drops CLS; Factory TinyLLaVA drops a real patch (trained so)
@@ -58,6 +69,9 @@ class FamilySpec:
     # The reference warns that float16 overflows (inf/nan): an explicit float16 is logged as a
     # warning at load, and non-finite logits are refused at run time for every family.
     fp16_overflows: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("FamilySpec.vision_kind", self.vision_kind, VISION_KINDS)
 
     def num_image_tokens(self, image_size: int, patch_size: int) -> int:
         """Image embeddings spliced into the prompt: 576 / 729 / 728 for the published models."""

@@ -1,25 +1,30 @@
 """What each published layout's config.json and tensor names mean, in canonical terms.
 
 One function per ``model_type`` reads config.json (and, for legacy TinyLLaVA, the separate
-vision-tower directory) and returns a ``Layout``: the FamilySpec resolved for this checkpoint,
-the transformers configs of the vision tower and of the Phi decoder, and where each canonical
-parameter of ``VlmModel`` (see vlm_ros/model/network.py) comes from. Nothing here reads tensor data;
-checkpoint.py checks the plan against the model and then loads it.
+vision-tower directory) and describes the checkpoint; ``resolve`` turns that, with the load
+options (tokenizer size, stop token, the installed transformers' tower prefix, drop-first-patch),
+into the final frozen ``Layout``: the FamilySpec resolved for this checkpoint, the transformers
+configs of the vision tower and of the Phi decoder, and where each canonical parameter of
+``VlmModel`` (see vlm_ros/model/network.py) comes from. Nothing changes a Layout afterwards, and
+nothing here reads tensor data; checkpoint.py checks the plan against the model and loads it.
 
 Facts: shared/facts/model-formats.md.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 
 from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig
 
-from vlm_ros.errors import CheckpointError
+from vlm_ros.errors import CheckpointError, NoWeightsError
+from vlm_ros.model.compat import rotary_factor
 from vlm_ros.model.families import (
     CLIP_MEAN,
     CLIP_STD,
@@ -28,7 +33,9 @@ from vlm_ros.model.families import (
     SIGLIP_STD,
     FamilySpec,
     ImageProcessing,
+    VisionKind,
 )
+from vlm_ros.model.network import PUBLISHED_TOWER_PREFIX
 from vlm_ros.model.weights import WeightFiles, open_weights
 
 SUPPORTED = tuple(FAMILIES)
@@ -67,25 +74,72 @@ class TensorRef:
         return shape if self.rows is None else (min(self.rows, shape[0]), *shape[1:])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Layout:
-    """A checkpoint resolved against VlmModel: what to build and what fills it."""
+    """A checkpoint resolved against VlmModel: what to build and what fills it. Final: the
+    maps are read-only views and the tuples immutable, so the plan checked is the plan loaded.
+    (text_config is a transformers PhiConfig, a mutable object by its own design; it is built
+    with its final vocab_size and the model reads it, never writes it.)"""
 
     spec: FamilySpec
     vision_config: CLIPVisionConfig | SiglipVisionConfig
     text_config: PhiConfig
-    refs: dict[str, TensorRef] = field(default_factory=dict)  # canonical name -> source
-    unexpected: list[str] = field(default_factory=list)  # source tensors with no place
-    ignored: list[str] = field(default_factory=list)  # deliberately dropped (see keymaps)
-    checked_only: dict[str, TensorRef] = field(default_factory=dict)  # must fit, not loaded
+    refs: Mapping[str, TensorRef]  # canonical name -> source
+    unexpected: tuple[str, ...] = ()  # source tensors with no place
+    ignored: tuple[str, ...] = ()  # deliberately dropped (see the key maps)
+    # must fit the model exactly, not loaded (legacy TinyLLaVA's second tower copy)
+    checked_only: Mapping[str, TensorRef] = field(default_factory=lambda: MappingProxyType({}))
+    vision_tower_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What the loader knows beyond config.json, given to ``resolve`` so the Layout comes out
+    final. tokenizer_size: len(tokenizer) (legacy TinyLLaVA resizes its vocab to it); stop_token_id:
+    the tokenizer's <|endoftext|>; tower_prefix: where the installed transformers keeps a tower's
+    modules (network.installed_tower_prefix); drop_first_patch: RuntimeConfig's override of the
+    family's drop-first-token (None: as published)."""
+
+    tokenizer_size: int | None = None
+    stop_token_id: int | None = None
+    tower_prefix: str = PUBLISHED_TOWER_PREFIX
+    drop_first_patch: bool | None = None
+
+
+class Placement(enum.Enum):
+    """Where a key map puts a source tensor."""
+
+    LOAD = "load"  # fills the canonical parameter
+    CHECK = "check"  # must fit the model exactly, but is not loaded (legacy tower copy)
+    DROP = "drop"  # dropped on purpose (documented at the key map)
+    NO_PLACE = "no_place"  # has no place in the model: a load error names it
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """A key map's answer for one source tensor name."""
+
+    placement: Placement
+    canonical: str = ""  # the VlmModel state-dict name, for LOAD and CHECK
+
+
+NO_PLACE = Mapped(Placement.NO_PLACE)
+DROPPED = Mapped(Placement.DROP)
+KeyMap = Callable[[str], Mapped]
+DirResolver = Callable[[str, Path], Path]
+
+
+@dataclass(frozen=True)
+class _Described:
+    """What a per-family function reads from config.json, before the load options apply."""
+
+    spec: FamilySpec
+    vision_config: CLIPVisionConfig | SiglipVisionConfig
+    text_config: PhiConfig
+    sources: list[tuple[WeightFiles, KeyMap]]
     vision_tower_dir: Path | None = None
     # Legacy TinyLLaVA resizes embeddings and lm_head to len(tokenizer) + the tokens it adds.
-    resize_to_tokenizer: bool = False
-    extra_tokens: int = 0
-
-
-KeyMap = Callable[[str], "str | None"]
-DirResolver = Callable[[str, Path], Path]
+    tokens_added: int | None = None
 
 
 def read_config(directory: Path) -> dict:
@@ -115,15 +169,18 @@ def detect(config: dict, path: Path) -> str:
     return model_type
 
 
-def resolve(directory: Path, config: dict, resolve_dir: DirResolver) -> Layout:
+def resolve(
+    directory: Path, config: dict, resolve_dir: DirResolver, options: LoadOptions = LoadOptions()
+) -> Layout:
+    """The final, frozen Layout of the checkpoint in ``directory``."""
     model_type = detect(config, directory)
-    return _RESOLVERS[model_type](directory, config, resolve_dir)
+    return _plan(_RESOLVERS[model_type](directory, config, resolve_dir), options)
 
 
 # ---- per-family resolvers ---------------------------------------------------------------
 
 
-def _llava_phi(directory: Path, config: dict, _: DirResolver) -> Layout:
+def _llava_phi(directory: Path, config: dict, _: DirResolver) -> _Described:
     """LLaVA-Phi: CLIP inside the checkpoint, nested vision_config.{vision_tower, mm_projector}."""
     tower = _nested_tower(config, directory)
     weights = open_weights(directory)
@@ -135,10 +192,10 @@ def _llava_phi(directory: Path, config: dict, _: DirResolver) -> Layout:
         drop_first_token=tower.get("mm_vision_select_feature", "patch") == "patch",
         processing=_processing(base.processing, [directory], vision.image_size, config),
     )
-    return _finish(spec, vision, _phi_config(config), [(weights, keymap)])
+    return _Described(spec, vision, _phi_config(config), [(weights, keymap)])
 
 
-def _mipha_phi(directory: Path, config: dict, _: DirResolver) -> Layout:
+def _mipha_phi(directory: Path, config: dict, _: DirResolver) -> _Described:
     """Mipha: SigLIP inside the checkpoint, nested like LLaVA-Phi, all 729 tokens kept."""
     tower = _nested_tower(config, directory)
     weights = open_weights(directory)
@@ -150,10 +207,10 @@ def _mipha_phi(directory: Path, config: dict, _: DirResolver) -> Layout:
         drop_first_token=False,  # Mipha keeps every token for "patch" and "cls_patch" alike
         processing=_processing(base.processing, [directory], vision.image_size, config),
     )
-    return _finish(spec, vision, _phi_config(config), [(weights, keymap)])
+    return _Described(spec, vision, _phi_config(config), [(weights, keymap)])
 
 
-def _tiny_llava_phi(directory: Path, config: dict, resolve_dir: DirResolver) -> Layout:
+def _tiny_llava_phi(directory: Path, config: dict, resolve_dir: DirResolver) -> _Described:
     """Legacy TinyLLaVA (TinyLLaVABench): SigLIP configured and loaded from ``mm_vision_tower``.
 
     Its SigLIP class deletes the last encoder layer and replaces the head with Identity, then
@@ -197,17 +254,14 @@ def _tiny_llava_phi(directory: Path, config: dict, resolve_dir: DirResolver) -> 
         drop_first_token=False,
         processing=_processing(base.processing, [directory, tower_dir], vision.image_size, config),
     )
-    layout = _finish(spec, vision, _phi_config(config), sources)
-    layout.vision_tower_dir = tower_dir
     # builder.py adds <im_patch> (and <im_start>/<im_end>) before resize_token_embeddings.
-    layout.resize_to_tokenizer = True
-    layout.extra_tokens = int(bool(config.get("mm_use_im_patch_token", True))) + 2 * int(
+    added = int(bool(config.get("mm_use_im_patch_token", True))) + 2 * int(
         bool(config.get("mm_use_im_start_end", False))
     )
-    return layout
+    return _Described(spec, vision, _phi_config(config), sources, tower_dir, added)
 
 
-def _tinyllava(directory: Path, config: dict, _: DirResolver) -> Layout:
+def _tinyllava(directory: Path, config: dict, _: DirResolver) -> _Described:
     """TinyLLaVA Factory: text_config / vision_config dicts; language_model.*,
     vision_tower._vision_tower.*, connector._connector.* keys."""
     for key in ("text_config", "vision_config"):
@@ -222,7 +276,7 @@ def _tinyllava(directory: Path, config: dict, _: DirResolver) -> Layout:
     weights = open_weights(directory)
     keymap = _factory_keymap
     vision_dict = dict(config["vision_config"])
-    kind = "clip" if vision_dict.get("model_type") == "clip_vision_model" else "siglip"
+    kind: VisionKind = "clip" if vision_dict.get("model_type") == "clip_vision_model" else "siglip"
     if kind == "clip":
         vision = CLIPVisionConfig(**vision_dict)
     else:
@@ -238,7 +292,7 @@ def _tinyllava(directory: Path, config: dict, _: DirResolver) -> Layout:
         drop_first_token=config.get("vision_feature_select_strategy", "patch") == "patch",
         processing=_processing(default, [directory], vision.image_size, config),
     )
-    return _finish(spec, vision, _phi_config(text), [(weights, keymap)])
+    return _Described(spec, vision, _phi_config(text), [(weights, keymap)])
 
 
 _RESOLVERS = {
@@ -249,35 +303,36 @@ _RESOLVERS = {
 }
 
 
-# ---- key maps: source tensor name -> canonical name ---------------------------------------
-# A key map returns the canonical name; None: the tensor has no place (an error); "": dropped on
-# purpose (documented where); "?name": must fit the model exactly but is not loaded.
+# ---- key maps: source tensor name -> where it goes (a Mapped) --------------------------------
+# Canonical names use the published tower prefix ("vision_tower.vision_model."); _plan moves
+# them to the installed transformers' prefix.
 
 
 def _llava_keymap(tower_prefix: str, tower_checked_only: bool = False) -> KeyMap:
     """LLaVA-style names: ``model.*`` is the Phi body plus the tower and mm_projector."""
+    tower = Placement.CHECK if tower_checked_only else Placement.LOAD
 
-    def keymap(name: str) -> str | None:
+    def keymap(name: str) -> Mapped:
         if name.startswith(tower_prefix):
-            return ("?" if tower_checked_only else "") + "vision_tower." + name[len(tower_prefix) :]
+            return Mapped(tower, "vision_tower." + name[len(tower_prefix) :])
         if name.startswith("model.mm_projector."):
-            return "projector." + name[len("model.mm_projector.") :]
+            return Mapped(Placement.LOAD, "projector." + name[len("model.mm_projector.") :])
         if name.startswith(("model.", "lm_head.")):
-            return "language_model." + name
-        return None
+            return Mapped(Placement.LOAD, "language_model." + name)
+        return NO_PLACE
 
     return keymap
 
 
-def _factory_keymap(name: str) -> str | None:
+def _factory_keymap(name: str) -> Mapped:
     for prefix, canonical in (
         ("language_model.", "language_model."),
         ("vision_tower._vision_tower.", "vision_tower."),
         ("connector._connector.", "projector."),
     ):
         if name.startswith(prefix):
-            return canonical + name[len(prefix) :]
-    return None
+            return Mapped(Placement.LOAD, canonical + name[len(prefix) :])
+    return NO_PLACE
 
 
 def _legacy_tower_keymap(kept_layers: int) -> KeyMap:
@@ -285,10 +340,10 @@ def _legacy_tower_keymap(kept_layers: int) -> KeyMap:
     deleted last encoder layer are dropped, as SigLipVisionModel.from_pretrained drops them."""
     deleted = f"vision_model.encoder.layers.{kept_layers}."
 
-    def keymap(name: str) -> str | None:
+    def keymap(name: str) -> Mapped:
         if not name.startswith("vision_model.") or name.startswith(("vision_model.head.", deleted)):
-            return ""
-        return "vision_tower." + name
+            return DROPPED
+        return Mapped(Placement.LOAD, "vision_tower." + name)
 
     return keymap
 
@@ -296,27 +351,84 @@ def _legacy_tower_keymap(kept_layers: int) -> KeyMap:
 # ---- assembling the plan -------------------------------------------------------------------
 
 
-def _finish(spec, vision, text: PhiConfig, sources: list[tuple[WeightFiles, KeyMap]]) -> Layout:
-    layout = Layout(spec, vision, text)
-    checked: dict[str, TensorRef] = {}
-    for files, keymap in sources:
+def _plan(described: _Described, options: LoadOptions) -> Layout:
+    """Every source tensor placed, the load options applied, frozen."""
+    refs: dict[str, TensorRef] = {}
+    checked: dict[str, TensorRef] = {}  # the legacy main checkpoint's tower copy: must fit
+    unexpected: list[str] = []
+    ignored: list[str] = []
+    for files, keymap in described.sources:
         for name in files.names():
-            canonical = keymap(name)
-            if canonical is None:
-                layout.unexpected.append(name)
-            elif canonical == "" or RECOMPUTED_BUFFERS.search(name):
-                layout.ignored.append(name)
+            mapped = keymap(name)
+            if mapped.placement is Placement.NO_PLACE:
+                unexpected.append(name)
+            elif mapped.placement is Placement.DROP or RECOMPUTED_BUFFERS.search(name):
+                ignored.append(name)
             else:
-                target = checked if canonical.startswith("?") else layout.refs
-                for key, ref in _expand_fused(canonical.lstrip("?"), files, name):
-                    target[key] = ref
-    # The legacy main checkpoint's tower copy: checkpoint.py checks that it would fit exactly.
-    layout.checked_only = checked
-    embed = layout.refs.get("language_model.model.embed_tokens.weight")
-    if embed is not None:
-        # Legacy TinyLLaVA resizes embeddings to the tokenizer: trust the tensor, not the config.
-        layout.text_config.vocab_size = embed.shape()[0]
-    return layout
+                target = checked if mapped.placement is Placement.CHECK else refs
+                canonical = _installed_name(mapped.canonical, options.tower_prefix)
+                target.update(_expand_fused(canonical, files, name))
+    text = described.text_config
+    rows = _vocab_rows(refs, described.tokens_added, options.tokenizer_size)
+    if rows is not None:
+        _cut_vocab(refs, rows)
+        text.vocab_size = rows  # before the Layout exists: the config is built, not yet shared
+    return Layout(
+        _final_spec(described.spec, options),
+        described.vision_config,
+        text,
+        MappingProxyType(refs),
+        tuple(unexpected),
+        tuple(ignored),
+        MappingProxyType(checked),
+        described.vision_tower_dir,
+    )
+
+
+def _installed_name(canonical: str, tower_prefix: str) -> str:
+    """Published tower names -> the installed transformers' names (flattened in 5.x)."""
+    if canonical.startswith(PUBLISHED_TOWER_PREFIX):
+        return tower_prefix + canonical[len(PUBLISHED_TOWER_PREFIX) :]
+    return canonical
+
+
+EMBED_KEYS = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
+
+
+def _vocab_rows(
+    refs: Mapping[str, TensorRef], tokens_added: int | None, tokenizer_size: int | None
+) -> int | None:
+    """The decoder's vocabulary rows: the embedding tensor's (trust the tensor, not the
+    config), cut to the tokenizer where the family resizes to it.
+
+    Legacy TinyLLaVA's builder.py calls resize_token_embeddings(len(tokenizer)): the rows past
+    the tokenizer (Phi-2: 51200 rows, 50295 tokens) are cut from embed_tokens and lm_head, so
+    greedy decoding can never pick them. A tokenizer larger than the embeddings keeps the
+    embeddings as they are (the reference would add untrained rows for tokens no prompt
+    contains)."""
+    embed = refs.get(EMBED_KEYS[0])
+    if embed is None:
+        return None
+    rows = embed.shape()[0]
+    if tokens_added is not None and tokenizer_size is not None:
+        rows = min(rows, tokenizer_size + tokens_added)
+    return rows
+
+
+def _cut_vocab(refs: dict[str, TensorRef], rows: int) -> None:
+    for key in EMBED_KEYS:
+        ref = refs.get(key)
+        if ref is not None and rows < ref.files.shape(ref.name)[0]:
+            refs[key] = replace(ref, rows=rows)
+
+
+def _final_spec(spec: FamilySpec, options: LoadOptions) -> FamilySpec:
+    overrides: dict[str, object] = {}
+    if options.stop_token_id is not None:
+        overrides["stop_token_id"] = options.stop_token_id
+    if options.drop_first_patch is not None:  # e.g. un-dropping Factory TinyLLaVA's patch
+        overrides["drop_first_token"] = options.drop_first_patch
+    return spec.with_overrides(**overrides)
 
 
 def _expand_fused(canonical: str, files: WeightFiles, name: str):
@@ -367,21 +479,16 @@ def _phi_config(config: dict) -> PhiConfig:
         del fields["rope_scaling"]
     text = PhiConfig(**fields)
     factor = config.get("partial_rotary_factor")
-    if factor is not None and _rotary_factor(text) != float(factor):
+    if factor is not None and rotary_factor(text) != float(factor):
         raise CheckpointError(f"partial_rotary_factor {factor} was not honoured by PhiConfig")
     return text
-
-
-def _rotary_factor(text: PhiConfig) -> float:
-    params = getattr(text, "rope_parameters", None) or {}
-    return float(params.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0)))
 
 
 def _siglip_config(fields: dict, weights: WeightFiles, keymap: KeyMap) -> SiglipVisionConfig:
     """The attention-pooling head is unused by every family; build it only if the checkpoint
     has it, so strict loading matches whichever way the tower was saved."""
     has_head = any(
-        (keymap(n) or "").startswith("vision_tower.vision_model.head.") for n in weights.names()
+        keymap(n).canonical.startswith("vision_tower.vision_model.head.") for n in weights.names()
     )
     return SiglipVisionConfig(**{**fields, "vision_use_head": has_head})
 
@@ -444,7 +551,5 @@ def _side(size) -> int:
 def _optional_weights(directory: Path) -> WeightFiles | None:
     try:
         return open_weights(directory)
-    except CheckpointError as exc:
-        if str(exc).startswith("no weights in"):
-            return None
-        raise
+    except NoWeightsError:
+        return None

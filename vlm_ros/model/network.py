@@ -13,6 +13,8 @@ The model sees tensors only; prompt text and <image> splicing live in prompt.py.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from transformers import (
@@ -25,7 +27,7 @@ from transformers import (
 )
 
 from vlm_ros.model.compat import tower_is_nested
-from vlm_ros.model.families import FamilySpec
+from vlm_ros.model.families import FamilySpec, VisionKind
 
 # How every published checkpoint (saved with transformers 4.3x/4.4x) names the vision tower.
 PUBLISHED_TOWER_PREFIX = "vision_tower.vision_model."
@@ -38,12 +40,21 @@ class Projector(nn.Sequential):
         super().__init__(nn.Linear(vision_hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
 
 
-def build_vision_tower(kind: str, config: CLIPVisionConfig | SiglipVisionConfig) -> nn.Module:
-    if kind == "clip":
-        return CLIPVisionModel(config)
-    if kind == "siglip":
-        return SiglipVisionModel(config)
-    raise ValueError(f"unknown vision tower kind {kind!r} (expected 'clip' or 'siglip')")
+def build_vision_tower(
+    kind: VisionKind, config: CLIPVisionConfig | SiglipVisionConfig
+) -> nn.Module:
+    """transformers' own tower for FamilySpec.vision_kind (checked when the spec is built)."""
+    return CLIPVisionModel(config) if kind == "clip" else SiglipVisionModel(config)
+
+
+@functools.cache
+def installed_tower_prefix() -> str:
+    """VlmModel.tower_prefix of the installed transformers, known before a model is built (the
+    loader's Layout is final before the model exists): a one-layer tower on the meta device."""
+    small = dict(hidden_size=8, intermediate_size=8, num_attention_heads=1, num_hidden_layers=1)
+    with torch.device("meta"):
+        tower = CLIPVisionModel(CLIPVisionConfig(**small, image_size=8, patch_size=4))
+    return PUBLISHED_TOWER_PREFIX if tower_is_nested(tower) else "vision_tower."
 
 
 class VlmModel(nn.Module):

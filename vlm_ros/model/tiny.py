@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import ByteLevelBPETokenizer
 from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig, SiglipVisionModel
 
 from vlm_ros.model.compat import tower_is_nested
@@ -481,8 +482,6 @@ def _write_preprocessor(out: Path, *, clip: bool) -> None:
 def _write_tokenizer(out: Path):
     """Byte-level BPE like Phi-2's (CodeGen/GPT-2 kind): tokenizer.json for the fast tokenizer,
     vocab.json + merges.txt for the slow one, and the configs that name them."""
-    from tokenizers import ByteLevelBPETokenizer
-
     tokenizer = ByteLevelBPETokenizer(add_prefix_space=False)
     tokenizer.train_from_iterator(
         CORPUS.splitlines(),

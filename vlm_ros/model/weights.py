@@ -18,8 +18,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from vlm_ros.errors import CheckpointError
+from vlm_ros.errors import CheckpointError, NoWeightsError
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -59,7 +60,7 @@ def find_weight_files(directory: Path) -> list[Path]:
             return [directory / single]
         if (directory / index_name).is_file():
             return _shards_from_index(directory / index_name)
-    raise CheckpointError(
+    raise NoWeightsError(
         f"no weights in {directory}: expected one of {', '.join(LAYOUTS)} "
         f"(found: {', '.join(sorted(p.name for p in directory.iterdir())) or 'nothing'})"
     )
@@ -92,8 +93,6 @@ class _SafetensorsFile(_File):
     """Header read at open; tensor data read on demand (``safe_open`` memory-maps the file)."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         self.path = path
         try:
             self._handle = safe_open(str(path), framework="pt", device="cpu")

@@ -57,7 +57,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from vlm_ros.action import Describe
 from vlm_ros.demo import data as demo_data
-from vlm_ros.errors import InputError, VlmError
+from vlm_ros.errors import EvictedError, InputError, VlmError
 from vlm_ros.msg import ActionHint, SceneAnswer, StageLatency
 from vlm_ros.ros import imaging
 from vlm_ros.ros import node_messages as messages
@@ -370,7 +370,7 @@ class AssistantNode(LifecycleNode):
             self.monitor.count("periodic_skipped")
             return
         exc = future.exception()
-        if isinstance(exc, StaleJobError) or (exc and "evicted" in str(exc)):
+        if isinstance(exc, (StaleJobError, EvictedError)):
             self.monitor.count("periodic_skipped")
         elif isinstance(exc, imaging.ImageFormatError):
             pass  # counted and logged in _image

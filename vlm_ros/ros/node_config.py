@@ -14,13 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlm_ros.config import (
-    CPU_LINEAR_MODES,
-    DECODERS,
-    QUANTIZE_MODES,
-    GenerationConfig,
-    RuntimeConfig,
-)
+from vlm_ros.config import GenerationConfig, RuntimeConfig
 from vlm_ros.errors import InputError
 from vlm_ros.serving.latency import NAMES as BUDGET_NAMES
 from vlm_ros.serving.latency import Budgets
@@ -128,9 +122,7 @@ class NodeConfig:
             _check(float(v[name]) >= 0, name, v[name])
         for name in ("diagnostics_period_s", "query_timeout_s"):
             _check(float(v[name]) > 0, name, v[name])
-        for name, allowed in (("decoder", DECODERS), ("quantize", QUANTIZE_MODES),
-                              ("cpu_linear", CPU_LINEAR_MODES)):  # fmt: skip
-            _check(str(v[name]) in allowed, name, v[name])
+        # The modes (decoder, quantize, cpu_linear, vision_backend) are checked by RuntimeConfig.
         runtime = RuntimeConfig(
             device=resolve_device(str(v["device"])), dtype=str(v["dtype"]) or None,
             vision_backend=str(v["vision_backend"]), decoder=str(v["decoder"]),

@@ -27,21 +27,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlm_ros.errors import VlmError
+from vlm_ros.errors import EvictedError, QueueFullError, StaleJobError, WorkerStoppedError
 
 QUERY, PERIODIC = 0, 1  # lower runs first
-
-
-class QueueFullError(VlmError):
-    """The worker's queue is full; the request was refused without waiting."""
-
-
-class StaleJobError(VlmError):
-    """The job's deadline passed while it waited in the queue."""
-
-
-class WorkerStoppedError(VlmError):
-    """The worker was shut down before the job ran."""
 
 
 @dataclass(order=True)
@@ -111,7 +99,7 @@ class InferenceWorker:
         if not victims:
             return False
         victim = max(victims, key=lambda j: (j.priority, j.seq))
-        self._kill(victim, QueueFullError("evicted from the inference queue by a query"))
+        self._kill(victim, EvictedError("evicted from the inference queue by a query"))
         self.stats["evicted"] += 1
         return True
 
