@@ -204,3 +204,11 @@ def test_public_paths_reexport_the_real_objects(shim, names):
             real.__module__ != shim
             and getattr(importlib.import_module(real.__module__), name) is real
         )
+
+
+def test_the_checkout_finds_its_demo_model():
+    """Paths computed from a module's own location moved with it (the demo model was lost once
+    when pipeline.py moved one folder down: every answer became a random model's noise)."""
+    from vlm_ros.infer.pipeline import demo_checkpoint_dir
+
+    assert demo_checkpoint_dir() == PKG.parent / "models" / "demo"

@@ -50,8 +50,12 @@ def demo_checkpoint_dir() -> Path:
     return _ensure_tiny(cache / "demo-tiny")
 
 
+# vlm_ros/infer/pipeline.py -> the repository root (the ROS package) in a source checkout
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
 def _demo_candidates() -> list[Path]:
-    found = [Path(__file__).resolve().parents[1] / "models" / "demo"]
+    found = [REPO_ROOT / "models" / "demo"]  # a source checkout
     try:  # installed with colcon: share/vlm_ros/models/demo (ament_index is not rclpy)
         from ament_index_python.packages import get_package_share_directory
 
