@@ -16,7 +16,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vlm_ros.bag.replay import RATES
 
     parser.add_argument("bag", help="camera bag: rosbag2 folder (sqlite3 or MCAP) or ROS 1 .bag")
-    parser.add_argument("--out", required=True, help="new folder for output_bag/ and the report")
+    parser.add_argument(
+        "--out", required=True, help="folder for output_bag/ and the report (checked first)"
+    )
+    add_out_arguments(parser)
+    parser.add_argument(
+        "--frames",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the frames the model took into the output bag, JPEG-compressed with their "
+        "header, on <camera topic>/compressed (default on)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar (it is off anyway when not a TTY)"
+    )
     parser.add_argument("--model", default="demo", help="'demo', a checkpoint folder or a hub id")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
@@ -70,6 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_budget_arguments(parser)
 
 
+def add_out_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a report (and output bag) already in --out instead of refusing",
+    )
+
+
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budgets",
@@ -96,7 +117,10 @@ def budgets_from_args(args: argparse.Namespace) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
     from vlm_ros.bag.evaluate import EvalSettings, evaluate, load_questions
+    from vlm_ros.bag.report import summary_text
 
     settings = EvalSettings(
         bag=args.bag,
@@ -114,13 +138,12 @@ def run(args: argparse.Namespace) -> int:
         budgets_ms=budgets_from_args(args),
         max_frames=args.max_frames,
         warmup=args.warmup,
+        frames=args.frames,
+        force=args.force,
     )
-    result = evaluate(settings)
-    c = result.counters
-    print(
-        f"frames: {c.received} read, {c.processed} processed, {c.dropped} dropped, "
-        f"{c.rejected} rejected"
-    )
+    result = evaluate(settings, progress=None if not args.quiet else False)
+    report = json.loads((result.report_dir / "report.json").read_text(encoding="utf-8"))
+    print(summary_text(report))
     print(f"output bag: {result.out_bag}")
     print(f"report: {result.report_dir / 'report.md'}")
     return 0
