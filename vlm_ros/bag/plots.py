@@ -127,7 +127,7 @@ def cdf_figure(outputs, budgets_ms: dict[str, float]):
 def frames_figure(thumbs):
     """A strip of (frame, answer, hint) thumbnails: what the robot saw beside what it said."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(thumbs), figsize=(3.2 * len(thumbs), 4.4), dpi=DPI,
+    fig, axes = plt.subplots(1, len(thumbs), figsize=(3.2 * len(thumbs), 3.9), dpi=DPI,
                              squeeze=False)  # fmt: skip
     for ax, (pixels, answer, hint) in zip(axes.flat, thumbs, strict=True):
         ax.imshow(pixels)
