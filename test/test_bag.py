@@ -196,7 +196,7 @@ def test_eval_bag_ros1_input_via_cli(tmp_path, capsys):
     args = f"eval-bag {bag} --out {tmp_path / 'out'} --max-new-tokens 2 --rate max --no-hint"
     rc = cli([*args.split(), "--warmup", "0", "--budget", "total=100000"])
     assert rc == 0
-    assert "2 read, 2 processed, 0 dropped" in capsys.readouterr().out
+    assert "Frames:     received 2, processed 2, dropped 0, rejected 0" in capsys.readouterr().out
     assert (tmp_path / "out" / "report.md").read_text().count("scene_answer") >= 1
 
 
@@ -343,7 +343,7 @@ def test_not_a_bag(tmp_path, capsys):
     (tmp_path / "x.txt").write_text("hello")
     assert "not a bag" in run_cli_error(["report", str(tmp_path / "x.txt")], capsys)
     (tmp_path / "x.mcap").write_text("hello")
-    assert "cannot open bag" in run_cli_error(["report", str(tmp_path / "x.mcap")], capsys)
+    assert "is not an MCAP file" in run_cli_error(["report", str(tmp_path / "x.mcap")], capsys)
     assert "bag not found" in run_cli_error(["report", str(tmp_path / "nope")], capsys)
 
 
@@ -521,7 +521,7 @@ def test_questions_rotate_per_frame_via_cli(tmp_path, capsys):
     fast = [a for a in EVAL_FAST if a != "--no-hint"] + ["--candidates", "stop", "go"]
     rc = cli(["eval-bag", str(bag), "--out", str(out), "--scene-prompt", "Describe.",
               "--questions", str(questions), *fast])  # fmt: skip
-    assert rc == 0 and "5 read, 5 processed" in capsys.readouterr().out
+    assert rc == 0 and "received 5, processed 5" in capsys.readouterr().out
     msgs = read_bag(out / "output_bag")
     answers = sorted((stamp(m), m.question) for t, _, _, m in msgs if t.endswith("scene_answer"))
     asked = ["Describe.", "Is the path clear?", "How many boxes?"]
@@ -561,15 +561,22 @@ def test_plots_draw_the_budget_lines():
         for i in range(4)
     ]  # fmt: skip
     budgets = {"image_to_output": 150.0, "total": 7.0, "vision": 6.5}
-    fig = plots.latency_figure(outputs, budgets)
-    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
-    assert list(lines["budget image_to_output"].get_ydata()) == [150.0, 150.0]
-    assert list(lines["budget total"].get_ydata()) == [7.0, 7.0]
-    e2e = lines["/vlm_assistant/scene_answer image→answer"].get_ydata()
-    assert list(e2e) == pytest.approx([100.0] * 4)  # log time - stamp
+    fig = plots.latency_figure(outputs, budgets, start_ns=START_NS)
+    top, bottom = ({ln.get_label(): ln for ln in ax.get_lines()} for ax in fig.axes[:2])
+    assert list(top["budget image_to_output (150 ms)"].get_ydata()) == [150.0, 150.0]
+    assert list(bottom["budget total (7 ms)"].get_ydata()) == [7.0, 7.0]
+    e2e = top["/vlm_assistant/scene_answer image→answer"]
+    assert list(e2e.get_ydata()) == pytest.approx([100.0] * 4)  # log time - stamp
+    assert list(e2e.get_xdata()) == pytest.approx([0.1, 0.2, 0.3, 0.4])  # bag time, s
+    total = bottom["/vlm_assistant/scene_answer inference total"].get_ydata()
+    assert list(total) == pytest.approx([5.0, 6.0, 7.0, 8.0])
+    for ax in fig.axes[:2]:
+        assert ax.get_ylabel().endswith("[ms]")
+    assert fig.axes[1].get_xlabel().startswith("bag time [s]")
     plots._pyplot().close(fig)
     fig = plots.latency_figure(outputs, {})
-    assert not [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("budget")]
+    labels = [ln.get_label() for ax in fig.axes for ln in ax.get_lines()]
+    assert not [label for label in labels if label.startswith("budget")]
     plots._pyplot().close(fig)
 
     fig = plots.cdf_figure(outputs, budgets)
@@ -580,6 +587,11 @@ def test_plots_draw_the_budget_lines():
     }
     assert budget_x["vision"] == [[6.5, 6.5]] and budget_x["total"] == [[7.0, 7.0]]
     assert budget_x["image_to_answer"] == [[150.0, 150.0]] and budget_x["decode"] == []
+    vision = panels["vision"]
+    assert vision.get_xlabel() == "vision [ms]" and vision.get_ylabel().startswith("fraction")
+    assert all(ax.get_ylabel() for ax in panels.values())
+    assert "budget 6.5 ms" in [t.get_text() for t in vision.get_legend().get_texts()]
+    assert fig._suptitle is not None and fig._suptitle.get_text()
     plots._pyplot().close(fig)
 
 
@@ -628,6 +640,7 @@ def test_output_bag_deserialises_with_rclpy(tmp_path, assistant):
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.serialization import deserialize_message
     from rosbags.highlevel import AnyReader
+    from sensor_msgs.msg import CompressedImage
 
     from vlm_ros.bag.evaluate import DEFAULT_SCENE_PROMPT
     from vlm_ros.msg import ActionHint, SceneAnswer
@@ -637,7 +650,8 @@ def test_output_bag_deserialises_with_rclpy(tmp_path, assistant):
     run = settings(bag, tmp_path / "out", rate="max", budgets_ms=budgets)
     result = evaluate(run, assistant=assistant)
     classes = {"vlm_ros/msg/SceneAnswer": SceneAnswer, "vlm_ros/msg/ActionHint": ActionHint,
-               "diagnostic_msgs/msg/DiagnosticArray": DiagnosticArray}  # fmt: skip
+               "diagnostic_msgs/msg/DiagnosticArray": DiagnosticArray,
+               "sensor_msgs/msg/CompressedImage": CompressedImage}  # fmt: skip
     with AnyReader([result.out_bag]) as reader:
         msgs = [(c.topic, ts, deserialize_message(bytes(raw), classes[c.msgtype]))
                 for c, ts, raw in reader.messages()]  # fmt: skip
@@ -646,6 +660,8 @@ def test_output_bag_deserialises_with_rclpy(tmp_path, assistant):
     hints = sorted(((ts, m) for t, ts, m in msgs if t.endswith("action_hint")),
                    key=lambda a: stamp(a[1]))  # fmt: skip
     assert len(answers) == len(hints) == 3
+    frames = [m for t, _, m in msgs if t == "/camera/image_raw/compressed"]
+    assert sorted(stamp(m) for m in frames) == sorted(stamp(m) for _, m in answers)
     for i, ((log_ns, ans), (hint_ns, hint)) in enumerate(zip(answers, hints, strict=True)):
         assert stamp(ans) == stamp(hint) == START_NS + i * 100_000_000  # the source frame's
         assert ans.header.frame_id == hint.header.frame_id == "camera"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from vlm_ros.bench.measure import PRESETS, build_model, parameter_count, percentiles
@@ -119,7 +120,9 @@ def test_presets_have_the_published_shapes():
 
 def test_percentiles():
     p = percentiles([5.0, 1.0, 3.0, 2.0, 4.0])
-    assert (p["p50"], p["p90"], p["p99"], p["n"]) == (3.0, 5.0, 5.0, 5)
+    # linear interpolation between order statistics: p90 = 4 + 0.6 * (5 - 4)
+    assert (p["p50"], p["n"], p["mean"]) == (3.0, 5, 3.0)
+    assert (p["p90"], p["p99"]) == (pytest.approx(4.6), pytest.approx(4.96))
 
 
 def test_onnx_vision_run_records_its_parity_and_leaves_no_export_behind(tmp_path, monkeypatch):

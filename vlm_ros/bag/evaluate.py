@@ -13,6 +13,7 @@ computed from the bag it wrote, never from in-memory numbers.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image as PILImage
 
 from vlm_ros.bag import BagDamageError, BagError
 from vlm_ros.bag import diagnostics as diag
 from vlm_ros.bag.io import OutMessage, iter_messages, open_reader, topics_text, write_bag
+from vlm_ros.bag.output import OUTPUT_BAG, prepare_out_dir
+from vlm_ros.bag.progress import Progress
 from vlm_ros.bag.replay import Arrival, Counters, replay
 from vlm_ros.bag.types import (
     ACTION_HINT,
@@ -47,7 +51,7 @@ NODE_NAME = "vlm_assistant"
 SCENE_TOPIC = f"/{NODE_NAME}/scene_answer"
 HINT_TOPIC = f"/{NODE_NAME}/action_hint"
 DIAGNOSTICS_TOPIC = "/diagnostics"
-OUTPUT_BAG = "output_bag"
+FRAME_JPEG_QUALITY = 90
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class EvalSettings:
     max_frames: int | None = None
     warmup: int = 1  # untimed runs on the first frame before the replay, as the node warms up
     diagnostics_period_s: float = 1.0
+    frames: bool = True  # write the frames the model took into the output bag (frame_topic)
+    force: bool = False  # replace a report already in out_dir
 
     def prompts(self) -> tuple[str, ...]:
         """Questions asked in turn, one per processed frame."""
@@ -98,6 +104,12 @@ class EvalResult:
     out_bag: Path
     report_dir: Path
     counters: Counters
+
+
+def frame_topic(camera_topic: str) -> str:
+    """Where the output bag keeps the frames of ``camera_topic``: image_transport's compressed
+    topic (``<camera>/compressed``), or the camera topic itself when it is compressed already."""
+    return camera_topic if camera_topic.endswith("/compressed") else f"{camera_topic}/compressed"
 
 
 def load_questions(path: str | Path) -> tuple[str, ...]:
@@ -191,6 +203,7 @@ class FrameRunner:
         self.budgets = Budgets.from_mapping(settings.budgets_ms)
         self.rejections: dict[str, int] = {}
         self.asked = 0
+        self.progress: Progress | None = None
 
     def __call__(self, frame: Frame, arrival_ns: int, start_ns: int) -> tuple[int, bool]:
         """Serve one frame starting at virtual ``start_ns``; returns (virtual end, served).
@@ -207,8 +220,29 @@ class FrameRunner:
                 now = self._rank(frame, image, now)
         except InputError as exc:
             self._reject(exc)
+            self._served(False)
             return max(now, start_ns + (time.perf_counter_ns() - t0)), False
+        if self.settings.frames:
+            self._emit_frame(frame, image)
+        self._served(True)
         return now, True
+
+    def _served(self, ok: bool) -> None:
+        if self.progress is not None:
+            self.progress.served(ok)
+
+    def _emit_frame(self, frame: Frame, image: np.ndarray) -> None:
+        """The frame the model took, as the robot saw it, at its arrival time, with its own
+        header: a compressed camera's message as recorded, a raw one JPEG-compressed (what
+        Foxglove and rqt show; the raw frame would multiply the bag's size by ~10)."""
+        src = frame.msg
+        if frame.msgtype == COMPRESSED_IMAGE:
+            fmt, data = str(src.format), np.asarray(src.data, dtype=np.uint8)
+        else:
+            fmt, data = f"{src.encoding}; jpeg compressed bgr8", jpeg_bytes(image)
+        msg = self.ts.types[COMPRESSED_IMAGE](header=self._header(frame), format=fmt, data=data)
+        self.outputs.append(OutMessage(frame_topic(frame.topic), COMPRESSED_IMAGE,
+                                       frame.arrival_ns, msg))  # fmt: skip
 
     def _reject(self, exc: Exception) -> None:
         key = " ".join(str(exc).split())[:120]
@@ -283,6 +317,13 @@ class FrameRunner:
         )
 
 
+def jpeg_bytes(rgb: np.ndarray) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> JPEG file bytes as uint8 (CompressedImage.data)."""
+    buffer = io.BytesIO()
+    PILImage.fromarray(rgb).save(buffer, format="JPEG", quality=FRAME_JPEG_QUALITY)
+    return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+
+
 def warm_up(runner: FrameRunner, reader, connections: Sequence, runs: int) -> None:
     """Run the first frame ``runs`` times and discard the outputs: the first inference pays for
     lazy initialisation (allocator, kernels, caches) that a configured live node has already paid,
@@ -308,23 +349,25 @@ def load_assistant(settings: EvalSettings):
     return Assistant.load(settings.model, runtime=RuntimeConfig(device=settings.device))
 
 
-def evaluate(settings: EvalSettings, assistant=None) -> EvalResult:
+def evaluate(settings: EvalSettings, assistant=None, progress: bool | None = False) -> EvalResult:
     """Replay, write ``<out>/output_bag`` (MCAP) and ``<out>/report.*``; returns what was done.
 
     A bag that breaks part-way is still evaluated up to the break and reported; the error is then
     raised as a BagDamageError naming the report, so the CLI exits non-zero with one line. A bag
     too damaged to give a single frame, or whose every frame was rejected, gets a report of what
     was read (0 frames processed, and why) and the same kind of error.
+
+    ``out_dir`` is checked (and, with ``force``, cleared) before the bag is even opened: a bad
+    ``--out`` costs nothing. ``progress``: draw a progress bar on stderr (True), only when it
+    is a terminal (None), or never (False).
     """
     if not settings.prompts() and not settings.hint:
         raise InputError("nothing to ask: give --scene-prompt, --questions or --hint")
-    out_dir = Path(settings.out_dir)
+    out_dir = prepare_out_dir(settings.out_dir, settings.force)
     out_bag = out_dir / OUTPUT_BAG
-    if out_bag.exists():
-        raise BagError(f"{out_bag} exists already; choose a new --out folder")
     read_errors: list[str] = []
     try:
-        runner, counters, label = _replay_bag(settings, assistant, read_errors)
+        runner, counters, label = _replay_bag(settings, assistant, read_errors, progress)
     except BagDamageError as exc:  # not a single frame could be read
         info = _run_info(settings, None, None, [exc.detail])
         raise _unread(settings, exc.detail, Counters(), info, BagDamageError) from None
@@ -360,7 +403,7 @@ def _unread(settings: EvalSettings, reason: str, counters: Counters, run_info: d
     return error(reason, partial_report=str(out / "report.md"))
 
 
-def _replay_bag(settings: EvalSettings, assistant, read_errors: list[str]):
+def _replay_bag(settings: EvalSettings, assistant, read_errors: list[str], progress=False):
     """Open the bag, check its camera, (load the model,) warm up and replay; the model is closed
     again only if it was loaded here."""
     with open_reader(settings.bag) as reader:
@@ -373,11 +416,26 @@ def _replay_bag(settings: EvalSettings, assistant, read_errors: list[str]):
             runner = FrameRunner(assistant, settings)
             warm_up(runner, reader, conns, settings.warmup)
             frames = read_frames(reader, conns, read_errors.append, settings.max_frames)
-            counters = replay((Arrival(f, f.arrival_ns) for f in frames), runner, settings.rate)
+            bar = Progress(frame_total(conns, settings.max_frames), enabled=progress)
+            runner.progress = bar
+            try:
+                arrivals = (Arrival(f, f.arrival_ns) for f in bar.track(frames))
+                counters = replay(arrivals, runner, settings.rate)
+            finally:
+                bar.close()
         finally:
             if own:
                 assistant.close()
     return runner, counters, label
+
+
+def frame_total(connections: Sequence, max_frames: int | None) -> int | None:
+    """Frames the replay will read (the bag's message counts), for the progress bar's ETA."""
+    counts = [getattr(c, "msgcount", None) for c in connections]
+    if any(n is None for n in counts):
+        return max_frames
+    total = sum(counts)
+    return min(total, max_frames) if max_frames is not None else total
 
 
 def _rejections_text(runner: FrameRunner) -> str:

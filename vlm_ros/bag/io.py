@@ -22,11 +22,33 @@ STORAGES = ("mcap", "sqlite3", "ros1")
 ROSBAG2_VERSION: Literal[8] = 8
 
 
+ROS1_MAGIC = b"#ROSBAG V2.0\n"
+MCAP_MAGIC = b"\x89MCAP0\r\n"
+
+
+def check_magic(path: Path) -> None:
+    """A .bag or .mcap file that does not start with its format's magic bytes is not a damaged
+    bag but another file: say so in one line, before a reader trips over it somewhere deep
+    (rosbags reported a garbage .bag as a UTF-8 decoding error and a garbage MCAP as a tuple of
+    byte values)."""
+    magic, kind = {".bag": (ROS1_MAGIC, "a ROS 1 bag"), ".mcap": (MCAP_MAGIC, "an MCAP file")}.get(
+        path.suffix, (b"", "")
+    )
+    if not magic or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(len(magic))
+    if head != magic:
+        raise BagError(f"{path} is not {kind}: it does not start with the format's magic bytes")
+
+
 def resolve_bag_path(path: str | Path) -> Path:
     """The path rosbags wants: a rosbag2 folder (also when given its .mcap/.db3 file) or a .bag."""
     p = Path(path)
     if not p.exists():
         raise BagError(f"bag not found: {p}")
+    if p.is_file():
+        check_magic(p)
     if p.is_file() and p.suffix in (".mcap", ".db3") and (p.parent / "metadata.yaml").is_file():
         return p.parent
     if p.is_file() and p.suffix in (".bag", ".mcap"):  # ROS 1, or an MCAP without metadata.yaml

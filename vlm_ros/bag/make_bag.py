@@ -43,6 +43,8 @@ class BagSpec:
     frame_id: str = "camera"
     start_ns: int | None = None
     source: str = "pattern"  # "pattern" | "scenes"
+    # log (receive) time = stamp + this: the camera-to-recorder delay a live bag has
+    transport_delay_ms: float = 0.0
 
     @property
     def compressed(self) -> bool:
@@ -168,7 +170,8 @@ def image_message(ts, stamp_ns: int, frame_id: str, seq: int, rgb: np.ndarray, e
 
 
 def build_messages(spec: BagSpec) -> list[OutMessage]:
-    """Every frame of the bag, stamped at ``start + i / rate``."""
+    """Every frame of the bag, stamped at ``start + i / rate`` and logged (received)
+    ``transport_delay_ms`` later, as a recorder behind a real camera driver sees it."""
     from vlm_ros.bag.types import ros1_typestore, typestore
 
     if spec.encoding not in ENCODINGS:
@@ -177,6 +180,9 @@ def build_messages(spec: BagSpec) -> list[OutMessage]:
         )
     if spec.rate_hz <= 0 or spec.duration_s <= 0 or spec.width < 8 or spec.height < 8:
         raise InputError("rate and duration must be > 0 and the size at least 8x8")
+    if not 0 <= spec.transport_delay_ms < 60_000:
+        raise InputError(f"transport delay must be 0 to 60000 ms, got {spec.transport_delay_ms}")
+    delay_ns = int(round(spec.transport_delay_ms * 1e6))
     ts = ros1_typestore() if spec.storage == "ros1" else typestore()
     source = frame_source(spec.source)
     start = spec.start_ns if spec.start_ns is not None else time.time_ns()
@@ -186,7 +192,7 @@ def build_messages(spec: BagSpec) -> list[OutMessage]:
         stamp = start + i * period_ns
         rgb = source(i, i * period_ns / 1e9, spec.width, spec.height)
         msgtype, msg = image_message(ts, stamp, spec.frame_id, i, rgb, spec.encoding)
-        out.append(OutMessage(spec.topic_name, msgtype, stamp, msg))
+        out.append(OutMessage(spec.topic_name, msgtype, stamp + delay_ns, msg))
     return out
 
 

@@ -11,7 +11,11 @@ Everything comes from the bag, so a live run and an offline replay are measured 
   synchronised), as for any ROS latency measurement;
 * frames received/processed/dropped from the last ``/diagnostics`` counters;
 * budget misses per stage from each output's ``budget_misses``; budget lines from ``--budgets``
-  or, failing that, from the ``budget_<stage>_ms`` values in ``/diagnostics``.
+  or, failing that, from the ``budget_<stage>_ms`` values in ``/diagnostics``. image->answer has
+  no budget of its own: it is judged against the end-to-end (``image_to_output``) budget, and
+  its misses are counted here from the values;
+* times on the plots are bag time (seconds since the bag's first message), the clock Foxglove
+  and PlotJuggler show for the same bag.
 
 A damaged bag is reported as far as it could be read, marked partial with the reason; one of
 which nothing could be read still gets a report that says so (0 outputs, and why).
@@ -28,7 +32,18 @@ import numpy as np
 
 from vlm_ros.bag import BagDamageError, BagError
 from vlm_ros.bag.io import iter_messages, open_reader, topics_text
-from vlm_ros.bag.types import ACTION_HINT, DIAGNOSTIC_ARRAY, SCENE_ANSWER, normalize_msgtype
+from vlm_ros.bag.output import prepare_out_dir
+from vlm_ros.bag.types import (
+    ACTION_HINT,
+    COMPRESSED_IMAGE,
+    DIAGNOSTIC_ARRAY,
+    IMAGE_TYPES,
+    SCENE_ANSWER,
+    normalize_msgtype,
+)
+from vlm_ros.errors import InputError
+from vlm_ros.ros.imaging import image_from_compressed, image_from_raw
+from vlm_ros.serving.latency import E2E, percentiles
 
 LATENCY_FIELDS = (
     "queue",
@@ -41,7 +56,8 @@ LATENCY_FIELDS = (
     "image_to_output",
 )
 IMAGE_TO_ANSWER = "image_to_answer"
-PERCENTILES = (50, 90, 99)
+# image->answer is judged against the end-to-end budget (the node's image_to_output)
+BUDGET_OF = {IMAGE_TO_ANSWER: E2E}
 OUTPUT_TYPES = {SCENE_ANSWER: "SceneAnswer", ACTION_HINT: "ActionHint"}
 ANSWER_TIME = (
     "bag log time of the output: receive time when recorded live with ros2 bag record; "
@@ -61,6 +77,7 @@ class Output:
     latency_ms: dict[str, float]
     within_budget: bool
     misses: tuple[str, ...]
+    text: str = ""  # the answer, or the chosen action with its probability (thumbnails)
 
     @property
     def image_to_answer_ms(self) -> float:
@@ -82,19 +99,23 @@ def to_output(topic: str, msgtype: str, log_ns: int, msg) -> Output:
         values,
         bool(msg.within_budget),
         tuple(str(m) for m in msg.budget_misses),
+        _output_text(msgtype, msg),
     )
 
 
+def _output_text(msgtype: str, msg) -> str:
+    if msgtype == SCENE_ANSWER:
+        return str(msg.answer)
+    return f"{msg.action} ({float(msg.confidence):.2f})"
+
+
 def stats(values: Iterable[float]) -> dict[str, float]:
-    """count, mean, p50/p90/p99 (numpy's linear interpolation) and max."""
+    """count, mean, p50/p90/p99 (serving.latency's, as /diagnostics and the bench) and max."""
     arr = np.asarray(list(values), dtype=np.float64)
     if arr.size == 0:
         return {"count": 0}
-    out = {"count": int(arr.size), "mean": float(arr.mean())}
-    for p in PERCENTILES:
-        out[f"p{p}"] = float(np.percentile(arr, p))
-    out["max"] = float(arr.max())
-    return out
+    return {"count": int(arr.size), "mean": float(arr.mean()), **percentiles(arr),
+            "max": float(arr.max())}  # fmt: skip
 
 
 # ---- reading the bag ---------------------------------------------------------------------------
@@ -106,6 +127,7 @@ class BagContents:
     diagnostics: list[tuple[int, dict[str, dict[str, str]]]]  # (log ns, {status name: values})
     topics: str
     read_error: str | None
+    start_ns: int  # the bag's first message (bag time 0 on the plots)
 
 
 def read_outputs(bag: str | Path) -> BagContents:
@@ -127,7 +149,11 @@ def read_outputs(bag: str | Path) -> BagContents:
                     )
                 else:
                     outputs.append(to_output(conn.topic, msgtype, ts, msg))
-        return BagContents(outputs, diags, topics_text(reader), errors[0] if errors else None)
+        start = getattr(reader, "start_time", None)
+        times = [o.log_ns for o in outputs] + [ts for ts, _ in diags]
+        start_ns = min([*times, *([start] if start else [])], default=0)
+        error = errors[0] if errors else None
+        return BagContents(outputs, diags, topics_text(reader), error, int(start_ns))
 
 
 def frame_counters(diags: list[tuple[int, dict[str, dict[str, str]]]]) -> dict[str, int] | None:
@@ -170,19 +196,23 @@ def run_info(diags) -> dict[str, str]:
 # ---- the report -------------------------------------------------------------------------------
 
 
-def topic_summary(outputs: list[Output]) -> dict:
-    """Stats of one output topic: per latency field, image->answer, budget misses."""
+def topic_summary(outputs: list[Output], budgets_ms: dict[str, float] | None = None) -> dict:
+    """Stats of one output topic: per latency field, image->answer, budget misses (the
+    messages' own, plus image->answer's against the end-to-end budget)."""
     misses: dict[str, int] = {}
     for o in outputs:
         for m in o.misses:
             misses[m] = misses.get(m, 0) + 1
+    e2e_budget = (budgets_ms or {}).get(BUDGET_OF[IMAGE_TO_ANSWER])
+    answer_misses = sum(o.image_to_answer_ms > e2e_budget for o in outputs) if e2e_budget else 0
     return {
         "type": outputs[0].kind,
         "count": len(outputs),
         "within_budget": sum(o.within_budget for o in outputs),
         "latency_ms": {f: stats(o.latency_ms[f] for o in outputs) for f in LATENCY_FIELDS},
         f"{IMAGE_TO_ANSWER}_ms": stats(o.image_to_answer_ms for o in outputs),
-        "budget_misses": misses,
+        "budget_misses": misses,  # as the node judged them, from each message
+        f"{IMAGE_TO_ANSWER}_misses": answer_misses,  # against the end-to-end budget, here
     }
 
 
@@ -197,15 +227,18 @@ def build_report(bag: str | Path, budgets_ms: dict[str, float] | None = None) ->
     by_topic: dict[str, list[Output]] = {}
     for o in contents.outputs:
         by_topic.setdefault(o.topic, []).append(o)
+    budgets = budgets_ms or diag_budgets(contents.diagnostics)
     return {
         "bag": str(bag),
         "answer_time": ANSWER_TIME,
+        "bag_start_ns": contents.start_ns,
         "run": run_info(contents.diagnostics),
         "frames": frame_counters(contents.diagnostics),
-        "budgets_ms": budgets_ms or diag_budgets(contents.diagnostics),
-        "topics": {t: topic_summary(outs) for t, outs in sorted(by_topic.items())},
+        "budgets_ms": budgets,
+        "topics": {t: topic_summary(outs, budgets) for t, outs in sorted(by_topic.items())},
         "read_error": contents.read_error,
         "_outputs": contents.outputs,  # for the plots; dropped before writing JSON
+        "_thumbnails": thumbnails(bag, contents.outputs),
     }
 
 
@@ -224,9 +257,13 @@ def unread_report(bag: str | Path, reason: str, frames: dict[str, int] | None = 
     }
 
 
-def report_bag(bag: str | Path, out_dir: str | Path, budgets_ms: dict[str, float] | None) -> dict:
+def report_bag(
+    bag: str | Path, out_dir: str | Path, budgets_ms: dict[str, float] | None, force: bool = False
+) -> dict:
     """`vlm-ros report`: write the report of ``bag``; a damaged bag gets the report of what was
-    read and then raises a BagDamageError naming it, so the CLI exits 2 with one line."""
+    read and then raises a BagDamageError naming it, so the CLI exits 2 with one line.
+    ``out_dir`` is checked first (output.prepare_out_dir: same policy as eval-bag)."""
+    prepare_out_dir(out_dir, force)
     partial = str(Path(out_dir) / "report.md")
     try:
         report = build_report(bag, budgets_ms=budgets_ms)
@@ -249,7 +286,11 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     outputs = report.get("_outputs", [])
     data = {k: v for k, v in report.items() if not k.startswith("_")}
-    images = plots.write_plots(outputs, data["budgets_ms"], out, data["frames"]) if outputs else []
+    images = []
+    if outputs:
+        start = data.get("bag_start_ns") or min(o.log_ns for o in outputs)
+        images = plots.write_plots(outputs, data["budgets_ms"], out, data["frames"], start,
+                                   report.get("_thumbnails") or [])  # fmt: skip
     data["plots"] = [p.name for p in images]
     (out / "report.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(markdown(data), encoding="utf-8")
@@ -294,14 +335,121 @@ def markdown(data: dict) -> str:
                 continue  # a stage this output never runs (e.g. decode for some hints)
             lines.append(
                 f"| {name} | {_fmt(st['p50'])} | {_fmt(st['p90'])} | {_fmt(st['p99'])} | "
-                f"{_fmt(st['max'])} | {_fmt(budgets.get(name))} | "
-                f"{s['budget_misses'].get(name, 0)} |"
+                f"{_fmt(st['max'])} | {_fmt(budget_for(budgets, name))} | {misses_of(s, name)} |"
             )
         lines.append("")
     lines += [
         f"image_to_answer = answer time - image header stamp; answer time = {data['answer_time']}.",
         "image_to_output is the node's own figure (publish time - stamp), carried in each message.",
+        "image_to_answer is judged against the image_to_output budget.",
         "",
     ]
     lines += [f"![{p}]({p})" for p in data.get("plots", [])]
     return "\n".join(lines) + "\n"
+
+
+def misses_of(summary: dict, name: str) -> int:
+    """Misses of one report row (topic_summary's)."""
+    if name == IMAGE_TO_ANSWER:
+        return int(summary.get(f"{IMAGE_TO_ANSWER}_misses", 0))
+    return int(summary["budget_misses"].get(name, 0))
+
+
+def budget_for(budgets: dict[str, float], name: str) -> float | None:
+    """The budget a report row is judged by (image_to_answer: the end-to-end one)."""
+    return budgets.get(BUDGET_OF.get(name, name))
+
+
+# ---- frames beside answers -----------------------------------------------------------------
+
+THUMBNAILS = 6
+
+
+def thumbnails(bag: str | Path, outputs: list[Output], count: int = THUMBNAILS) -> list:
+    """Up to ``count`` (frame RGB, answer text, hint text) triples, evenly spread over the scene
+    answers, from the camera frames the bag holds (eval-bag writes them; a live recording has
+    them when the camera topic was recorded). No frames in the bag: an empty list."""
+    scenes = [o for o in outputs if o.kind == "SceneAnswer"] or outputs
+    if not scenes:
+        return []
+    picks = [scenes[round(i * (len(scenes) - 1) / max(count - 1, 1))] for i in range(count)]
+    wanted = {o.stamp_ns: o for o in picks}
+    found: dict[int, object] = {}
+    with open_reader(bag) as reader:
+        conns = [c for c in reader.connections if normalize_msgtype(c.msgtype) in IMAGE_TYPES]
+        if not conns:
+            return []
+        for conn, _, msg in iter_messages(reader, conns, lambda _: None):
+            stamp = stamp_ns(msg.header)
+            if stamp in wanted and stamp not in found:
+                found[stamp] = (normalize_msgtype(conn.msgtype), msg)
+    texts = _texts_by_stamp(outputs)
+    return [
+        (_pixels(*found[s]), *texts.get(s, ("", "")))
+        for s in sorted(found)
+        if _pixels(*found[s]) is not None
+    ]
+
+
+def _texts_by_stamp(outputs: list[Output]) -> dict[int, tuple[str, str]]:
+    out: dict[int, list[str]] = {}
+    for o in outputs:
+        slot = out.setdefault(o.stamp_ns, ["", ""])
+        slot[0 if o.kind == "SceneAnswer" else 1] = o.text
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _pixels(msgtype: str, msg):
+    """RGB pixels of a bag image through the node's converter; None when it cannot convert."""
+    try:
+        if msgtype == COMPRESSED_IMAGE:
+            return image_from_compressed(msg.format, msg.data)
+        return image_from_raw(
+            msg.encoding, msg.height, msg.width, msg.step, msg.data, msg.is_bigendian
+        )
+    except InputError:
+        return None
+
+
+# ---- terminal summary --------------------------------------------------------------------------
+
+
+def summary_text(data: dict) -> str:
+    """The report in the spirit of ``ros2 bag info``: frames, then per output topic its count
+    and p50/p90/p99 of each stage against its budget, with misses."""
+    budgets = data.get("budgets_ms") or {}
+    lines = [f"{'Bag:':<12}{data['bag']}"]
+    frames = data.get("frames")
+    if frames:
+        lines.append(f"{'Frames:':<12}" + ", ".join(f"{k} {v}" for k, v in frames.items()))
+    why = (data.get("run") or {}).get("rejected_why")
+    if why:
+        lines.append(f"{'Rejected:':<12}{why}")
+    damage = data.get("read_error")
+    if damage:
+        lines.append(f"{'Partial:':<12}{damage}")
+    if not data["topics"]:
+        lines.append("Outputs:    none (no SceneAnswer/ActionHint message was read)")
+    for topic, s in data["topics"].items():
+        lines.append(
+            f"{'Topic:':<12}{topic} | Type: {s['type']} | Count: {s['count']} | "
+            f"Within budget: {s['within_budget']}"
+        )
+        lines.append(f"    {'stage':<16}{'p50':>9}{'p90':>9}{'p99':>9}{'budget':>9}{'misses':>8}")
+        rows = list(s["latency_ms"].items()) + [(IMAGE_TO_ANSWER, s[f"{IMAGE_TO_ANSWER}_ms"])]
+        for name, st in rows:
+            if not st.get("count") or (name != IMAGE_TO_ANSWER and st["max"] == 0.0):
+                continue
+            budget = budget_for(budgets, name)
+            lines.append(
+                f"    {name:<16}{st['p50']:>9.1f}{st['p90']:>9.1f}{st['p99']:>9.1f}"
+                f"{_budget_text(budget):>9}{misses_of(s, name):>8}"
+            )
+    lines.append("(milliseconds)")
+    return "\n".join(lines)
+
+
+def _budget_text(ms: float | None) -> str:
+    if not ms:
+        return "-"
+    return f"{ms:.0f}" if ms >= 1 else f"{ms:g}"

@@ -50,6 +50,7 @@ from vlm_ros.model.checkpoint import to_dtype
 from vlm_ros.model.compat import cpu_has_native
 from vlm_ros.model.families import FAMILIES, IMAGE_TOKEN_INDEX
 from vlm_ros.model.network import VlmModel
+from vlm_ros.serving.latency import percentiles as latency_percentiles
 from vlm_ros.timing import StageTimer
 from vlm_ros.types import Request
 
@@ -179,19 +180,8 @@ def timed(fn: Callable[[], object], device: str) -> tuple[float, object]:
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
-    """p50/p90/p99 (nearest-rank on the sorted samples) and the mean, in ms."""
-    ordered = sorted(samples)
-
-    def rank(q: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-    return {
-        "p50": rank(0.5),
-        "p90": rank(0.9),
-        "p99": rank(0.99),
-        "mean": statistics.fmean(ordered),
-        "n": len(ordered),
-    }
+    """p50/p90/p99 (serving.latency's, as /diagnostics and the bag report) and the mean, in ms."""
+    return {**latency_percentiles(samples), "mean": statistics.fmean(samples), "n": len(samples)}
 
 
 # ---- the two paths ------------------------------------------------------------------------

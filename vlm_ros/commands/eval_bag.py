@@ -4,6 +4,7 @@ would, write its outputs as an MCAP rosbag2 and a latency report of that bag."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from vlm_ros.bag.budgets import load_budgets, parse_budget_flags
 from vlm_ros.bag.evaluate import (
@@ -16,11 +17,25 @@ from vlm_ros.bag.evaluate import (
     load_questions,
 )
 from vlm_ros.bag.replay import RATES
+from vlm_ros.bag.report import summary_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bag", help="camera bag: rosbag2 folder (sqlite3 or MCAP) or ROS 1 .bag")
-    parser.add_argument("--out", required=True, help="new folder for output_bag/ and the report")
+    parser.add_argument(
+        "--out", required=True, help="folder for output_bag/ and the report (checked first)"
+    )
+    add_out_arguments(parser)
+    parser.add_argument(
+        "--frames",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the frames the model took into the output bag, JPEG-compressed with their "
+        "header, on <camera topic>/compressed (default on)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar (it is off anyway when not a TTY)"
+    )
     parser.add_argument("--model", default="demo", help="'demo', a checkpoint folder or a hub id")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
@@ -74,6 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_budget_arguments(parser)
 
 
+def add_out_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a report (and output bag) already in --out instead of refusing",
+    )
+
+
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budgets",
@@ -114,13 +137,12 @@ def run(args: argparse.Namespace) -> int:
         budgets_ms=budgets_from_args(args),
         max_frames=args.max_frames,
         warmup=args.warmup,
+        frames=args.frames,
+        force=args.force,
     )
-    result = evaluate(settings)
-    c = result.counters
-    print(
-        f"frames: {c.received} read, {c.processed} processed, {c.dropped} dropped, "
-        f"{c.rejected} rejected"
-    )
+    result = evaluate(settings, progress=None if not args.quiet else False)
+    report = json.loads((result.report_dir / "report.json").read_text(encoding="utf-8"))
+    print(summary_text(report))
     print(f"output bag: {result.out_bag}")
     print(f"report: {result.report_dir / 'report.md'}")
     return 0

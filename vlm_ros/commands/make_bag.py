@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="render demo-world scenes (vlm_ros.demo.world) instead of the test pattern",
     )
+    parser.add_argument(
+        "--transport-delay-ms",
+        type=float,
+        default=0.0,
+        help="log each frame this long after its header stamp, as a recorder behind a real "
+        "camera receives it (default 0: log time = stamp)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         topic=args.topic,
         frame_id=args.frame_id,
         source="scenes" if args.scenes else "pattern",
+        transport_delay_ms=args.transport_delay_ms,
     )
     path = make_bag(spec)
     print(

@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlm_ros.bag.report import report_bag
-from vlm_ros.commands.eval_bag import add_budget_arguments, budgets_from_args
+from vlm_ros.bag.report import report_bag, summary_text
+from vlm_ros.commands.eval_bag import (
+    add_budget_arguments,
+    add_out_arguments,
+    budgets_from_args,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,11 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default=None, help="report folder (default: BAG_report beside the bag)"
     )
+    add_out_arguments(parser)
     add_budget_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(f"{Path(args.bag).resolve()}_report")
-    report_bag(args.bag, out, budgets_ms=budgets_from_args(args) or None)
+    report = report_bag(args.bag, out, budgets_ms=budgets_from_args(args) or None, force=args.force)
+    print(summary_text(report))
     print(f"report: {out / 'report.md'}")
     return 0

@@ -529,7 +529,7 @@ class AssistantNode(LifecycleNode):
     # ---- diagnostics -----------------------------------------------------------------------
 
     def _publish_diagnostics(self) -> None:
-        """/diagnostics: stage p50/p95/max over the window, counters, queue, verdict."""
+        """/diagnostics: stage p50/p90/p99/max over the window, counters, queue, verdict."""
         extra = {"queue_depth": self.worker.depth, "model": self.config.model}
         status = messages.latency_status(
             f"{self.get_name()}: latency", self.get_fully_qualified_name(),

@@ -68,7 +68,7 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "queue_size": (4, "inference queue bound; a full queue refuses requests at once"),
     "query_timeout_s": (30.0, "longest an Ask waits for its answer before failing"),
     "diagnostics_period_s": (1.0, "seconds between /diagnostics messages"),
-    "diagnostics_window": (50, "outputs in the p50/p95 window of /diagnostics"),
+    "diagnostics_window": (50, "outputs in the p50/p90/p99 window of /diagnostics"),
     "inference_delay_ms": (0.0, "FAULT INJECTION for tests: sleep before each inference"),
     "autostart": (True, "main(): configure and activate without a lifecycle manager"),
     "log_outputs": (False, "also log every scene answer and action hint (info); demo: on"),

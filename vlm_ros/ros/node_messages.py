@@ -42,7 +42,7 @@ def action_hint(header, camera: str, instruction: str, hint: Hint, latency: Stag
 
 def latency_status(name: str, hardware_id: str, report: Report, budgets_ms: Mapping[str, float],
                    extra: Mapping[str, object]) -> DiagnosticStatus:  # fmt: skip
-    """One DiagnosticStatus: stage p50/p95/max over the window, counters, budgets, verdict."""
+    """One DiagnosticStatus: stage p50/p90/p99/max over the window, counters, budgets, verdict."""
     return DiagnosticStatus(
         level=bytes([report.level]), name=name, message=report.message, hardware_id=hardware_id,
         values=[KeyValue(key=k, value=v) for k, v in report.key_values(budgets_ms, extra)],

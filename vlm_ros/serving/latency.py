@@ -3,7 +3,11 @@
 Used by the node's /diagnostics, the benchmark and the bag report, so all three judge latency by
 the same rule. Names follow vlm_ros.types.STAGES plus ``image_to_output`` (source image stamp to
 published output) — the same names as the ``budget_<name>_ms`` parameters and the
-``<name>_p50_ms`` / ``<name>_p95_ms`` diagnostic keys.
+``<name>_p50_ms`` / ``<name>_p90_ms`` / ``<name>_p99_ms`` diagnostic keys.
+
+Percentiles: one set (``PERCENTILES``: p50, p90, p99) computed one way (``percentiles``: numpy's
+linear interpolation) for /diagnostics, the bag report and the benchmark, so a figure read in one
+place means the same in the others.
 
 Verdict rule (``LatencyMonitor.report``), checked over the window of the last N outputs:
   * ERROR: more than ``error_miss_fraction`` (default 0.5) of the windowed outputs missed a budget,
@@ -18,13 +22,14 @@ from __future__ import annotations
 import threading
 from collections import Counter, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 from vlm_ros.types import STAGES
 
 E2E = "image_to_output"
+PERCENTILES = (50, 90, 99)
 NAMES = (*STAGES, E2E)
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
@@ -67,12 +72,21 @@ class Budgets:
         )
 
 
+def percentiles(values) -> dict[str, float]:
+    """``{"p50": .., "p90": .., "p99": ..}`` of ``values`` (numpy's linear interpolation)."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    return {
+        f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(arr, PERCENTILES), strict=True)
+    }
+
+
 @dataclass(frozen=True)
 class StageStats:
-    """p50/p95/max over the window of one stage, in ms."""
+    """p50/p90/p99/max over the window of one stage, in ms."""
 
     p50: float
-    p95: float
+    p90: float
+    p99: float
     max: float
 
 
@@ -93,13 +107,12 @@ class Report:
     ) -> list[tuple[str, str]]:
         """(key, text) pairs of /diagnostics, in one place for the node and the bag evaluator
         (which rebuilds /diagnostics from recorded outputs): the ALWAYS counters (0 until the
-        first event), every other counter, per-stage p50/p95/max over the window, every budget
+        first event), every other counter, per-stage p50/p90/p99/max over the window, every budget
         (0 = none), budget misses per stage, the window's outputs and misses, then ``extra``."""
         values: dict[str, object] = {key: 0 for key in ALWAYS}
         values.update(self.counters)
         for stage, st in self.stats.items():
-            values.update({f"{stage}_p50_ms": st.p50, f"{stage}_p95_ms": st.p95,
-                           f"{stage}_max_ms": st.max})  # fmt: skip
+            values.update({f"{stage}_{k}_ms": v for k, v in asdict(st).items()})
         values.update({f"budget_{k}_ms": v for k, v in budgets_ms.items()})
         values.update({f"misses_{k}": v for k, v in self.misses_by_stage.items()})
         values.update(window_outputs=self.window_outputs, window_misses=self.window_misses)
@@ -182,12 +195,11 @@ class LatencyMonitor:
 
 
 def _window_stats(samples: list[dict[str, float]]) -> dict[str, StageStats]:
-    """p50/p95/max per name over the samples (linear-interpolated percentiles, numpy's)."""
+    """p50/p90/p99/max per name over the samples."""
     if not samples:
         return {}
     out = {}
     for name in NAMES:
-        values = np.array([s[name] for s in samples], dtype=np.float64)
-        p50, p95 = np.percentile(values, [50, 95])
-        out[name] = StageStats(float(p50), float(p95), float(values.max()))
+        values = [s[name] for s in samples]
+        out[name] = StageStats(**percentiles(values), max=float(max(values)))
     return out
