@@ -100,7 +100,10 @@ def stored(node, msg, timeout: float) -> bool:
     """Whether ``node`` keeps ``msg`` (same frame_id and stamp) as a latest frame by then."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        for frame in list(node._frames.values()):
+        for cam in node.config.cameras:
+            frame = node.frames.latest(cam.topic)
+            if frame is None:
+                continue
             header = frame.msg.header
             if header.frame_id == msg.header.frame_id and header.stamp == msg.header.stamp:
                 return True
@@ -418,7 +421,7 @@ def test_camera_flood_keeps_the_queue_bounded_memory_flat_and_frames_accounted(r
     wait_for(lambda: node.worker.depth == 0, what="queued periodic jobs gone")
     node.worker.submit(lambda: None, PERIODIC).result(timeout=10)
     c = node.monitor.counters()
-    held = sum(not frame.taken for frame in node._frames.values())
+    held = node.frames.held()
     assert c["frames_received"] >= 120
     assert c["frames_processed"] >= 5 and c["frames_dropped"] > 0 and c["frames_rejected"] > 0
     assert c.get("periodic_skipped", 0) > 0 and c.get("outputs", 0) >= 5
@@ -539,3 +542,14 @@ def test_vlm_ros_node_demo_answers_and_exits_cleanly_on_sigint(ros, tmp_path):
 
     assert got[0].question == CAPTION_PROMPT
     assert f"scene: {got[0].answer!r}" in log.read_text()
+
+
+def test_output_topics_resolve_as_the_shared_names_say(ros, main_node):
+    """eval-bag derives its topics with vlm_ros.ros.names.resolve; rclpy must agree."""
+    from vlm_ros.ros import names
+
+    node, _, _ = main_node
+    assert node.get_namespace() == "/main"
+    for kind, name in (("scene", names.SCENE_ANSWER), ("hint", names.ACTION_HINT)):
+        expected = names.resolve(name, node.get_name(), node.get_namespace())
+        assert node._pubs[kind].topic_name == expected == f"/main/vlm_assistant/{name[2:]}"

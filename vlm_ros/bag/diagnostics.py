@@ -34,8 +34,12 @@ class Sample:
 def _status(ts, level: int, name: str, message: str, values: Sequence[tuple[str, str]]) -> Any:
     kv = ts.types["diagnostic_msgs/msg/KeyValue"]
     return ts.types["diagnostic_msgs/msg/DiagnosticStatus"](
-        level=level, name=name, message=message, hardware_id=HARDWARE_ID,
-        values=[kv(key=k, value=v) for k, v in values])  # fmt: skip
+        level=level,
+        name=name,
+        message=message,
+        hardware_id=HARDWARE_ID,
+        values=[kv(key=k, value=v) for k, v in values],
+    )
 
 
 def _array(ts, t_ns: int, statuses: list) -> Any:
@@ -54,9 +58,16 @@ def _timeline(
     return sorted(merged, key=lambda item: item[0])
 
 
-def diagnostic_messages(ts, samples: Sequence[Sample], events: Sequence[tuple[int, str]],
-                        budgets: Budgets, run_info: dict[str, str], read_errors: Sequence[str],
-                        topic: str, period_s: float = 1.0) -> list[OutMessage]:  # fmt: skip
+def diagnostic_messages(
+    ts,
+    samples: Sequence[Sample],
+    events: Sequence[tuple[int, str]],
+    budgets: Budgets,
+    run_info: dict[str, str],
+    read_errors: Sequence[str],
+    topic: str,
+    period_s: float = 1.0,
+) -> list[OutMessage]:
     """/diagnostics every ``period_s`` of virtual time and a final one with the run's settings."""
     timeline = _timeline(samples, events)
     if not timeline:

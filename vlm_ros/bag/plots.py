@@ -127,8 +127,9 @@ def cdf_figure(outputs, budgets_ms: dict[str, float]):
     return fig
 
 
-def write_plots(outputs, budgets_ms: dict[str, float], out_dir: Path,
-                frames: dict[str, int] | None = None) -> list[Path]:  # fmt: skip
+def write_plots(
+    outputs, budgets_ms: dict[str, float], out_dir: Path, frames: dict[str, int] | None = None
+) -> list[Path]:
     """Both figures; ``frames`` (the report's counters) titles the time plot."""
     title = ", ".join(f"{v} {k}" for k, v in frames.items()) if frames else ""
     return [

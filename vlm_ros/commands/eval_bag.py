@@ -14,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         DEFAULT_SCENE_PROMPT,
     )
     from vlm_ros.bag.replay import RATES
+    from vlm_ros.ros.names import NODE_NAME
 
     parser.add_argument("bag", help="camera bag: rosbag2 folder (sqlite3 or MCAP) or ROS 1 .bag")
     parser.add_argument("--out", required=True, help="new folder for output_bag/ and the report")
@@ -61,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-frames", type=int, default=None, help="read at most this many frames"
     )
+    parser.add_argument(
+        "--node-name",
+        default=NODE_NAME,
+        help=f"name of the node the outputs stand for (default {NODE_NAME}): "
+        "they go to /<namespace>/<node-name>/scene_answer and .../action_hint",
+    )
+    parser.add_argument("--namespace", default="", help="that node's namespace (default none)")
     parser.add_argument(
         "--warmup",
         type=int,
@@ -114,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         budgets_ms=budgets_from_args(args),
         max_frames=args.max_frames,
         warmup=args.warmup,
+        node_name=args.node_name,
+        namespace=args.namespace,
     )
     result = evaluate(settings)
     c = result.counters

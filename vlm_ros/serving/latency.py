@@ -98,8 +98,9 @@ class Report:
         values: dict[str, object] = {key: 0 for key in ALWAYS}
         values.update(self.counters)
         for stage, st in self.stats.items():
-            values.update({f"{stage}_p50_ms": st.p50, f"{stage}_p95_ms": st.p95,
-                           f"{stage}_max_ms": st.max})  # fmt: skip
+            values.update(
+                {f"{stage}_p50_ms": st.p50, f"{stage}_p95_ms": st.p95, f"{stage}_max_ms": st.max}
+            )
         values.update({f"budget_{k}_ms": v for k, v in budgets_ms.items()})
         values.update({f"misses_{k}": v for k, v in self.misses_by_stage.items()})
         values.update(window_outputs=self.window_outputs, window_misses=self.window_misses)
