@@ -111,13 +111,16 @@ def stored(node, msg, timeout: float) -> bool:
     return False
 
 
-def ask(ros: Ros, node, client_node, question="Is the path clear?", hint=False, timeout=15.0):
+def ask(
+    ros: Ros, node, client_node, question="Is the path clear?", hint=False, timeout=15.0, camera=""
+):
     """Call the node's ~/ask service and return the response."""
     from vlm_ros.srv import Ask
 
     client = client_node.create_client(Ask, f"{node.get_fully_qualified_name()}/ask")
     wait_for(client.service_is_ready, what="ask service")
-    future = client.call_async(Ask.Request(question=question, want_action_hint=hint))
+    request = Ask.Request(question=question, want_action_hint=hint, camera=camera)
+    future = client.call_async(request)
     wait_for(future.done, timeout, what="ask response")
     return future.result()
 
@@ -553,3 +556,55 @@ def test_output_topics_resolve_as_the_shared_names_say(ros, main_node):
     for kind, name in (("scene", names.SCENE_ANSWER), ("hint", names.ACTION_HINT)):
         expected = names.resolve(name, node.get_name(), node.get_namespace())
         assert node._pubs[kind].topic_name == expected == f"/main/vlm_assistant/{name[2:]}"
+
+
+def counted(before: dict, after: dict) -> dict:
+    """Counters that changed between two snapshots, by how much."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def test_hostile_and_core_refused_frames_are_rejected_by_reason_once(ros, checkpoint):
+    """A 4x4 frame (the core's minimum side is 8), a frame over max_image_pixels and a 65 KB PNG
+    declaring 8192x8192 are each rejected once with their reason, however many jobs ask about
+    them, never counted processed or stale; the node keeps answering."""
+    from sensor_msgs.msg import CompressedImage
+
+    from vlm_ros.bench.hostile_images import bomb_png
+
+    cams = ["/hostile/cam", "/hostile/cam/compressed"]
+    node = start_node(ros, checkpoint, "hostile", cameras=cams, max_image_pixels=2500)
+    raw, compressed = (
+        Camera(ros, "hostile"),
+        Camera(ros, "hostile", "cam/compressed", CompressedImage),
+    )
+    probe = ros.client_node("hostile_probe")
+    bomb = CompressedImage(format="png", data=bomb_png(8192, 8192))
+    bomb.header.frame_id = "bomb"
+    cases = [
+        (raw, cams[0], image_msg(300, height=4, width=4), "too_small"),
+        (raw, cams[0], image_msg(301, height=48, width=64), "too_large"),  # 3072 > 2500 pixels
+        (compressed, cams[1], bomb, "too_large"),
+    ]
+    for camera, topic, msg, reason in cases:
+        before = node.monitor.counters()
+        camera.send(msg, node)
+        for _ in range(3):  # three jobs on one frame: one rejection, one conversion attempt
+            resp = ask(ros, node, probe, camera=topic)
+            assert not resp.success and f"bad image ({reason})" in resp.error_message, resp
+        change = counted(before, node.monitor.counters())
+        assert change.get("frames_rejected") == 1 and change.get(f"frames_rejected_{reason}") == 1
+        assert "frames_processed" not in change and "frames_stale" not in change, change
+    raw.send(image_msg(302, height=40, width=60), node)  # 2400 pixels: served
+    assert ask(ros, node, probe, camera=cams[0]).success
+
+
+def test_context_overflow_is_a_rejected_frame_not_a_stale_one(ros, checkpoint):
+    node = start_node(ros, checkpoint, "overflow", max_seq_len=16)
+    camera, probe = Camera(ros, "overflow"), ros.client_node("overflow_probe")
+    before = node.monitor.counters()
+    camera.send(image_msg(400), node)
+    resp = ask(ros, node, probe)
+    assert not resp.success and "does not fit the context" in resp.error_message
+    change = counted(before, node.monitor.counters())
+    assert change.get("frames_rejected_context_overflow") == 1, change
+    assert "frames_processed" not in change and "frames_stale" not in change, change

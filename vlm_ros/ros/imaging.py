@@ -227,7 +227,9 @@ def decode(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageFormatError("too_large", f"{what} image is too large: {exc}") from None
+        raise ImageFormatError(
+            "too_large", f"{what} image is too large (Pillow's decompression-bomb guard): {exc}"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageFormatError("decode_failed", f"cannot decode {what} image: {exc}") from exc
     with image:
