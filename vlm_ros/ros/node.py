@@ -106,6 +106,7 @@ DEMO_OVERRIDES = {
     "model": "demo",
     "scene_prompt": demo_data.CAPTION_PROMPT,
     "hint_instruction": demo_data.ACTION_INSTRUCTION,
+    "max_new_tokens": demo_data.CAPTION_MAX_NEW_TOKENS,  # the default 32 cut the longest captions
     "log_outputs": True,
 }
 WAIT_ERRORS = (concurrent.futures.TimeoutError, concurrent.futures.CancelledError)
