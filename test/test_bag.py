@@ -213,6 +213,9 @@ def test_eval_bag_outputs_follow_the_node_name_and_namespace(tmp_path, capsys):
     assert topics == outputs | {"/diagnostics"}
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(report["topics"]) == outputs
+    diags = [m for t, _, _, m in read_bag(tmp_path / "out" / "output_bag") if t == "/diagnostics"]
+    status = diags[-1].status[0]  # named as the live node names its own
+    assert (status.name, status.hardware_id) == ("front_vlm: latency", "/robot1/front_vlm")
     capsys.readouterr()
 
 
@@ -601,6 +604,10 @@ def test_frames_rejected_part_way_are_counted_and_the_run_goes_on(tmp_path, assi
     result = evaluate(settings(bag, tmp_path / "out", rate="max", hint=False), assistant=assistant)
     c = result.counters
     assert (c.received, c.processed, c.dropped, c.rejected) == (6, 4, 0, 2)
+    assert c.rejected_by_reason == {"unknown_encoding": 1, "truncated": 1}  # the node's reasons
+    diags = [m for t, _, _, m in read_bag(result.out_bag) if t == "/diagnostics"]
+    last = {kv.key: kv.value for kv in diags[-1].status[0].values}
+    assert last["frames_rejected_unknown_encoding"] == last["frames_rejected_truncated"] == "1"
     answered = sorted(stamp(m) for t, _, _, m in read_bag(result.out_bag) if "scene" in t)
     assert answered == [START_NS + i * 100_000_000 for i in (0, 1, 3, 5)]
     report = json.loads((result.report_dir / "report.json").read_text())

@@ -345,6 +345,7 @@ def evaluate(settings: EvalSettings, assistant=None) -> EvalResult:
         read_errors,
         DIAGNOSTICS_TOPIC,
         settings.diagnostics_period_s,
+        (settings.node_name, settings.namespace),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bag(out_bag, messages, storage="mcap")

@@ -55,15 +55,15 @@ class Counters:
         if name.startswith("rejected_"):
             reason = name.removeprefix("rejected_")
             self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
-            return
-        setattr(self, name, getattr(self, name) + 1)
+        else:
+            setattr(self, name, getattr(self, name) + 1)
         self.events.append((int(at_ns), name))
 
     def at(self, t_ns: int) -> dict[str, int]:
         """The counters as they stood at virtual time ``t_ns``."""
         out = dict.fromkeys(COUNTERS, 0)
         for when, name in self.events:
-            if when <= t_ns:
+            if when <= t_ns and name in out:
                 out[name] += 1
         return out
 

@@ -17,6 +17,11 @@ DESCRIBE = "~/describe"
 DIAGNOSTICS = "/diagnostics"  # absolute: every node's diagnostics share one topic
 
 
+def latency_status(node_name: str = NODE_NAME) -> str:
+    """The name of the node's /diagnostics status (its hardware_id is ``fully_qualified``)."""
+    return f"{node_name}: latency"
+
+
 def fully_qualified(node_name: str = NODE_NAME, namespace: str = "") -> str:
     """``/ns/name`` (``/name`` without a namespace), as rclpy's get_fully_qualified_name."""
     ns = namespace.strip("/")

@@ -403,8 +403,12 @@ class AssistantNode(LifecycleNode):
         """Timer: queue one periodic job per camera with a new frame; skip it (counted in
         periodic_skipped) when the previous one of the same kind is still queued or the queue
         is full."""
-        period = 1.0 / (self.config.scene_rate_hz if kind == SCENE else self.config.hint_rate_hz)
-        for cam in self.config.cameras:
+        cfg = self.config  # one snapshot: the rate may change live (a tick of the old timer)
+        rate = cfg.scene_rate_hz if kind == SCENE else cfg.hint_rate_hz
+        if rate <= 0:
+            return
+        period = 1.0 / rate
+        for cam in cfg.cameras:
             frame, key = self.frames.latest(cam.topic), f"{kind}:{cam.topic}"
             if frame is None or self._used.get(key) == frame.seq:
                 continue  # nothing new to look at
@@ -622,7 +626,7 @@ class AssistantNode(LifecycleNode):
         """/diagnostics: stage p50/p95/max over the window, counters, queue, verdict."""
         extra = {"queue_depth": self.worker.depth, "model": self.config.model}
         status = latency_status(
-            f"{self.get_name()}: latency",
+            names.latency_status(self.get_name()),
             self.get_fully_qualified_name(),
             self.monitor.report(),
             self.config.budgets.as_dict(),
