@@ -172,10 +172,11 @@ def test_image_from_msg_dispatches_on_the_fields():
 
 def test_huge_declared_pngs_are_refused_without_decoding(tmp_path):
     """Issue 15's three PNGs (65 KB declaring 8192x8192, 97 KB 10000x10000, 389 KB 20000x20000)
-    are refused as too_large with no growth of the process's peak RSS, measured in a fresh
-    process by the benchmark script; its control decodes the 8192x8192 one with the cap lifted,
-    which must grow the peak by far more (so a refusal that decoded would be caught). Wall time
-    is in the JSON (bench/results/hostile_images.json) but not asserted."""
+    are refused as too_large with no growth of the process's peak RSS (VmHWM, reset before each
+    case, so the size of the pytest parent cannot hide it), measured by the benchmark script;
+    its control decodes the 8192x8192 one with the cap lifted, which must grow the peak by far
+    more (so a refusal that decoded would be caught). Wall time is in the JSON
+    (bench/results/hostile_images.json) but not asserted."""
     out = tmp_path / "hostile.json"
     cmd = [sys.executable, "-m", "vlm_ros.bench.hostile_images", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)

@@ -6,16 +6,14 @@ Writes, for each small PNG that declares a huge image (the three of issue 15: 81
 about 65 KB, 10000x10000 in about 97 KB, 20000x20000 in about 389 KB; all-zero 8-bit grey,
 which zlib squeezes about 1000:1), the refusal reason, the milliseconds it took (first try and
 median of 20) and how much the process's peak RSS grew; then, as the control that shows what
-the refusal saved, the 8192x8192 PNG decoded with the pixel cap lifted. Peak RSS
-(``ru_maxrss``) only grows, so a refusal that decoded pixels and freed them again still shows;
-run it in a fresh process (the test does), since an earlier peak would hide growth below it.
+the refusal saved, the 8192x8192 PNG decoded with the pixel cap lifted. The peak
+(VmHWM, reset before each case) shows a refusal that decoded pixels and freed them again too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -52,15 +50,31 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + kind + data + crc
 
 
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0  # kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def reset_peak() -> float:
+    """Reset this process's RSS high-water mark to its current RSS (Linux clear_refs 5) and
+    return that RSS in MB. Not ru_maxrss: Linux keeps that across fork and exec, so a child of
+    a big process (pytest with models loaded) would start with its parent's peak."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
+
+
 def peak_rss_mb() -> float:
-    """The process's peak resident set so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """The high-water mark of this process's resident set since ``reset_peak``."""
+    return _status_mb("VmHWM")
 
 
 def refuse(data: bytes, limits: SizeLimits, repeats: int = 1) -> dict:
     """Convert ``data`` as the node would, ``repeats`` times; what happened, the milliseconds of
     the first try and the median of all, and the peak RSS growth over all of them."""
-    before, times = peak_rss_mb(), []
+    before, times = reset_peak(), []
     for _ in range(repeats):
         t0 = time.perf_counter()
         try:

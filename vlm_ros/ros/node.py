@@ -358,30 +358,18 @@ class AssistantNode(LifecycleNode):
         """Latest fresh frame of ``cam`` -> answer and/or action hint, recorded in the monitor."""
         start = time.monotonic()
         frame = self._fresh_frame(cam, take=True)
+        result = Result(frame, (start - submitted) * 1000.0, (start - frame.received) * 1000.0)
         try:
-            result = self._run(
-                frame, start, submitted, question, max_new_tokens, rank, on_text, cancel
-            )
+            self._run(result, question, max_new_tokens, rank, on_text, cancel)
         except BaseException as exc:
             self._settle(frame, exc)
             raise
         self._settle(frame, None)
         return result
 
-    def _run(
-        self,
-        frame: Frame,
-        start: float,
-        submitted: float,
-        question: str | None,
-        max_new_tokens: int | None,
-        rank: bool,
-        on_text,
-        cancel,
-    ) -> Result:
+    def _run(self, result: Result, question, max_new_tokens, rank, on_text, cancel) -> None:
         """The core's work on one taken frame (converted once per frame by FrameStore)."""
-        image = self.frames.image(frame, self._convert)
-        result = Result(frame, (start - submitted) * 1000.0, (start - frame.received) * 1000.0)
+        image = self.frames.image(result.frame, self._convert)
         self._fault_delay(cancel)
         cfg = self.config  # one snapshot: a live parameter change lands between jobs
         if question is not None:
@@ -391,7 +379,6 @@ class AssistantNode(LifecycleNode):
             )
         if rank:
             result.hint = self.assistant.rank(image, cfg.hint_instruction, cfg.hint_candidates)
-        return result
 
     def _fault_delay(self, cancel: threading.Event | None) -> None:
         """inference_delay_ms: simulate a slow model (tests); a cancel cuts it short."""
