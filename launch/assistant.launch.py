@@ -1,29 +1,36 @@
 """Launch the vlm_assistant node (and, with demo:=true, a synthetic camera).
 
     ros2 launch vlm_ros assistant.launch.py [params_file:=F] [namespace:=NS]
-        [camera_topic:=/my/camera/image_raw] [model:=DIR_OR_HUB_ID] [demo:=true]
+        [camera_topic:=/my/camera/image_raw] [model:=DIR_OR_HUB_ID] [device:=cpu|cuda|auto]
+        [demo:=true]
 
 A plain launch_ros Node whose ``autostart`` parameter (true in every config) makes it configure
 and activate itself: it runs with no lifecycle manager on Humble, Jazzy and Kilted alike, and its
 lifecycle services stay available for a manager (set autostart:=false in the YAML to hand over
 control). launch_ros's LifecycleNode action would add nothing without a manager emitting
 transitions, and its required arguments differ between distributions.
+
+``model`` and ``device`` override the YAML only when given (empty: the YAML's value), so the
+node is built in an OpaqueFunction that drops the empty ones.
 """
 
 # ruff: noqa: I001 -- ruff takes `launch` for first-party (this folder is named launch/)
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
-from launch.conditions import IfCondition, UnlessCondition
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PythonExpression
 from launch_ros.actions import Node
 
+# the same names as vlm_ros/ros/names.py (test_node_config checks they agree)
+NODE_NAME = "vlm_assistant"
 CAMERA = "/camera/image_raw"  # the node's default camera input (config/*.yaml: cameras)
+OVERRIDES = ("model", "device")  # launch arguments that override the YAML when not empty
 
 
 def generate_launch_description():
     config = get_package_share_directory("vlm_ros") + "/config/"
-    demo, model = LaunchConfiguration("demo"), LaunchConfiguration("model")
+    demo = LaunchConfiguration("demo")
     default_params = PythonExpression(
         ["'", config, "demo.yaml' if '", demo, "' == 'true' else '", config, "default.yaml'"]
     )
@@ -47,13 +54,16 @@ def generate_launch_description():
             default_value="",
             description="checkpoint dir / hub id; empty = the YAML's model",
         ),
+        DeclareLaunchArgument(
+            "device",
+            default_value="",
+            description="torch device: cpu, cuda, cuda:N or auto; empty = the YAML's device",
+        ),
     ]
-    has_model = PythonExpression(["'", model, "' != ''"])
     return LaunchDescription(
         args
         + [
-            assistant(UnlessCondition(has_model), []),
-            assistant(IfCondition(has_model), [{"model": model}]),
+            OpaqueFunction(function=assistant),
             Node(
                 package="vlm_ros",
                 executable="synthetic_camera",
@@ -66,16 +76,19 @@ def generate_launch_description():
     )
 
 
-def assistant(condition, overrides):
-    """The vlm_assistant node; ``overrides`` are parameters applied after the YAML."""
-    return Node(
-        package="vlm_ros",
-        executable="assistant_node",
-        name="vlm_assistant",
-        namespace=LaunchConfiguration("namespace"),
-        parameters=[LaunchConfiguration("params_file"), *overrides],
-        remappings=[(CAMERA, LaunchConfiguration("camera_topic"))],
-        condition=condition,
-        output="screen",
-        emulate_tty=True,
-    )
+def assistant(context):
+    """The vlm_assistant node: the YAML, then the OVERRIDES launch arguments that were given."""
+    given = {name: LaunchConfiguration(name).perform(context) for name in OVERRIDES}
+    overrides = [{name: value} for name, value in given.items() if value]
+    return [
+        Node(
+            package="vlm_ros",
+            executable="assistant_node",
+            name=NODE_NAME,
+            namespace=LaunchConfiguration("namespace"),
+            parameters=[LaunchConfiguration("params_file"), *overrides],
+            remappings=[(CAMERA, LaunchConfiguration("camera_topic"))],
+            output="screen",
+            emulate_tty=True,
+        )
+    ]

@@ -21,6 +21,7 @@ from vlm_ros.bag.io import open_reader  # noqa: E402
 from vlm_ros.bag.make_bag import BagSpec, build_messages, make_bag, pattern_frame  # noqa: E402
 from vlm_ros.bag.replay import Arrival, replay  # noqa: E402
 from vlm_ros.cli import main as cli  # noqa: E402
+from vlm_ros.errors import InputError  # noqa: E402
 
 START_NS = 1_700_000_000_000_000_000
 W, H = 64, 48
@@ -103,7 +104,7 @@ def test_recorded_rate_keeps_only_latest_frame():
 
     def busy_35(frame, arrival, start):  # a model needing 35 ms for a 10 ms camera
         taken.append((frame, start))
-        return start + 35, True
+        return start + 35, None
 
     c = replay([Arrival(i, i * 10) for i in range(10)], busy_35, "recorded")
     # frame 0 at 0; 1,2 superseded by 3, taken when free at 35; 4,5 by 6 at 70; 7,8 by 9 at 105
@@ -200,6 +201,24 @@ def test_eval_bag_ros1_input_via_cli(tmp_path, capsys):
     assert (tmp_path / "out" / "report.md").read_text().count("scene_answer") >= 1
 
 
+def test_eval_bag_outputs_follow_the_node_name_and_namespace(tmp_path, capsys):
+    """Under a namespace and a renamed node, eval-bag writes where `ros2 bag record` of that
+    live node would find its outputs (names from vlm_ros.ros.names, as the node uses)."""
+    bag = camera_bag(tmp_path, "cam", storage="mcap", encoding="rgb8", rate_hz=10, duration_s=0.2)
+    args = f"eval-bag {bag} --out {tmp_path / 'out'} --namespace /robot1 --node-name front_vlm"
+    fast = "--rate max --max-new-tokens 2 --warmup 0 --candidates a b"
+    assert cli([*args.split(), *fast.split()]) == 0
+    topics = {t for t, _, _, _ in read_bag(tmp_path / "out" / "output_bag")}
+    outputs = {"/robot1/front_vlm/scene_answer", "/robot1/front_vlm/action_hint"}
+    assert topics == outputs | {"/diagnostics"}
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["topics"]) == outputs
+    diags = [m for t, _, _, m in read_bag(tmp_path / "out" / "output_bag") if t == "/diagnostics"]
+    status = diags[-1].status[0]  # named as the live node names its own
+    assert (status.name, status.hardware_id) == ("front_vlm: latency", "/robot1/front_vlm")
+    capsys.readouterr()
+
+
 # ---- errors: one line, exit 2, a report of what was read ---------------------------------------
 
 
@@ -223,8 +242,14 @@ def truncated_camera_bag(tmp_path: Path, storage: str, fraction: float) -> Path:
     1 MiB chunks hold 5 frames and a cut at 60% leaves whole chunks, as a killed recorder does;
     sqlite3: 64x48, whose rows are looked up one by one."""
     size = {"width": 320, "height": 240} if storage == "mcap" else {"width": W, "height": H}
-    spec = BagSpec(out=str(tmp_path / f"cam_{storage}"), start_ns=START_NS, rate_hz=10,
-                   duration_s=1.0, storage=storage, **size)  # fmt: skip
+    spec = BagSpec(
+        out=str(tmp_path / f"cam_{storage}"),
+        start_ns=START_NS,
+        rate_hz=10,
+        duration_s=1.0,
+        storage=storage,
+        **size,
+    )
     bag = make_bag(spec)
     truncate(next(bag.glob("*.mcap" if storage == "mcap" else "*.db3")), fraction)
     return bag
@@ -239,14 +264,19 @@ def test_truncated_bag_via_cli_reports_what_was_read(tmp_path, capsys, storage, 
     report = json.loads((out / "report.json").read_text())
     n = report["frames"]["received"]
     assert 0 < n < 10 and report["frames"] == {
-        "received": n, "processed": n, "dropped": 0, "rejected": 0}  # fmt: skip
+        "received": n,
+        "processed": n,
+        "dropped": 0,
+        "rejected": 0,
+    }
     assert report["topics"]["/vlm_assistant/scene_answer"]["count"] == n
     assert "truncated" in report["run"]["read_error"]
     assert "Partial report" in (out / "report.md").read_text()
     answers = [m for t, _, _, m in read_bag(out / "output_bag") if t.endswith("scene_answer")]
     period = 100_000_000
     assert len(answers) == n and {stamp(m) for m in answers} <= {
-        START_NS + i * period for i in range(10)}  # fmt: skip
+        START_NS + i * period for i in range(10)
+    }
 
 
 @pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
@@ -389,8 +419,16 @@ def live_style_messages(delays_ms, width=W, height=H, dropped=7) -> list:
     from vlm_ros.bag.types import typestore
 
     T = typestore().types
-    msgs = build_messages(BagSpec(out="", width=width, height=height, rate_hz=10,
-                                  duration_s=len(delays_ms) / 10, start_ns=START_NS))  # fmt: skip
+    msgs = build_messages(
+        BagSpec(
+            out="",
+            width=width,
+            height=height,
+            rate_hz=10,
+            duration_s=len(delays_ms) / 10,
+            start_ns=START_NS,
+        )
+    )
     for i, (cam, delay) in enumerate(zip(list(msgs), delays_ms, strict=True)):
         lat = T["vlm_ros/msg/StageLatency"](
             queue_ms=1.0,
@@ -404,11 +442,24 @@ def live_style_messages(delays_ms, width=W, height=H, dropped=7) -> list:
         )
         missed = delay >= 150
         ans = T["vlm_ros/msg/SceneAnswer"](
-            header=cam.msg.header, camera="/camera/image_raw", question="q", answer="a",
-            num_tokens=1, stop_reason="eos", latency=lat, within_budget=not missed,
-            budget_misses=["image_to_output"] if missed else [])  # fmt: skip
-        msgs.append(OutMessage("/vlm_assistant/scene_answer", "vlm_ros/msg/SceneAnswer",
-                               cam.log_ns + int(delay * 1e6), ans))  # fmt: skip
+            header=cam.msg.header,
+            camera="/camera/image_raw",
+            question="q",
+            answer="a",
+            num_tokens=1,
+            stop_reason="eos",
+            latency=lat,
+            within_budget=not missed,
+            budget_misses=["image_to_output"] if missed else [],
+        )
+        msgs.append(
+            OutMessage(
+                "/vlm_assistant/scene_answer",
+                "vlm_ros/msg/SceneAnswer",
+                cam.log_ns + int(delay * 1e6),
+                ans,
+            )
+        )
     kv = T["diagnostic_msgs/msg/KeyValue"]
     status = T["diagnostic_msgs/msg/DiagnosticStatus"](
         level=1,
@@ -519,8 +570,19 @@ def test_questions_rotate_per_frame_via_cli(tmp_path, capsys):
     questions.write_text("Is the path clear?\n# skipped\nHow many boxes?\n")
     out = tmp_path / "out"
     fast = [a for a in EVAL_FAST if a != "--no-hint"] + ["--candidates", "stop", "go"]
-    rc = cli(["eval-bag", str(bag), "--out", str(out), "--scene-prompt", "Describe.",
-              "--questions", str(questions), *fast])  # fmt: skip
+    rc = cli(
+        [
+            "eval-bag",
+            str(bag),
+            "--out",
+            str(out),
+            "--scene-prompt",
+            "Describe.",
+            "--questions",
+            str(questions),
+            *fast,
+        ]
+    )
     assert rc == 0 and "received 5, processed 5" in capsys.readouterr().out
     msgs = read_bag(out / "output_bag")
     answers = sorted((stamp(m), m.question) for t, _, _, m in msgs if t.endswith("scene_answer"))
@@ -542,6 +604,10 @@ def test_frames_rejected_part_way_are_counted_and_the_run_goes_on(tmp_path, assi
     result = evaluate(settings(bag, tmp_path / "out", rate="max", hint=False), assistant=assistant)
     c = result.counters
     assert (c.received, c.processed, c.dropped, c.rejected) == (6, 4, 0, 2)
+    assert c.rejected_by_reason == {"unknown_encoding": 1, "truncated": 1}  # the node's reasons
+    diags = [m for t, _, _, m in read_bag(result.out_bag) if t == "/diagnostics"]
+    last = {kv.key: kv.value for kv in diags[-1].status[0].values}
+    assert last["frames_rejected_unknown_encoding"] == last["frames_rejected_truncated"] == "1"
     answered = sorted(stamp(m) for t, _, _, m in read_bag(result.out_bag) if "scene" in t)
     assert answered == [START_NS + i * 100_000_000 for i in (0, 1, 3, 5)]
     report = json.loads((result.report_dir / "report.json").read_text())
@@ -556,10 +622,17 @@ def test_plots_draw_the_budget_lines():
     from vlm_ros.bag.report import LATENCY_FIELDS, Output
 
     outputs = [
-        Output("/vlm_assistant/scene_answer", "SceneAnswer", START_NS + (i + 1) * 10**8,
-               START_NS + i * 10**8, dict.fromkeys(LATENCY_FIELDS, 5.0 + i), True, ())
+        Output(
+            "/vlm_assistant/scene_answer",
+            "SceneAnswer",
+            START_NS + (i + 1) * 10**8,
+            START_NS + i * 10**8,
+            dict.fromkeys(LATENCY_FIELDS, 5.0 + i),
+            True,
+            (),
+        )
         for i in range(4)
-    ]  # fmt: skip
+    ]
     budgets = {"image_to_output": 150.0, "total": 7.0, "vision": 6.5}
     fig = plots.latency_figure(outputs, budgets, start_ns=START_NS)
     top, bottom = ({ln.get_label(): ln for ln in ax.get_lines()} for ax in fig.axes[:2])
@@ -605,7 +678,8 @@ def test_replay_drops_only_frames_replaced_before_use():
 
     def process(frame, arrival, start):
         taken.append((frame, start))
-        return start + busy[frame], frame % 17 != 3  # a few refused: rejected, not dropped
+        refused = InputError("refused") if frame % 17 == 3 else None
+        return start + busy[frame], refused  # a few refused: rejected, not dropped
 
     c = replay([Arrival(i, t) for i, t in enumerate(arrivals)], process, "recorded")
     # direct reading: when the model frees up it takes the newest frame that arrived while it
@@ -653,20 +727,25 @@ def test_output_bag_deserialises_with_rclpy(tmp_path, assistant):
                "diagnostic_msgs/msg/DiagnosticArray": DiagnosticArray,
                "sensor_msgs/msg/CompressedImage": CompressedImage}  # fmt: skip
     with AnyReader([result.out_bag]) as reader:
-        msgs = [(c.topic, ts, deserialize_message(bytes(raw), classes[c.msgtype]))
-                for c, ts, raw in reader.messages()]  # fmt: skip
-    answers = sorted(((ts, m) for t, ts, m in msgs if t.endswith("scene_answer")),
-                     key=lambda a: stamp(a[1]))  # fmt: skip
-    hints = sorted(((ts, m) for t, ts, m in msgs if t.endswith("action_hint")),
-                   key=lambda a: stamp(a[1]))  # fmt: skip
+        msgs = [
+            (c.topic, ts, deserialize_message(bytes(raw), classes[c.msgtype]))
+            for c, ts, raw in reader.messages()
+        ]
+    answers = sorted(
+        ((ts, m) for t, ts, m in msgs if t.endswith("scene_answer")), key=lambda a: stamp(a[1])
+    )
+    hints = sorted(
+        ((ts, m) for t, ts, m in msgs if t.endswith("action_hint")), key=lambda a: stamp(a[1])
+    )
     assert len(answers) == len(hints) == 3
     frames = [m for t, _, m in msgs if t == "/camera/image_raw/compressed"]
     assert sorted(stamp(m) for m in frames) == sorted(stamp(m) for _, m in answers)
     for i, ((log_ns, ans), (hint_ns, hint)) in enumerate(zip(answers, hints, strict=True)):
         assert stamp(ans) == stamp(hint) == START_NS + i * 100_000_000  # the source frame's
         assert ans.header.frame_id == hint.header.frame_id == "camera"
-        expected = assistant.answer(pattern_frame(i, i / 10, W, H), DEFAULT_SCENE_PROMPT,
-                                    max_new_tokens=2)  # fmt: skip
+        expected = assistant.answer(
+            pattern_frame(i, i / 10, W, H), DEFAULT_SCENE_PROMPT, max_new_tokens=2
+        )
         assert ans.question == DEFAULT_SCENE_PROMPT and ans.answer == expected.text
         assert ans.num_tokens == len(expected.token_ids)
         lat = ans.latency
@@ -674,10 +753,13 @@ def test_output_bag_deserialises_with_rclpy(tmp_path, assistant):
         assert lat.total_ms > 0 and lat.vision_ms > 0 and lat.queue_ms >= 0
         assert list(ans.budget_misses) == ["vision"] and not ans.within_budget
         assert hint.latency.queue_ms >= lat.total_ms  # the hint waits for the answer
-        assert hint.latency.image_to_output_ms == pytest.approx((hint_ns - stamp(hint)) / 1e6,
-                                                                rel=1e-5)  # fmt: skip
+        assert hint.latency.image_to_output_ms == pytest.approx(
+            (hint_ns - stamp(hint)) / 1e6, rel=1e-5
+        )
         assert list(hint.candidates) == ["stop", "go"] and hint.action in hint.candidates
         assert sum(hint.probabilities) == pytest.approx(1.0, abs=1e-5)
+        # float32 on both sides: the bag's numbers are the ones rclpy's message holds
+        assert hint.confidence == max(hint.probabilities)
     diags = [m for t, _, m in msgs if t == "/diagnostics"]
     last = {s.name: {kv.key: kv.value for kv in s.values} for s in diags[-1].status}
     latency = last["vlm_assistant: latency"]
@@ -691,7 +773,8 @@ def test_output_bag_deserialises_with_rclpy(tmp_path, assistant):
 
 def rclpy_recording(path: Path, storage: str, delays_ms: list[float]) -> dict:
     """A bag as `ros2 bag record` of the live node writes it: every message is a generated ROS
-    type, built by the node's own builders (vlm_ros.ros.node_messages) and serialised by rclpy; the
+    type, built by the node's own mapping (vlm_ros.ros.outputs over rclpy's classes) and
+    serialised by rclpy; the
     /diagnostics status is the node's latency_status of a LatencyMonitor fed what it published.
     Returns what the report must find."""
     from builtin_interfaces.msg import Time
@@ -702,7 +785,8 @@ def rclpy_recording(path: Path, storage: str, delays_ms: list[float]) -> dict:
     from std_msgs.msg import Header
 
     from vlm_ros.bag.types import typestore
-    from vlm_ros.ros import node_messages
+    from vlm_ros.ros import node_messages, outputs
+    from vlm_ros.ros.node_messages import RCLPY_TYPES as T
     from vlm_ros.serving.latency import Budgets, LatencyMonitor
     from vlm_ros.types import ActionHint as Hint
     from vlm_ros.types import Answer, StageTimings
@@ -713,29 +797,41 @@ def rclpy_recording(path: Path, storage: str, delays_ms: list[float]) -> dict:
     for i, delay in enumerate(delays_ms):
         t_ns = START_NS + i * 100_000_000
         header = Header(stamp=Time(sec=t_ns // 10**9, nanosec=t_ns % 10**9), frame_id="camera")
-        image = Image(header=header, height=H, width=W, encoding="rgb8", step=W * 3,
-                      data=pattern_frame(i, i / 10, W, H).tobytes())  # fmt: skip
+        image = Image(
+            header=header,
+            height=H,
+            width=W,
+            encoding="rgb8",
+            step=W * 3,
+            data=pattern_frame(i, i / 10, W, H).tobytes(),
+        )
         out.append(("/camera/image_raw", "sensor_msgs/msg/Image", t_ns, image))
         monitor.count("frames_received")
         if i % 4 == 3:  # replaced by the next frame before any work used it
             monitor.count("frames_dropped")
             continue
-        timings = StageTimings(preprocess=1.0, vision=10.0 + i, projector=0.5, prefill=20.0,
-                               decode=5.0, total=36.5 + i)  # fmt: skip
+        timings = StageTimings(
+            preprocess=1.0, vision=10.0 + i, projector=0.5, prefill=20.0, decode=5.0, total=36.5 + i
+        )
         monitor.count("frames_processed")
-        latency = node_messages.stage_latency(timings.as_dict(), 0.5, delay)
+        latency = outputs.stage_latency(T, timings.as_dict(), 0.5, delay)
         log_ns = t_ns + int(delay * 1e6)
         answer = Answer(text=f"answer {i}", token_ids=(1, 2), timings=timings, stop_reason="eos")
         misses = monitor.record(timings.as_dict(), delay)  # once per output, as the node does
-        msg = node_messages.scene_answer(header, "/camera/image_raw", "q", answer, latency, misses)
+        msg = outputs.scene_answer(T, header, "/camera/image_raw", "q", answer, latency, misses)
         out.append(("/vlm_assistant/scene_answer", "vlm_ros/msg/SceneAnswer", log_ns, msg))
         hint = Hint(("stop", "go"), (0.25, 0.75), (-2.0, -1.0), timings)
         misses = monitor.record(timings.as_dict(), delay)
-        msg = node_messages.action_hint(header, "/camera/image_raw", "do?", hint, latency, misses)
+        msg = outputs.action_hint(T, header, "/camera/image_raw", "do?", hint, latency, misses)
         out.append(("/vlm_assistant/action_hint", "vlm_ros/msg/ActionHint", log_ns + 1, msg))
     report = monitor.report()
-    status = node_messages.latency_status("vlm_assistant: latency", "/vlm_assistant", report,
-                                          budgets, {"queue_depth": 0, "model": "demo"})  # fmt: skip
+    status = node_messages.latency_status(
+        "vlm_assistant: latency",
+        "/vlm_assistant",
+        report,
+        budgets,
+        {"queue_depth": 0, "model": "demo"},
+    )
     end_ns = START_NS + len(delays_ms) * 100_000_000
     diag = DiagnosticArray(header=Header(stamp=Time(sec=end_ns // 10**9)), status=[status])
     out.append(("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray", end_ns, diag))
@@ -759,8 +855,11 @@ def test_report_of_an_rclpy_serialised_recording(tmp_path, capsys, storage):
     assert cli(["report", str(tmp_path / "live"), "--out", str(tmp_path / "r")]) == 0
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     node_counts = {k: expect["counters"].get(f"frames_{k}", 0) for k in report["frames"]}
-    assert report["frames"] == node_counts == {
-        "received": 8, "processed": 6, "dropped": 2, "rejected": 0}  # fmt: skip
+    assert (
+        report["frames"]
+        == node_counts
+        == {"received": 8, "processed": 6, "dropped": 2, "rejected": 0}
+    )
     assert report["budgets_ms"] == expect["budgets"]
     for topic, extra_ns in (("scene_answer", 0), ("action_hint", 1)):
         s = report["topics"][f"/vlm_assistant/{topic}"]
@@ -769,7 +868,8 @@ def test_report_of_an_rclpy_serialised_recording(tmp_path, capsys, storage):
         assert s["image_to_answer_ms"]["p50"] == pytest.approx(float(np.percentile(e2e, 50)))
         assert s["image_to_answer_ms"]["max"] == pytest.approx(max(e2e))
         assert s["latency_ms"]["vision"]["p90"] == pytest.approx(
-            float(np.percentile([10.0 + i for i in kept], 90)))  # fmt: skip
+            float(np.percentile([10.0 + i for i in kept], 90))
+        )
         assert s["latency_ms"]["image_to_output"]["max"] == pytest.approx(200.0)  # 300: dropped
         # the node's own verdicts, per stage: half of its monitor's count on each topic
         assert s["budget_misses"] == {k: n // 2 for k, n in expect["misses"].items()}

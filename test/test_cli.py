@@ -112,6 +112,21 @@ def test_bad_image_file_subprocess(which, tmp_path, model):
     assert ("does not exist" if which == "missing" else "cannot read image") in line
 
 
+@pytest.mark.parametrize("size", [8192, 20000])
+def test_huge_declared_png_is_one_line_exit_2_subprocess(size, tmp_path, model):
+    """A small PNG declaring 8192x8192 (over the 16 MP cap) or 20000x20000 (Pillow's
+    DecompressionBombError): refused from the header, one line, exit 2, no traceback."""
+    from vlm_ros.bench.hostile_images import bomb_png
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb_png(size, size))
+    for command in ("ask", "rank"):
+        args = [command, "--model", model, "--image", str(path)]
+        result = vlm_ros(*args, *(["q"] if command == "ask" else []))
+        line = _one_error_line(result.returncode, result.stderr, command)
+        assert f"file {path} image is too large" in line, line
+
+
 def test_error_after_loading_subprocess(model, png):
     """An error raised with torch and the model loaded is still one line, no traceback."""
     result = vlm_ros("rank", "--model", model, "--image", str(png), "--candidates", "go", "go")

@@ -233,3 +233,30 @@ def test_a_swapped_channel_order_shows_as_wrong_colours():
         swapped += wrong_order.text.strip() == swap[truth]
     assert asked >= 10
     assert right / asked >= 0.9 and swapped / asked >= 0.7, (asked, right, swapped)
+
+
+def longest_caption_tokens(frames: int = 10_000) -> tuple[int, str]:
+    """The most tokens (demo tokenizer, as the answer follows "ASSISTANT:") of any caption of
+    the synthetic camera's first ``frames`` scenes, and that caption."""
+    from vlm_ros.model.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(__file__).resolve().parents[1] / "models" / "demo")
+    captions = {data.caption(world.scene_for_frame(i)) for i in range(frames)}
+    counted = {len(tokenizer.encode(" " + c, add_special_tokens=False)): c for c in captions}
+    return max(counted.items())
+
+
+def test_shipped_configs_never_cut_a_demo_caption():
+    """config/demo.yaml's max_new_tokens 24 cut 27% of the captions mid-phrase. Every shipped
+    profile (and `vlm-ros node --demo`) must leave room for the longest caption plus the
+    <|endoftext|> that ends it with stop_reason eos."""
+    import yaml
+
+    longest, text = longest_caption_tokens()
+    assert longest >= 30 and text.count(" box ") == 3, text  # the world's worst case is in
+    need = longest + 1
+    assert data.CAPTION_MAX_NEW_TOKENS >= need
+    configs = sorted((Path(__file__).resolve().parents[1] / "config").glob("*.yaml"))
+    for path in configs:
+        params = yaml.safe_load(path.read_text())["/**"]["ros__parameters"]
+        assert params["max_new_tokens"] >= need, f"{path.name}: {params['max_new_tokens']} < {need}"

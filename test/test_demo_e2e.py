@@ -50,7 +50,8 @@ def frame_msg(index: int, encoding: str, stamp):
 
 def arrived(node, frame_id: str) -> bool:
     """Whether the node's latest-frame slot holds the frame ``frame_id``."""
-    return any(f.msg.header.frame_id == frame_id for f in list(node._frames.values()))
+    frames = (node.frames.latest(cam.topic) for cam in node.config.cameras)
+    return any(f is not None and f.msg.header.frame_id == frame_id for f in frames)
 
 
 def test_node_answers_synthetic_camera_frames_by_meaning(ros):

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import array
 import io
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from vlm_ros.config import ImageLimits
 from vlm_ros.errors import InputError
-from vlm_ros.ros.imaging import ImageFormatError, image_from_compressed, image_from_raw
+from vlm_ros.ros.imaging import (
+    ImageFormatError,
+    SizeLimits,
+    image_from_compressed,
+    image_from_msg,
+    image_from_raw,
+)
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
@@ -123,3 +133,58 @@ def test_bad_compressed_frames_are_refused(fmt, data, reason):
     with pytest.raises(ImageFormatError) as info:
         image_from_compressed(fmt, data)
     assert info.value.reason == reason
+
+
+# ---- size limits before decoding (hostile images) ------------------------------------------------
+
+
+def test_declared_size_is_checked_before_any_pixel_is_read():
+    """A raw frame declaring 100000x100000 is too_large, not truncated: the data is never
+    looked at; the core's side limits give too_small/too_large with the limit named."""
+    with pytest.raises(ImageFormatError, match="10000000000 pixels, at most 16777216") as info:
+        image_from_raw("rgb8", 100_000, 100_000, 300_000, b"")
+    assert info.value.reason == "too_large"
+    core = SizeLimits.of(ImageLimits())
+    with pytest.raises(ImageFormatError, match="at least 8 pixels") as info:
+        image_from_raw("rgb8", 4, 4, 12, bytes(48), limits=core)
+    assert info.value.reason == "too_small"
+    with pytest.raises(ImageFormatError, match="at most 8192") as info:
+        image_from_raw("mono8", 8, 9000, 9000, bytes(72_000), limits=core)
+    assert info.value.reason == "too_large"
+    small = _encode("PNG", RGB)  # 6x8
+    with pytest.raises(ImageFormatError) as info:
+        image_from_compressed("png", small, SizeLimits(min_side=8))
+    assert info.value.reason == "too_small"
+    assert image_from_compressed("png", small, SizeLimits(max_pixels=48)).shape == (6, 8, 3)
+    with pytest.raises(ImageFormatError, match="48 pixels, at most 47"):
+        image_from_compressed("png", small, SizeLimits(max_pixels=47))
+
+
+def test_image_from_msg_dispatches_on_the_fields():
+    from types import SimpleNamespace
+
+    enc, h, w, step, data = raw("rgb8", RGB)
+    msg = SimpleNamespace(encoding=enc, height=h, width=w, step=step, data=data, is_bigendian=0)
+    np.testing.assert_array_equal(image_from_msg(msg), RGB)
+    compressed = SimpleNamespace(format="png", data=_encode("PNG", RGB))
+    np.testing.assert_array_equal(image_from_msg(compressed), RGB)
+
+
+def test_huge_declared_pngs_are_refused_without_decoding(tmp_path):
+    """Issue 15's three PNGs (65 KB declaring 8192x8192, 97 KB 10000x10000, 389 KB 20000x20000)
+    are refused as too_large with no growth of the process's peak RSS (VmHWM, reset before each
+    case, so the size of the pytest parent cannot hide it), measured by the benchmark script;
+    its control decodes the 8192x8192 one with the cap lifted, which must grow the peak by far
+    more (so a refusal that decoded would be caught). Wall time is in the JSON
+    (bench/results/hostile_images.json) but not asserted."""
+    out = tmp_path / "hostile.json"
+    cmd = [sys.executable, "-m", "vlm_ros.bench.hostile_images", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    sizes = [(c["declared"], c["png_bytes"] // 1000) for c in result["refusals"]]
+    assert sizes == [("8192x8192", 65), ("10000x10000", 97), ("20000x20000", 388)]
+    for case in result["refusals"]:
+        assert case["outcome"] == "too_large", case
+        assert case["peak_rss_growth_mb"] < 20, case  # decoding 8192x8192 grey alone is 64 MB
+    assert result["control_decoded_8192"]["outcome"] == "decoded (8192, 8192, 3)"
+    assert result["control_decoded_8192"]["peak_rss_growth_mb"] > 150

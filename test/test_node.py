@@ -100,7 +100,10 @@ def stored(node, msg, timeout: float) -> bool:
     """Whether ``node`` keeps ``msg`` (same frame_id and stamp) as a latest frame by then."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        for frame in list(node._frames.values()):
+        for cam in node.config.cameras:
+            frame = node.frames.latest(cam.topic)
+            if frame is None:
+                continue
             header = frame.msg.header
             if header.frame_id == msg.header.frame_id and header.stamp == msg.header.stamp:
                 return True
@@ -108,13 +111,16 @@ def stored(node, msg, timeout: float) -> bool:
     return False
 
 
-def ask(ros: Ros, node, client_node, question="Is the path clear?", hint=False, timeout=15.0):
+def ask(
+    ros: Ros, node, client_node, question="Is the path clear?", hint=False, timeout=15.0, camera=""
+):
     """Call the node's ~/ask service and return the response."""
     from vlm_ros.srv import Ask
 
     client = client_node.create_client(Ask, f"{node.get_fully_qualified_name()}/ask")
     wait_for(client.service_is_ready, what="ask service")
-    future = client.call_async(Ask.Request(question=question, want_action_hint=hint))
+    request = Ask.Request(question=question, want_action_hint=hint, camera=camera)
+    future = client.call_async(request)
     wait_for(future.done, timeout, what="ask response")
     return future.result()
 
@@ -257,8 +263,9 @@ def test_stale_frame_is_refused(ros, checkpoint):
 
 @pytest.fixture(scope="module")
 def slow_node(ros, checkpoint):
-    node = start_node(ros, checkpoint, "slow", queue_size=1, inference_delay_ms=1500.0,
-                      max_frame_age_ms=0.0)  # fmt: skip
+    node = start_node(
+        ros, checkpoint, "slow", queue_size=1, inference_delay_ms=1500.0, max_frame_age_ms=0.0
+    )
     camera = Camera(ros, "slow")
     camera.send(image_msg(1), node)
     return node, camera, ros.client_node("slow_probe")
@@ -330,8 +337,9 @@ def test_lifecycle_transitions_and_failed_configure(ros, checkpoint):
     node = start_node(ros, checkpoint, "life", scene_rate_hz=5.0)
     probe, camera = ros.client_node("life_probe"), Camera(ros, "life")
     scenes = []
-    probe.create_subscription(SceneAnswer, f"{node.get_fully_qualified_name()}/scene_answer",
-                              scenes.append, 10)  # fmt: skip
+    probe.create_subscription(
+        SceneAnswer, f"{node.get_fully_qualified_name()}/scene_answer", scenes.append, 10
+    )
     camera.send(image_msg(1), node)
     assert ask(ros, node, probe).success
     wait_for(lambda: scenes, what="a scene answer while active")
@@ -392,8 +400,16 @@ def test_camera_flood_keeps_the_queue_bounded_memory_flat_and_frames_accounted(r
 
     from vlm_ros.serving.worker import PERIODIC
 
-    node = start_node(ros, checkpoint, "flood", queue_size=2, inference_delay_ms=100.0,
-                      scene_rate_hz=10.0, hint_rate_hz=10.0, max_new_tokens=2)  # fmt: skip
+    node = start_node(
+        ros,
+        checkpoint,
+        "flood",
+        queue_size=2,
+        inference_delay_ms=100.0,
+        scene_rate_hz=10.0,
+        hint_rate_hz=10.0,
+        max_new_tokens=2,
+    )
     camera, probe = Camera(ros, "flood"), ros.client_node("flood_probe")
     big = [image_msg(i, height=480, width=640) for i in range(4)]
     big.insert(0, image_msg(9, height=480, width=640, data=bytes(1000)))  # truncated: rejected
@@ -419,7 +435,7 @@ def test_camera_flood_keeps_the_queue_bounded_memory_flat_and_frames_accounted(r
     wait_for(lambda: node.worker.depth == 0, what="queued periodic jobs gone")
     node.worker.submit(lambda: None, PERIODIC).result(timeout=10)
     c = node.monitor.counters()
-    held = sum(not frame.taken for frame in node._frames.values())
+    held = node.frames.held()
     assert c["frames_received"] >= 120
     assert c["frames_processed"] >= 5 and c["frames_dropped"] > 0 and c["frames_rejected"] > 0
     assert c.get("periodic_skipped", 0) > 0 and c.get("outputs", 0) >= 5
@@ -464,12 +480,20 @@ def test_synthetic_camera_drives_the_node(ros, checkpoint):
     node = start_node(ros, checkpoint, "synth", scene_rate_hz=5.0)
     got = []
     probe = ros.client_node("synth_probe")
-    probe.create_subscription(SceneAnswer, f"{node.get_fully_qualified_name()}/scene_answer",
-                              got.append, 10)  # fmt: skip
-    params = [Parameter("topic", value="/synth/cam"), Parameter("width", value=64),
-              Parameter("height", value=48), Parameter("use_world", value=False)]  # fmt: skip
-    ros.add(SyntheticCamera(rate_hz=10.0, context=ros.ctx, namespace="synth",
-                            parameter_overrides=params))  # fmt: skip
+    probe.create_subscription(
+        SceneAnswer, f"{node.get_fully_qualified_name()}/scene_answer", got.append, 10
+    )
+    params = [
+        Parameter("topic", value="/synth/cam"),
+        Parameter("width", value=64),
+        Parameter("height", value=48),
+        Parameter("use_world", value=False),
+    ]
+    ros.add(
+        SyntheticCamera(
+            rate_hz=10.0, context=ros.ctx, namespace="synth", parameter_overrides=params
+        )
+    )
     wait_for(lambda: got, what="a scene answer from synthetic frames")
     assert got[0].header.frame_id == "camera" and got[0].header.stamp.sec > 0
 
@@ -485,8 +509,13 @@ def test_node_command_builds_ros_arguments(tmp_path):
     params.write_text("/**:\n  ros__parameters:\n    model: demo\n")
     args = parser.parse_args(["--demo", "--params-file", str(params), "--ros-args", "-p", "a:=1"])
     assert args.demo
-    assert command.ros_arguments(args)[1:] == ["--ros-args", "--params-file", str(params),
-                                               "-p", "a:=1"]  # fmt: skip
+    assert command.ros_arguments(args)[1:] == [
+        "--ros-args",
+        "--params-file",
+        str(params),
+        "-p",
+        "a:=1",
+    ]
     args = parser.parse_args(["--namespace", "robot1", "--camera-topic", "/front/image_raw"])
     remaps = ["-r", "__ns:=/robot1", "-r", "/camera/image_raw:=/front/image_raw"]
     assert command.ros_arguments(args)[1:] == ["--ros-args", *remaps]
@@ -502,18 +531,41 @@ def test_vlm_ros_node_demo_answers_and_exits_cleanly_on_sigint(ros, tmp_path):
     ns = f"demo{os.getpid()}"
     probe, got = ros.client_node(f"{ns}_probe"), []
     probe.create_subscription(SceneAnswer, f"/{ns}/vlm_assistant/scene_answer", got.append, 10)
-    command = [sys.executable, "-m", "vlm_ros", "node", "--demo", "--namespace", ns,
-               "--camera-topic", f"/{ns}/cam", "--camera-rate", "5", "--ros-args",
-               "-p", "threads:=1", "-p", "hint_rate_hz:=0.0", "-p", "scene_rate_hz:=2.0",
-               "-p", "max_new_tokens:=4"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "vlm_ros",
+        "node",
+        "--demo",
+        "--namespace",
+        ns,
+        "--camera-topic",
+        f"/{ns}/cam",
+        "--camera-rate",
+        "5",
+        "--ros-args",
+        "-p",
+        "threads:=1",
+        "-p",
+        "hint_rate_hz:=0.0",
+        "-p",
+        "scene_rate_hz:=2",  # an integer for a double, as users type it
+        "-p",
+        "max_new_tokens:=4",
+    ]
     env = dict(os.environ, ROS_DOMAIN_ID=str(ros.domain), PYTHONUNBUFFERED="1")
     log = tmp_path / "node.log"
     # started with SIGINT ignored, as a shell's background job is: the node must still stop
     default = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with open(log, "w") as out:
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+            proc = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=Path(__file__).resolve().parents[1],
+            )
     finally:
         signal.signal(signal.SIGINT, default)
     try:
@@ -540,3 +592,193 @@ def test_vlm_ros_node_demo_answers_and_exits_cleanly_on_sigint(ros, tmp_path):
 
     assert got[0].question == CAPTION_PROMPT
     assert f"scene: {got[0].answer!r}" in log.read_text()
+    # first impressions: the node speaks before the heavy imports, then reports the load
+    lines = [ln for ln in log.read_text().splitlines() if "vlm_assistant]" in ln]
+    steps = [
+        "configuring: model 'demo'",
+        "importing the model runtime",
+        "loading model 'demo'",
+        "configured: llava_phi from 'demo' in",
+        "active: cameras",
+    ]
+    found = [next(i for i, ln in enumerate(lines) if step in ln) for step in steps]
+    assert found == sorted(found) and found[0] == 0, lines[:6]
+
+
+def test_output_topics_resolve_as_the_shared_names_say(ros, main_node):
+    """eval-bag derives its topics with vlm_ros.ros.names.resolve; rclpy must agree."""
+    from vlm_ros.ros import names
+
+    node, _, _ = main_node
+    assert node.get_namespace() == "/main"
+    for kind, name in (("scene", names.SCENE_ANSWER), ("hint", names.ACTION_HINT)):
+        expected = names.resolve(name, node.get_name(), node.get_namespace())
+        assert node._pubs[kind].topic_name == expected == f"/main/vlm_assistant/{name[2:]}"
+
+
+def counted(before: dict, after: dict) -> dict:
+    """Counters that changed between two snapshots, by how much."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def test_hostile_and_core_refused_frames_are_rejected_by_reason_once(ros, checkpoint):
+    """A 4x4 frame (the core's minimum side is 8), a frame over max_image_pixels and a 65 KB PNG
+    declaring 8192x8192 are each rejected once with their reason, however many jobs ask about
+    them, never counted processed or stale; the node keeps answering."""
+    from sensor_msgs.msg import CompressedImage
+
+    from vlm_ros.bench.hostile_images import bomb_png
+
+    cams = ["/hostile/cam", "/hostile/cam/compressed"]
+    node = start_node(ros, checkpoint, "hostile", cameras=cams, max_image_pixels=2500)
+    raw, compressed = (
+        Camera(ros, "hostile"),
+        Camera(ros, "hostile", "cam/compressed", CompressedImage),
+    )
+    probe = ros.client_node("hostile_probe")
+    bomb = CompressedImage(format="png", data=bomb_png(8192, 8192))
+    bomb.header.frame_id = "bomb"
+    cases = [
+        (raw, cams[0], image_msg(300, height=4, width=4), "too_small"),
+        (raw, cams[0], image_msg(301, height=48, width=64), "too_large"),  # 3072 > 2500 pixels
+        (compressed, cams[1], bomb, "too_large"),
+    ]
+    for camera, topic, msg, reason in cases:
+        before = node.monitor.counters()
+        camera.send(msg, node)
+        for _ in range(3):  # three jobs on one frame: one rejection, one conversion attempt
+            resp = ask(ros, node, probe, camera=topic)
+            assert not resp.success and f"bad image ({reason})" in resp.error_message, resp
+        change = counted(before, node.monitor.counters())
+        assert change.get("frames_rejected") == 1 and change.get(f"frames_rejected_{reason}") == 1
+        assert "frames_processed" not in change and "frames_stale" not in change, change
+    raw.send(image_msg(302, height=40, width=60), node)  # 2400 pixels: served
+    assert ask(ros, node, probe, camera=cams[0]).success
+
+
+def test_context_overflow_is_a_rejected_frame_not_a_stale_one(ros, checkpoint):
+    node = start_node(ros, checkpoint, "overflow", max_seq_len=16)
+    camera, probe = Camera(ros, "overflow"), ros.client_node("overflow_probe")
+    before = node.monitor.counters()
+    camera.send(image_msg(400), node)
+    resp = ask(ros, node, probe)
+    assert not resp.success and "does not fit the context" in resp.error_message
+    change = counted(before, node.monitor.counters())
+    assert change.get("frames_rejected_context_overflow") == 1, change
+    assert "frames_processed" not in change and "frames_stale" not in change, change
+
+
+# ---- parameters: checked at configure, live or refused with the reason on set -----------------
+
+
+def set_params(probe, node, **values) -> list:
+    """SetParameters from another node (rclpy's parameter client, as `ros2 param set` does)."""
+    from rclpy.parameter import Parameter
+    from rclpy.parameter_client import AsyncParameterClient
+
+    client = AsyncParameterClient(probe, node.get_fully_qualified_name())
+    assert client.wait_for_services(timeout_sec=10)
+    future = client.set_parameters([Parameter(k, value=v) for k, v in values.items()])
+    wait_for(future.done, what="set_parameters response")
+    return list(future.result().results)
+
+
+def test_parameters_apply_live_or_are_refused_with_the_reason(ros, checkpoint):
+    from vlm_ros.msg import SceneAnswer
+
+    node = start_node(ros, checkpoint, "live", max_new_tokens=6)  # no periodic work yet
+    camera, probe = Camera(ros, "live"), ros.client_node("live_probe")
+    scenes: list = []
+    topic = f"{node.get_fully_qualified_name()}/scene_answer"
+    probe.create_subscription(SceneAnswer, topic, scenes.append, 10)
+    live = {
+        "scene_rate_hz": 5,
+        "scene_prompt": "Describe it.",
+        "max_new_tokens": 2,
+        "budget_total_ms": 0.001,
+    }
+    results = set_params(probe, node, **live)  # 5: an integer for a double
+    assert all(r.successful for r in results), [r.reason for r in results]
+    assert node.config.scene_rate_hz == 5.0 and node.config.budgets.total == 0.001
+
+    def answered_live():
+        camera.pub.publish(image_msg(len(scenes), stamp=camera.node.get_clock().now().to_msg()))
+        return [m for m in scenes if m.question == "Describe it."]
+
+    got = wait_for(answered_live, 20, what="a scene answer at the live rate and prompt")
+    assert got[0].num_tokens <= 2 and "total" in got[0].budget_misses
+
+    refused = [
+        ("model", "/other/checkpoint", "model cannot change on a configured node"),
+        ("device", "cuda", "device cannot change on a configured node"),
+        ("dtype", "float16", "dtype cannot change on a configured node"),
+        ("threads", -4, "parameter threads: -4 is not allowed; expected an integer >= 0"),
+        ("scene_rate_hz", "fast", "parameter scene_rate_hz: 'fast' is not allowed"),
+    ]
+    for name, value, words in refused:
+        before = node.get_parameter(name).value
+        (result,) = set_params(probe, node, **{name: value})
+        assert not result.successful and words in result.reason, result.reason
+        assert node.get_parameter(name).value == before
+    (result,) = set_params(probe, node, model="/other/checkpoint")
+    assert "deactivate" in result.reason and "configure" in result.reason  # says how
+
+    (result,) = set_params(probe, node, scene_rate_hz=0.0)  # live: periodic answers stop
+    assert result.successful and "scene" not in node._periodic_timers
+    time.sleep(0.5)  # an answer already in flight lands now
+    count = len(scenes)
+    for i in range(5):
+        camera.pub.publish(image_msg(900 + i, stamp=camera.node.get_clock().now().to_msg()))
+        time.sleep(0.1)
+    assert len(scenes) == count
+
+
+@pytest.mark.parametrize(
+    "name, value, words",
+    [
+        ("max_seq_len", 0, "parameter max_seq_len: 0 is not allowed; expected an integer >= 1"),
+        ("threads", -4, "parameter threads: -4 is not allowed; expected an integer >= 0"),
+    ],
+)
+def test_bad_values_fail_configure_in_one_line(ros, checkpoint, name, value, words):
+    from lifecycle_msgs.msg import State
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from vlm_ros.ros.node import AssistantNode
+
+    overrides = [Parameter("model", value=checkpoint), Parameter(name, value=value)]
+    node = ros.add(
+        AssistantNode(namespace=f"bad_{name}", context=ros.ctx, parameter_overrides=overrides)
+    )
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert words in node.last_error and "\n" not in node.last_error
+    assert node._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
+    assert node.assistant is None
+
+
+def test_device_errors_name_the_parameter_not_a_cli_flag(ros, checkpoint):
+    """Under ros2 launch there is no --device flag: the hint says device:=cpu."""
+    import torch
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from vlm_ros.ros.node import AssistantNode
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: device cuda loads instead of failing")
+    overrides = [Parameter("model", value=checkpoint), Parameter("device", value="cuda")]
+    node = ros.add(
+        AssistantNode(namespace="nocuda", context=ros.ctx, parameter_overrides=overrides)
+    )
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert "the device parameter (device:=cpu)" in node.last_error, node.last_error
+    assert "--device" not in node.last_error
+
+
+def test_vlm_ros_node_demo_gives_captions_their_budget():
+    from vlm_ros.demo.data import CAPTION_MAX_NEW_TOKENS, CAPTION_PROMPT
+    from vlm_ros.ros.node import DEMO_OVERRIDES
+
+    assert DEMO_OVERRIDES["max_new_tokens"] == CAPTION_MAX_NEW_TOKENS  # not the default 32
+    assert DEMO_OVERRIDES["scene_prompt"] == CAPTION_PROMPT

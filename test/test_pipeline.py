@@ -7,6 +7,7 @@ import contextlib
 import threading
 import time
 from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -531,3 +532,9 @@ def test_demo_prefers_models_demo(tmp_path, monkeypatch):
     (shipped / "config.json").write_text("{}")
     monkeypatch.setattr(pipeline, "_demo_candidates", lambda: [shipped])
     assert pipeline.demo_checkpoint_dir() == shipped
+
+
+def test_demo_is_found_in_this_checkout():
+    """The real lookup (no monkeypatch): the checkout's models/demo, not the random fallback."""
+    root = Path(__file__).resolve().parents[1]
+    assert pipeline.demo_checkpoint_dir() == root / "models" / "demo"

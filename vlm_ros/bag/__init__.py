@@ -3,6 +3,9 @@
 
 Uses the pure-Python ``rosbags`` library, so none of it needs a ROS install. Reads rosbag2
 (sqlite3 and MCAP) and ROS 1 bags; writes rosbag2 MCAP (sqlite3 and ROS 1 too, for test inputs).
+
+rosbags, mcap and matplotlib are the optional ``bag`` extra (pyproject.toml), so they are
+imported inside the functions that use them; everything else is imported at the top.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import yaml
+
 from vlm_ros.errors import InputError
 from vlm_ros.serving.latency import NAMES, Budgets
 
@@ -41,8 +43,6 @@ def parse_budget_flags(flags: Iterable[str]) -> dict[str, float]:
 
 def load_budgets(path: str | Path) -> dict[str, float]:
     """The ``budget_<name>_ms`` parameters of a node parameter YAML (config/*.yaml)."""
-    import yaml
-
     try:
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

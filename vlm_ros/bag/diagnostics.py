@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlm_ros.bag.io import OutMessage
+from vlm_ros.ros import names
 from vlm_ros.serving.latency import ERROR, OK, Budgets, LatencyMonitor
 
-STATUS_NAME = "vlm_assistant: latency"
-RUN_STATUS_NAME = "vlm_assistant: eval-bag run"
-HARDWARE_ID = "vlm_assistant"
+# eval-bag's own status (the report finds the run's settings by this name, whatever the node)
+RUN_STATUS_NAME = f"{names.NODE_NAME}: eval-bag run"
 DIAGNOSTIC_ARRAY = "diagnostic_msgs/msg/DiagnosticArray"
 FRAME_COUNTERS = ("frames_received", "frames_processed", "frames_dropped", "frames_rejected")
 
@@ -31,11 +31,17 @@ class Sample:
     image_to_output_ms: float
 
 
-def _status(ts, level: int, name: str, message: str, values: Sequence[tuple[str, str]]) -> Any:
+def _status(
+    ts, level: int, name: str, hardware_id: str, message: str, values: Sequence[tuple[str, str]]
+) -> Any:
     kv = ts.types["diagnostic_msgs/msg/KeyValue"]
     return ts.types["diagnostic_msgs/msg/DiagnosticStatus"](
-        level=level, name=name, message=message, hardware_id=HARDWARE_ID,
-        values=[kv(key=k, value=v) for k, v in values])  # fmt: skip
+        level=level,
+        name=name,
+        message=message,
+        hardware_id=hardware_id,
+        values=[kv(key=k, value=v) for k, v in values],
+    )
 
 
 def _array(ts, t_ns: int, statuses: list) -> Any:
@@ -54,10 +60,20 @@ def _timeline(
     return sorted(merged, key=lambda item: item[0])
 
 
-def diagnostic_messages(ts, samples: Sequence[Sample], events: Sequence[tuple[int, str]],
-                        budgets: Budgets, run_info: dict[str, str], read_errors: Sequence[str],
-                        topic: str, period_s: float = 1.0) -> list[OutMessage]:  # fmt: skip
-    """/diagnostics every ``period_s`` of virtual time and a final one with the run's settings."""
+def diagnostic_messages(
+    ts,
+    samples: Sequence[Sample],
+    events: Sequence[tuple[int, str]],
+    budgets: Budgets,
+    run_info: dict[str, str],
+    read_errors: Sequence[str],
+    topic: str,
+    period_s: float = 1.0,
+    node: tuple[str, str] = (names.NODE_NAME, ""),
+) -> list[OutMessage]:
+    """/diagnostics every ``period_s`` of virtual time and a final one with the run's settings,
+    named as the live node ``node`` (name, namespace) names its status."""
+    status_name, hardware_id = names.latency_status(node[0]), names.fully_qualified(*node)
     timeline = _timeline(samples, events)
     if not timeline:
         return []
@@ -78,10 +94,11 @@ def diagnostic_messages(ts, samples: Sequence[Sample], events: Sequence[tuple[in
             i += 1
         report = monitor.report()
         values = report.key_values(budgets.as_dict())
-        statuses = [_status(ts, report.level, STATUS_NAME, report.message, values)]
+        statuses = [_status(ts, report.level, status_name, hardware_id, report.message, values)]
         if tick == end:
             level = ERROR if read_errors else OK
             message = read_errors[0] if read_errors else "complete"
-            statuses.append(_status(ts, level, RUN_STATUS_NAME, message, list(run_info.items())))
+            run = list(run_info.items())
+            statuses.append(_status(ts, level, RUN_STATUS_NAME, hardware_id, message, run))
         out.append(OutMessage(topic, DIAGNOSTIC_ARRAY, tick, _array(ts, tick, statuses)))
     return out

@@ -9,6 +9,11 @@ bag plus the time it waited for the model plus the measured inference time), so 
 reads exactly like a live ``ros2 bag record`` of the node, where the log time is when the answer
 was received. One report function serves both (report.py), and the report of a replay is
 computed from the bag it wrote, never from in-memory numbers.
+
+The outputs are the live node's: the same topic names (vlm_ros.ros.names, resolved for
+``node_name``/``namespace``), the same message mapping (vlm_ros.ros.outputs, here over the
+typestore's classes), the same frame converter and size limits (vlm_ros.ros.imaging), and the
+same frame accounting (vlm_ros.serving.frames, through replay.py).
 """
 
 from __future__ import annotations
@@ -29,15 +34,19 @@ from vlm_ros.bag.io import OutMessage, iter_messages, open_reader, topics_text, 
 from vlm_ros.bag.output import OUTPUT_BAG, prepare_out_dir
 from vlm_ros.bag.progress import Progress
 from vlm_ros.bag.replay import Arrival, Counters, replay
+from vlm_ros.bag.report import build_report, unread_report, write_report
 from vlm_ros.bag.types import (
     ACTION_HINT,
-    COMPRESSED_IMAGE,
     IMAGE_TYPES,
     SCENE_ANSWER,
+    STAGE_LATENCY,
     normalize_msgtype,
     typestore,
 )
+from vlm_ros.config import ImageLimits, RuntimeConfig
 from vlm_ros.errors import InputError
+from vlm_ros.ros import names, outputs
+from vlm_ros.ros.imaging import MAX_PIXELS, SizeLimits, image_from_msg
 from vlm_ros.ros.node_config import PARAMETERS
 from vlm_ros.serving.latency import Budgets
 from vlm_ros.types import StageTimings
@@ -47,10 +56,7 @@ DEFAULT_SCENE_PROMPT = str(PARAMETERS["scene_prompt"][0])
 DEFAULT_INSTRUCTION = str(PARAMETERS["hint_instruction"][0])
 DEFAULT_CANDIDATES: tuple[str, ...] = tuple(PARAMETERS["hint_candidates"][0])  # type: ignore
 DEFAULT_MAX_NEW_TOKENS = int(PARAMETERS["max_new_tokens"][0])  # type: ignore
-NODE_NAME = "vlm_assistant"
-SCENE_TOPIC = f"/{NODE_NAME}/scene_answer"
-HINT_TOPIC = f"/{NODE_NAME}/action_hint"
-DIAGNOSTICS_TOPIC = "/diagnostics"
+DIAGNOSTICS_TOPIC = names.DIAGNOSTICS
 FRAME_JPEG_QUALITY = 90
 
 
@@ -76,6 +82,17 @@ class EvalSettings:
     diagnostics_period_s: float = 1.0
     frames: bool = True  # write the frames the model took into the output bag (frame_topic)
     force: bool = False  # replace a report already in out_dir
+    node_name: str = names.NODE_NAME  # the outputs' topics, as the live node's would resolve
+    namespace: str = ""
+    max_image_pixels: int = MAX_PIXELS
+
+    @property
+    def scene_topic(self) -> str:
+        return names.resolve(names.SCENE_ANSWER, self.node_name, self.namespace)
+
+    @property
+    def hint_topic(self) -> str:
+        return names.resolve(names.ACTION_HINT, self.node_name, self.namespace)
 
     def prompts(self) -> tuple[str, ...]:
         """Questions asked in turn, one per processed frame."""
@@ -163,15 +180,14 @@ def read_frames(
         yield Frame(i, conn.topic, normalize_msgtype(conn.msgtype), ts, msg)
 
 
-def frame_pixels(frame: Frame) -> np.ndarray:
-    """The frame as RGB uint8 (H, W, 3) through the node's own converter (vlm_ros.ros.imaging), so a
-    frame the node would refuse is refused here, with the same ImageFormatError message."""
-    from vlm_ros.ros.imaging import image_from_compressed, image_from_raw
+CORE_LIMITS = SizeLimits.of(ImageLimits())  # the core's default side limits, 16 MP
 
-    m = frame.msg
-    if frame.msgtype == COMPRESSED_IMAGE:
-        return image_from_compressed(m.format, m.data)
-    return image_from_raw(m.encoding, m.height, m.width, m.step, m.data, m.is_bigendian)
+
+def frame_pixels(frame: Frame, limits: SizeLimits = CORE_LIMITS) -> np.ndarray:
+    """The frame as RGB uint8 (H, W, 3) through the node's own converter and size limits
+    (vlm_ros.ros.imaging), so a frame the node would refuse is refused here, with the same
+    ImageFormatError reason and message."""
+    return image_from_msg(frame.msg, limits)
 
 
 def check_first_frame(reader, connections: Sequence, topic_label: str) -> None:
@@ -197,6 +213,10 @@ class FrameRunner:
     def __init__(self, assistant, settings: EvalSettings):
         self.assistant, self.settings = assistant, settings
         self.ts = typestore()
+        self.types = outputs.MessageTypes(
+            self.ts.types[SCENE_ANSWER], self.ts.types[ACTION_HINT], self.ts.types[STAGE_LATENCY]
+        )
+        self.limits = SizeLimits.of(assistant.limits, settings.max_image_pixels)
         self.prompts = settings.prompts()
         self.outputs: list[OutMessage] = []
         self.records: list[diag.Sample] = []  # for the periodic /diagnostics
@@ -205,14 +225,16 @@ class FrameRunner:
         self.asked = 0
         self.progress: Progress | None = None
 
-    def __call__(self, frame: Frame, arrival_ns: int, start_ns: int) -> tuple[int, bool]:
-        """Serve one frame starting at virtual ``start_ns``; returns (virtual end, served).
+    def __call__(
+        self, frame: Frame, arrival_ns: int, start_ns: int
+    ) -> tuple[int, InputError | None]:
+        """Serve one frame starting at virtual ``start_ns``; returns (virtual end, refusal).
         A frame the converter or the model refuses (InputError) is counted, not fatal, as in
         the node; it still kept the model busy for as long as it took to refuse it."""
         t0 = time.perf_counter_ns()
         now = start_ns
         try:
-            image = frame_pixels(frame)
+            image = frame_pixels(frame, self.limits)
             now = start_ns + (time.perf_counter_ns() - t0)
             if self.prompts:
                 now = self._answer(frame, image, now)
@@ -221,11 +243,11 @@ class FrameRunner:
         except InputError as exc:
             self._reject(exc)
             self._served(False)
-            return max(now, start_ns + (time.perf_counter_ns() - t0)), False
+            return max(now, start_ns + (time.perf_counter_ns() - t0)), exc
         if self.settings.frames:
             self._emit_frame(frame, image)
         self._served(True)
-        return now, True
+        return now, None
 
     def _served(self, ok: bool) -> None:
         if self.progress is not None:
@@ -254,39 +276,22 @@ class FrameRunner:
         t0 = time.perf_counter_ns()
         ans = self.assistant.answer(image, question, max_new_tokens=self.settings.max_new_tokens)
         done = now + (time.perf_counter_ns() - t0)
-        latency, ok, misses = self._latency(ans.timings, frame, now, done)
-        msg = self.ts.types[SCENE_ANSWER](
-            header=self._header(frame),
-            camera=frame.topic,
-            question=question,
-            answer=ans.text,
-            num_tokens=len(ans.token_ids),
-            stop_reason=ans.stop_reason,
-            latency=latency,
-            within_budget=ok,
-            budget_misses=misses,
-        )
-        self._emit(SCENE_TOPIC, SCENE_ANSWER, done, msg, ans.timings, frame)
+        latency, misses = self._latency(ans.timings, frame, now, done)
+        header = self._header(frame)
+        msg = outputs.scene_answer(self.types, header, frame.topic, question, ans, latency, misses)
+        self._emit(self.settings.scene_topic, SCENE_ANSWER, done, msg, ans.timings, frame)
         return done
 
     def _rank(self, frame: Frame, image: np.ndarray, now: int) -> int:
         t0 = time.perf_counter_ns()
         hint = self.assistant.rank(image, self.settings.instruction, list(self.settings.candidates))
         done = now + (time.perf_counter_ns() - t0)
-        latency, ok, misses = self._latency(hint.timings, frame, now, done)
-        msg = self.ts.types[ACTION_HINT](
-            header=self._header(frame),
-            camera=frame.topic,
-            instruction=self.settings.instruction,
-            action=hint.chosen,
-            confidence=float(hint.confidence),
-            candidates=list(hint.actions),
-            probabilities=np.asarray(hint.probabilities, dtype=np.float32),
-            latency=latency,
-            within_budget=ok,
-            budget_misses=misses,
+        latency, misses = self._latency(hint.timings, frame, now, done)
+        header, instruction = self._header(frame), self.settings.instruction
+        msg = outputs.action_hint(
+            self.types, header, frame.topic, instruction, hint, latency, misses
         )
-        self._emit(HINT_TOPIC, ACTION_HINT, done, msg, hint.timings, frame)
+        self._emit(self.settings.hint_topic, ACTION_HINT, done, msg, hint.timings, frame)
         return done
 
     def _header(self, frame: Frame):
@@ -302,13 +307,9 @@ class FrameRunner:
         queue_ms is arrival to start of this inference (a hint also waits for the answer)."""
         image_to_output_ms = (done - frame.stamp_ns) / 1e6
         stages = timings.as_dict()
-        msg = self.ts.types["vlm_ros/msg/StageLatency"](
-            queue_ms=(started - frame.arrival_ns) / 1e6,
-            image_to_output_ms=image_to_output_ms,
-            **{f"{k}_ms": float(v) for k, v in stages.items()},
-        )
-        misses = list(self.budgets.misses(stages, image_to_output_ms))
-        return msg, not misses, misses
+        queue_ms = (started - frame.arrival_ns) / 1e6
+        msg = outputs.stage_latency(self.types, stages, queue_ms, image_to_output_ms)
+        return msg, self.budgets.misses(stages, image_to_output_ms)
 
     def _emit(self, topic, msgtype, done_ns, msg, timings, frame) -> None:
         self.outputs.append(OutMessage(topic, msgtype, done_ns, msg))
@@ -343,7 +344,7 @@ def warm_up(runner: FrameRunner, reader, connections: Sequence, runs: int) -> No
 
 
 def load_assistant(settings: EvalSettings):
-    from vlm_ros.config import RuntimeConfig
+    # here, not at the top: a bag that cannot be read fails before torch/transformers load
     from vlm_ros.infer.pipeline import Assistant
 
     return Assistant.load(settings.model, runtime=RuntimeConfig(device=settings.device))
@@ -375,11 +376,20 @@ def evaluate(settings: EvalSettings, assistant=None, progress: bool | None = Fal
     if counters.processed == 0:
         why = read_errors[0] if read_errors else _rejections_text(runner)
         error = BagDamageError if read_errors else BagError
-        raise _unread(settings, f"no frame of {label} could be used ({why})", counters, run_info,
-                      error)  # fmt: skip
+        raise _unread(
+            settings, f"no frame of {label} could be used ({why})", counters, run_info, error
+        )
     messages = runner.outputs + diag.diagnostic_messages(
-        typestore(), runner.records, counters.events, runner.budgets, run_info, read_errors,
-        DIAGNOSTICS_TOPIC, settings.diagnostics_period_s)  # fmt: skip
+        typestore(),
+        runner.records,
+        counters.events,
+        runner.budgets,
+        run_info,
+        read_errors,
+        DIAGNOSTICS_TOPIC,
+        settings.diagnostics_period_s,
+        (settings.node_name, settings.namespace),
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bag(out_bag, messages, storage="mcap")
     _report(out_bag, out_dir, settings)
@@ -392,12 +402,15 @@ def evaluate(settings: EvalSettings, assistant=None, progress: bool | None = Fal
     return EvalResult(out_bag, out_dir, counters)
 
 
-def _unread(settings: EvalSettings, reason: str, counters: Counters, run_info: dict[str, str],
-            error: type[BagError]) -> BagError:  # fmt: skip
+def _unread(
+    settings: EvalSettings,
+    reason: str,
+    counters: Counters,
+    run_info: dict[str, str],
+    error: type[BagError],
+) -> BagError:
     """Write the report of a replay that processed no frame (what was read: the counters, and
     why) and return the error naming it; no output bag is written, there is nothing in it."""
-    from vlm_ros.bag.report import unread_report, write_report
-
     report = unread_report(settings.bag, reason, counters.as_dict(), run_info)
     out = write_report(report, settings.out_dir)
     return error(reason, partial_report=str(out / "report.md"))
@@ -466,6 +479,4 @@ def _run_info(
 
 def _report(out_bag: Path, out_dir: Path, settings: EvalSettings) -> None:
     """The report of the bag just written (never of in-memory numbers), as `vlm-ros report`."""
-    from vlm_ros.bag.report import build_report, write_report
-
     write_report(build_report(out_bag, budgets_ms=settings.budgets_ms or None), out_dir)

@@ -8,6 +8,8 @@ of them to :class:`BagError` naming the bag.
 
 from __future__ import annotations
 
+import sqlite3
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlm_ros.bag import BagDamageError, BagError, describe_error
-from vlm_ros.bag.types import typestore
+from vlm_ros.bag.salvage import SalvageReader, mcap_files
+from vlm_ros.bag.salvage_sqlite import SqliteSalvageReader, db3_files, expected_counts
+from vlm_ros.bag.types import ros1_typestore, typestore
 
 STORAGES = ("mcap", "sqlite3", "ros1")
 # rosbag2 metadata version 8 (Iron) is read by Iron, Jazzy, Kilted and rosbags; 9 only from Jazzy.
@@ -71,9 +75,6 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     sqlite, UTF-8, an index past the end), so the tuple is broad on purpose; it is only used
     around reading, never around our own code.
     """
-    import sqlite3
-    import struct
-
     from rosbags.highlevel import AnyReaderError
     from rosbags.rosbag1 import ReaderError as Reader1Error
     from rosbags.rosbag2 import ReaderError as Reader2Error
@@ -153,8 +154,6 @@ def _open_anyreader(bag: Path):
 def _bare_mcap(path: Path):
     """A reader over an MCAP file that is not inside a rosbag2 folder (copied out, or written by
     another tool); rosbags only opens MCAP through a folder's metadata.yaml."""
-    from vlm_ros.bag.salvage import SalvageReader
-
     reader = SalvageReader([path])
     if reader.damage and not reader.topics:  # not MCAP at all, or damaged before any channel
         raise BagDamageError(f"cannot open bag {path}: {reader.damage}")
@@ -164,9 +163,6 @@ def _bare_mcap(path: Path):
 def _salvage(bag: Path):
     """A reader over the intact part of a damaged MCAP or sqlite3 bag; None when even the
     salvage readers cannot start."""
-    from vlm_ros.bag.salvage import SalvageReader, mcap_files
-    from vlm_ros.bag.salvage_sqlite import SqliteSalvageReader, db3_files, expected_counts
-
     try:
         if mcap_files(bag):
             return SalvageReader(mcap_files(bag))
@@ -262,8 +258,6 @@ def _write_ros2(out: Path, ordered: Sequence[OutMessage], storage: str) -> Path:
 def _write_ros1(out: Path, ordered: Sequence[OutMessage]) -> Path:
     """A ROS 1 bag (for reader tests and ROS 1 users); messages must be ROS 1 store objects."""
     from rosbags.rosbag1 import Writer
-
-    from vlm_ros.bag.types import ros1_typestore
 
     ts = ros1_typestore()
     with Writer(out) as writer:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image as PILImage
 
 from vlm_ros.bag.io import OutMessage, write_bag
+from vlm_ros.bag.types import ros1_typestore, typestore
 from vlm_ros.errors import InputError
 
 RAW_ENCODINGS = ("rgb8", "bgr8", "mono8")
@@ -151,8 +153,6 @@ def raw_image(ts, header, rgb: np.ndarray, encoding: str):
 
 def compressed_image(ts, header, rgb: np.ndarray, fmt: str):
     """sensor_msgs/CompressedImage with the ``format`` string image_transport writes."""
-    from PIL import Image as PILImage
-
     buf = io.BytesIO()
     PILImage.fromarray(rgb).save(buf, format="JPEG" if fmt == "jpeg" else "PNG", quality=85)
     data = np.frombuffer(buf.getvalue(), dtype=np.uint8)
@@ -172,8 +172,6 @@ def image_message(ts, stamp_ns: int, frame_id: str, seq: int, rgb: np.ndarray, e
 def build_messages(spec: BagSpec) -> list[OutMessage]:
     """Every frame of the bag, stamped at ``start + i / rate`` and logged (received)
     ``transport_delay_ms`` later, as a recorder behind a real camera driver sees it."""
-    from vlm_ros.bag.types import ros1_typestore, typestore
-
     if spec.encoding not in ENCODINGS:
         raise InputError(
             f"unsupported encoding {spec.encoding!r}; expected one of {', '.join(ENCODINGS)}"

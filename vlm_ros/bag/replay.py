@@ -16,6 +16,9 @@ frames that arrive while the model is busy.
 ``--rate max`` instead runs every frame, each as if the model were free when it arrived, so the
 latencies are the pipeline's own (no queueing) and nothing is dropped.
 
+Frames are stored and counted by vlm_ros.serving.frames.FrameStore, the class the live node uses,
+so "dropped", "processed" and "rejected" (with its reasons) cannot drift between the two.
+
 Pure logic, no model and no rosbags, so the dropping rule is tested with a fake clock.
 """
 
@@ -25,42 +28,47 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from vlm_ros.serving.frames import FrameStore
+
 RATES = ("recorded", "max")
+CAMERA = "camera"  # the replay reads one camera topic: one slot in the store
 
 F = TypeVar("F")
+COUNTERS = ("received", "processed", "dropped", "rejected")
 
 
 @dataclass
 class Counters:
     """Frame accounting. received == processed + dropped + rejected once a replay ends;
-    dropped: replaced by a newer frame before the model took it (the node's definition)."""
+    dropped: replaced by a newer frame before the model took it (the node's definition).
+    The sink of a FrameStore (``count``), with the virtual time of every count."""
 
     received: int = 0
     processed: int = 0
     dropped: int = 0
     rejected: int = 0  # taken by the model but refused (bad encoding, bad image)
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
     # (virtual time ns, counter name) of every increment, for diagnostics over time
     events: list[tuple[int, str]] = field(default_factory=list)
 
-    def count(self, name: str, at_ns: int) -> None:
-        setattr(self, name, getattr(self, name) + 1)
-        self.events.append((at_ns, name))
+    def count(self, name: str, at_ns: float) -> None:
+        if name.startswith("rejected_"):
+            reason = name.removeprefix("rejected_")
+            self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
+        else:
+            setattr(self, name, getattr(self, name) + 1)
+        self.events.append((int(at_ns), name))
 
     def at(self, t_ns: int) -> dict[str, int]:
         """The counters as they stood at virtual time ``t_ns``."""
-        out = dict.fromkeys(("received", "processed", "dropped", "rejected"), 0)
+        out = dict.fromkeys(COUNTERS, 0)
         for when, name in self.events:
-            if when <= t_ns:
+            if when <= t_ns and name in out:
                 out[name] += 1
         return out
 
     def as_dict(self) -> dict[str, int]:
-        return {
-            "received": self.received,
-            "processed": self.processed,
-            "dropped": self.dropped,
-            "rejected": self.rejected,
-        }
+        return {name: getattr(self, name) for name in COUNTERS}
 
 
 @dataclass(frozen=True)
@@ -71,53 +79,54 @@ class Arrival(Generic[F]):
     arrival_ns: int
 
 
-# process(frame, arrival_ns, start_ns) -> (end_ns, served); a refused frame still occupied the
-# model until end_ns (converting it took time), so it returns end_ns too.
-Process = Callable[[F, int, int], tuple[int, bool]]
+# process(frame, arrival_ns, start_ns) -> (end_ns, error); a refused frame still occupied the
+# model until end_ns (converting it took time), so it returns end_ns too. ``error`` is None
+# when the frame was served, else the InputError that refused it (its reason is counted).
+Process = Callable[[F, int, int], tuple[int, BaseException | None]]
 
 
 def replay(arrivals: Iterable[Arrival[F]], process: Process, rate: str = "recorded") -> Counters:
     """Feed ``arrivals`` (in arrival order) to ``process`` as the node would; returns the counters.
 
-    ``process(frame, arrival_ns, start_ns)`` runs the model and returns ``(end_ns, ok)``:
-    the virtual time the model is free again (start + measured busy time) and whether the frame
-    was served (False: refused, counted as rejected).
+    ``process(frame, arrival_ns, start_ns)`` runs the model and returns ``(end_ns, error)``:
+    the virtual time the model is free again (start + measured busy time) and None when the
+    frame was served, else the refusal (counted as rejected, by its reason).
     """
     if rate not in RATES:
         raise ValueError(f"rate must be one of {RATES}, got {rate!r}")
     counters = Counters()
+    store = FrameStore(counters.count)
     run = _max_rate if rate == "max" else _recorded_rate
-    run(arrivals, process, counters)
+    run(arrivals, process, store)
     return counters
 
 
-def _serve(process: Process, item: Arrival, start_ns: int, counters: Counters) -> int:
-    end_ns, ok = process(item.frame, item.arrival_ns, start_ns)
-    counters.count("processed" if ok else "rejected", end_ns)
+def _serve(process: Process, store: FrameStore, start_ns: int) -> int | None:
+    """Run the model on the store's untaken frame from ``start_ns``; its end, or None when
+    there was nothing to take."""
+    frame = store.take_untaken(CAMERA)
+    if frame is None:
+        return None
+    end_ns, error = process(frame.msg, int(frame.received), start_ns)
+    store.settle(frame, error, end_ns)
     return end_ns
 
 
-def _max_rate(arrivals: Iterable[Arrival], process: Process, counters: Counters) -> None:
+def _max_rate(arrivals: Iterable[Arrival], process: Process, store: FrameStore) -> None:
     for item in arrivals:
-        counters.count("received", item.arrival_ns)
-        _serve(process, item, item.arrival_ns, counters)
+        store.put(CAMERA, item.frame, item.arrival_ns)
+        _serve(process, store, item.arrival_ns)
 
 
-def _recorded_rate(arrivals: Iterable[Arrival], process: Process, counters: Counters) -> None:
+def _recorded_rate(arrivals: Iterable[Arrival], process: Process, store: FrameStore) -> None:
     free_ns: int | None = None  # when the model is free again; None: never used yet
-    pending: Arrival | None = None  # latest frame that arrived while the model was busy
     for item in arrivals:
-        counters.count("received", item.arrival_ns)
-        if pending is not None and free_ns is not None and free_ns <= item.arrival_ns:
-            free_ns = _serve(process, pending, free_ns, counters)  # taken the moment it was free
-            pending = None
+        if free_ns is not None and free_ns <= item.arrival_ns:
+            # the frame that waited while the model was busy, taken the moment it was free
+            end_ns = _serve(process, store, free_ns)
+            free_ns = free_ns if end_ns is None else end_ns
+        store.put(CAMERA, item.frame, item.arrival_ns)  # an untaken one before it is dropped
         if free_ns is None or free_ns <= item.arrival_ns:
-            free_ns = _serve(process, item, item.arrival_ns, counters)
-            continue
-        if pending is not None:
-            counters.count(
-                "dropped", item.arrival_ns
-            )  # superseded by a newer frame before the model got to it
-        pending = item
-    if pending is not None and free_ns is not None:
-        _serve(process, pending, free_ns, counters)
+            free_ns = _serve(process, store, item.arrival_ns)
+    if free_ns is not None:
+        _serve(process, store, free_ns)

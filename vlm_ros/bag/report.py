@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from vlm_ros.bag import BagDamageError, BagError
+from vlm_ros.bag.diagnostics import RUN_STATUS_NAME
 from vlm_ros.bag.io import iter_messages, open_reader, topics_text
 from vlm_ros.bag.output import prepare_out_dir
 from vlm_ros.bag.types import (
@@ -185,8 +186,6 @@ def diag_budgets(diags) -> dict[str, float]:
 
 
 def run_info(diags) -> dict[str, str]:
-    from vlm_ros.bag.diagnostics import RUN_STATUS_NAME
-
     for _, statuses in reversed(diags):
         if RUN_STATUS_NAME in statuses:
             return dict(statuses[RUN_STATUS_NAME])
@@ -242,8 +241,12 @@ def build_report(bag: str | Path, budgets_ms: dict[str, float] | None = None) ->
     }
 
 
-def unread_report(bag: str | Path, reason: str, frames: dict[str, int] | None = None,
-                  run: dict[str, str] | None = None) -> dict:  # fmt: skip
+def unread_report(
+    bag: str | Path,
+    reason: str,
+    frames: dict[str, int] | None = None,
+    run: dict[str, str] | None = None,
+) -> dict:
     """The report of a bag nothing could be measured in: no outputs, ``frames`` as counted
     (eval-bag: all zeros when the bag could not be opened) and ``reason`` as the read error."""
     return {
@@ -280,7 +283,7 @@ def report_bag(
 
 def write_report(report: dict, out_dir: str | Path) -> Path:
     """report.json, report.md, latency_over_time.png and stage_cdf.png into ``out_dir``."""
-    from vlm_ros.bag import plots
+    from vlm_ros.bag import plots  # matplotlib (the optional `bag` extra) only when plotting
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlm_ros.bag import describe_error
+from vlm_ros.bag.types import typestore
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,6 @@ def typestore_from_schemas(schemas: dict[str, str]):
     """A typestore of the bag's own ``ros2msg`` definitions (type name -> text), with the
     package's and the standard types for anything missing or unparsable."""
     from rosbags.typesys import Stores, get_types_from_msg, get_typestore
-
-    from vlm_ros.bag.types import typestore
 
     types: dict = {}
     for name, text in schemas.items():

@@ -27,6 +27,8 @@ from contextlib import closing
 from functools import lru_cache
 from pathlib import Path
 
+import yaml
+
 from vlm_ros.bag.salvage import SalvagedConnection, TopicCount, typestore_from_schemas
 
 VFS_NAME = "vlm_ros_whole_pages"
@@ -39,8 +41,6 @@ def db3_files(bag: Path) -> list[Path]:
 
 def expected_counts(bag: Path) -> dict[str, int]:
     """Messages per storage file as metadata.yaml states them (empty when it says nothing)."""
-    import yaml
-
     try:
         doc = yaml.safe_load((bag / "metadata.yaml").read_text(encoding="utf-8")) or {}
         info = doc["rosbag2_bagfile_information"]

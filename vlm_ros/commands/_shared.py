@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from vlm_ros.config import DECODERS, RuntimeConfig
+from vlm_ros.config import DECODERS, ImageLimits, RuntimeConfig
 from vlm_ros.errors import InputError
+from vlm_ros.ros import imaging
 from vlm_ros.types import STAGES, StageTimings
 
 
@@ -46,16 +46,23 @@ def runtime_from_args(args: argparse.Namespace) -> RuntimeConfig:
     )
 
 
+# the node's limits: the core's side limits and the 16 MP cap (parameter max_image_pixels)
+CLI_LIMITS = imaging.SizeLimits.of(ImageLimits())
+
+
 def read_image(path: str) -> np.ndarray:
-    """An image file -> HxWx3 RGB uint8, opened like the references (PIL, convert("RGB"))."""
+    """An image file -> HxWx3 RGB uint8, opened like the references (PIL, convert("RGB")), with
+    the node's size checks from the header first: a small file declaring a huge image (or one
+    Pillow calls a decompression bomb) is refused before a pixel is decoded."""
     file = Path(path)
     if not file.is_file():
         raise InputError(f"image file {path} does not exist")
     try:
-        with Image.open(file) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"cannot read image {path}: {exc}") from exc
+        return imaging.decode(file, f"file {path}", CLI_LIMITS)
+    except imaging.ImageFormatError as exc:
+        if exc.reason == "decode_failed":
+            raise InputError(f"cannot read image {path}: {exc.__cause__ or exc}") from exc
+        raise
 
 
 def format_timings(timings: StageTimings) -> str:

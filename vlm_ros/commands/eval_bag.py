@@ -18,6 +18,7 @@ from vlm_ros.bag.evaluate import (
 )
 from vlm_ros.bag.replay import RATES
 from vlm_ros.bag.report import summary_text
+from vlm_ros.ros.names import NODE_NAME
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-frames", type=int, default=None, help="read at most this many frames"
     )
     parser.add_argument(
+        "--node-name",
+        default=NODE_NAME,
+        help=f"name of the node the outputs stand for (default {NODE_NAME}): "
+        "they go to /<namespace>/<node-name>/scene_answer and .../action_hint",
+    )
+    parser.add_argument("--namespace", default="", help="that node's namespace (default none)")
+    parser.add_argument(
         "--warmup",
         type=int,
         default=1,
@@ -139,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         frames=args.frames,
         force=args.force,
+        node_name=args.node_name,
+        namespace=args.namespace,
     )
     result = evaluate(settings, progress=None if not args.quiet else False)
     report = json.loads((result.report_dir / "report.json").read_text(encoding="utf-8"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-CAMERA = "/camera/image_raw"  # the node's default camera input, as in launch/assistant.launch.py
+from vlm_ros.ros.names import CAMERA  # the node's default input (ROS-free module, no rclpy)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,10 @@ from vlm_ros.demo.world import ACTIONS, COLOURS, LANES, Scene, scene_from_seed
 
 ACTION_INSTRUCTION = "What should the robot do?"
 CAPTION_PROMPT = "Describe the scene."  # the captions' question (stage 1), the demo's scene prompt
+# max_new_tokens for captions (config/demo.yaml, `vlm-ros node --demo`): the longest caption of
+# the world is 35 tokens of the demo tokenizer (3 boxes and a doorway), plus <|endoftext|> to stop
+# on eos: 36; 48 leaves a third spare. test_demo checks every shipped config against it.
+CAPTION_MAX_NEW_TOKENS = 48
 QUESTION_TYPES = ("colour", "clear", "where", "count")
 SPLITS = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # first seed of each split
 SPLIT_SIZE = 1_000_000  # seeds per split: ranges never overlap

@@ -20,12 +20,18 @@ kills the executor; for the same reason the camera subscriptions have no QoS eve
 ``main()`` configures and activates by itself when the ``autostart`` parameter is true (the
 default), so no lifecycle manager is needed.
 
-Frame accounting, the same as the offline replay (vlm_ros.bag.replay): a frame is *taken* when
-the first job starts on it (and converts it, once); ``frames_processed`` counts taken frames
-that converted, ``frames_rejected`` taken frames that did not, ``frames_dropped`` frames
-replaced by a newer one before any job took them. So frames_received = processed + dropped +
-rejected + the latest frame of each camera not taken yet. ``periodic_skipped`` counts periodic
-jobs not run (the previous one still queued, queue full, evicted by a query, expired).
+Frame accounting is vlm_ros.serving.frames.FrameStore, the same class as the offline replay
+(vlm_ros.bag.replay): a frame is *taken* when the first job starts on it (and converted, once;
+a failed conversion is remembered); the first job to finish gives it its verdict:
+``frames_rejected`` (+ ``frames_rejected_<reason>``) when the conversion failed or the core
+refused it (too small/large, context overflow), else ``frames_processed``; ``frames_dropped``
+counts frames replaced by a newer one before any job took them. So frames_received =
+processed + dropped + rejected + held. ``periodic_skipped`` counts periodic jobs not run (the
+previous one still queued, queue full, evicted by a query, expired).
+
+Parameters (vlm_ros.ros.node_config) are checked at configure and on every set; LIVE ones
+(rates, prompts, candidates, budgets, max_new_tokens, ...) apply at once through an
+on-set-parameters callback, the others are refused on a configured node with the reason.
 
 Frame age (``max_frame_age_ms``) is measured from when the node *received* the frame, so it does
 not depend on the camera's clock; ``image_to_output_ms`` in every output is the publish time
@@ -35,8 +41,9 @@ minus the source header stamp (true end to end, needs synchronised clocks).
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
+import re
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,7 +51,7 @@ from functools import partial
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -59,9 +66,19 @@ from vlm_ros.action import Describe
 from vlm_ros.demo import data as demo_data
 from vlm_ros.errors import EvictedError, InputError, VlmError
 from vlm_ros.msg import ActionHint, SceneAnswer, StageLatency
-from vlm_ros.ros import imaging
-from vlm_ros.ros import node_messages as messages
-from vlm_ros.ros.node_config import PARAMETERS, Camera, NodeConfig
+from vlm_ros.ros import imaging, names, outputs
+from vlm_ros.ros.node_config import (
+    DOUBLES,
+    LIVE,
+    PARAMETERS,
+    RECONFIGURE,
+    Camera,
+    NodeConfig,
+    check_values,
+)
+from vlm_ros.ros.node_messages import RCLPY_TYPES, latency_status
+from vlm_ros.ros.synthetic_camera import SyntheticCamera
+from vlm_ros.serving.frames import Frame, FrameStore, StaleFrameError
 from vlm_ros.serving.latency import LatencyMonitor
 from vlm_ros.serving.worker import (
     PERIODIC,
@@ -77,7 +94,7 @@ try:
 except ImportError:  # Humble: the same class lived in rclpy.qos_event
     from rclpy.qos_event import SubscriptionEventCallbacks
 
-NODE_NAME = "vlm_assistant"
+NODE_NAME = names.NODE_NAME
 SENSOR_QOS = QoSProfile(
     history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT
 )
@@ -89,21 +106,12 @@ DEMO_OVERRIDES = {
     "model": "demo",
     "scene_prompt": demo_data.CAPTION_PROMPT,
     "hint_instruction": demo_data.ACTION_INSTRUCTION,
+    "max_new_tokens": demo_data.CAPTION_MAX_NEW_TOKENS,  # the default 32 cut the longest captions
     "log_outputs": True,
 }
 WAIT_ERRORS = (concurrent.futures.TimeoutError, concurrent.futures.CancelledError)
-
-
-@dataclass
-class Frame:
-    """The latest message of one camera; ``image``/``error`` are filled on the worker only."""
-
-    msg: object
-    received: float  # time.monotonic()
-    seq: int
-    taken: bool = False  # a job has started on it (set under AssistantNode._frames_lock)
-    image: object = None
-    error: imaging.ImageFormatError | None = None
+# a command-line flag in a core error ("use --device cpu") -> the node's parameter
+CLI_FLAG = re.compile(r"--(device|dtype|decoder|quantize|threads|vision-tower) (\S+)")
 
 
 @dataclass
@@ -124,53 +132,131 @@ class AssistantNode(LifecycleNode):
     def __init__(self, node_name: str = NODE_NAME, **kwargs):
         super().__init__(node_name, **kwargs)
         for name, (default, description) in PARAMETERS.items():
-            self.declare_parameter(name, default, ParameterDescriptor(description=description))
+            # doubles take integers too (-p scene_rate_hz:=2); NodeConfig checks and converts
+            descriptor = ParameterDescriptor(
+                description=description, dynamic_typing=name in DOUBLES
+            )
+            self.declare_parameter(name, default, descriptor)
         self.config: NodeConfig | None = None
         self.assistant = None
         self.worker: InferenceWorker | None = None
         self.monitor: LatencyMonitor | None = None
+        self.frames = FrameStore(self._count_frame)
         self.last_error = ""  # why the last configure failed (also logged)
-        self._frames: dict[str, Frame] = {}
-        self._frames_lock = threading.Lock()  # replacing a frame vs. a job taking it
+        self._params_fixed = False  # configure read them: only LIVE ones may change now
         self._used: dict[str, int] = {}  # "kind:camera" -> seq of the frame last used
-        self._seq = itertools.count(1)  # frame numbers; next() is atomic under the GIL
         self._group = ReentrantCallbackGroup()
-        self._active: list = []  # subscriptions, timers, service: made on activate
+        self._active: list = []  # subscriptions and the diagnostics timer: made on activate
+        self._periodic_timers: dict[str, object] = {}  # periodic timers by kind (rates are live)
         self._is_active = False
         make = self.create_lifecycle_publisher
         self._pubs = {
-            SCENE: make(SceneAnswer, "~/scene_answer", OUTPUT_QOS),
-            HINT: make(ActionHint, "~/action_hint", OUTPUT_QOS),
-            "diagnostics": make(DiagnosticArray, "/diagnostics", OUTPUT_QOS),
+            SCENE: make(SceneAnswer, names.SCENE_ANSWER, OUTPUT_QOS),
+            HINT: make(ActionHint, names.ACTION_HINT, OUTPUT_QOS),
+            "diagnostics": make(DiagnosticArray, names.DIAGNOSTICS, OUTPUT_QOS),
         }
         self._describe = ActionServer(
-            self, Describe, "~/describe", self._on_describe, callback_group=self._group,
-            goal_callback=self._on_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
-        )  # fmt: skip
-        self._ask = self.create_service(Ask, "~/ask", self._on_ask, callback_group=self._group)
+            self,
+            Describe,
+            names.DESCRIBE,
+            self._on_describe,
+            callback_group=self._group,
+            goal_callback=self._on_goal,
+            cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+        )
+        self._ask = self.create_service(Ask, names.ASK, self._on_ask, callback_group=self._group)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+    # ---- parameters ------------------------------------------------------------------------
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """``ros2 param set``: check the values; on a configured node apply LIVE ones at once
+        and refuse the rest with the reason (they need a reconfigure)."""
+        changed = {p.name: p.value for p in params if p.name in PARAMETERS}
+        try:
+            check_values(changed)
+            fixed = sorted(
+                n for n, v in changed.items() if n not in LIVE and v != self.get_parameter(n).value
+            )
+            if self._params_fixed and fixed:
+                raise InputError(
+                    f"{', '.join(fixed)} cannot change on a configured node: {RECONFIGURE}"
+                )
+        except InputError as exc:
+            self.get_logger().warning(f"parameter change refused: {exc}")
+            return SetParametersResult(successful=False, reason=str(exc))
+        live = {n: v for n, v in changed.items() if n in LIVE}
+        if self.config is not None and live:
+            self._apply_live(live)
+        return SetParametersResult(successful=True)
+
+    def _apply_live(self, changed: dict[str, object]) -> None:
+        """Swap in the config with ``changed``; new budgets and timer rates take effect now."""
+        old, self.config = self.config, self.config.with_values(changed)
+        self.monitor.budgets = self.config.budgets
+        if self._is_active and (old.scene_rate_hz, old.hint_rate_hz) != (
+            self.config.scene_rate_hz,
+            self.config.hint_rate_hz,
+        ):
+            self._start_timers()
+        self.get_logger().info(f"parameters applied: {changed}")
+
+    def _start_timers(self) -> None:
+        """(Re)create the periodic timers from the config's rates; a rate of 0 has none."""
+        for timer in self._periodic_timers.values():
+            timer.destroy()
+        self._periodic_timers.clear()
+        cfg = self.config
+        for kind, rate in ((SCENE, cfg.scene_rate_hz), (HINT, cfg.hint_rate_hz)):
+            if rate > 0:
+                tick = partial(self._on_tick, kind)
+                self._periodic_timers[kind] = self.create_timer(1.0 / rate, tick, self._group)
+
+    def _count_frame(self, name: str, _at: float) -> None:
+        """FrameStore's counts, as /diagnostics names them (frames_received, ...)."""
+        if self.monitor is not None:
+            self.monitor.count(f"frames_{name}")
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def on_configure(self, state) -> TransitionCallbackReturn:
-        """Read the parameters, load the model, start the worker; FAILURE says why."""
+        """Read and check the parameters, load the model, start the worker; FAILURE says why."""
+        log, start = self.get_logger(), time.monotonic()
+        self._params_fixed = True
+        values = {n: self.get_parameter(n).value for n in PARAMETERS}
+        log.info(f"configuring: model {values['model']!r}, device {values['device']!r}")
         try:
-            values = {n: self.get_parameter(n).value for n in PARAMETERS}
             config = NodeConfig.from_values(values)
+            log.info("importing the model runtime (torch, transformers)")
+            # here, not at the top: the node's first log lines come before this ~5-30 s import
             from vlm_ros.infer.pipeline import Assistant
 
-            self.get_logger().info(f"loading model {config.model!r} on {config.runtime.device}")
+            log.info(
+                f"loading model {config.model!r} on {config.runtime.device} "
+                f"({time.monotonic() - start:.1f} s)"
+            )
             self.assistant = Assistant.load(
-                config.model, runtime=config.runtime, generation=config.generation,
+                config.model,
+                runtime=config.runtime,
+                generation=config.generation,
                 vision_tower=config.vision_tower,
-            )  # fmt: skip
+            )
         except Exception as exc:  # a robot must see why, not a traceback in a log file
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            self.get_logger().error(f"configure failed: {self.last_error}")
+            self._params_fixed = False
+            self.last_error = CLI_FLAG.sub(
+                r"the \1 parameter (\1:=\2)", f"{type(exc).__name__}: {exc}"
+            )
+            log.error(f"configure failed: {self.last_error}")
             return TransitionCallbackReturn.FAILURE
+        # a LIVE parameter set while the model loaded was accepted: apply it now
+        config = config.with_values({n: self.get_parameter(n).value for n in LIVE})
         self.config, self.last_error = config, ""
         self.worker = InferenceWorker(config.queue_size, name=f"{self.get_name()}-inference")
         self.monitor = LatencyMonitor(config.budgets, config.diagnostics_window)
-        self.get_logger().info(f"configured: {self.assistant.family.name} from {config.model!r}")
+        log.info(
+            f"configured: {self.assistant.family.name} from {config.model!r} "
+            f"in {time.monotonic() - start:.1f} s"
+        )
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state) -> TransitionCallbackReturn:
@@ -181,13 +267,16 @@ class AssistantNode(LifecycleNode):
             msg_type = CompressedImage if cam.compressed else Image
             callback = partial(self._on_image, cam.topic)
             self._active.append(
-                self.create_subscription(msg_type, cam.topic, callback, SENSOR_QOS,
-                                         callback_group=group, event_callbacks=no_events)
-            )  # fmt: skip
-        for kind, rate in ((SCENE, cfg.scene_rate_hz), (HINT, cfg.hint_rate_hz)):
-            if rate > 0:
-                tick = partial(self._on_tick, kind)
-                self._active.append(self.create_timer(1.0 / rate, tick, callback_group=group))
+                self.create_subscription(
+                    msg_type,
+                    cam.topic,
+                    callback,
+                    SENSOR_QOS,
+                    callback_group=group,
+                    event_callbacks=no_events,
+                )
+            )
+        self._start_timers()
         self._active.append(
             self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics, group)
         )
@@ -213,9 +302,10 @@ class AssistantNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _destroy_active(self) -> None:
-        for entity in self._active:
+        for entity in [*self._active, *self._periodic_timers.values()]:
             entity.destroy()
         self._active.clear()
+        self._periodic_timers.clear()
 
     def _release(self) -> None:
         if self.worker is not None:
@@ -223,65 +313,35 @@ class AssistantNode(LifecycleNode):
         if self.assistant is not None:
             self.assistant.close()
         self.worker = self.assistant = self.config = None
-        with self._frames_lock:
-            self._frames, self._used = {}, {}
+        self._params_fixed = False
+        self.frames.clear()
+        self._used = {}
 
     # ---- input -----------------------------------------------------------------------------
 
     def _on_image(self, topic: str, msg) -> None:
-        """Keep only the latest frame; never convert or infer here. The frame it replaces is
-        dropped unless a job took it."""
-        frame = Frame(msg, time.monotonic(), next(self._seq))
-        with self._frames_lock:
-            old = self._frames.get(topic)
-            self._frames[topic] = frame
-            dropped = old is not None and not old.taken
-        self.monitor.count("frames_received")
-        if dropped:
-            self.monitor.count("frames_dropped")
+        """Keep only the latest frame; never convert or infer here (FrameStore counts it, and
+        the frame it replaces as dropped unless a job took it)."""
+        self.frames.put(topic, msg, time.monotonic())
 
     def _fresh_frame(self, cam: Camera, take: bool = False) -> Frame:
         """The camera's latest frame, or InputError when there is none or it is too old;
         ``take`` marks it as used by a job (see the module docstring)."""
-        with self._frames_lock:
-            frame = self._frames.get(cam.topic)
-            if frame is None:
-                raise InputError(f"no frame received yet on {cam.topic}")
-            age_ms = (time.monotonic() - frame.received) * 1000.0
-            limit = self.config.max_frame_age_ms
-            if limit > 0 and age_ms > limit:
-                raise InputError(
-                    f"latest frame on {cam.topic} is stale: {age_ms:.0f} ms old "
-                    f"(max_frame_age_ms {limit:.0f})"
-                )
-            frame.taken = frame.taken or take
-        return frame
+        max_age = self.config.max_frame_age_ms / 1000.0
+        return self.frames.fresh(cam.topic, time.monotonic(), max_age, take)
 
-    def _image(self, frame: Frame):
-        """Convert once per frame (on the worker), counting the frame once: processed, or
-        rejected (and per reason)."""
-        if frame.image is None and frame.error is None:
-            msg = frame.msg
-            try:
-                if isinstance(msg, CompressedImage):
-                    frame.image = imaging.image_from_compressed(msg.format, msg.data)
-                else:
-                    frame.image = imaging.image_from_raw(
-                        msg.encoding, msg.height, msg.width, msg.step, msg.data, msg.is_bigendian
-                    )
-            except imaging.ImageFormatError as exc:
-                frame.error = exc
-                self.monitor.count("frames_rejected")
-                self.monitor.count(f"frames_rejected_{exc.reason}")
-                self.get_logger().warning(
-                    f"rejected image ({exc.reason}): {exc} "
-                    f"[{self.monitor.counters()['frames_rejected']} rejected so far]"
-                )
-            else:
-                self.monitor.count("frames_processed")
-        if frame.error is not None:
-            raise frame.error
-        return frame.image
+    def _convert(self, msg) -> object:
+        """A frame message -> RGB pixels, its size checked against the core's limits and
+        max_image_pixels before anything is decoded (FrameStore runs this once per frame)."""
+        limits = imaging.SizeLimits.of(self.assistant.limits, self.config.max_image_pixels)
+        return imaging.image_from_msg(msg, limits)
+
+    def _settle(self, frame: Frame, exc: BaseException | None) -> None:
+        """Give the frame its verdict from a finished job (once); log a new rejection."""
+        reason = self.frames.settle(frame, exc, time.monotonic())
+        if reason is not None:
+            n = self.monitor.counters().get("frames_rejected", 0)
+            self.get_logger().warning(f"rejected image ({reason}): {exc} [{n} rejected so far]")
 
     # ---- inference (runs on the worker thread) ---------------------------------------------
 
@@ -298,17 +358,27 @@ class AssistantNode(LifecycleNode):
         """Latest fresh frame of ``cam`` -> answer and/or action hint, recorded in the monitor."""
         start = time.monotonic()
         frame = self._fresh_frame(cam, take=True)
-        image = self._image(frame)
         result = Result(frame, (start - submitted) * 1000.0, (start - frame.received) * 1000.0)
+        try:
+            self._run(result, question, max_new_tokens, rank, on_text, cancel)
+        except BaseException as exc:
+            self._settle(frame, exc)
+            raise
+        self._settle(frame, None)
+        return result
+
+    def _run(self, result: Result, question, max_new_tokens, rank, on_text, cancel) -> None:
+        """The core's work on one taken frame (converted once per frame by FrameStore)."""
+        image = self.frames.image(result.frame, self._convert)
         self._fault_delay(cancel)
-        cfg = self.config
+        cfg = self.config  # one snapshot: a live parameter change lands between jobs
         if question is not None:
+            budget = max_new_tokens or cfg.generation.max_new_tokens
             result.answer = self.assistant.answer(
-                image, question, max_new_tokens=max_new_tokens, on_text=on_text, cancel=cancel
+                image, question, max_new_tokens=budget, on_text=on_text, cancel=cancel
             )
         if rank:
             result.hint = self.assistant.rank(image, cfg.hint_instruction, cfg.hint_candidates)
-        return result
 
     def _fault_delay(self, cancel: threading.Event | None) -> None:
         """inference_delay_ms: simulate a slow model (tests); a cancel cuts it short."""
@@ -320,9 +390,13 @@ class AssistantNode(LifecycleNode):
         """Timer: queue one periodic job per camera with a new frame; skip it (counted in
         periodic_skipped) when the previous one of the same kind is still queued or the queue
         is full."""
-        period = 1.0 / (self.config.scene_rate_hz if kind == SCENE else self.config.hint_rate_hz)
-        for cam in self.config.cameras:
-            frame, key = self._frames.get(cam.topic), f"{kind}:{cam.topic}"
+        cfg = self.config  # one snapshot: the rate may change live (a tick of the old timer)
+        rate = cfg.scene_rate_hz if kind == SCENE else cfg.hint_rate_hz
+        if rate <= 0:
+            return
+        period = 1.0 / rate
+        for cam in cfg.cameras:
+            frame, key = self.frames.latest(cam.topic), f"{kind}:{cam.topic}"
             if frame is None or self._used.get(key) == frame.seq:
                 continue  # nothing new to look at
             if self.worker.pending(key):
@@ -372,10 +446,10 @@ class AssistantNode(LifecycleNode):
         exc = future.exception()
         if isinstance(exc, (StaleJobError, EvictedError)):
             self.monitor.count("periodic_skipped")
-        elif isinstance(exc, imaging.ImageFormatError):
-            pass  # counted and logged in _image
-        elif isinstance(exc, InputError):
+        elif isinstance(exc, StaleFrameError):
             self.monitor.count("frames_stale")
+        elif isinstance(exc, InputError):
+            pass  # the frame's rejection: counted and logged once, in _settle
         elif exc is not None:
             self.monitor.count("failed")
             self.get_logger().error(f"periodic inference failed: {type(exc).__name__}: {exc}")
@@ -386,7 +460,8 @@ class AssistantNode(LifecycleNode):
         """StageLatency of ``timings`` (and the end-to-end time now), recorded once."""
         ms = timings.as_dict()
         e2e = self._image_to_output_ms(result.frame)
-        return messages.stage_latency(ms, result.queue_ms, e2e), self.monitor.record(ms, e2e)
+        latency = outputs.stage_latency(RCLPY_TYPES, ms, result.queue_ms, e2e)
+        return latency, self.monitor.record(ms, e2e)
 
     def _image_to_output_ms(self, frame: Frame) -> float:
         """Now minus the image's header stamp; from receive time when the image is unstamped."""
@@ -398,12 +473,16 @@ class AssistantNode(LifecycleNode):
     def _scene_msg(self, cam: Camera, question: str, result: Result) -> SceneAnswer:
         latency, misses = self._latency(result, result.answer.timings)
         header = result.frame.msg.header
-        return messages.scene_answer(header, cam.topic, question, result.answer, latency, misses)
+        return outputs.scene_answer(
+            RCLPY_TYPES, header, cam.topic, question, result.answer, latency, misses
+        )
 
     def _hint_msg(self, cam: Camera, result: Result) -> ActionHint:
         latency, misses = self._latency(result, result.hint.timings)
         header, instruction = result.frame.msg.header, self.config.hint_instruction
-        return messages.action_hint(header, cam.topic, instruction, result.hint, latency, misses)
+        return outputs.action_hint(
+            RCLPY_TYPES, header, cam.topic, instruction, result.hint, latency, misses
+        )
 
     # ---- Ask service and Describe action ---------------------------------------------------
 
@@ -449,9 +528,11 @@ class AssistantNode(LifecycleNode):
         try:
             cam = cfg.camera(request.camera)
             future = self._submit_query(
-                cam, question=request.question, rank=request.want_action_hint,
+                cam,
+                question=request.question,
+                rank=request.want_action_hint,
                 max_new_tokens=request.max_new_tokens or None,
-            )  # fmt: skip
+            )
             result = future.result(timeout=cfg.query_timeout_s)
         except Exception as exc:  # every failure becomes an error response (see _refused)
             if future is not None:
@@ -531,10 +612,13 @@ class AssistantNode(LifecycleNode):
     def _publish_diagnostics(self) -> None:
         """/diagnostics: stage p50/p90/p99/max over the window, counters, queue, verdict."""
         extra = {"queue_depth": self.worker.depth, "model": self.config.model}
-        status = messages.latency_status(
-            f"{self.get_name()}: latency", self.get_fully_qualified_name(),
-            self.monitor.report(), self.config.budgets.as_dict(), extra,
-        )  # fmt: skip
+        status = latency_status(
+            names.latency_status(self.get_name()),
+            self.get_fully_qualified_name(),
+            self.monitor.report(),
+            self.config.budgets.as_dict(),
+            extra,
+        )
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.get_clock().now().to_msg()
         self._pubs["diagnostics"].publish(msg)
@@ -555,8 +639,6 @@ def run(args: list[str] | None = None, demo: bool = False, camera_rate_hz: float
     executor = MultiThreadedExecutor(num_threads=8)  # waiting queries must not starve callbacks
     executor.add_node(node)
     if demo:
-        from vlm_ros.ros.synthetic_camera import SyntheticCamera
-
         executor.add_node(SyntheticCamera(rate_hz=camera_rate_hz))
     rc = 0
     try:
@@ -604,6 +686,4 @@ def _autostart(node: AssistantNode) -> int:
 
 def main(args: list[str] | None = None) -> int:
     """``assistant_node`` executable (ros2 run / launch)."""
-    import sys
-
     return run(sys.argv if args is None else args)

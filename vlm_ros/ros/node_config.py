@@ -1,9 +1,16 @@
-"""The node's parameters (name, default, description) and NodeConfig, built once from them.
+"""The node's parameters (name, default, description, allowed values) and NodeConfig, built
+once from them.
 
 ROS-free: the node declares every entry of PARAMETERS once (type from the default, description
 as its ParameterDescriptor) and hands the values to ``NodeConfig.from_values``; nothing else in
 the node reads a parameter. Keeping the table here lets the YAML files, the README and the tests
 check the same names without rclpy.
+
+Every value is checked by ``check_values`` against RULES, at configure and on every
+``ros2 param set``; a bad one is refused with one line naming the parameter, the value and what
+is allowed. Doubles accept integers (``-p scene_rate_hz:=2``). LIVE parameters apply to a
+configured node at once (``NodeConfig.with_values``); the others are read at configure only,
+and changing them on a configured node is refused with RECONFIGURE's reason.
 
 Cameras: ``cameras`` lists topics; a topic ending in ``/compressed`` is a
 sensor_msgs/CompressedImage (image_transport's naming), any other a sensor_msgs/Image. The camera
@@ -12,7 +19,10 @@ name used in outputs and in Ask/Describe requests is the topic as configured.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 from vlm_ros.config import GenerationConfig, RuntimeConfig
 from vlm_ros.errors import InputError
@@ -57,6 +67,11 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     ),
     "engine_dir": ("models/engines", "directory of prebuilt ONNX/TensorRT engines"),
     "threads": (0, "torch CPU threads; 0 = torch's default"),
+    "max_image_pixels": (
+        4096 * 4096,
+        "refuse frames of more pixels than this, from their declared size (compressed: from "
+        "the header), before decoding",
+    ),
     "cameras": (["/camera/image_raw"], "camera topics; '.../compressed' = CompressedImage"),
     "scene_rate_hz": (1.0, "periodic scene answers per second per camera; 0 disables"),
     "scene_prompt": ("Describe the scene in front of the robot.", "question of scene answers"),
@@ -80,6 +95,130 @@ PARAMETERS: dict[str, tuple[object, str]] = {
 
 
 @dataclass(frozen=True)
+class Rule:
+    """What a parameter accepts: ``ok(value)`` and the words of the refusal."""
+
+    ok: Callable[[object], bool]
+    allowed: str
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_range(low: int, high: int | None = None) -> Rule:
+    def ok(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= (high or v)
+
+    return Rule(ok, f"an integer >= {low}" + (f" and <= {high}" if high else ""))
+
+
+def _float_range(low: float, above: bool = False, high: float | None = None) -> Rule:
+    def ok(v: object) -> bool:
+        if not _number(v):
+            return False
+        x = float(v)  # type: ignore[arg-type]
+        return (x > low if above else x >= low) and (high is None or x <= high)
+
+    words = f"a number {'>' if above else '>='} {low:g}" + (f" and <= {high:g}" if high else "")
+    return Rule(ok, words)
+
+
+def _choice(*allowed: str) -> Rule:
+    return Rule(lambda v: v in allowed, "one of " + ", ".join(repr(a) for a in allowed))
+
+
+def _text(non_empty: bool = True, max_chars: int = 4000) -> Rule:
+    def ok(v: object) -> bool:
+        return isinstance(v, str) and (bool(v.strip()) or not non_empty) and len(v) <= max_chars
+
+    return Rule(ok, f"a {'non-empty ' if non_empty else ''}string of at most {max_chars} chars")
+
+
+def _names(v: Any) -> bool:
+    """A non-empty list of distinct non-empty strings."""
+    items = list(v) if isinstance(v, (list, tuple)) else []
+    return (
+        bool(items)
+        and all(isinstance(x, str) and x.strip() for x in items)
+        and len(set(items)) == len(items)
+    )
+
+
+_BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
+_DEVICE = re.compile(r"(cpu|cuda|cuda:\d+|auto)")
+RULES: dict[str, Rule] = {
+    "model": _text(),
+    "device": Rule(lambda v: bool(_DEVICE.fullmatch(str(v))), "cpu, cuda, cuda:N or auto"),
+    "dtype": _choice("", "float32", "bfloat16", "float16"),
+    "vision_tower": _text(non_empty=False),
+    "vision_backend": _choice("torch", "onnxruntime", "tensorrt"),
+    "decoder": _choice(*DECODERS),
+    "max_seq_len": _int_range(1, 1 << 20),
+    "compile_decode": _BOOL,
+    "quantize": _choice(*QUANTIZE_MODES),
+    "cpu_linear": _choice(*CPU_LINEAR_MODES),
+    "engine_dir": _text(),
+    "threads": _int_range(0, 1024),
+    "max_image_pixels": _int_range(64, 1 << 28),
+    "cameras": Rule(_names, "a non-empty list of distinct topic names"),
+    "scene_rate_hz": _float_range(0.0, high=100.0),
+    "scene_prompt": _text(),
+    "hint_rate_hz": _float_range(0.0, high=100.0),
+    "hint_instruction": _text(),
+    "hint_candidates": Rule(
+        lambda v: _names(v) and len(v) <= 32, "a list of 1 to 32 distinct non-empty actions"
+    ),
+    "max_new_tokens": _int_range(1, 4096),
+    "max_frame_age_ms": _float_range(0.0),
+    "queue_size": _int_range(1, 1024),
+    "query_timeout_s": _float_range(0.0, above=True),
+    "diagnostics_period_s": _float_range(0.0, above=True, high=3600.0),
+    "diagnostics_window": _int_range(1, 100_000),
+    "inference_delay_ms": _float_range(0.0),
+    "autostart": _BOOL,
+    "log_outputs": _BOOL,
+    **{f"budget_{name}_ms": _float_range(0.0) for name in BUDGET_NAMES},
+}
+# double parameters: declared with dynamic typing so an integer is accepted (and coerced here)
+DOUBLES = frozenset(n for n, (default, _) in PARAMETERS.items() if isinstance(default, float))
+# applied to a configured node at once by ``NodeConfig.with_values``
+LIVE = frozenset(
+    (
+        "scene_rate_hz",
+        "scene_prompt",
+        "hint_rate_hz",
+        "hint_instruction",
+        "hint_candidates",
+        "max_new_tokens",
+        "max_frame_age_ms",
+        "query_timeout_s",
+        "inference_delay_ms",
+        "log_outputs",
+        *(f"budget_{name}_ms" for name in BUDGET_NAMES),
+    )
+)
+RECONFIGURE = (
+    "it is read when the node is configured (it loads the model, sizes the queue or "
+    "subscribes the cameras); deactivate and clean up the node, set it, then configure and "
+    "activate again (ros2 lifecycle set <node> deactivate / cleanup / configure / activate)"
+)
+
+
+def check_value(name: str, value: object) -> None:
+    """InputError, one line, when ``value`` is not allowed for parameter ``name``."""
+    rule = RULES.get(name)
+    if rule is not None and not rule.ok(value):
+        raise InputError(f"parameter {name}: {value!r} is not allowed; expected {rule.allowed}")
+
+
+def check_values(values: Mapping[str, object]) -> None:
+    """Check every parameter in ``values``; the first bad one raises InputError."""
+    for name, value in values.items():
+        check_value(name, value)
+
+
+@dataclass(frozen=True)
 class Camera:
     """One camera input: its topic (also its name) and whether it is CompressedImage."""
 
@@ -89,7 +228,8 @@ class Camera:
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """Everything the node needs, read once at configure."""
+    """Everything the node needs, read once at configure; LIVE fields replaced by
+    ``with_values`` (a new frozen config, swapped in one assignment)."""
 
     model: str
     runtime: RuntimeConfig
@@ -109,47 +249,51 @@ class NodeConfig:
     budgets: Budgets
     vision_tower: str | None = None  # Assistant.load(vision_tower=...); None: mm_vision_tower
     log_outputs: bool = False
+    max_image_pixels: int = 4096 * 4096
 
     @classmethod
-    def from_values(cls, v: dict[str, object]) -> NodeConfig:
-        """Parameter values (names as PARAMETERS) -> NodeConfig; InputError names a bad one."""
-        cameras = tuple(Camera(t, t.rstrip("/").endswith("/compressed")) for t in v["cameras"])
-        _check(bool(cameras) and all(c.topic for c in cameras), "cameras", v["cameras"])
-        _check(len({c.topic for c in cameras}) == len(cameras), "cameras", v["cameras"])
-        for name in ("queue_size", "diagnostics_window", "max_new_tokens"):
-            _check(int(v[name]) >= 1, name, v[name])
-        for name in ("scene_rate_hz", "hint_rate_hz", "max_frame_age_ms", "inference_delay_ms"):
-            _check(float(v[name]) >= 0, name, v[name])
-        for name in ("diagnostics_period_s", "query_timeout_s"):
-            _check(float(v[name]) > 0, name, v[name])
-        # The modes (decoder, quantize, cpu_linear, vision_backend) are checked by RuntimeConfig.
+    def from_values(cls, v: Mapping[str, Any]) -> NodeConfig:
+        """Parameter values (names as PARAMETERS) -> NodeConfig; InputError names a bad one.
+        ``device: auto`` is resolved here (it imports torch)."""
+        check_values(v)
         runtime = RuntimeConfig(
-            device=resolve_device(str(v["device"])), dtype=str(v["dtype"]) or None,
-            vision_backend=str(v["vision_backend"]), decoder=str(v["decoder"]),
-            max_seq_len=int(v["max_seq_len"]), engine_dir=str(v["engine_dir"]),
-            threads=int(v["threads"]), compile_decode=bool(v["compile_decode"]),
-            quantize=str(v["quantize"]), cpu_linear=str(v["cpu_linear"]),
-        )  # fmt: skip
+            device=resolve_device(str(v["device"])),
+            dtype=str(v["dtype"]) or None,
+            vision_backend=str(v["vision_backend"]),
+            decoder=str(v["decoder"]),
+            max_seq_len=int(v["max_seq_len"]),
+            engine_dir=str(v["engine_dir"]),
+            threads=int(v["threads"]),
+            compile_decode=bool(v["compile_decode"]),
+            quantize=str(v["quantize"]),
+            cpu_linear=str(v["cpu_linear"]),
+        )
+        cameras = tuple(Camera(t, t.rstrip("/").endswith("/compressed")) for t in v["cameras"])
+        live = _live_fields(v)
         return cls(
             model=str(v["model"]),
             runtime=runtime,
-            generation=GenerationConfig(max_new_tokens=int(v["max_new_tokens"])),
+            generation=GenerationConfig(max_new_tokens=int(live.pop("max_new_tokens"))),
             cameras=cameras,
-            scene_rate_hz=float(v["scene_rate_hz"]),
-            scene_prompt=str(v["scene_prompt"]),
-            hint_rate_hz=float(v["hint_rate_hz"]),
-            hint_instruction=str(v["hint_instruction"]),
-            hint_candidates=tuple(str(c) for c in v["hint_candidates"]),
-            max_frame_age_ms=float(v["max_frame_age_ms"]),
             queue_size=int(v["queue_size"]),
-            query_timeout_s=float(v["query_timeout_s"]),
             diagnostics_period_s=float(v["diagnostics_period_s"]),
             diagnostics_window=int(v["diagnostics_window"]),
-            inference_delay_ms=float(v["inference_delay_ms"]),
-            budgets=Budgets(**{n: float(v[f"budget_{n}_ms"]) for n in BUDGET_NAMES}),
             vision_tower=str(v["vision_tower"]) or None,
-            log_outputs=bool(v["log_outputs"]),
+            max_image_pixels=int(v["max_image_pixels"]),
+            **live,
         )
+
+    def with_values(self, changed: Mapping[str, Any]) -> NodeConfig:
+        """This config with LIVE parameters ``changed`` applied (already checked)."""
+        unknown = set(changed) - LIVE
+        if unknown:
+            raise InputError(f"not live parameters: {', '.join(sorted(unknown))}")
+        current = {name: getattr(self, name, None) for name in LIVE}
+        current["max_new_tokens"] = self.generation.max_new_tokens
+        current.update({f"budget_{n}_ms": ms for n, ms in self.budgets.as_dict().items()})
+        fields = _live_fields({**current, **changed})
+        generation = replace(self.generation, max_new_tokens=int(fields.pop("max_new_tokens")))
+        return replace(self, generation=generation, **fields)
 
     def camera(self, name: str) -> Camera:
         """The camera a request names (its topic); empty = the first. InputError lists them."""
@@ -162,15 +306,27 @@ class NodeConfig:
         raise InputError(f"unknown camera {name!r}; configured: {known}")
 
 
+def _live_fields(v: Mapping[str, Any]) -> dict[str, Any]:
+    """NodeConfig's LIVE fields from parameter values (``max_new_tokens`` kept as a value)."""
+    return dict(
+        scene_rate_hz=float(v["scene_rate_hz"]),
+        scene_prompt=str(v["scene_prompt"]),
+        hint_rate_hz=float(v["hint_rate_hz"]),
+        hint_instruction=str(v["hint_instruction"]),
+        hint_candidates=tuple(str(c) for c in v["hint_candidates"]),
+        max_frame_age_ms=float(v["max_frame_age_ms"]),
+        query_timeout_s=float(v["query_timeout_s"]),
+        inference_delay_ms=float(v["inference_delay_ms"]),
+        log_outputs=bool(v["log_outputs"]),
+        budgets=Budgets(**{n: float(v[f"budget_{n}_ms"]) for n in BUDGET_NAMES}),
+        max_new_tokens=int(v["max_new_tokens"]),
+    )
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; anything else unchanged."""
     if device != "auto":
         return device
-    import torch
+    import torch  # only for ``auto``: the node's first log lines come before torch loads
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _check(ok: bool, name: str, value: object) -> None:
-    if not ok:
-        raise InputError(f"parameter {name} has an invalid value {value!r}")

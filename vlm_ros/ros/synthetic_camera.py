@@ -21,12 +21,22 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 
-QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                 reliability=ReliabilityPolicy.BEST_EFFORT)  # fmt: skip
+QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT
+)
 BARS = np.array(
-    [[255, 255, 255], [255, 255, 0], [0, 255, 255], [0, 255, 0],
-     [255, 0, 255], [255, 0, 0], [0, 0, 255], [32, 32, 32]], dtype=np.uint8,
-)  # fmt: skip
+    [
+        [255, 255, 255],
+        [255, 255, 0],
+        [0, 255, 255],
+        [0, 255, 0],
+        [255, 0, 255],
+        [255, 0, 0],
+        [0, 0, 255],
+        [32, 32, 32],
+    ],
+    dtype=np.uint8,
+)
 
 
 def test_pattern(index: int, width: int, height: int) -> np.ndarray:
@@ -72,8 +82,13 @@ class SyntheticCamera(Node):
 
     def _tick(self) -> None:
         pixels = np.ascontiguousarray(self.render(self.index, self.width, self.height))
-        msg = Image(height=pixels.shape[0], width=pixels.shape[1], encoding="rgb8",
-                    step=pixels.shape[1] * 3, data=pixels.tobytes())  # fmt: skip
+        msg = Image(
+            height=pixels.shape[0],
+            width=pixels.shape[1],
+            encoding="rgb8",
+            step=pixels.shape[1] * 3,
+            data=pixels.tobytes(),
+        )
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.header.frame_id = self.frame_id
         self.pub.publish(msg)
