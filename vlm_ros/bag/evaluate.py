@@ -37,6 +37,7 @@ from vlm_ros.bag.replay import Arrival, Counters, replay
 from vlm_ros.bag.report import build_report, unread_report, write_report
 from vlm_ros.bag.types import (
     ACTION_HINT,
+    COMPRESSED_IMAGE,
     IMAGE_TYPES,
     SCENE_ANSWER,
     STAGE_LATENCY,

@@ -36,14 +36,13 @@ from vlm_ros.bag.io import iter_messages, open_reader, topics_text
 from vlm_ros.bag.output import prepare_out_dir
 from vlm_ros.bag.types import (
     ACTION_HINT,
-    COMPRESSED_IMAGE,
     DIAGNOSTIC_ARRAY,
     IMAGE_TYPES,
     SCENE_ANSWER,
     normalize_msgtype,
 )
 from vlm_ros.errors import InputError
-from vlm_ros.ros.imaging import image_from_compressed, image_from_raw
+from vlm_ros.ros.imaging import image_from_msg
 from vlm_ros.serving.latency import E2E, percentiles
 
 LATENCY_FIELDS = (
@@ -385,13 +384,9 @@ def thumbnails(bag: str | Path, outputs: list[Output], count: int = THUMBNAILS) 
         for conn, _, msg in iter_messages(reader, conns, lambda _: None):
             stamp = stamp_ns(msg.header)
             if stamp in wanted and stamp not in found:
-                found[stamp] = (normalize_msgtype(conn.msgtype), msg)
+                found[stamp] = _pixels(msg)
     texts = _texts_by_stamp(outputs)
-    return [
-        (_pixels(*found[s]), *texts.get(s, ("", "")))
-        for s in sorted(found)
-        if _pixels(*found[s]) is not None
-    ]
+    return [(found[s], *texts.get(s, ("", ""))) for s in sorted(found) if found[s] is not None]
 
 
 def _texts_by_stamp(outputs: list[Output]) -> dict[int, tuple[str, str]]:
@@ -402,14 +397,10 @@ def _texts_by_stamp(outputs: list[Output]) -> dict[int, tuple[str, str]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def _pixels(msgtype: str, msg):
+def _pixels(msg):
     """RGB pixels of a bag image through the node's converter; None when it cannot convert."""
     try:
-        if msgtype == COMPRESSED_IMAGE:
-            return image_from_compressed(msg.format, msg.data)
-        return image_from_raw(
-            msg.encoding, msg.height, msg.width, msg.step, msg.data, msg.is_bigendian
-        )
+        return image_from_msg(msg)
     except InputError:
         return None
 

@@ -24,7 +24,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from vlm_ros.config import GenerationConfig, RuntimeConfig
+from vlm_ros.config import (
+    CPU_LINEAR_MODES,
+    DECODERS,
+    DTYPE_NAMES,
+    QUANTIZE_MODES,
+    VISION_BACKENDS,
+    GenerationConfig,
+    RuntimeConfig,
+)
 from vlm_ros.errors import InputError
 from vlm_ros.serving.latency import NAMES as BUDGET_NAMES
 from vlm_ros.serving.latency import Budgets
@@ -150,9 +158,9 @@ _DEVICE = re.compile(r"(cpu|cuda|cuda:\d+|auto)")
 RULES: dict[str, Rule] = {
     "model": _text(),
     "device": Rule(lambda v: bool(_DEVICE.fullmatch(str(v))), "cpu, cuda, cuda:N or auto"),
-    "dtype": _choice("", "float32", "bfloat16", "float16"),
+    "dtype": _choice("", *DTYPE_NAMES),
     "vision_tower": _text(non_empty=False),
-    "vision_backend": _choice("torch", "onnxruntime", "tensorrt"),
+    "vision_backend": _choice(*VISION_BACKENDS),
     "decoder": _choice(*DECODERS),
     "max_seq_len": _int_range(1, 1 << 20),
     "compile_decode": _BOOL,
