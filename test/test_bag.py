@@ -210,7 +210,7 @@ def test_eval_bag_outputs_follow_the_node_name_and_namespace(tmp_path, capsys):
     assert cli([*args.split(), *fast.split()]) == 0
     topics = {t for t, _, _, _ in read_bag(tmp_path / "out" / "output_bag")}
     outputs = {"/robot1/front_vlm/scene_answer", "/robot1/front_vlm/action_hint"}
-    assert topics == outputs | {"/diagnostics"}
+    assert topics == outputs | {"/diagnostics", "/camera/image_raw/compressed"}  # + its frames
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(report["topics"]) == outputs
     diags = [m for t, _, _, m in read_bag(tmp_path / "out" / "output_bag") if t == "/diagnostics"]

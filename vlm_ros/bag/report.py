@@ -381,7 +381,7 @@ def thumbnails(bag: str | Path, outputs: list[Output], count: int = THUMBNAILS) 
         conns = [c for c in reader.connections if normalize_msgtype(c.msgtype) in IMAGE_TYPES]
         if not conns:
             return []
-        for conn, _, msg in iter_messages(reader, conns, lambda _: None):
+        for _conn, _, msg in iter_messages(reader, conns, lambda _: None):
             stamp = stamp_ns(msg.header)
             if stamp in wanted and stamp not in found:
                 found[stamp] = _pixels(msg)
