@@ -25,7 +25,7 @@ camera subscriptions have no QoS event handlers.) ``run()`` spins first and conf
 activates on a thread of its own when the ``autostart`` parameter is true (the default), so
 the node is reachable while the model loads and no lifecycle manager is needed.
 
-Cameras: subscribed with sensor-data QoS (best effort, depth 1) that ``qos_overrides.<topic>.
+Cameras: subscribed with sensor-data QoS (best effort, keep last 5) that ``qos_overrides.<topic>.
 subscription.{reliability,history,depth}`` parameters change (rclpy QoSOverridingOptions).
 Outputs, logs and Ask/Describe use the resolved (namespaced, remapped) topic; requests may also
 name the camera as configured. /diagnostics has a status per camera that goes WARN when a
@@ -102,9 +102,11 @@ except ImportError:  # Humble: the same class lived in rclpy.qos_event
     from rclpy.qos_event import SubscriptionEventCallbacks
 
 NODE_NAME = "vlm_assistant"
-# Camera default (sensor data: only the latest frame matters); qos_overrides parameters change it.
+# Camera default: ROS's sensor-data profile (best effort, keep last 5, as image_transport
+# subscribers use), so a frame is not overwritten in the reader while the executor is busy for
+# a moment; the node itself keeps only the latest. qos_overrides parameters change it.
 SENSOR_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT
+    history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.BEST_EFFORT
 )
 # Ask and the Describe action's goal/cancel/result services: keep every request until a callback
 # takes it. The default (KEEP_LAST 10) overwrote requests of a burst before any callback saw
