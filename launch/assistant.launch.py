@@ -8,17 +8,31 @@ and activate itself: it runs with no lifecycle manager on Humble, Jazzy and Kilt
 lifecycle services stay available for a manager (set autostart:=false in the YAML to hand over
 control). launch_ros's LifecycleNode action would add nothing without a manager emitting
 transitions, and its required arguments differ between distributions.
+
+Camera-sized frames between processes need a larger Fast DDS shared-memory segment in the
+*publishing* process (docs/NODE.md, "Camera transport"), so this launch sets
+FASTDDS_DEFAULT_PROFILES_FILE to config/fastdds_large_frames.xml for every process it starts
+(the demo camera, and a camera driver started after it in the same launch), unless a Fast DDS
+profile or transport is set already or another RMW is chosen. The node sets the same itself
+(vlm_ros.ros.transport) when started otherwise.
 """
 
 # ruff: noqa: I001 -- ruff takes `launch` for first-party (this folder is named launch/)
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.conditions import IfCondition, UnlessCondition
-from launch.substitutions import LaunchConfiguration, PythonExpression
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration, PythonExpression
 from launch_ros.actions import Node
 
 CAMERA = "/camera/image_raw"  # the node's default camera input (config/*.yaml: cameras)
+LARGE_FRAMES = "fastdds_large_frames.xml"  # in config/
+# Any of these set: the user configured Fast DDS's transports (vlm_ros.ros.transport)
+USER_TRANSPORT = (
+    "FASTDDS_DEFAULT_PROFILES_FILE",
+    "FASTRTPS_DEFAULT_PROFILES_FILE",
+    "FASTDDS_BUILTIN_TRANSPORTS",
+)
 
 
 def generate_launch_description():
@@ -52,6 +66,7 @@ def generate_launch_description():
     return LaunchDescription(
         args
         + [
+            large_frame_transport(config),
             assistant(UnlessCondition(has_model), []),
             assistant(IfCondition(has_model), [{"model": model}]),
             Node(
@@ -63,6 +78,16 @@ def generate_launch_description():
                 output="screen",
             ),
         ]
+    )
+
+
+def large_frame_transport(config):
+    """FASTDDS_DEFAULT_PROFILES_FILE=config/fastdds_large_frames.xml unless the user chose."""
+    unset = [EnvironmentVariable(name, default_value="") for name in USER_TRANSPORT]
+    rmw = EnvironmentVariable("RMW_IMPLEMENTATION", default_value="rmw_fastrtps_cpp")
+    wanted = PythonExpression(["'", *unset, "' == '' and '", rmw, "'.startswith('rmw_fastrtps')"])
+    return SetEnvironmentVariable(
+        "FASTDDS_DEFAULT_PROFILES_FILE", config + LARGE_FRAMES, condition=IfCondition(wanted)
     )
 
 

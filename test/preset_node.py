@@ -35,6 +35,6 @@ def preset_loader(preset: str, dtype: torch.dtype):
 
 if __name__ == "__main__":
     name, dtype = sys.argv[1], getattr(torch, sys.argv[2])
-    ros_node.exit_now(
-        ros_node.run(["preset_node", *sys.argv[3:]], loader=preset_loader(name, dtype))
-    )
+    label = f"model:=random-weight-{name}-{sys.argv[2]}"  # what the node logs as its model
+    args = ["preset_node", *sys.argv[3:], "-p", label]
+    ros_node.exit_now(ros_node.run(args, loader=preset_loader(name, dtype)))

@@ -308,8 +308,8 @@ def test_full_size_model_refuses_while_loading_and_exits_promptly(ros, tmp_path)
         t = time.monotonic()
         response = ask_once(ros, probe, service=service, timeout=10)
         assert not response.success and "loading model" in response.error_message, response
-        wait_for(lambda: "configured:" in log.read_text() or proc.poll() is not None, 600,
-                 what="the full-size model loaded")  # fmt: skip
+        wait_for(lambda: "active: cameras" in log.read_text() or proc.poll() is not None, 900,
+                 what="the full-size model loaded, the node active")  # fmt: skip
         assert proc.poll() is None, log.read_text()[-3000:]
         load_s = time.monotonic() - t
         response = ask_once(ros, probe, service=service, timeout=10)
