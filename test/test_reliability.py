@@ -321,3 +321,25 @@ def test_full_size_model_refuses_while_loading_and_exits_promptly(ros, tmp_path)
     text = log.read_text()
     assert rc == 0 and seconds < SHUTDOWN_LIMIT_S, (rc, seconds, load_s, text[-2000:])
     assert "shut down in" in text.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_soak_command_writes_the_figures(ros, tmp_path):
+    """`vlm-ros soak` for 20 s (two bursts): the JSON has every figure, nothing was lost."""
+    out = tmp_path / "soak.json"
+    command = [sys.executable, "-m", "vlm_ros", "soak", "--duration", "20", "--burst-period",
+               "10", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(command, env=env(ros), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    ask, describe = figures["requests"]["ask"], figures["requests"]["describe"]
+    assert ask["sent"] == 400 and ask["lost"] == 0 and ask["answered"] >= 2, ask
+    assert ask["answered"] + ask["refused"] == 400 and not ask["client_errors"], ask
+    assert describe["goal_responses"] == 100 and describe["lost"] == 0, describe
+    frames = figures["frames"]
+    assert frames["frames_received"] >= 0.9 * frames["published"], frames
+    assert frames["frames_processed"] > 0 and frames["frames_dropped"] > 0, frames
+    assert figures["ask_latency_ms"]["answered"]["p95"] > 0
+    assert set(figures["rss_mb"]) == {"start", "max", "end"}
+    assert figures["shutdown"]["exit_status"] == 0 and figures["shutdown"]["seconds"] < 3.0
