@@ -241,6 +241,7 @@ class Soak:
             "outputs": counters.get("outputs", 0),
             "node_requests_refused": counters.get("requests_refused", 0),
             "node_failed": counters.get("failed", 0),
+            "load_average_at_end": list(os.getloadavg()),
             "rss_mb": {
                 "start": round(samples[0], 1),
                 "max": round(max(samples), 1),
