@@ -152,6 +152,7 @@ class Soak:
             rclpy.try_shutdown()
 
     def _run(self, probe) -> dict:
+        self.machine = cpu()  # the load before this run's own processes start
         node = self.start_node()
         self._spin_until(probe, lambda: self.latency_status() is not None, 300, node)
         rss = [rss_mb(node.pid)]
@@ -216,7 +217,7 @@ class Soak:
             "duration_s": self.duration,
             "burst_period_s": self.period,
             "model": self.model,
-            "machine": cpu(),
+            "machine": self.machine,
             "node_parameters": NODE_PARAMS,
             "requests": {
                 "ask": requests(ask_results, ASK_CLIENTS * PER_BURST),
@@ -242,6 +243,7 @@ class Soak:
             "node_requests_refused": counters.get("requests_refused", 0),
             "node_failed": counters.get("failed", 0),
             "load_average_at_end": list(os.getloadavg()),
+            "rss_mb_every_30s": [round(r, 1) for r in samples[::30]],
             "rss_mb": {
                 "start": round(samples[0], 1),
                 "max": round(max(samples), 1),
