@@ -212,16 +212,23 @@ def test_50_concurrent_describe_goals_all_get_a_goal_response(ros, node, tmp_pat
 def test_camera_frames_from_another_process_reach_the_node(
     ros, node, width, height, encoding, reliable
 ):
+    """A second attempt is allowed: other work on the 2 shared CI cores (load average 35 was
+    seen) can starve the receiving process for longer than DDS buffers 1080p frames. Both
+    counts are in the failure message; without the profile it is 0-8 of 150 (docs/NODE.md)."""
     _, _, _, diag = node
-    before = diag.counter("frames_received")
     args = ["--topic", CAMERA, "--width", str(width), "--height", str(height), "--encoding",
-            encoding, "--rate", "30", "--duration", "5", "--name", f"{NS}_cam{width}"]  # fmt: skip
-    result = collect(spawn(ros, "camera", *args, *(["--reliable"] if reliable else []),
-                           environ=camera_env(ros)), 90)  # fmt: skip
-    time.sleep(1.5)  # the next diagnostics carry the counts
-    received = diag.counter("frames_received") - before
-    assert result["published"] == 150
-    assert received >= 0.95 * 150, f"{received} of 150 frames reached the node"
+            encoding, "--rate", "30", "--duration", "5", "--name", f"{NS}_cam{width}",
+            *(["--reliable"] if reliable else [])]  # fmt: skip
+    counts = []
+    for _attempt in range(2):
+        before = diag.counter("frames_received")
+        result = collect(spawn(ros, "camera", *args, environ=camera_env(ros)), 90)
+        time.sleep(1.5)  # the next diagnostics carry the counts
+        counts.append(diag.counter("frames_received") - before)
+        assert result["published"] == 150
+        if counts[-1] >= 0.95 * 150:
+            break
+    assert counts[-1] >= 0.95 * 150, f"frames of 150 that reached the node, per attempt: {counts}"
 
 
 def test_outputs_logs_and_ask_use_the_resolved_camera_topic(ros, node):
@@ -334,6 +341,7 @@ def test_soak_command_writes_the_figures(ros, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = json.loads(out.read_text())
     ask, describe = figures["requests"]["ask"], figures["requests"]["describe"]
+    assert not ask["client_errors"] and not describe["client_errors"], (ask, describe)
     assert ask["sent"] == 400 and ask["lost"] == 0 and ask["answered"] >= 2, ask
     assert ask["answered"] + ask["refused"] == 400 and not ask["client_errors"], ask
     assert describe["goal_responses"] == 100 and describe["lost"] == 0, describe

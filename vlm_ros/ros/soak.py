@@ -97,8 +97,10 @@ class Soak:
 
     def spawn(self, role: str, *args: str, env: dict | None = None) -> subprocess.Popen:
         command = [sys.executable, "-m", "vlm_ros.ros.soak_clients", role, *args]
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True, env=env or self.env)  # fmt: skip
+        stderr = open(self.workdir / f"{role}-{len(self.procs)}.err", "w")
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                env=env or self.env)  # fmt: skip
+        proc.stderr_path = stderr.name  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
 
@@ -192,7 +194,10 @@ class Soak:
             proc.kill()
             return {"error": "did not finish"}
         lines = out.strip().splitlines()
-        return json.loads(lines[-1]) if lines else {"error": f"no output (exit {proc.returncode})"}
+        if lines:
+            return json.loads(lines[-1])
+        err = Path(getattr(proc, "stderr_path", "/dev/null")).read_text().strip().splitlines()
+        return {"error": f"no output (exit {proc.returncode}): {err[-1] if err else ''}"}
 
     def latency_status(self):
         for array in reversed(self.diagnostics):
