@@ -12,20 +12,34 @@ transitions, and its required arguments differ between distributions.
 
 ``model`` and ``device`` override the YAML only when given (empty: the YAML's value), so the
 node is built in an OpaqueFunction that drops the empty ones.
+
+Camera-sized frames between processes need a larger Fast DDS shared-memory segment in the
+*publishing* process (docs/NODE.md, "Camera transport"), so this launch sets
+FASTDDS_DEFAULT_PROFILES_FILE to config/fastdds_large_frames.xml for every process it starts
+(the demo camera, and a camera driver started after it in the same launch), unless a Fast DDS
+profile or transport is set already or another RMW is chosen. The node sets the same itself
+(vlm_ros.ros.transport) when started otherwise.
 """
 
 # ruff: noqa: I001 -- ruff takes `launch` for first-party (this folder is named launch/)
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration, PythonExpression
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration, PythonExpression
 from launch_ros.actions import Node
 
 # the same names as vlm_ros/ros/names.py (test_node_config checks they agree)
 NODE_NAME = "vlm_assistant"
 CAMERA = "/camera/image_raw"  # the node's default camera input (config/*.yaml: cameras)
 OVERRIDES = ("model", "device")  # launch arguments that override the YAML when not empty
+LARGE_FRAMES = "fastdds_large_frames.xml"  # in config/
+# Any of these set: the user configured Fast DDS's transports (vlm_ros.ros.transport)
+USER_TRANSPORT = (
+    "FASTDDS_DEFAULT_PROFILES_FILE",
+    "FASTRTPS_DEFAULT_PROFILES_FILE",
+    "FASTDDS_BUILTIN_TRANSPORTS",
+)
 
 
 def generate_launch_description():
@@ -63,6 +77,7 @@ def generate_launch_description():
     return LaunchDescription(
         args
         + [
+            large_frame_transport(config),
             OpaqueFunction(function=assistant),
             Node(
                 package="vlm_ros",
@@ -73,6 +88,16 @@ def generate_launch_description():
                 output="screen",
             ),
         ]
+    )
+
+
+def large_frame_transport(config):
+    """FASTDDS_DEFAULT_PROFILES_FILE=config/fastdds_large_frames.xml unless the user chose."""
+    unset = [EnvironmentVariable(name, default_value="") for name in USER_TRANSPORT]
+    rmw = EnvironmentVariable("RMW_IMPLEMENTATION", default_value="rmw_fastrtps_cpp")
+    wanted = PythonExpression(["'", *unset, "' == '' and '", rmw, "'.startswith('rmw_fastrtps')"])
+    return SetEnvironmentVariable(
+        "FASTDDS_DEFAULT_PROFILES_FILE", config + LARGE_FRAMES, condition=IfCondition(wanted)
     )
 
 

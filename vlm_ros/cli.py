@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rank": ("vlm_ros.commands.rank", "rank candidate actions for an image file"),
     "make-tiny": ("vlm_ros.commands.make_tiny", "write a tiny checkpoint in a published layout"),
     "node": ("vlm_ros.commands.node", "run the ROS 2 node without ros2 launch"),
+    "soak": ("vlm_ros.commands.soak", "the node under request bursts and camera floods; JSON"),
     "export-onnx": ("vlm_ros.commands.export_onnx", "export vision encoder+projector to ONNX"),
     "build-engines": ("vlm_ros.commands.build_engines", "build TensorRT engines for a model"),
     "bench": ("vlm_ros.commands.bench", "benchmark the fast path against transformers generate()"),

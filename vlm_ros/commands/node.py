@@ -5,7 +5,9 @@ demo model and also runs a synthetic camera on /camera/image_raw, so the chain r
 ``--namespace`` and ``--camera-topic`` do what the launch file's ``namespace:=`` and
 ``camera_topic:=`` do, for every node of the process (the synthetic camera too). Arguments after
 ``--ros-args`` go to ROS unchanged (``-p name:=value``, remaps). Ctrl-C (SIGINT) shuts the node
-down through its lifecycle and exits with status 0.
+down through its lifecycle and exits with status 0 within about a second (docs/NODE.md,
+Shutdown). Fast DDS gets the large-frame profile unless a transport is configured
+(vlm_ros.ros.transport).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def ros_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlm_ros.ros.node import run as run_node  # rclpy only when the command runs
+    """Run the node, then leave the process at once with its status (ros.node.exit_now: the
+    logs flushed, the interpreter's slow teardown skipped)."""
+    from vlm_ros.ros import node  # rclpy only when the command runs
 
-    return run_node(ros_arguments(args), demo=args.demo, camera_rate_hz=args.camera_rate)
+    node.exit_now(node.run(ros_arguments(args), demo=args.demo, camera_rate_hz=args.camera_rate))
+    return 0  # not reached

@@ -4,21 +4,33 @@ service, the Describe action and /diagnostics out. The only module that imports 
 The node only stores messages and submits work: callbacks keep the latest frame per camera
 (message + receive time, nothing converted), timers and requests submit jobs to the one
 InferenceWorker (serving.worker), and the worker converts the frame (ros.imaging), calls the
-ROS-free core (infer.pipeline.Assistant) and publishes. Service and action callbacks run in a
-ReentrantCallbackGroup on a MultiThreadedExecutor and wait on the worker's Future with a
-timeout, so subscriptions and other requests keep being served during inference.
+ROS-free core (infer.pipeline.Assistant) and publishes.
+
+Every request gets a response (docs/NODE.md, "Requests under load"): the Ask service and the
+Describe action's services keep every request (KEEP_ALL, reliable), and their callbacks are
+coroutines that await the worker's result instead of holding an executor thread, so a burst of
+requests is answered, or refused at once naming why (queue full, not active, still loading),
+however many arrive. A watchdog timer fails a request still waiting at ``query_timeout_s``.
 
 Lifecycle: configure reads the parameters (vlm_ros.ros.node_config) and loads the model; activate
 creates the camera subscriptions and timers; deactivate destroys them (periodic jobs still
 queued then return without running); cleanup stops the worker and frees the model. The
 lifecycle publishers, the Ask service and the Describe action server live as long as the node:
 they publish only while active, and while not active an Ask gets success=false with an error
-saying so and a Describe goal is rejected, instead of a client waiting for a service that is
-gone. (Also, rclpy can raise InvalidHandle in a MultiThreadedExecutor's wait-set build when a
-waitable (an action server, a QoS event handler) is destroyed while the executor spins, which
-kills the executor; for the same reason the camera subscriptions have no QoS event handlers.)
-``main()`` configures and activates by itself when the ``autostart`` parameter is true (the
-default), so no lifecycle manager is needed.
+saying so ("loading model ..." while configure runs) and a Describe goal is rejected, instead
+of a client waiting for a service that is gone. (Also, rclpy can raise InvalidHandle in a
+MultiThreadedExecutor's wait-set build when a waitable (an action server, a QoS event handler)
+is destroyed while the executor spins, which kills the executor; for the same reason the
+camera subscriptions have no QoS event handlers.) ``run()`` spins first and configures and
+activates on a thread of its own when the ``autostart`` parameter is true (the default), so
+the node is reachable while the model loads and no lifecycle manager is needed.
+
+Cameras: subscribed with sensor-data QoS (best effort, keep last 5) that ``qos_overrides.<topic>.
+subscription.{reliability,history,depth}`` parameters change (rclpy QoSOverridingOptions).
+Outputs, logs and Ask/Describe use the resolved (namespaced, remapped) topic; requests may also
+name the camera as configured. /diagnostics has a status per camera that goes WARN when a
+publisher is matched but no frame arrived for CAMERA_SILENCE_S (a QoS or transport mismatch:
+vlm_ros.ros.transport).
 
 Frame accounting is vlm_ros.serving.frames.FrameStore, the same class as the offline replay
 (vlm_ros.bag.replay): a frame is *taken* when the first job starts on it (and converted, once;
@@ -36,11 +48,19 @@ on-set-parameters callback, the others are refused on a configured node with the
 Frame age (``max_frame_age_ms``) is measured from when the node *received* the frame, so it does
 not depend on the camera's clock; ``image_to_output_ms`` in every output is the publish time
 minus the source header stamp (true end to end, needs synchronised clocks).
+
+Shutdown (SIGINT/SIGTERM): running inference is cancelled at the next token, the lifecycle
+shuts down, rclpy stops, the logs are flushed and the entry points leave with ``exit_now``
+(os._exit), skipping the interpreter's final garbage collection over the model's objects, which
+took seconds and made ``ros2 launch`` escalate to SIGTERM after its 5 s.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import logging
+import os
 import re
 import signal
 import sys
@@ -50,7 +70,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
@@ -58,7 +78,9 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.signals import SignalHandlerOptions
+from rclpy.task import Future as RosFuture
 from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
 
@@ -78,6 +100,7 @@ from vlm_ros.ros.node_config import (
 )
 from vlm_ros.ros.node_messages import RCLPY_TYPES, latency_status
 from vlm_ros.ros.synthetic_camera import SyntheticCamera
+from vlm_ros.ros.transport import use_large_frame_profile
 from vlm_ros.serving.frames import Frame, FrameStore, StaleFrameError
 from vlm_ros.serving.latency import LatencyMonitor
 from vlm_ros.serving.worker import (
@@ -95,10 +118,22 @@ except ImportError:  # Humble: the same class lived in rclpy.qos_event
     from rclpy.qos_event import SubscriptionEventCallbacks
 
 NODE_NAME = names.NODE_NAME
+# Camera default: ROS's sensor-data profile (best effort, keep last 5, as image_transport
+# subscribers use), so a frame is not overwritten in the reader while the executor is busy for
+# a moment; the node itself keeps only the latest. qos_overrides parameters change it.
 SENSOR_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT
+    history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.BEST_EFFORT
 )
+# Ask and the Describe action's goal/cancel/result services: keep every request until a callback
+# takes it. The default (KEEP_LAST 10) overwrote requests of a burst before any callback saw
+# them, and those clients never got a response. Reliable KEEP_ALL applies flow control instead.
+REQUEST_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
 OUTPUT_QOS = 10
+EXECUTOR_THREADS = 4  # callbacks never wait on the model (coroutines), so a few threads suffice
+WATCHDOG_PERIOD_S = 0.25  # how often waiting requests are checked against query_timeout_s
+CAMERA_SILENCE_S = 3.0  # /diagnostics warns when a matched camera sends nothing this long
+QUERY_GRACE_S = 5.0  # past query_timeout_s, for a stage that cannot stop at a token
+SHUTDOWN_JOIN_S = 1.0  # at process exit, wait this long for a running inference to stop
 SCENE, HINT = "scene", "hint"
 # `vlm-ros node --demo`: the demo model, asked what it was trained on (vlm_ros.demo.data), and
 # its outputs logged so the console shows the chain working.
@@ -112,6 +147,17 @@ DEMO_OVERRIDES = {
 WAIT_ERRORS = (concurrent.futures.TimeoutError, concurrent.futures.CancelledError)
 # a command-line flag in a core error ("use --device cpu") -> the node's parameter
 CLI_FLAG = re.compile(r"--(device|dtype|decoder|quantize|threads|vision-tower) (\S+)")
+
+
+@dataclass(eq=False)
+class Waiting:
+    """A request coroutine awaiting a worker job: ``done`` (an rclpy Future, which the coroutine
+    awaits) completes with the job's outcome, or with TimeoutError at ``give_up``."""
+
+    job: concurrent.futures.Future
+    done: RosFuture
+    give_up: float  # time.monotonic()
+    cancel: threading.Event | None = None  # a Describe goal's cancel
 
 
 @dataclass
@@ -129,7 +175,8 @@ class Result:
 class AssistantNode(LifecycleNode):
     """See the module docstring. Parameters: vlm_ros.ros.node_config.PARAMETERS."""
 
-    def __init__(self, node_name: str = NODE_NAME, **kwargs):
+    def __init__(self, node_name: str = NODE_NAME, loader=None, **kwargs):
+        """``loader(config) -> Assistant`` replaces Assistant.load (tests load a bench preset)."""
         super().__init__(node_name, **kwargs)
         for name, (default, description) in PARAMETERS.items():
             # doubles take integers too (-p scene_rate_hz:=2); NodeConfig checks and converts
@@ -144,6 +191,18 @@ class AssistantNode(LifecycleNode):
         self.frames = FrameStore(self._count_frame)
         self.last_error = ""  # why the last configure failed (also logged)
         self._params_fixed = False  # configure read them: only LIVE ones may change now
+        self._loader = loader
+        self._loading = ""  # "loading model ..." while configure runs: requests are refused so
+        self._loading_since = 0.0
+        self._stopping = threading.Event()  # process exit: running inference stops at a token
+        self._exiting = False  # shutdown for process exit: do not wait for a running inference
+        self._waits: set[Waiting] = set()  # requests awaiting the worker (see _await_job)
+        self._waits_lock = threading.Lock()
+        self._goal_cancels: dict[bytes, threading.Event] = {}  # Describe goal id -> its cancel
+        self._subs: dict[str, object] = {}  # configured topic -> subscription (while active)
+        self._resolved: dict[str, str] = {}  # configured topic -> resolved topic name
+        self._last_frame: dict[str, float] = {}  # configured topic -> monotonic receive time
+        self._silent_since: dict[str, float] = {}  # configured topic -> when the watch began
         self._used: dict[str, int] = {}  # "kind:camera" -> seq of the frame last used
         self._group = ReentrantCallbackGroup()
         self._active: list = []  # subscriptions and the diagnostics timer: made on activate
@@ -156,15 +215,16 @@ class AssistantNode(LifecycleNode):
             "diagnostics": make(DiagnosticArray, names.DIAGNOSTICS, OUTPUT_QOS),
         }
         self._describe = ActionServer(
-            self,
-            Describe,
-            names.DESCRIBE,
-            self._on_describe,
-            callback_group=self._group,
-            goal_callback=self._on_goal,
-            cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+            self, Describe, names.DESCRIBE, self._on_describe, callback_group=self._group,
+            goal_callback=self._on_goal, cancel_callback=self._on_cancel,
+            goal_service_qos_profile=REQUEST_QOS, result_service_qos_profile=REQUEST_QOS,
+            cancel_service_qos_profile=REQUEST_QOS,
+        )  # fmt: skip
+        self._ask = self.create_service(
+            Ask, names.ASK, self._on_ask, qos_profile=REQUEST_QOS, callback_group=self._group
         )
-        self._ask = self.create_service(Ask, names.ASK, self._on_ask, callback_group=self._group)
+        # Also wakes the executor, so awaiting coroutines resume (see _await_job).
+        self._watchdog = self.create_timer(WATCHDOG_PERIOD_S, self._expire_waits, self._group)
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
     # ---- parameters ------------------------------------------------------------------------
@@ -227,20 +287,11 @@ class AssistantNode(LifecycleNode):
         log.info(f"configuring: model {values['model']!r}, device {values['device']!r}")
         try:
             config = NodeConfig.from_values(values)
-            log.info("importing the model runtime (torch, transformers)")
-            # here, not at the top: the node's first log lines come before this ~5-30 s import
-            from vlm_ros.infer.pipeline import Assistant
-
-            log.info(
-                f"loading model {config.model!r} on {config.runtime.device} "
-                f"({time.monotonic() - start:.1f} s)"
-            )
-            self.assistant = Assistant.load(
-                config.model,
-                runtime=config.runtime,
-                generation=config.generation,
-                vision_tower=config.vision_tower,
-            )
+            self.monitor = LatencyMonitor(config.budgets, config.diagnostics_window)
+            self._loading = f"loading model {config.model!r} on {config.runtime.device}"
+            self._loading_since = time.monotonic()
+            log.info(f"{self._loading} ({time.monotonic() - start:.1f} s)")
+            self.assistant = self._load(config)
         except Exception as exc:  # a robot must see why, not a traceback in a log file
             self._params_fixed = False
             self.last_error = CLI_FLAG.sub(
@@ -248,41 +299,76 @@ class AssistantNode(LifecycleNode):
             )
             log.error(f"configure failed: {self.last_error}")
             return TransitionCallbackReturn.FAILURE
+        finally:
+            self._loading = ""
         # a LIVE parameter set while the model loaded was accepted: apply it now
         config = config.with_values({n: self.get_parameter(n).value for n in LIVE})
         self.config, self.last_error = config, ""
+        self.monitor.budgets = config.budgets
         self.worker = InferenceWorker(config.queue_size, name=f"{self.get_name()}-inference")
-        self.monitor = LatencyMonitor(config.budgets, config.diagnostics_window)
         log.info(
             f"configured: {self.assistant.family.name} from {config.model!r} "
             f"in {time.monotonic() - start:.1f} s"
         )
         return TransitionCallbackReturn.SUCCESS
 
+    def _load(self, config: NodeConfig):
+        if self._loader is not None:
+            return self._loader(config)
+        self.get_logger().info("importing the model runtime (torch, transformers)")
+        # here, not at the top: the node's first log lines come before this ~5-30 s import
+        from vlm_ros.infer.pipeline import Assistant
+
+        return Assistant.load(
+            config.model, runtime=config.runtime, generation=config.generation,
+            vision_tower=config.vision_tower,
+        )  # fmt: skip
+
     def on_activate(self, state) -> TransitionCallbackReturn:
         """Subscribe to the cameras and start the timers."""
         cfg, group = self.config, self._group
-        no_events = SubscriptionEventCallbacks(use_default_callbacks=False)
         for cam in cfg.cameras:
-            msg_type = CompressedImage if cam.compressed else Image
-            callback = partial(self._on_image, cam.topic)
-            self._active.append(
-                self.create_subscription(
-                    msg_type,
-                    cam.topic,
-                    callback,
-                    SENSOR_QOS,
-                    callback_group=group,
-                    event_callbacks=no_events,
-                )
-            )
+            self._subscribe(cam)
         self._start_timers()
         self._active.append(
             self.create_timer(cfg.diagnostics_period_s, self._publish_diagnostics, group)
         )
         self._is_active = True
-        self.get_logger().info(f"active: cameras {[c.topic for c in cfg.cameras]}")
+        self.get_logger().info(f"active: cameras {self._camera_summary()}")
         return super().on_activate(state)
+
+    def _subscribe(self, cam: Camera) -> None:
+        """The camera's subscription: SENSOR_QOS unless qos_overrides parameters say otherwise;
+        its resolved topic name becomes the camera's name in outputs and logs."""
+        msg_type = CompressedImage if cam.compressed else Image
+        sub = self.create_subscription(
+            msg_type, cam.topic, partial(self._on_image, cam.topic), SENSOR_QOS,
+            callback_group=self._group,
+            event_callbacks=SubscriptionEventCallbacks(use_default_callbacks=False),
+            qos_overriding_options=QoSOverridingOptions.with_default_policies(),
+        )  # fmt: skip
+        self._active.append(sub)
+        self._subs[cam.topic], self._resolved[cam.topic] = sub, sub.topic_name
+        self._silent_since[cam.topic] = time.monotonic()
+
+    def _camera_summary(self) -> list[str]:
+        """Each camera as resolved, with the QoS it was subscribed with."""
+        return [f"{self._name(c)} ({self._camera_qos(c)})" for c in self.config.cameras]
+
+    def _name(self, cam: Camera) -> str:
+        """The camera's resolved topic (after namespace and remapping): its name everywhere."""
+        return self._resolved.get(cam.topic, cam.topic)
+
+    def _camera(self, name: str) -> Camera:
+        """The camera a request names: as configured or as resolved; empty = the first."""
+        try:
+            return self.config.camera(name)
+        except InputError:
+            for cam in self.config.cameras:
+                if name in (self._name(cam), self._name(cam).lstrip("/")):
+                    return cam
+            known = ", ".join(self._name(c) for c in self.config.cameras)
+            raise InputError(f"unknown camera {name!r}; cameras: {known}") from None
 
     def on_deactivate(self, state) -> TransitionCallbackReturn:
         """Stop taking input: destroy what activate made (queued work still completes)."""
@@ -295,6 +381,14 @@ class AssistantNode(LifecycleNode):
         self._release()
         return TransitionCallbackReturn.SUCCESS
 
+    def stop_for_exit(self) -> None:
+        """The process is about to exit: cancel running inference (it stops at the next
+        token) and make the shutdown transition wait only SHUTDOWN_JOIN_S for it."""
+        self._exiting = True
+        self._stopping.set()
+        for cancel in list(self._goal_cancels.values()):
+            cancel.set()
+
     def on_shutdown(self, state) -> TransitionCallbackReturn:
         self._is_active = False
         self._destroy_active()
@@ -306,12 +400,22 @@ class AssistantNode(LifecycleNode):
             entity.destroy()
         self._active.clear()
         self._periodic_timers.clear()
+        self._subs.clear()
 
     def _release(self) -> None:
+        """Stop the worker and free the model. At process exit the model is not freed here:
+        the exit frees it at once, while closing it (and its garbage collection) took 2.2 s for
+        a full-size model; and a running inference (cancelled) gets only SHUTDOWN_JOIN_S, in
+        case it is inside a stage that cannot stop (vision, prefill)."""
+        stopped = True
         if self.worker is not None:
-            self.worker.shutdown()
-        if self.assistant is not None:
+            stopped = self.worker.shutdown(SHUTDOWN_JOIN_S if self._exiting else 30.0)
+        if self.assistant is not None and stopped and not self._exiting:
             self.assistant.close()
+        elif self.assistant is not None and not stopped:
+            self.get_logger().info("inference still running at exit: the model goes with it")
+        if self._exiting:
+            self._held_for_exit = (self.assistant, self.worker)  # freed by the exit, not now
         self.worker = self.assistant = self.config = None
         self._params_fixed = False
         self.frames.clear()
@@ -322,13 +426,15 @@ class AssistantNode(LifecycleNode):
     def _on_image(self, topic: str, msg) -> None:
         """Keep only the latest frame; never convert or infer here (FrameStore counts it, and
         the frame it replaces as dropped unless a job took it)."""
-        self.frames.put(topic, msg, time.monotonic())
+        now = time.monotonic()
+        self._last_frame[topic] = now  # the camera's /diagnostics status
+        self.frames.put(topic, msg, now)
 
     def _fresh_frame(self, cam: Camera, take: bool = False) -> Frame:
         """The camera's latest frame, or InputError when there is none or it is too old;
         ``take`` marks it as used by a job (see the module docstring)."""
         max_age = self.config.max_frame_age_ms / 1000.0
-        return self.frames.fresh(cam.topic, time.monotonic(), max_age, take)
+        return self.frames.fresh(cam.topic, time.monotonic(), max_age, take, self._name(cam))
 
     def _convert(self, msg) -> object:
         """A frame message -> RGB pixels, its size checked against the core's limits and
@@ -354,20 +460,23 @@ class AssistantNode(LifecycleNode):
         rank: bool = False,
         on_text=None,
         cancel: threading.Event | None = None,
+        deadline: float | None = None,
     ) -> Result:
-        """Latest fresh frame of ``cam`` -> answer and/or action hint, recorded in the monitor."""
+        """Latest fresh frame of ``cam`` -> answer and/or action hint, recorded in the monitor.
+        ``cancel`` (default: the node's shutdown event) and ``deadline`` stop decoding early."""
         start = time.monotonic()
         frame = self._fresh_frame(cam, take=True)
         result = Result(frame, (start - submitted) * 1000.0, (start - frame.received) * 1000.0)
+        cancel = cancel or self._stopping
         try:
-            self._run(result, question, max_new_tokens, rank, on_text, cancel)
+            self._run(result, question, max_new_tokens, rank, on_text, cancel, deadline)
         except BaseException as exc:
             self._settle(frame, exc)
             raise
         self._settle(frame, None)
         return result
 
-    def _run(self, result: Result, question, max_new_tokens, rank, on_text, cancel) -> None:
+    def _run(self, result: Result, question, max_new_tokens, rank, on_text, cancel, deadline):
         """The core's work on one taken frame (converted once per frame by FrameStore)."""
         image = self.frames.image(result.frame, self._convert)
         self._fault_delay(cancel)
@@ -375,16 +484,17 @@ class AssistantNode(LifecycleNode):
         if question is not None:
             budget = max_new_tokens or cfg.generation.max_new_tokens
             result.answer = self.assistant.answer(
-                image, question, max_new_tokens=budget, on_text=on_text, cancel=cancel
-            )
+                image, question, max_new_tokens=budget, on_text=on_text, cancel=cancel,
+                deadline=deadline,
+            )  # fmt: skip
         if rank:
             result.hint = self.assistant.rank(image, cfg.hint_instruction, cfg.hint_candidates)
 
-    def _fault_delay(self, cancel: threading.Event | None) -> None:
+    def _fault_delay(self, cancel: threading.Event) -> None:
         """inference_delay_ms: simulate a slow model (tests); a cancel cuts it short."""
         delay = self.config.inference_delay_ms / 1000.0
         if delay > 0:
-            (cancel or threading.Event()).wait(delay)
+            cancel.wait(delay)
 
     def _on_tick(self, kind: str) -> None:
         """Timer: queue one periodic job per camera with a new frame; skip it (counted in
@@ -436,7 +546,7 @@ class AssistantNode(LifecycleNode):
             pairs = zip(msg.candidates, msg.probabilities, strict=True)
             text = f"action hint: {msg.action} ({', '.join(f'{a} {p:.2f}' for a, p in pairs)})"
         latency = msg.latency.image_to_output_ms
-        self.get_logger().info(f"{cam.topic}: {text} [{latency:.0f} ms image->output]")
+        self.get_logger().info(f"{self._name(cam)}: {text} [{latency:.0f} ms image->output]")
 
     def _periodic_done(self, future: concurrent.futures.Future) -> None:
         """Count what happened to a periodic job that did not publish."""
@@ -472,92 +582,176 @@ class AssistantNode(LifecycleNode):
 
     def _scene_msg(self, cam: Camera, question: str, result: Result) -> SceneAnswer:
         latency, misses = self._latency(result, result.answer.timings)
-        header = result.frame.msg.header
+        header, name = result.frame.msg.header, self._name(cam)
         return outputs.scene_answer(
-            RCLPY_TYPES, header, cam.topic, question, result.answer, latency, misses
+            RCLPY_TYPES, header, name, question, result.answer, latency, misses
         )
 
     def _hint_msg(self, cam: Camera, result: Result) -> ActionHint:
         latency, misses = self._latency(result, result.hint.timings)
         header, instruction = result.frame.msg.header, self.config.hint_instruction
         return outputs.action_hint(
-            RCLPY_TYPES, header, cam.topic, instruction, result.hint, latency, misses
+            RCLPY_TYPES, header, self._name(cam), instruction, result.hint, latency, misses
         )
 
     # ---- Ask service and Describe action ---------------------------------------------------
 
-    def _submit_query(self, cam: Camera, **kwargs) -> concurrent.futures.Future:
-        """Check the frame now (a clean error at once), then queue the query."""
+    def _submit_query(self, cam: Camera, **kwargs) -> tuple[concurrent.futures.Future, float]:
+        """Check the frame now (a clean error at once), then queue the query; returns the job
+        and when its waiter gives up. The answer's own deadline is query_timeout_s: decoding
+        stops there (stop_reason "deadline"); QUERY_GRACE_S more covers a stage that cannot
+        stop (vision, prefill, ranking) before the request fails."""
         self._fresh_frame(cam)
-        job = partial(self._infer, cam, time.monotonic(), **kwargs)
-        deadline = time.monotonic() + self.config.query_timeout_s
-        return self.worker.submit(job, QUERY, deadline=deadline)
+        now = time.monotonic()
+        deadline = now + self.config.query_timeout_s
+        job = partial(self._infer, cam, now, deadline=deadline, **kwargs)
+        return self.worker.submit(job, QUERY, deadline=deadline), deadline + QUERY_GRACE_S
+
+    def _await_job(self, job: concurrent.futures.Future, give_up: float, cancel=None) -> RosFuture:
+        """An rclpy Future the request coroutine awaits: completed by the worker thread with the
+        job's outcome, or by the watchdog with TimeoutError. Its no-op done callback makes the
+        completion schedule a task, which wakes the executor so the coroutine resumes at once
+        (rclpy resumes a waiting coroutine only when the executor wakes)."""
+        done = RosFuture(executor=self.executor)
+        done.add_done_callback(lambda _done: None)
+        waiting = Waiting(job, done, give_up, cancel)
+        with self._waits_lock:
+            self._waits.add(waiting)
+        job.add_done_callback(partial(self._job_finished, waiting))
+        return done
+
+    def _claim(self, waiting: Waiting) -> bool:
+        """Whether this caller completes ``waiting`` (the worker and the watchdog race)."""
+        with self._waits_lock:
+            if waiting not in self._waits:
+                return False
+            self._waits.discard(waiting)
+            return True
+
+    def _job_finished(self, waiting: Waiting, job: concurrent.futures.Future) -> None:
+        """Worker thread (or the submitter, for a cancelled job): hand the outcome over."""
+        if not self._claim(waiting):
+            return
+        if job.cancelled():
+            waiting.done.set_exception(concurrent.futures.CancelledError())
+        elif job.exception() is not None:
+            waiting.done.set_exception(job.exception())
+        else:
+            waiting.done.set_result(job.result())
+
+    def _expire_waits(self) -> None:
+        """Watchdog timer: fail requests still waiting past their give-up time."""
+        now = time.monotonic()
+        with self._waits_lock:
+            late = [w for w in self._waits if now > w.give_up]
+        for waiting in late:
+            if self._claim(waiting):
+                waiting.job.cancel()  # still queued: never runs
+                waiting.done.set_exception(concurrent.futures.TimeoutError())
 
     def _refused(self, what: str, exc: BaseException) -> str:
+        """The one-line error a failed request gets; counted, and logged (a burst's refusals
+        at most once a second per kind, with the running count)."""
         text = str(exc) or type(exc).__name__
+        timeout = self.config.query_timeout_s if self.config else 0.0
         if isinstance(exc, imaging.ImageFormatError):
             text = f"bad image ({exc.reason}): {text}"
         elif isinstance(exc, concurrent.futures.TimeoutError):
-            text = f"no answer within query_timeout_s ({self.config.query_timeout_s} s)"
+            text = f"no answer within query_timeout_s ({timeout} s) + {QUERY_GRACE_S} s"
+        elif isinstance(exc, concurrent.futures.CancelledError):
+            text = "cancelled"
         if isinstance(exc, (VlmError, *WAIT_ERRORS)):
-            self.monitor.count("requests_refused")
-            n = self.monitor.counters()["requests_refused"]
-            self.get_logger().warning(f"{what} refused: {text} [{n} refused so far]")
+            n = self._count("requests_refused")
+            self.get_logger().warning(
+                f"{what} refused: {text} [{n} refused so far]", throttle_duration_sec=1.0
+            )
         else:  # a bug or a model failure: still answer the caller, and make /diagnostics ERROR
-            self.monitor.count("failed")
+            self._count("failed")
             text = f"inference failed: {type(exc).__name__}: {text}"
             self.get_logger().error(f"{what}: {text}")
         return text
 
-    def _not_active(self, what: str) -> str:
-        """The refusal of a request made while the node is not active (logged, counted)."""
-        text = f"{self.get_name()} is not active (deactivated or not configured); {what} is "
-        text += "served only in the active lifecycle state"
-        if self.monitor is not None:
-            self.monitor.count("requests_refused")
-        self.get_logger().warning(f"{what} refused: {text}")
+    def _count(self, name: str) -> int:
+        """Count on the monitor (none before the first configure); returns the new total."""
+        monitor = self.monitor
+        if monitor is None:
+            return 0
+        monitor.count(name)
+        return monitor.counters()[name]
+
+    def _not_serving(self, what: str) -> str:
+        """Why a request cannot be served now ("" when active): still loading the model, or
+        not active. Counted and logged as a refusal."""
+        if self._is_active:
+            return ""
+        name = self.get_name()
+        if self._loading:
+            elapsed = time.monotonic() - self._loading_since
+            text = f"{name} is {self._loading} ({elapsed:.0f} s so far); {what} is served once "
+            text += "it is active"
+        else:
+            text = f"{name} is not active (deactivated or not configured); {what} is "
+            text += "served only in the active lifecycle state"
+        n = self._count("requests_refused")
+        self.get_logger().warning(
+            f"{what} refused: {text} [{n} refused so far]", throttle_duration_sec=1.0
+        )
         return text
 
-    def _on_ask(self, request, response):
-        """Ask: answer (and optionally rank) on the camera's latest frame."""
-        if not self._is_active:
-            response.success, response.error_message = False, self._not_active("Ask")
+    async def _on_ask(self, request, response):
+        """Ask: answer (and optionally rank) on the camera's latest frame. A coroutine: it
+        waits for the worker without holding an executor thread."""
+        refusal = self._not_serving("Ask")
+        if refusal:
+            response.success, response.error_message = False, refusal
             return response
-        cfg = self.config
-        future = None
         try:
-            cam = cfg.camera(request.camera)
-            future = self._submit_query(
-                cam,
-                question=request.question,
-                rank=request.want_action_hint,
+            cam = self._camera(request.camera)
+            job, give_up = self._submit_query(
+                cam, question=request.question, rank=request.want_action_hint,
                 max_new_tokens=request.max_new_tokens or None,
-            )
-            result = future.result(timeout=cfg.query_timeout_s)
+            )  # fmt: skip
+            result = await self._await_job(job, give_up)
+            scene = self._scene_msg(cam, request.question, result)
+            hint = self._hint_msg(cam, result) if result.hint is not None else None
         except Exception as exc:  # every failure becomes an error response (see _refused)
-            if future is not None:
-                future.cancel()
             response.success, response.error_message = False, self._refused("Ask", exc)
             return response
-        scene = self._scene_msg(cam, request.question, result)
         response.success, response.answer = True, scene.answer
         response.stop_reason = scene.stop_reason
         response.latency, response.image_stamp = scene.latency, scene.header.stamp
         response.image_age_ms = float(result.image_age_ms)
-        if result.hint is not None:
-            response.hint = self._hint_msg(cam, result)
+        if hint is not None:
+            response.hint = hint
         return response
 
     def _on_goal(self, _goal) -> GoalResponse:
-        """Describe goals are served only while active."""
-        if self._is_active:
-            return GoalResponse.ACCEPT
-        self._not_active("Describe")
-        return GoalResponse.REJECT
+        """Describe goals are accepted only while active (a rejection is logged with why)."""
+        return GoalResponse.REJECT if self._not_serving("Describe") else GoalResponse.ACCEPT
 
-    def _on_describe(self, goal_handle):
+    def _on_cancel(self, goal_handle) -> CancelResponse:
+        """Stop the goal's inference at the next token (or before it starts)."""
+        cancel = self._goal_cancels.get(bytes(goal_handle.goal_id.uuid))
+        if cancel is not None:
+            cancel.set()
+            with self._waits_lock:
+                jobs = [w.job for w in self._waits if w.cancel is cancel]
+            for job in jobs:
+                job.cancel()  # still queued: never runs
+        return CancelResponse.ACCEPT
+
+    async def _on_describe(self, goal_handle):
         """Describe: stream partial text as feedback; a cancel stops at the next token."""
         req, cancel, count = goal_handle.request, threading.Event(), [0]
+        goal = bytes(goal_handle.goal_id.uuid)
+        self._goal_cancels[goal] = cancel  # found by _on_cancel and at shutdown
+        try:
+            return await self._describe_goal(goal_handle, req, cancel, count)
+        finally:
+            self._goal_cancels.pop(goal, None)
+
+    async def _describe_goal(self, goal_handle, req, cancel: threading.Event, count: list[int]):
+        """One goal's work; the result message always says what happened."""
 
         def on_text(text: str) -> None:
             count[0] += 1
@@ -567,22 +761,22 @@ class AssistantNode(LifecycleNode):
 
         result_msg = Describe.Result()
         try:
-            cam = self.config.camera(req.camera)
+            cam = self._camera(req.camera)
             question = req.question or self.config.scene_prompt
-            future = self._submit_query(
-                cam,
-                question=question,
-                on_text=on_text,
-                cancel=cancel,
+            job, give_up = self._submit_query(
+                cam, question=question, on_text=on_text, cancel=cancel,
                 max_new_tokens=req.max_new_tokens or None,
-            )
-            result = self._wait_cancellable(future, goal_handle, cancel)
+            )  # fmt: skip
+            if goal_handle.is_cancel_requested:  # cancelled before the job existed
+                cancel.set()
+                job.cancel()
+            result = await self._await_job(job, give_up, cancel)
+            scene = self._scene_msg(cam, question, result)
         except Exception as exc:  # every failure becomes an error result (see _refused)
             result_msg.error_message = self._refused("Describe", exc)
             result_msg.stop_reason = "cancelled" if cancel.is_set() else ""
             (goal_handle.canceled if cancel.is_set() else goal_handle.abort)()
             return result_msg
-        scene = self._scene_msg(cam, question, result)
         result_msg.answer, result_msg.stop_reason = scene.answer, scene.stop_reason
         result_msg.latency, result_msg.image_stamp = scene.latency, scene.header.stamp
         if cancel.is_set():
@@ -593,24 +787,11 @@ class AssistantNode(LifecycleNode):
             goal_handle.succeed()
         return result_msg
 
-    def _wait_cancellable(self, future, goal_handle, cancel: threading.Event) -> Result:
-        """Wait for the worker, turning a cancel request into the core's cancel Event."""
-        give_up = time.monotonic() + self.config.query_timeout_s
-        while True:
-            try:
-                return future.result(timeout=0.05)
-            except concurrent.futures.TimeoutError:
-                if goal_handle.is_cancel_requested and not cancel.is_set():
-                    cancel.set()
-                    future.cancel()  # still queued: never runs
-                if time.monotonic() > give_up:
-                    future.cancel()
-                    raise
-
     # ---- diagnostics -----------------------------------------------------------------------
 
     def _publish_diagnostics(self) -> None:
-        """/diagnostics: stage p50/p90/p99/max over the window, counters, queue, verdict."""
+        """/diagnostics: stage p50/p90/p99/max over the window, counters, queue, verdict; and
+        one status per camera (see _camera_status)."""
         extra = {"queue_depth": self.worker.depth, "model": self.config.model}
         status = latency_status(
             names.latency_status(self.get_name()),
@@ -619,38 +800,96 @@ class AssistantNode(LifecycleNode):
             self.config.budgets.as_dict(),
             extra,
         )
-        msg = DiagnosticArray(status=[status])
+        cameras = [
+            self._camera_status(cam) for cam in self.config.cameras if cam.topic in self._subs
+        ]
+        msg = DiagnosticArray(status=[status, *cameras])
         msg.header.stamp = self.get_clock().now().to_msg()
         self._pubs["diagnostics"].publish(msg)
+
+    def _camera_status(self, cam: Camera) -> DiagnosticStatus:
+        """WARN, with a hint, when the camera sends nothing for CAMERA_SILENCE_S: no publisher,
+        or a publisher matched whose frames do not arrive (QoS, or a large frame's transport)."""
+        now, name = time.monotonic(), self._name(cam)
+        publishers = self._subs[cam.topic].get_publisher_count()
+        last = self._last_frame.get(cam.topic)
+        since = max(last or 0.0, self._silent_since[cam.topic])
+        silent_s = now - since
+        level, text = DiagnosticStatus.OK, f"receiving from {publishers} publisher(s)"
+        if silent_s > CAMERA_SILENCE_S and publishers == 0:
+            level, text = (
+                DiagnosticStatus.WARN,
+                (
+                    f"no publisher on {name} for {silent_s:.0f} s: is the camera running, and is "
+                    "the topic right (camera_topic / remapping)?"
+                ),
+            )
+        elif silent_s > CAMERA_SILENCE_S:
+            level, text = (
+                DiagnosticStatus.WARN,
+                (
+                    f"{publishers} publisher(s) matched on {name} but no frame for "
+                    f"{silent_s:.0f} s: frames over ~512 KB from another process need the camera "
+                    "process to run with FASTDDS_DEFAULT_PROFILES_FILE=<vlm_ros>/config/"
+                    "fastdds_large_frames.xml (docs/NODE.md, Camera transport); otherwise check "
+                    "the camera's QoS against qos_overrides"
+                ),
+            )
+        values = {
+            "publishers": publishers,
+            "seconds_since_last_frame": f"{now - last:.1f}" if last else "never",
+            "qos": self._camera_qos(cam),
+        }
+        return DiagnosticStatus(
+            level=level, name=f"{self.get_name()}: camera {name}", message=text,
+            hardware_id=self.get_fully_qualified_name(),
+            values=[KeyValue(key=k, value=str(v)) for k, v in values.items()],
+        )  # fmt: skip
+
+    def _camera_qos(self, cam: Camera) -> str:
+        qos = self._subs[cam.topic].qos_profile
+        return f"{qos.reliability.name.lower()}, {qos.history.name.lower()} {qos.depth}"
 
 
 # ---- entry points ------------------------------------------------------------------------------
 
 
-def run(args: list[str] | None = None, demo: bool = False, camera_rate_hz: float = 10.0) -> int:
+def run(
+    args: list[str] | None = None,
+    demo: bool = False,
+    camera_rate_hz: float = 10.0,
+    loader=None,
+) -> int:
     """Run the node (and, with ``demo``, the synthetic camera) until Ctrl-C. ``args`` are ROS
-    arguments (``--ros-args --params-file F -p model:=demo``). Ctrl-C (SIGINT) and SIGTERM
-    arrive as KeyboardInterrupt (rclpy's own handler would invalidate the context first), so
-    the node shuts down through its lifecycle while it can still publish and log; returns 0."""
+    arguments (``--ros-args --params-file F -p model:=demo``); ``loader`` replaces
+    Assistant.load (AssistantNode). Ctrl-C (SIGINT) and SIGTERM arrive as KeyboardInterrupt
+    (rclpy's own handler would invalidate the context first), so the node shuts down through
+    its lifecycle while it can still publish and log; returns 0, or 1 when autostart's
+    configure failed. The executor spins from the start; autostart runs on a thread of its own,
+    so the node answers "loading model ..." while the model loads."""
     _interrupt_on_stop_signals()
+    transport = use_large_frame_profile()
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     overrides = [Parameter(k, value=v) for k, v in DEMO_OVERRIDES.items()] if demo else []
-    node = AssistantNode(parameter_overrides=overrides)
-    executor = MultiThreadedExecutor(num_threads=8)  # waiting queries must not starve callbacks
+    node = AssistantNode(parameter_overrides=overrides, loader=loader)
+    node.get_logger().info(transport)
+    executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
     executor.add_node(node)
     if demo:
         executor.add_node(SyntheticCamera(rate_hz=camera_rate_hz))
-    rc = 0
+    outcome: list[int] = []  # autostart's exit status, once it failed
+    if node.get_parameter("autostart").value:
+        threading.Thread(
+            target=_autostart, args=(node, executor, outcome), name="autostart", daemon=True
+        ).start()
     try:
-        if node.get_parameter("autostart").value:
-            rc = _autostart(node)
-        if rc == 0:
-            executor.spin()
+        while not outcome and rclpy.ok():
+            executor.spin_once(timeout_sec=0.5)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         _stop(node, executor)
-    return rc
+    return outcome[0] if outcome else 0
 
 
 def _interrupt_on_stop_signals() -> None:
@@ -664,26 +903,57 @@ def _interrupt_on_stop_signals() -> None:
 
 
 def _stop(node: AssistantNode, executor) -> None:
-    """Shut the node down through its lifecycle (frees the model), then the executor."""
+    """Cancel running inference, shut the node down through its lifecycle, then the executor;
+    logs how long it took."""
+    start = time.monotonic()
+    node.get_logger().info("shutting down")
+    node.stop_for_exit()
     try:
         node.trigger_shutdown()
-    except Exception as exc:  # already finalized, or the context is gone
-        node.get_logger().debug(f"shutdown transition: {exc}")
-    executor.shutdown()
+    except Exception as exc:  # already finalized, still configuring, or the context is gone
+        node.get_logger().info(f"shutdown transition skipped: {exc}")
+    executor.shutdown(timeout_sec=1.0)
+    node.get_logger().info(f"shut down in {time.monotonic() - start:.2f} s")
     node.destroy_node()
     if rclpy.ok():
         rclpy.shutdown()
 
 
-def _autostart(node: AssistantNode) -> int:
-    """configure + activate without a lifecycle manager; 1 when configure fails."""
-    if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+def _autostart(node: AssistantNode, executor, outcome: list[int]) -> None:
+    """configure + activate without a lifecycle manager; on failure, exit status 1 and the
+    executor stops (run() returns)."""
+    try:
+        if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            node.trigger_activate()
+            return
         node.get_logger().fatal(f"cannot start: {node.last_error}")
-        return 1
-    node.trigger_activate()
-    return 0
+    except Exception as exc:  # interrupted by shutdown, or the context is gone
+        if not node._stopping.is_set():
+            node.get_logger().fatal(f"cannot start: {type(exc).__name__}: {exc}")
+    if not node._stopping.is_set():
+        outcome.append(1)
+        executor.wake()  # run()'s loop sees the outcome
+
+
+def exit_now(rc: int) -> None:
+    """Leave the process with ``rc`` once the logs are flushed, skipping the interpreter's
+    teardown: its final garbage collection over the model's and torch's objects took seconds
+    (2.7 s for the demo model, more for a full-size one), past ``ros2 launch``'s 5 s before
+    SIGTERM. Call after run() returned, when nothing else in the process needs an orderly exit."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing to keep
+            pass
+    try:
+        ctypes.CDLL(None).fflush(None)  # C stdio: rcutils console output
+    except (OSError, AttributeError):
+        pass
+    os._exit(rc)
 
 
 def main(args: list[str] | None = None) -> int:
-    """``assistant_node`` executable (ros2 run / launch)."""
-    return run(sys.argv if args is None else args)
+    """``assistant_node`` executable (ros2 run / launch); exits the process (exit_now)."""
+    exit_now(run(sys.argv if args is None else args))
+    return 0  # not reached

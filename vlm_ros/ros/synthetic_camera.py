@@ -21,6 +21,8 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 
+from vlm_ros.ros.transport import use_large_frame_profile
+
 QOS = QoSProfile(
     history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT
 )
@@ -96,7 +98,9 @@ class SyntheticCamera(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    """``synthetic_camera`` executable."""
+    """``synthetic_camera`` executable; a camera process, so it takes the large-frame transport
+    profile too (vlm_ros.ros.transport) unless one is set."""
+    use_large_frame_profile()
     rclpy.init(args=sys.argv if args is None else args)
     node = SyntheticCamera()
     try:

@@ -92,18 +92,22 @@ class FrameStore:
         with self._lock:
             return self._frames.get(camera)
 
-    def fresh(self, camera: str, now: float, max_age: float, take: bool = False) -> Frame:
+    def fresh(
+        self, camera: str, now: float, max_age: float, take: bool = False, label: str = ""
+    ) -> Frame:
         """The camera's latest frame if it is at most ``max_age`` old (0: no limit), marked taken
-        when ``take``; InputError naming the camera when there is none or it is too old. Ages
-        are in the caller's clock units; the message says milliseconds for seconds clocks."""
+        when ``take``; InputError naming the camera (as ``label``, e.g. the node's resolved
+        topic, when given) when there is none or it is too old. Ages are in the caller's clock
+        units; the message says milliseconds for seconds clocks."""
+        name = label or camera
         with self._lock:
             frame = self._frames.get(camera)
             if frame is None:
-                raise StaleFrameError(f"no frame received yet on {camera}")
+                raise StaleFrameError(f"no frame received yet on {name}")
             age = now - frame.received
             if max_age > 0 and age > max_age:
                 raise StaleFrameError(
-                    f"latest frame on {camera} is stale: {age * 1000:.0f} ms old "
+                    f"latest frame on {name} is stale: {age * 1000:.0f} ms old "
                     f"(max_frame_age_ms {max_age * 1000:.0f})"
                 )
             frame.taken = frame.taken or take

@@ -12,7 +12,8 @@ on the model. Rules, each there so a robot's queries are served promptly under l
   older one's future is cancelled), so periodic work never piles up;
 * deadline: a job whose absolute ``time.monotonic()`` deadline has passed when it reaches the
   front is refused (StaleJobError) without running;
-* ``shutdown()`` cancels what is queued, lets the running job finish, and joins the thread.
+* ``shutdown()`` cancels what is queued, lets the running job finish, and joins the thread
+  (with a timeout, saying whether it finished).
 """
 
 from __future__ import annotations
@@ -170,8 +171,10 @@ class InferenceWorker:
             self.stats["completed"] += 1
             job.future.set_result(result)
 
-    def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Cancel queued jobs, let the running one finish, join the thread. Idempotent."""
+    def shutdown(self, timeout: float | None = 30.0) -> bool:
+        """Cancel queued jobs, let the running one finish, join the thread (up to ``timeout``).
+        Idempotent. Returns whether the thread has finished (False: a job is still running,
+        and the caller must not free what it uses)."""
         with self._cond:
             self._stopping = True
             for job in self._heap:
@@ -181,3 +184,4 @@ class InferenceWorker:
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        return not self._thread.is_alive()

@@ -1,0 +1,42 @@
+"""``vlm-ros soak``: the node under request bursts, a camera flood and bad frames for a while,
+each party a process of its own over real DDS; writes the figures as JSON (vlm_ros.ros.soak).
+
+    vlm-ros soak --duration 600 --out bench/results/soak-600s.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=60.0,
+                        help="seconds of bursts and camera frames")  # fmt: skip
+    parser.add_argument("--burst-period", type=float, default=30.0,
+                        help="seconds between request bursts")  # fmt: skip
+    parser.add_argument("--model", default="demo", help="the node's model (default: demo)")
+    parser.add_argument("--out", default="soak.json", help="JSON file to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlm_ros.ros import soak  # rclpy only when the command runs
+
+    figures = soak.run(args.duration, Path(args.out), args.burst_period, args.model)
+    print(json.dumps(summary(figures), indent=2))
+    print(f"wrote {args.out}")
+    lost = sum(figures["requests"][kind]["lost"] for kind in ("ask", "describe"))
+    return 0 if lost == 0 and figures["shutdown"]["exit_status"] == 0 else 1
+
+
+def summary(figures: dict) -> dict:
+    """The headline figures (the JSON has the rest)."""
+    return {
+        "requests": {k: {n: v[n] for n in ("sent", "answered", "refused", "lost")}
+                     for k, v in figures["requests"].items()},
+        "ask_latency_ms": figures["ask_latency_ms"]["answered"],
+        "frames": {k: v for k, v in figures["frames"].items() if k != "cameras"},
+        "rss_mb": figures["rss_mb"],
+        "shutdown": figures["shutdown"],
+    }  # fmt: skip

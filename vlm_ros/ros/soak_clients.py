@@ -1,0 +1,294 @@
+"""Client processes of the reliability suite and `vlm-ros soak`: real rclpy clients and cameras.
+
+Each role runs in a process of its own (``python -m vlm_ros.ros.soak_clients ROLE ...``), as a
+robot's other nodes would, and prints one JSON object on stdout when done:
+
+* ``ask``: every ``period`` seconds from ``start`` (a time.time() shared by all processes, so
+  twenty of them burst together), fire ``count`` Ask calls at once on a default-QoS client;
+  report each call's outcome (answered, refused with a reason, lost = no response) and latency.
+* ``describe``: the same with Describe goals; a goal response (accepted or rejected) counts, and
+  an accepted goal's result is awaited.
+* ``camera``: publish sensor_msgs/Image frames (rgb8/bgr8, any size) at ``rate`` Hz, best
+  effort or reliable, optionally every ``bad_every``-th frame a bad one (truncated, unknown
+  encoding, zero size, in turn); report how many were published.
+
+Refusal reasons are read from the node's one-line error messages (REASONS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from rclpy.action import ActionClient
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
+
+from vlm_ros.action import Describe
+from vlm_ros.srv import Ask
+
+# substring of the node's error message -> reason (first match wins)
+REASONS = (
+    ("queue is full", "queue_full"),
+    ("evicted", "queue_full"),
+    ("loading model", "loading"),
+    ("is not active", "not_active"),
+    ("no frame received", "no_frame"),
+    ("is stale", "stale_frame"),
+    ("bad image", "bad_image"),
+    ("expired in the queue", "expired"),
+    ("no answer within", "timeout"),
+)
+BAD_FRAMES = ("truncated", "unknown_encoding", "zero_size")
+SETTLE_S = 1.0  # after the server is found, before the first request (see _settle)
+
+
+def reason(error_message: str) -> str:
+    """The refusal reason named by one of the node's error messages ("other" if none)."""
+    for needle, name in REASONS:
+        if needle in error_message:
+            return name
+    return "other"
+
+
+class Tally:
+    """Outcomes of requests: answered / refused by reason / lost, and answer latencies."""
+
+    def __init__(self):
+        self.sent = 0
+        self.answered = 0
+        self.refused: Counter[str] = Counter()
+        self.lost = 0
+        self.answer_ms: list[float] = []
+        self.refusal_ms: list[float] = []
+
+    def as_dict(self) -> dict:
+        return {
+            "sent": self.sent, "answered": self.answered, "refused": sum(self.refused.values()),
+            "refused_by_reason": dict(self.refused), "lost": self.lost,
+            "answer_ms": [round(x, 1) for x in self.answer_ms],
+            "refusal_ms": [round(x, 1) for x in self.refusal_ms],
+        }  # fmt: skip
+
+
+def _spin_until(executor, done, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while not done() and time.monotonic() < end:
+        executor.spin_once(timeout_sec=0.05)
+
+
+def _burst_times(start: float, period: float, duration: float) -> list[float]:
+    """time.time() of each burst: start, start + period, ... before start + duration."""
+    n = max(1, int(duration // period)) if period > 0 else 1
+    return [start + i * period for i in range(n)]
+
+
+def _wait_until(executor, when: float) -> None:
+    while time.time() < when:
+        executor.spin_once(timeout_sec=min(0.05, max(0.0, when - time.time())))
+
+
+def ask_role(args: argparse.Namespace) -> dict:
+    node = rclpy.create_node(args.name)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    client = node.create_client(Ask, args.service)  # default QoS, as a user's client has
+    if not client.wait_for_service(timeout_sec=args.wait):
+        return {"error": f"service {args.service} not available after {args.wait} s"}
+    ready = _settle(executor, args)
+    tally = Tally()
+    for when in _burst_times(args.start, args.period, args.duration):
+        _wait_until(executor, when)
+        sent = time.monotonic()
+        request = Ask.Request(question=args.question, camera=args.camera)
+        futures = [client.call_async(request) for _ in range(args.count)]
+        tally.sent += len(futures)
+        finished: dict[int, float] = {}
+
+        def all_done(futures=futures, finished=finished) -> bool:
+            for i, f in enumerate(futures):
+                if i not in finished and f.done():
+                    finished[i] = time.monotonic()
+            return len(finished) == len(futures)
+
+        _spin_until(executor, all_done, args.timeout)
+        for i, f in enumerate(futures):
+            if i not in finished:
+                tally.lost += 1
+                client.remove_pending_request(f)
+                continue
+            ms = (finished[i] - sent) * 1000.0
+            response = f.result()
+            if response.success:
+                tally.answered += 1
+                tally.answer_ms.append(ms)
+            else:
+                tally.refused[reason(response.error_message)] += 1
+                tally.refusal_ms.append(ms)
+    return {**tally.as_dict(), "ready": ready}
+
+
+def _settle(executor, args: argparse.Namespace) -> float:
+    """After wait_for_service: give the server time to discover this client's response reader
+    too (discovery is not symmetric). A request sent before that is answered into the void:
+    rmw_fastrtps waits 100 ms for the match, then drops the response ("failed to send response
+    (timeout)"), which no server can prevent. Then, with ``--barrier DIR``, say ready
+    (DIR/ready-NAME) and wait for DIR/go, which holds the time.time() of the first burst
+    (args.start is set from it). Returns time.time() when ready."""
+    _wait_until(executor, time.time() + SETTLE_S)
+    ready = time.time()
+    if args.barrier:
+        barrier = Path(args.barrier)
+        (barrier / f"ready-{args.name}").write_text(str(ready))
+        go = barrier / "go"
+        end = time.monotonic() + args.wait
+        while not go.is_file() and time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.05)
+        if go.is_file():
+            args.start = float(go.read_text())
+    return ready
+
+
+def release(barrier: Path, clients: int, timeout: float, lead_s: float = 2.0) -> float:
+    """The other side of --barrier: wait until ``clients`` processes are ready, then start
+    them all ``lead_s`` from now; returns that start time (time.time())."""
+    end = time.monotonic() + timeout
+    while len(list(barrier.glob("ready-*"))) < clients and time.monotonic() < end:
+        time.sleep(0.1)
+    start = time.time() + lead_s
+    tmp = barrier / "go.tmp"
+    tmp.write_text(repr(start))
+    tmp.rename(barrier / "go")  # atomic: a client never reads half a number
+    return start
+
+
+def describe_role(args: argparse.Namespace) -> dict:
+    node = rclpy.create_node(args.name)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    client = ActionClient(node, Describe, args.service)
+    if not client.wait_for_server(timeout_sec=args.wait):
+        return {"error": f"action {args.service} not available after {args.wait} s"}
+    ready = _settle(executor, args)
+    tally, accepted, rejected, results = Tally(), 0, 0, Counter()
+    for when in _burst_times(args.start, args.period, args.duration):
+        _wait_until(executor, when)
+        goal = Describe.Goal(question=args.question, camera=args.camera, max_new_tokens=4)
+        goals = [client.send_goal_async(goal) for _ in range(args.count)]
+        tally.sent += len(goals)
+        _spin_until(executor, lambda goals=goals: all(g.done() for g in goals), args.timeout)
+        handles = [g.result() for g in goals if g.done()]
+        tally.lost += len(goals) - len(handles)
+        accepted += sum(h.accepted for h in handles)
+        rejected += sum(not h.accepted for h in handles)
+        pending = [h.get_result_async() for h in handles if h.accepted]
+        _spin_until(executor, lambda p=pending: all(r.done() for r in p), args.timeout)
+        for r in pending:
+            if not r.done():
+                results["no_result"] += 1
+            elif r.result().result.success:
+                results["succeeded"] += 1
+            else:
+                results[reason(r.result().result.error_message)] += 1
+    out = {**tally.as_dict(), "ready": ready}
+    out.update(goal_responses=accepted + rejected, accepted=accepted, rejected=rejected,
+               results=dict(results))  # fmt: skip
+    return out
+
+
+def frame(width: int, height: int, encoding: str, seed: int) -> Image:
+    """A noise frame of the given size and encoding (rgb8/bgr8)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image(height=height, width=width, encoding=encoding, step=width * 3,
+                 data=pixels.tobytes())  # fmt: skip
+
+
+def bad_frame(kind: str) -> Image:
+    """One of BAD_FRAMES: a frame the node must refuse (counted by reason) and survive."""
+    if kind == "truncated":
+        return Image(height=480, width=640, encoding="rgb8", step=1920, data=bytes(1000))
+    if kind == "unknown_encoding":
+        return Image(height=4, width=4, encoding="32FC1", step=16, data=bytes(64))
+    return Image(height=0, width=0, encoding="rgb8", step=0, data=b"")
+
+
+def camera_role(args: argparse.Namespace) -> dict:
+    node = rclpy.create_node(args.name)
+    reliability = ReliabilityPolicy.RELIABLE if args.reliable else ReliabilityPolicy.BEST_EFFORT
+    qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=reliability)
+    pub = node.create_publisher(Image, args.topic, qos)
+    end = time.monotonic() + args.wait
+    while pub.get_subscription_count() == 0 and time.monotonic() < end:
+        time.sleep(0.05)
+    if pub.get_subscription_count() == 0:
+        return {"error": f"no subscription on {args.topic} after {args.wait} s"}
+    good = [frame(args.width, args.height, args.encoding, i) for i in range(4)]
+    published, bad = 0, Counter()
+    start = max(time.time(), args.start)
+    while time.time() < start:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    total = int(args.duration * args.rate)
+    for i in range(total):
+        if args.bad_every and i % args.bad_every == args.bad_every - 1:
+            kind = BAD_FRAMES[(i // args.bad_every) % len(BAD_FRAMES)]
+            msg = bad_frame(kind)
+            bad[kind] += 1
+        else:
+            msg = good[i % len(good)]
+        msg.header.stamp = node.get_clock().now().to_msg()
+        msg.header.frame_id = f"frame{i}"
+        pub.publish(msg)
+        published += 1
+        time.sleep(max(0.0, t0 + (i + 1) / args.rate - time.monotonic()))
+    time.sleep(0.5)  # let the last frames leave before the participant goes
+    return {"published": published, "bad": dict(bad), "good": published - sum(bad.values())}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vlm_ros.ros.soak_clients")
+    p.add_argument("role", choices=("ask", "describe", "camera"))
+    p.add_argument("--name", default="soak_client", help="node name")
+    p.add_argument("--service", default="/vlm_assistant/ask", help="Ask service / Describe action")
+    p.add_argument("--camera", default="", help="camera named in requests")
+    p.add_argument("--question", default="Is the path ahead clear?")
+    p.add_argument("--count", type=int, default=10, help="requests per burst")
+    p.add_argument("--start", type=float, default=0.0, help="time.time() of the first burst")
+    p.add_argument("--barrier", default="", help="folder: say ready, wait for go (release())")
+    p.add_argument("--period", type=float, default=0.0, help="seconds between bursts")
+    p.add_argument("--duration", type=float, default=0.0, help="seconds of bursts / frames")
+    p.add_argument("--timeout", type=float, default=60.0, help="wait per burst for responses")
+    p.add_argument("--wait", type=float, default=60.0, help="wait for the server / subscriber")
+    p.add_argument("--topic", default="/camera/image_raw")
+    p.add_argument("--width", type=int, default=1280)
+    p.add_argument("--height", type=int, default=720)
+    p.add_argument("--encoding", default="rgb8", choices=("rgb8", "bgr8"))
+    p.add_argument("--rate", type=float, default=30.0)
+    p.add_argument("--reliable", action="store_true", help="reliable publisher (else best effort)")
+    p.add_argument("--bad-every", type=int, default=0, help="every Nth frame a bad one")
+    return p
+
+
+ROLES = {"ask": ask_role, "describe": describe_role, "camera": camera_role}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    rclpy.init()
+    try:
+        out = ROLES[args.role](args)
+    finally:
+        rclpy.try_shutdown()
+    print(json.dumps(out), flush=True)
+    return 0 if "error" not in out else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
