@@ -66,7 +66,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import rclpy
@@ -111,6 +112,7 @@ from vlm_ros.serving.worker import (
     WorkerStoppedError,
 )
 from vlm_ros.srv import Ask
+from vlm_ros.types import Request
 
 try:
     from rclpy.event_handler import SubscriptionEventCallbacks
@@ -158,6 +160,20 @@ class Waiting:
     done: RosFuture
     give_up: float  # time.monotonic()
     cancel: threading.Event | None = None  # a Describe goal's cancel
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one job asks of the core about its camera's frame: an answer to ``question`` (None:
+    no answer) and/or an action hint. The core's Request is built from it on the worker, once
+    the frame is taken and converted."""
+
+    question: str | None = None
+    rank: bool = False
+    max_new_tokens: int | None = None  # None: the node's max_new_tokens
+    on_text: Callable[[str], None] | None = None
+    cancel: threading.Event | None = None  # None: the node's shutdown event
+    deadline: float | None = None  # time.monotonic(); decoding stops there
 
 
 @dataclass
@@ -290,8 +306,7 @@ class AssistantNode(LifecycleNode):
             self.monitor = LatencyMonitor(config.budgets, config.diagnostics_window)
             self._loading = f"loading model {config.model!r} on {config.runtime.device}"
             self._loading_since = time.monotonic()
-            log.info(f"{self._loading} ({time.monotonic() - start:.1f} s)")
-            self.assistant = self._load(config)
+            self.assistant = self._load(config, start)
         except Exception as exc:  # a robot must see why, not a traceback in a log file
             self._params_fixed = False
             self.last_error = CLI_FLAG.sub(
@@ -312,17 +327,22 @@ class AssistantNode(LifecycleNode):
         )
         return TransitionCallbackReturn.SUCCESS
 
-    def _load(self, config: NodeConfig):
+    def _load(self, config: NodeConfig, start: float):
+        """Assistant.load (or the test's ``loader``), logging each step with its time."""
+        log = self.get_logger()
         if self._loader is not None:
-            return self._loader(config)
-        self.get_logger().info("importing the model runtime (torch, transformers)")
-        # here, not at the top: the node's first log lines come before this ~5-30 s import
-        from vlm_ros.infer.pipeline import Assistant
+            load = partial(self._loader, config)
+        else:
+            log.info("importing the model runtime (torch, transformers)")
+            # here, not at the top: the node's first log lines come before this ~5-30 s import
+            from vlm_ros.infer.pipeline import Assistant
 
-        return Assistant.load(
-            config.model, runtime=config.runtime, generation=config.generation,
-            vision_tower=config.vision_tower,
-        )  # fmt: skip
+            load = partial(
+                Assistant.load, config.model, runtime=config.runtime,
+                generation=config.generation, vision_tower=config.vision_tower,
+            )  # fmt: skip
+        log.info(f"{self._loading} ({time.monotonic() - start:.1f} s)")
+        return load()
 
     def on_activate(self, state) -> TransitionCallbackReturn:
         """Subscribe to the cameras and start the timers."""
@@ -451,43 +471,32 @@ class AssistantNode(LifecycleNode):
 
     # ---- inference (runs on the worker thread) ---------------------------------------------
 
-    def _infer(
-        self,
-        cam: Camera,
-        submitted: float,
-        question: str | None = None,
-        max_new_tokens: int | None = None,
-        rank: bool = False,
-        on_text=None,
-        cancel: threading.Event | None = None,
-        deadline: float | None = None,
-    ) -> Result:
-        """Latest fresh frame of ``cam`` -> answer and/or action hint, recorded in the monitor.
-        ``cancel`` (default: the node's shutdown event) and ``deadline`` stop decoding early."""
+    def _infer(self, cam: Camera, submitted: float, work: Work) -> Result:
+        """Latest fresh frame of ``cam`` -> answer and/or action hint, recorded in the monitor;
+        the frame gets its verdict from the first job that finishes on it."""
         start = time.monotonic()
         frame = self._fresh_frame(cam, take=True)
         result = Result(frame, (start - submitted) * 1000.0, (start - frame.received) * 1000.0)
-        cancel = cancel or self._stopping
         try:
-            self._run(result, question, max_new_tokens, rank, on_text, cancel, deadline)
+            self._run(result, work)
         except BaseException as exc:
             self._settle(frame, exc)
             raise
         self._settle(frame, None)
         return result
 
-    def _run(self, result: Result, question, max_new_tokens, rank, on_text, cancel, deadline):
+    def _run(self, result: Result, work: Work) -> None:
         """The core's work on one taken frame (converted once per frame by FrameStore)."""
         image = self.frames.image(result.frame, self._convert)
+        cancel = work.cancel or self._stopping
         self._fault_delay(cancel)
         cfg = self.config  # one snapshot: a live parameter change lands between jobs
-        if question is not None:
-            budget = max_new_tokens or cfg.generation.max_new_tokens
-            result.answer = self.assistant.answer(
-                image, question, max_new_tokens=budget, on_text=on_text, cancel=cancel,
-                deadline=deadline,
-            )  # fmt: skip
-        if rank:
+        if work.question is not None:
+            budget = work.max_new_tokens or cfg.generation.max_new_tokens
+            request = Request(image, work.question, max_new_tokens=budget, on_text=work.on_text,
+                              cancel=cancel, deadline=work.deadline)  # fmt: skip
+            result.answer = self.assistant.answer_request(request)
+        if work.rank:
             result.hint = self.assistant.rank(image, cfg.hint_instruction, cfg.hint_candidates)
 
     def _fault_delay(self, cancel: threading.Event) -> None:
@@ -529,10 +538,10 @@ class AssistantNode(LifecycleNode):
         if not self._is_active:
             return
         if kind == SCENE:
-            result = self._infer(cam, submitted, self.config.scene_prompt)
+            result = self._infer(cam, submitted, Work(question=self.config.scene_prompt))
             msg = self._scene_msg(cam, self.config.scene_prompt, result)
         else:
-            result = self._infer(cam, submitted, rank=True)
+            result = self._infer(cam, submitted, Work(rank=True))
             msg = self._hint_msg(cam, result)
         self._pubs[kind].publish(msg)
         if self.config.log_outputs:
@@ -596,7 +605,7 @@ class AssistantNode(LifecycleNode):
 
     # ---- Ask service and Describe action ---------------------------------------------------
 
-    def _submit_query(self, cam: Camera, **kwargs) -> tuple[concurrent.futures.Future, float]:
+    def _submit_query(self, cam: Camera, work: Work) -> tuple[concurrent.futures.Future, float]:
         """Check the frame now (a clean error at once), then queue the query; returns the job
         and when its waiter gives up. The answer's own deadline is query_timeout_s: decoding
         stops there (stop_reason "deadline"); QUERY_GRACE_S more covers a stage that cannot
@@ -604,7 +613,7 @@ class AssistantNode(LifecycleNode):
         self._fresh_frame(cam)
         now = time.monotonic()
         deadline = now + self.config.query_timeout_s
-        job = partial(self._infer, cam, now, deadline=deadline, **kwargs)
+        job = partial(self._infer, cam, now, replace(work, deadline=deadline))
         return self.worker.submit(job, QUERY, deadline=deadline), deadline + QUERY_GRACE_S
 
     def _await_job(self, job: concurrent.futures.Future, give_up: float, cancel=None) -> RosFuture:
@@ -707,10 +716,8 @@ class AssistantNode(LifecycleNode):
             return response
         try:
             cam = self._camera(request.camera)
-            job, give_up = self._submit_query(
-                cam, question=request.question, rank=request.want_action_hint,
-                max_new_tokens=request.max_new_tokens or None,
-            )  # fmt: skip
+            work = Work(request.question, request.want_action_hint, request.max_new_tokens or None)
+            job, give_up = self._submit_query(cam, work)
             result = await self._await_job(job, give_up)
             scene = self._scene_msg(cam, request.question, result)
             hint = self._hint_msg(cam, result) if result.hint is not None else None
@@ -763,10 +770,9 @@ class AssistantNode(LifecycleNode):
         try:
             cam = self._camera(req.camera)
             question = req.question or self.config.scene_prompt
-            job, give_up = self._submit_query(
-                cam, question=question, on_text=on_text, cancel=cancel,
-                max_new_tokens=req.max_new_tokens or None,
-            )  # fmt: skip
+            work = Work(question, max_new_tokens=req.max_new_tokens or None, on_text=on_text,
+                        cancel=cancel)  # fmt: skip
+            job, give_up = self._submit_query(cam, work)
             if goal_handle.is_cancel_requested:  # cancelled before the job existed
                 cancel.set()
                 job.cancel()
