@@ -51,7 +51,7 @@ def demo_checkpoint_dir() -> Path:
 
 
 def _demo_candidates() -> list[Path]:
-    found = [Path(__file__).resolve().parents[1] / "models" / "demo"]
+    found = [Path(__file__).resolve().parents[2] / "models" / "demo"]  # repo root
     try:  # installed with colcon: share/vlm_ros/models/demo (ament_index is not rclpy)
         from ament_index_python.packages import get_package_share_directory
 
