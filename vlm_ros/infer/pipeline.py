@@ -21,10 +21,12 @@ import numpy as np
 import torch
 
 from vlm_ros.config import GenerationConfig, ImageLimits, RuntimeConfig, dtype_name
+from vlm_ros.engines import weight_int8
 from vlm_ros.errors import InputError, NonFiniteLogitsError, VlmError
 from vlm_ros.infer import decode, prompt, ranking
 from vlm_ros.infer.preprocess import preprocess, validate_image
 from vlm_ros.infer.vision import make_vision_encoder
+from vlm_ros.model import memory_plan
 from vlm_ros.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from vlm_ros.model.families import FamilySpec
 from vlm_ros.timing import StageTimer
@@ -78,6 +80,13 @@ def _ensure_tiny(directory: Path) -> Path:
 
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _quantize_block(block: torch.nn.Module) -> None:
+    """int8 weight-only quantization of one decoder block as it is loaded, its freed
+    half-precision weights handed back at once (memory_plan.trim_heap)."""
+    weight_int8.quantize_weights(block)
+    memory_plan.trim_heap()
 
 
 @dataclass
@@ -154,7 +163,14 @@ class Assistant:
         if runtime.threads > 0:
             torch.set_num_threads(runtime.threads)
         path = demo_checkpoint_dir() if model == DEMO else model
-        loaded = load_checkpoint(path, runtime.device, runtime.dtype, vision_tower=vision_tower)
+        # int8 weight-only: each decoder block is quantized as soon as it is read, so the
+        # half-precision decoder never has to fit whole (an 8 GB Jetson's case)
+        streamed = runtime.quantize == "int8_weight_only" and runtime.decoder == "static"
+        loaded = load_checkpoint(
+            path, runtime.device, runtime.dtype, vision_tower=vision_tower,
+            memory_check=memory_plan.checker(runtime),
+            prepare_block=_quantize_block if streamed else None,
+        )  # fmt: skip
         return cls(loaded, runtime, generation, limits)
 
     @property

@@ -62,6 +62,15 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "compile_decode, whose inductor lowers Linear itself), torch = plain F.linear",
     ),
     "engine_dir": ("models/engines", "directory of prebuilt ONNX/TensorRT engines"),
+    "board": (
+        "auto",
+        "memory plan checked before loading: auto (this Jetson Orin, else this GPU/host), "
+        "none, or orin-nano-8gb / orin-nx-8gb / orin-nx-16gb / agx-orin-32gb / agx-orin-64gb",
+    ),
+    "memory_reserve_mb": (
+        0.0,
+        "memory the plan leaves to the OS, ROS 2 and the camera; 0 = the board's default",
+    ),
     "threads": (0, "torch CPU threads; 0 = torch's default"),
     "cameras": (["/camera/image_raw"], "camera topics; '.../compressed' = CompressedImage"),
     "scene_rate_hz": (1.0, "periodic scene answers per second per camera; 0 disables"),
@@ -137,6 +146,7 @@ class NodeConfig:
             max_seq_len=int(v["max_seq_len"]), engine_dir=str(v["engine_dir"]),
             threads=int(v["threads"]), compile_decode=bool(v["compile_decode"]),
             quantize=str(v["quantize"]), cpu_linear=str(v["cpu_linear"]),
+            board=str(v["board"]), memory_reserve_mb=float(v["memory_reserve_mb"]),
         )  # fmt: skip
         return cls(
             model=str(v["model"]),
