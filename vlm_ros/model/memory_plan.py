@@ -381,9 +381,11 @@ def trim_heap() -> None:
 # ---- which board this is ------------------------------------------------------------------
 
 
-def detect_board(root: Path = Path("/")) -> Board | None:
+def detect_board(root: Path | None = None) -> Board | None:
     """The Jetson this runs on, from /proc/device-tree/model and MemTotal (both under
-    ``root``, so tests point it at a fake tree), or None where this is not a Jetson Orin."""
+    ``root``, default VLM_ROS_SYSROOT or /, so tests point it at a fake tree), or None where
+    this is not a Jetson Orin."""
+    root = root or _sysroot()
     try:
         model = (root / "proc/device-tree/model").read_bytes().decode(errors="replace")
     except OSError:
@@ -397,6 +399,10 @@ def detect_board(root: Path = Path("/")) -> Board | None:
     variants = [b for b in BOARDS.values() if b.key.startswith(prefix)]
     best = min(variants, key=lambda b: abs(b.memory_gib - memory))
     return replace(best, memory_gib=memory, title=f"{best.title} ({model.strip()})")
+
+
+def _sysroot() -> Path:
+    return Path(os.environ.get("VLM_ROS_SYSROOT") or "/")
 
 
 def meminfo_gib(root: Path, field: str) -> float | None:
@@ -432,7 +438,7 @@ def resolve_board(runtime: RuntimeConfig, root: Path | None = None) -> Board | N
     this host, "none" = no check (None). memory_reserve_mb > 0 replaces the board's reserve.
     root: the file system root to read /proc from (tests: a fake tree; else VLM_ROS_SYSROOT
     or /)."""
-    root = root or Path(os.environ.get("VLM_ROS_SYSROOT", "/"))
+    root = root or _sysroot()
     name = runtime.board
     if name == "none":
         return None
