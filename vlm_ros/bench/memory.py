@@ -204,3 +204,31 @@ def measure_load(checkpoint: Path, dtype: str, quantize: str, max_seq_len: int =
         "measured_after_answer_mib": (peak_rss_bytes() - before) / MiB,
         "plan_steady_mib": plan.steady / MiB,
     }  # fmt: skip
+
+
+MEASUREMENTS = (
+    ("serving", "measure('small', 'float32', 'none', 1024)"),
+    ("serving", "measure('small', 'bfloat16', 'int8_weight_only', 1024)"),
+    ("load", "measure_load(CKPT, 'bfloat16', 'none')"),
+    ("load", "measure_load(CKPT, 'bfloat16', 'int8_weight_only')"),
+)
+
+
+def measure_all(scratch: Path) -> list[dict]:
+    """Every measurement of MEASUREMENTS, each in a fresh process (RSS is per process), the
+    loader's on the small preset written once as a checkpoint under ``scratch``."""
+    import json
+    import subprocess
+    import sys
+
+    def fresh(code: str) -> dict:
+        program = "\n".join([
+            "import json", "from pathlib import Path", "from vlm_ros.bench.memory import *",
+            f"CKPT = Path({str(scratch / 'small')!r})", f"print(json.dumps({code}))",
+        ])  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                              check=True)  # fmt: skip
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    fresh("str(write_preset_checkpoint(CKPT, 'small'))")
+    return [{"kind": kind, **fresh(code)} for kind, code in MEASUREMENTS]
