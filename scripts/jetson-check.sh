@@ -41,7 +41,7 @@ VLM_ROS_L4T="$(l4t_version "${VLM_ROS_SYSROOT:-}")"
 VLM_ROS_JETPACK="$( [[ -n "$VLM_ROS_L4T" ]] && jetpack_of "$VLM_ROS_L4T" )"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-BOARD="$("$PY" -c 'from vlm_ros.model.memory_plan import detect_board as d; b = d(); print(b.key if b else "")')"
+BOARD="$("$PY" -c 'from vlm_ros.model.boards import detect_board as d; b = d(); print(b.key if b else "")')"
 [[ -z "$BOARD" ]] && log "WARNING: not a Jetson Orin (no device tree model): measuring this machine anyway"
 OUTDIR="${1:-bench/results/jetson-${BOARD:-unknown}}"
 mkdir -p "$OUTDIR"

@@ -23,6 +23,7 @@ from tiny_models import FAMILIES, tiny_checkpoint
 
 from vlm_ros.config import RuntimeConfig
 from vlm_ros.errors import CheckpointError, InputError
+from vlm_ros.model import boards
 from vlm_ros.model import memory_plan as mp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,22 +250,22 @@ def _fake_root(tmp_path: Path, model: str | None, mem_total_kb: int, available_k
     ("Jetson AGX Orin Developer Kit", 64_300_000, "agx-orin-64gb"),
 ])  # fmt: skip
 def test_detect_board_from_the_device_tree(tmp_path, model, kb, key):
-    board = mp.detect_board(_fake_root(tmp_path, model, kb, kb // 2))
+    board = boards.detect_board(_fake_root(tmp_path, model, kb, kb // 2))
     assert board is not None and board.key == key
     assert board.memory_gib == pytest.approx(kb * 1024 / mp.GiB)  # the real MemTotal
-    auto = mp.resolve_board(RuntimeConfig(board="auto"), tmp_path)
+    auto = boards.resolve_board(RuntimeConfig(board="auto"), tmp_path)
     assert auto is not None and auto.key == key and auto.unified
 
 
 def test_not_a_jetson_plans_against_this_host(tmp_path):
     root = _fake_root(tmp_path, None, 32_000_000, 20_000_000)
-    assert mp.detect_board(root) is None
-    host = mp.resolve_board(RuntimeConfig(board="auto", device="cpu"), root)
+    assert boards.detect_board(root) is None
+    host = boards.resolve_board(RuntimeConfig(board="auto", device="cpu"), root)
     assert host is not None and host.key == "cpu" and host.reserve_gib == 0
     assert host.memory_gib == pytest.approx(20_000_000 * 1024 / mp.GiB)  # MemAvailable
-    assert mp.detect_board(_fake_root(tmp_path / "x86", "Some ARM board", 8_000_000, 1)) is None
-    assert mp.resolve_board(RuntimeConfig(board="none"), root) is None
-    named = mp.resolve_board(RuntimeConfig(board="orin-nx-16gb", memory_reserve_mb=512), root)
+    assert boards.detect_board(_fake_root(tmp_path / "x86", "Some ARM board", 8_000_000, 1)) is None
+    assert boards.resolve_board(RuntimeConfig(board="none"), root) is None
+    named = boards.resolve_board(RuntimeConfig(board="orin-nx-16gb", memory_reserve_mb=512), root)
     assert named is not None and named.reserve_gib == 0.5 and named.memory_gib == 15.2
 
 

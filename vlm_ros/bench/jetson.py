@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlm_ros.model import memory_plan
+from vlm_ros.model import boards, memory_plan
 
 QUESTION = "Is the path ahead clear? Describe what is in front of the robot."
 
@@ -61,7 +61,7 @@ def environment() -> dict:
     (every field None where this machine has no such thing)."""
     import torch
 
-    board = memory_plan.detect_board()
+    board = boards.detect_board()
     info: dict = {
         "board": board.key if board else None,
         "model": _read("/proc/device-tree/model"),
@@ -71,9 +71,9 @@ def environment() -> dict:
         "jetson_clocks": _command("sudo", "-n", "jetson_clocks", "--show"),
         "devfreq": _devfreq(),
         "cpu0_freq_khz": _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq"),
-        "mem_total_gib": memory_plan.meminfo_gib(Path("/"), "MemTotal"),
-        "mem_available_gib": memory_plan.meminfo_gib(Path("/"), "MemAvailable"),
-        "swap_total_gib": memory_plan.meminfo_gib(Path("/"), "SwapTotal"),
+        "mem_total_gib": boards.meminfo_gib(Path("/"), "MemTotal"),
+        "mem_available_gib": boards.meminfo_gib(Path("/"), "MemAvailable"),
+        "swap_total_gib": boards.meminfo_gib(Path("/"), "SwapTotal"),
         "zram": sorted(p.name for p in Path("/sys/block").glob("zram*")),
         "machine": platform.machine(),
         "python": platform.python_version(),
@@ -133,10 +133,10 @@ def profile(model: str, params: Path, device: str | None = None, iters: int = 5)
                 for name in stages if budgets.get(name, 0) > 0}  # fmt: skip
     model_ = assistant.model
     arch = memory_plan.Architecture.of(model_.spec, model_.vision_config, model_.text_config)
-    board = memory_plan.resolve_board(runtime)
+    board = boards.resolve_board(runtime)
     plan = memory_plan.make_plan(
         arch, runtime, str(assistant.loaded.dtype).removeprefix("torch."),
-        board or memory_plan.Board("none", "no board", 0.0),
+        board or boards.Board("none", "no board", 0.0),
     )  # fmt: skip
     memory = {"plan_need_gib": plan.need / memory_plan.GiB,
               "plan_model_gib": plan.steady / memory_plan.GiB,
@@ -144,7 +144,7 @@ def profile(model: str, params: Path, device: str | None = None, iters: int = 5)
     if runtime.device.startswith("cuda"):
         memory["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / memory_plan.GiB
         memory["cuda_max_reserved_gib"] = torch.cuda.max_memory_reserved() / memory_plan.GiB
-    memory["mem_available_gib_after"] = memory_plan.meminfo_gib(Path("/"), "MemAvailable")
+    memory["mem_available_gib_after"] = boards.meminfo_gib(Path("/"), "MemAvailable")
     return {
         "params": str(params), "model": model, "family": assistant.family.name,
         "runtime": dataclasses.asdict(runtime), "iters": iters, "load_s": load_s,

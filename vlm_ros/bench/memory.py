@@ -22,7 +22,7 @@ import torch
 
 from vlm_ros.config import RuntimeConfig
 from vlm_ros.infer.static_decode import StaticDecoder
-from vlm_ros.model import memory_plan
+from vlm_ros.model import boards, memory_plan
 
 MiB = 1024**2
 
@@ -96,7 +96,7 @@ def measure(preset: str, dtype: str = "float32", quantize: str = "none", max_seq
     model = build_model(preset, "cpu", DTYPES[dtype])
     arch = memory_plan.Architecture.of(model.spec, model.vision_config, model.text_config)
     runtime = RuntimeConfig(max_seq_len=max_seq_len, quantize=quantize, cpu_linear="torch")
-    host = memory_plan.Board("cpu", "this host", 1024.0, False, 0.0, 0.0)
+    host = boards.Board("cpu", "this host", 1024.0, False, 0.0, 0.0)
     plan = memory_plan.make_plan(arch, runtime, dtype, host)
     with torch.inference_mode():
         decoder = StaticDecoder(
@@ -188,7 +188,7 @@ def measure_load(checkpoint: Path, dtype: str, quantize: str, max_seq_len: int =
     loaded = peak_rss_bytes()
     model = assistant.model
     arch = memory_plan.Architecture.of(model.spec, model.vision_config, model.text_config)
-    host = memory_plan.Board("cpu", "this host", 1024.0, False, 0.0, 0.0)
+    host = boards.Board("cpu", "this host", 1024.0, False, 0.0, 0.0)
     plan = memory_plan.make_plan(arch, runtime, dtype, host)
     image = np.zeros((240, 320, 3), np.uint8)
     assistant.answer(image, "Is the path ahead clear?", max_new_tokens=4)
