@@ -10,12 +10,24 @@
 #     the venv, the interfaces built with CMake against those wheels;
 #   * a ROS 2 sourced (Humble/Jazzy/Kilted...): a venv with --system-site-packages on top of it,
 #     the interfaces built with the sourced ament/rosidl.
+# On a Jetson (L4T/JetPack detected from /etc/nv_tegra_release or the nvidia-l4t-core package):
+#   * a sourced ROS 2 Humble is required (the PyPI wheels are x86-64 CPython 3.11 only), and the
+#     venv is made with the system python3 (the one Humble and JetPack's torch are built for);
+#   * torch is never installed: JetPack's CUDA build (system site-packages) is kept, pinned by a
+#     pip constraint so that no dependency can pull PyPI's aarch64 torch over it (numpy < 2 too:
+#     JetPack's torch is built against numpy 1.x);
+#   * torch must see CUDA and `tensorrt` (JetPack's python3-libnvinfer) must import, in the venv;
+#     otherwise the script stops with one line naming what to install (docs/JETSON.md).
+# Any other platform without a sourced ROS 2 but x86-64 stops the same way. x86-64 is unchanged.
 # Either way the generated interfaces are installed to .venv/vlm_ros_interfaces/ (a .pth file puts
 # their Python dir on sys.path, RPATH finds their shared libraries) and the repository root is
 # put on sys.path (like an editable install), so `.venv/bin/python -c "from vlm_ros.msg import SceneAnswer"` and
 # `.venv/bin/vlm-ros` work with no environment setup.
 #
-# Environment: VLM_ROS_VENV (venv path, default <repo>/.venv), PYTHON (interpreter to create it).
+# Environment: VLM_ROS_VENV (venv path, default <repo>/.venv), PYTHON (interpreter to create it),
+# VLM_ROS_SETUP_DRY_RUN=1 (print the platform's decisions and the install commands, run the
+# platform checks with the base interpreter, change nothing; test/test_setup_platform.py),
+# VLM_ROS_SYSROOT (read etc/nv_tegra_release under this root instead of /; for those tests).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,6 +41,23 @@ die() { echo "[setup] ERROR: $*" >&2; exit 1; }
 hash_of() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
 START=$SECONDS
 
+# ---- 0. the platform: a Jetson keeps JetPack's torch and TensorRT -----------------------------
+DRY_RUN="${VLM_ROS_SETUP_DRY_RUN:-0}"
+# shellcheck source=scripts/platform.sh
+source "$ROOT/scripts/platform.sh"
+MACHINE="$(uname -m)"
+L4T="$(l4t_version "${VLM_ROS_SYSROOT:-}")"
+PLATFORM="$MACHINE"
+if [[ -n "$L4T" ]]; then
+    PLATFORM=jetson
+    JETPACK="$(jetpack_of "$L4T")"
+    log "Jetson: L4T R$L4T (JetPack $JETPACK), $MACHINE"
+    (( ${L4T%%.*} >= 36 )) || die "L4T R$L4T is JetPack $JETPACK (Ubuntu 20.04, Python 3.8): vlm_ros needs JetPack 6 (L4T R36: Python 3.10, ROS 2 Humble); flash JetPack 6, or run docker/jetson.Dockerfile"
+    [[ -n "${ROS_DISTRO:-}" ]] || die "Jetson (JetPack $JETPACK): source ROS 2 Humble first (source /opt/ros/humble/setup.bash; install: apt install ros-humble-ros-base), then run again: the ROS 2 wheels on PyPI are x86-64 CPython 3.11 only"
+elif [[ "$MACHINE" != x86_64 && -z "${ROS_DISTRO:-}" ]]; then
+    die "no ROS 2 sourced on $MACHINE: the ROS 2 wheels on PyPI are x86-64 CPython 3.11 only; source a ROS 2 install (e.g. /opt/ros/humble/setup.bash) and run again"
+fi
+
 if [[ -n "${ROS_DISTRO:-}" ]]; then
     MODE="sourced-$ROS_DISTRO"
     log "ROS 2 '$ROS_DISTRO' is sourced: using it as is (venv with --system-site-packages)"
@@ -37,12 +66,25 @@ else
     log "no ROS 2 sourced: ROS 2 Kilted from PyPI wheels"
 fi
 
+# The interpreter to create the venv with: on a Jetson the system python3 (Humble's and
+# JetPack torch's; a python3.11 from elsewhere would see neither), else python3.11 if present.
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+    if [[ $PLATFORM != jetson ]] && command -v python3.11 >/dev/null; then PY=python3.11; else PY=python3; fi
+fi
+if [[ $PLATFORM == jetson ]]; then
+    # Before anything is installed: JetPack's torch, with CUDA, is what the venv will keep.
+    jetson_check_torch "$PY" "$JETPACK" || exit 1
+    SYS_TORCH="$("$PY" -c 'import torch; print(torch.__version__)')"
+    log "keeping JetPack's torch $SYS_TORCH (never installed from PyPI on a Jetson)"
+fi
+
 # ---- 1. the venv -------------------------------------------------------------------------------
+if [[ $DRY_RUN == 1 ]]; then
+    plan_dry_run  # prints the commands of steps 1-2, checks TensorRT; changes nothing
+    exit $?
+fi
 if [[ ! -x "$VENV/bin/python" ]]; then
-    PY="${PYTHON:-}"
-    if [[ -z "$PY" ]]; then
-        if command -v python3.11 >/dev/null; then PY=python3.11; else PY=python3; fi
-    fi
     VENV_ARGS=()
     [[ "$MODE" != wheels ]] && VENV_ARGS+=(--system-site-packages)
     log "creating $VENV with $PY ($("$PY" --version 2>&1))"
@@ -65,6 +107,15 @@ mkdir -p "$STAMP_DIR"
 REQS=("$ROOT/scripts/requirements.txt")
 [[ "$MODE" == wheels ]] && REQS+=("$ROOT/scripts/requirements-ros.txt")
 DEPS_HASH="$MODE-$PYVER-$(hash_of "${REQS[@]}" "$ROOT/scripts/requirements-stubs.txt")"
+CONSTRAINTS=()
+if [[ $PLATFORM == jetson ]]; then
+    # requirements.txt less its torch line, and constraints that make pip keep JetPack's torch
+    # (an exact pin it already satisfies: anything wanting another torch fails instead)
+    jetson_requirements "$ROOT/scripts/requirements.txt" "$SYS_TORCH" "$STAMP_DIR"
+    REQS=("$STAMP_DIR/requirements-jetson.txt")
+    CONSTRAINTS=(-c "$STAMP_DIR/constraints-jetson.txt")
+    DEPS_HASH="$DEPS_HASH-jetson-$(hash_of "$STAMP_DIR/constraints-jetson.txt")"
+fi
 # pip, quiet; pip's config here may name local find-links/indexes that do not exist for every
 # project, and their warnings are noise. Keeps pip's exit status (pipefail; sed exits 0).
 pip_q() {
@@ -76,7 +127,7 @@ if [[ $FORCE == 1 || "$(cat "$STAMP_DIR/deps" 2>/dev/null)" != "$DEPS_HASH" ]]; 
     pip_q install --upgrade pip || die "pip upgrade failed"
     REQ_ARGS=()
     for r in "${REQS[@]}"; do REQ_ARGS+=(-r "$r"); done
-    pip_q install "${REQ_ARGS[@]}" || die "pip install failed"
+    pip_q install "${REQ_ARGS[@]}" ${CONSTRAINTS[@]+"${CONSTRAINTS[@]}"} || die "pip install failed"
     log "installing type stubs into $VENV/typestubs (for mypy only)"
     pip_q install --no-deps --upgrade --target "$VENV/typestubs" -r "$ROOT/scripts/requirements-stubs.txt" \
         || die "pip install of the type stubs failed"
@@ -195,4 +246,10 @@ if ! OUT="$(cd / && env "${CLEAN_ENV[@]}" "$PYBIN" -c "$CHECK" 2>&1)"; then
     die "the import check failed (rclpy + vlm_ros interfaces from $PYBIN)"
 fi
 log "import check passed (rclpy from ${OUT##*$'\n'})"
+if [[ $PLATFORM == jetson ]]; then
+    # In the venv, as the node will run: JetPack's torch with CUDA, and TensorRT
+    jetson_check_torch "$PYBIN" "$JETPACK" "$VENV" || exit 1
+    jetson_check_tensorrt "$PYBIN" "$JETPACK" || exit 1
+    log "Jetson checks passed: torch sees CUDA, tensorrt imports"
+fi
 log "done in $((SECONDS - START)) s: $VENV  (python $PYVER, mode $MODE)"

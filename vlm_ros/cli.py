@@ -18,6 +18,7 @@ from vlm_ros.errors import VlmError
 COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("vlm_ros.commands.ask", "answer a question about an image file"),
     "rank": ("vlm_ros.commands.rank", "rank candidate actions for an image file"),
+    "plan": ("vlm_ros.commands.plan", "memory plan of the published models per Jetson board"),
     "make-tiny": ("vlm_ros.commands.make_tiny", "write a tiny checkpoint in a published layout"),
     "node": ("vlm_ros.commands.node", "run the ROS 2 node without ros2 launch"),
     "soak": ("vlm_ros.commands.soak", "the node under request bursts and camera floods; JSON"),

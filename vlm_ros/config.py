@@ -68,6 +68,11 @@ class RuntimeConfig:
     cpu_linear: "auto" (float32 on an x86 CPU: the static decoder's and the torch vision
     stage's Linear layers through oneDNN, ~2x MKL on AMD CPUs, same arithmetic), "onednn" (the
     same, warning where unavailable) or "torch" (plain F.linear everywhere).
+    board: the memory plan's device (model/memory_plan.py), checked before any weight is read:
+    "auto" (this Jetson Orin from its device tree, else the CUDA GPU's free memory or the
+    host's available memory), a board name (orin-nano-8gb, orin-nx-8gb, orin-nx-16gb,
+    agx-orin-32gb, agx-orin-64gb: plan as if there), or "none" (no check).
+    memory_reserve_mb: memory left to the OS, ROS 2 and the camera; 0 = the board's default.
     """
 
     device: str = "cpu"
@@ -81,6 +86,8 @@ class RuntimeConfig:
     cpu_linear: CpuLinearMode = "auto"
     drop_first_patch: bool | None = None  # None: family default (Factory TinyLLaVA drops it)
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
+    board: str = "auto"
+    memory_reserve_mb: float = 0.0
 
     def __post_init__(self) -> None:
         for name, allowed in (

@@ -49,23 +49,11 @@ from vlm_ros.infer.vision import make_vision_encoder
 from vlm_ros.model.checkpoint import to_dtype
 from vlm_ros.model.compat import cpu_has_native
 from vlm_ros.model.families import FAMILIES, IMAGE_TOKEN_INDEX
+from vlm_ros.model.memory_plan import CLIP_L_336, PHI2, SIGLIP_SO400M_384
 from vlm_ros.model.network import VlmModel
 from vlm_ros.serving.latency import percentiles as latency_percentiles
 from vlm_ros.timing import StageTimer
 from vlm_ros.types import Request
-
-PHI2 = dict(
-    vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
-    num_attention_heads=32, partial_rotary_factor=0.4, max_position_embeddings=2048,
-)  # fmt: skip
-CLIP_L_336 = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    image_size=336, patch_size=14, hidden_act="quick_gelu",
-)  # fmt: skip
-SIGLIP_SO400M_384 = dict(
-    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-    image_size=384, patch_size=14,
-)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from vlm_ros.engines.cpu_kernels import replace_linears
 from vlm_ros.errors import InputError
 
 HALF = (torch.bfloat16, torch.float16)
+CHUNK_ROWS = 2048  # rows quantized at once (float32 temporaries of this many rows)
 PACKED_ROWS = 16  # up to this many rows on CPU: the int8 kernel; more: dequantize + GEMM
 # ATen's CPU kernel (torch 2.3+); older torch takes the dequantizing form everywhere
 HAS_PACKED_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -41,13 +42,22 @@ class WeightOnlyInt8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        weight = linear.weight.detach().float()  # [out, in]
-        dtype = linear.weight.dtype
-        # the scales the kernels multiply by are in the activation dtype: round with those
-        scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(dtype)  # [out]
-        quantized = torch.round(weight / scales.float()[:, None]).clamp(-127, 127)
+        weight = linear.weight.detach()  # [out, in]
+        dtype = weight.dtype
+        quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(weight.shape[0], dtype=dtype, device=weight.device)  # [out]
+        # In slices of rows, so the float32 temporaries are a slice, not a second lm_head
+        # (1.6 GB for Phi-2's: what an 8 GB Jetson cannot spare while loading).
+        for start in range(0, weight.shape[0], CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            part = weight[rows].float()
+            # the scales the kernels multiply by are in the activation dtype: round with those
+            scale = (part.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(dtype)
+            scales[rows] = scale
+            part = torch.round(part / scale.float()[:, None]).clamp(-127, 127)
+            quantized[rows] = part.to(torch.int8)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", quantized.to(torch.int8))
+        self.register_buffer("weight", quantized)
         self.register_buffer("scales", scales)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
 

@@ -23,10 +23,12 @@ import numpy as np
 import torch
 
 from vlm_ros.config import GenerationConfig, ImageLimits, RuntimeConfig, dtype_name
+from vlm_ros.engines import weight_int8
 from vlm_ros.errors import InputError, NonFiniteLogitsError, VlmError
 from vlm_ros.infer import decode, prompt, ranking
 from vlm_ros.infer.preprocess import preprocess, validate_image
 from vlm_ros.infer.vision import make_vision_encoder
+from vlm_ros.model import memory_plan
 from vlm_ros.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from vlm_ros.model.families import FamilySpec
 from vlm_ros.model.tiny import write_tiny_checkpoint
@@ -92,6 +94,13 @@ def _ensure_tiny(directory: Path) -> Path:
     except OSError:  # another process won the race; use its copy
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _quantize_block(block: torch.nn.Module) -> None:
+    """int8 weight-only quantization of one decoder block as it is loaded, its freed
+    half-precision weights handed back at once (memory_plan.trim_heap)."""
+    weight_int8.quantize_weights(block)
+    memory_plan.trim_heap()
 
 
 @dataclass
@@ -171,13 +180,15 @@ class Assistant:
         if runtime.threads > 0:
             torch.set_num_threads(runtime.threads)
         path = demo_checkpoint_dir() if model == DEMO else model
+        # int8 weight-only: each decoder block is quantized as soon as it is read, so the
+        # half-precision decoder never has to fit whole (an 8 GB Jetson's case)
+        streamed = runtime.quantize == "int8_weight_only" and runtime.decoder == "static"
         loaded = load_checkpoint(
-            path,
-            runtime.device,
-            runtime.dtype,
-            vision_tower=vision_tower,
+            path, runtime.device, runtime.dtype, vision_tower=vision_tower,
             drop_first_patch=runtime.drop_first_patch,
-        )
+            memory_check=memory_plan.checker(runtime),
+            prepare_block=_quantize_block if streamed else None,
+        )  # fmt: skip
         return cls(loaded, runtime, generation, limits)
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def load_checkpoint(
     *,
     vision_tower: str | Path | None = None,
     drop_first_patch: bool | None = None,
+    memory_check: Callable[..., object] | None = None,
+    prepare_block: Callable[[nn.Module], object] | None = None,
 ) -> LoadedCheckpoint:
     """Load a checkpoint directory (or a Hugging Face hub id, fetched once into the HF cache).
 
@@ -87,6 +90,12 @@ def load_checkpoint(
     machines that cannot reach the hub id written in its config; other layouts refuse it.
     drop_first_patch overrides the family's drop-first-token (RuntimeConfig.drop_first_patch);
     it is part of the layout, so ``spec`` and ``model.spec`` are the same object.
+    memory_check(spec, vision_config, text_config, dtype_name) runs once the layout is known
+    and before any weight is read, so a plan that cannot fit is refused first
+    (memory_plan.checker).
+    prepare_block(module) runs on each decoder block and on lm_head as soon as its weights are
+    filled (int8 weight-only quantization at load: the half-precision decoder never has to fit
+    whole, which on an 8 GB Jetson it does not).
     """
     check_device(device)
     directory = resolve_checkpoint_dir(str(path_or_hub_id))
@@ -110,9 +119,11 @@ def load_checkpoint(
             layout.spec.name,
         )
     _warn_slow_cpu_precision(torch.device(device), torch_dtype)
+    if memory_check is not None:
+        memory_check(layout.spec, layout.vision_config, layout.text_config, dtype_name(torch_dtype))
     model = build_model(layout)
     check_layout(layout, model)
-    fill_model(model, layout, device, torch_dtype)
+    fill_model(model, layout, device, torch_dtype, prepare_block)
     return LoadedCheckpoint(
         layout.spec,
         model.eval(),
@@ -289,6 +300,24 @@ def build_model(layout: Layout) -> VlmModel:
         return VlmModel(layout.spec, layout.vision_config, layout.text_config)
 
 
+def _fill_blocks(layout: Layout, by_block: bool) -> list[tuple[str, list[str]]]:
+    """The checkpoint's keys in fill order: ("", everything outside the decoder blocks), then
+    one group per decoder layer and lm_head (unless lm_head is tied to the embeddings); one
+    group of everything when nothing is prepared per block."""
+    if not by_block:
+        return [("", list(layout.refs))]
+    blocks = [
+        f"language_model.model.layers.{i}." for i in range(layout.text_config.num_hidden_layers)
+    ]
+    if not layout.text_config.tie_word_embeddings:
+        blocks.append("language_model.lm_head.")
+    groups: dict[str, list[str]] = {"": [], **{b: [] for b in blocks}}
+    for key in layout.refs:
+        block = next((b for b in blocks if key.startswith(b)), "")
+        groups[block].append(key)
+    return list(groups.items())
+
+
 def check_layout(layout: Layout, model: VlmModel) -> None:
     """Every checkpoint tensor has a place, every parameter a tensor, all shapes match."""
     wanted = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
@@ -319,24 +348,46 @@ def _listing(what: str, names: list[str], limit: int = 10) -> str:
     return f"{len(names)} {what}: {', '.join(sorted(names)[:limit])}{more}"
 
 
-def fill_model(model: VlmModel, layout: Layout, device: str, dtype: torch.dtype) -> None:
-    """Read each tensor once, convert it, and make it the parameter (no second model copy)."""
+def fill_model(
+    model: VlmModel,
+    layout: Layout,
+    device: str,
+    dtype: torch.dtype,
+    prepare_block: Callable[[nn.Module], object] | None = None,
+) -> None:
+    """Read each tensor once, convert it, and make it the parameter (no second model copy).
+
+    Block by block (the vision tower, embeddings and norms first, then each decoder layer, then
+    lm_head), each passed to ``prepare_block`` once filled: the peak is the model as prepared
+    plus one block as read."""
     heads = layout.text_config.num_attention_heads
-    state = {}
-    for key, ref in layout.refs.items():
-        tensor = ref.files.load(ref.name)
-        if ref.part is not None:
-            tensor = split_fused_qkv(tensor, heads, ref.part)
-        if ref.rows is not None:
-            tensor = tensor[: ref.rows].clone()
-        # copy=True: safetensors and mmap'd .bin tensors are views of the file; the model must
-        # own its memory (a checkpoint replaced on disk must not change or crash a running
-        # model). Each source tensor is dropped right after, so the peak stays one model.
-        target = dtype if tensor.is_floating_point() else None
-        state[key] = tensor.to(device=device, dtype=target, copy=True)
-    model.load_state_dict(state, strict=not layout.text_config.tie_word_embeddings, assign=True)
-    del state
-    if layout.text_config.tie_word_embeddings:
+    tied = layout.text_config.tie_word_embeddings
+    expected, loaded, unexpected = set(model.state_dict()), set(), []
+    for prefix, keys in _fill_blocks(layout, prepare_block is not None):
+        state = {}
+        for key in keys:
+            ref = layout.refs[key]
+            tensor = ref.files.load(ref.name)
+            if ref.part is not None:
+                tensor = split_fused_qkv(tensor, heads, ref.part)
+            if ref.rows is not None:
+                tensor = tensor[: ref.rows].clone()
+            # copy=True: safetensors and mmap'd .bin tensors are views of the file; the model
+            # must own its memory (a checkpoint replaced on disk must not change or crash a
+            # running model). Each source tensor is dropped right after.
+            target = dtype if tensor.is_floating_point() else None
+            state[key] = tensor.to(device=device, dtype=target, copy=True)
+        # strict over all blocks together (below), not per block
+        unexpected += model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+        loaded.update(state)
+        del state
+        if prefix and prepare_block is not None:
+            prepare_block(model.get_submodule(prefix.rstrip(".")))
+    missing = [] if tied else sorted(expected - loaded)
+    if missing or unexpected:
+        found = [_listing("model keys missing", missing), _listing("keys unused", unexpected)]
+        raise CheckpointError("; ".join(f for f in found if f))
+    if tied:
         model.language_model.tie_weights()
     model.to(device)  # the real buffers; parameters are there already
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

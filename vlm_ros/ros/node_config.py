@@ -34,6 +34,7 @@ from vlm_ros.config import (
     RuntimeConfig,
 )
 from vlm_ros.errors import InputError
+from vlm_ros.model.boards import BOARDS
 from vlm_ros.serving.latency import NAMES as BUDGET_NAMES
 from vlm_ros.serving.latency import Budgets
 
@@ -74,6 +75,15 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "compile_decode, whose inductor lowers Linear itself), torch = plain F.linear",
     ),
     "engine_dir": ("models/engines", "directory of prebuilt ONNX/TensorRT engines"),
+    "board": (
+        "auto",
+        "memory plan checked before loading: auto (this Jetson Orin, else this GPU/host), "
+        "none, or orin-nano-8gb / orin-nx-8gb / orin-nx-16gb / agx-orin-32gb / agx-orin-64gb",
+    ),
+    "memory_reserve_mb": (
+        0.0,
+        "memory the plan leaves to the OS, ROS 2 and the camera; 0 = the board's default",
+    ),
     "threads": (0, "torch CPU threads; 0 = torch's default"),
     "max_image_pixels": (
         4096 * 4096,
@@ -167,6 +177,8 @@ RULES: dict[str, Rule] = {
     "quantize": _choice(*QUANTIZE_MODES),
     "cpu_linear": _choice(*CPU_LINEAR_MODES),
     "engine_dir": _text(),
+    "board": _choice("auto", "none", *BOARDS),
+    "memory_reserve_mb": _float_range(0.0),
     "threads": _int_range(0, 1024),
     "max_image_pixels": _int_range(64, 1 << 28),
     "cameras": Rule(_names, "a non-empty list of distinct topic names"),
@@ -275,6 +287,8 @@ class NodeConfig:
             compile_decode=bool(v["compile_decode"]),
             quantize=str(v["quantize"]),
             cpu_linear=str(v["cpu_linear"]),
+            board=str(v["board"]),
+            memory_reserve_mb=float(v["memory_reserve_mb"]),
         )
         cameras = tuple(Camera(t, t.rstrip("/").endswith("/compressed")) for t in v["cameras"])
         live = _live_fields(v)
