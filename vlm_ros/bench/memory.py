@@ -23,6 +23,7 @@ import torch
 from vlm_ros.config import RuntimeConfig
 from vlm_ros.infer.static_decode import StaticDecoder
 from vlm_ros.model import boards, memory_plan
+from vlm_ros.model.checkpoint import to_dtype
 
 MiB = 1024**2
 
@@ -88,12 +89,12 @@ def _page_size() -> int:
 
 def measure(preset: str, dtype: str = "float32", quantize: str = "none", max_seq_len: int = 512):
     """The measured serving peak of ``preset`` against its plan, as a dict (bytes and MiB)."""
-    from vlm_ros.bench.measure import DTYPES, build_model
+    from vlm_ros.bench.measure import build_model
 
     torch.manual_seed(0)
     gc.collect()
     before = rss_bytes()
-    model = build_model(preset, "cpu", DTYPES[dtype])
+    model = build_model(preset, "cpu", to_dtype(dtype))
     arch = memory_plan.Architecture.of(model.spec, model.vision_config, model.text_config)
     runtime = RuntimeConfig(max_seq_len=max_seq_len, quantize=quantize, cpu_linear="torch")
     host = boards.Board("cpu", "this host", 1024.0, False, 0.0, 0.0)
@@ -106,10 +107,10 @@ def measure(preset: str, dtype: str = "float32", quantize: str = "none", max_seq
         ready = rss_bytes()
         reset_peak()
         size = model.vision_config.image_size
-        pixels = torch.randn(1, 3, size, size, dtype=DTYPES[dtype])
+        pixels = torch.randn(1, 3, size, size, dtype=to_dtype(dtype))
         model.encode_images(pixels)
         embeds = torch.randn(1, max_seq_len - 4, model.text_config.hidden_size)
-        logits = decoder.prefill(embeds.to(DTYPES[dtype]))
+        logits = decoder.prefill(embeds.to(to_dtype(dtype)))
         for _ in range(3):
             logits = decoder.decode_one_token(logits.argmax(-1).view(1, 1))
     peak = peak_rss_bytes()
@@ -141,12 +142,12 @@ def write_preset_checkpoint(out: Path, preset: str, dtype: str = "bfloat16") -> 
 
     from safetensors.torch import save_file
 
-    from vlm_ros.bench.measure import DTYPES, build_model
+    from vlm_ros.bench.measure import build_model
     from vlm_ros.model.tiny import write_tiny_checkpoint
 
     write_tiny_checkpoint(out, "llava_phi")
     (out / "preprocessor_config.json").unlink()
-    model = build_model(preset, "cpu", DTYPES[dtype])
+    model = build_model(preset, "cpu", to_dtype(dtype))
     tower = model.tower_prefix
     state = {}
     for key, tensor in model.state_dict().items():

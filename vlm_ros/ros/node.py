@@ -210,6 +210,7 @@ class AssistantNode(LifecycleNode):
         self._loader = loader
         self._loading = ""  # "loading model ..." while configure runs: requests are refused so
         self._loading_since = 0.0
+        self._autostarting = False  # run()'s autostart: "loading" from spin until activated
         self._stopping = threading.Event()  # process exit: running inference stops at a token
         self._exiting = False  # shutdown for process exit: do not wait for a running inference
         self._waits: set[Waiting] = set()  # requests awaiting the worker (see _await_job)
@@ -309,12 +310,13 @@ class AssistantNode(LifecycleNode):
             self.assistant = self._load(config, start)
         except Exception as exc:  # a robot must see why, not a traceback in a log file
             self._params_fixed = False
+            self._loading = ""
             self.last_error = CLI_FLAG.sub(
                 r"the \1 parameter (\1:=\2)", f"{type(exc).__name__}: {exc}"
             )
             log.error(f"configure failed: {self.last_error}")
             return TransitionCallbackReturn.FAILURE
-        finally:
+        if not self._autostarting:  # else activate follows at once: still "loading" till then
             self._loading = ""
         # a LIVE parameter set while the model loaded was accepted: apply it now
         config = config.with_values({n: self.get_parameter(n).value for n in LIVE})
@@ -343,6 +345,16 @@ class AssistantNode(LifecycleNode):
             )  # fmt: skip
         log.info(f"{self._loading} ({time.monotonic() - start:.1f} s)")
         return load()
+
+    def begin_autostart(self) -> None:
+        """run() is about to configure and activate on its own: from now until activate, a
+        request hears "loading model ..." (not "not active"), also before configure starts."""
+        self._autostarting = True
+        self._loading = f"loading model {self.get_parameter('model').value!r}"
+        self._loading_since = time.monotonic()
+
+    def end_autostart(self) -> None:
+        self._autostarting, self._loading = False, ""
 
     def on_activate(self, state) -> TransitionCallbackReturn:
         """Subscribe to the cameras and start the timers."""
@@ -885,6 +897,7 @@ def run(
         executor.add_node(SyntheticCamera(rate_hz=camera_rate_hz))
     outcome: list[int] = []  # autostart's exit status, once it failed
     if node.get_parameter("autostart").value:
+        node.begin_autostart()
         threading.Thread(
             target=_autostart, args=(node, executor, outcome), name="autostart", daemon=True
         ).start()
@@ -936,6 +949,8 @@ def _autostart(node: AssistantNode, executor, outcome: list[int]) -> None:
     except Exception as exc:  # interrupted by shutdown, or the context is gone
         if not node._stopping.is_set():
             node.get_logger().fatal(f"cannot start: {type(exc).__name__}: {exc}")
+    finally:
+        node.end_autostart()
     if not node._stopping.is_set():
         outcome.append(1)
         executor.wake()  # run()'s loop sees the outcome
