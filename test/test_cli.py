@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +75,26 @@ def test_ask_subprocess_streams_a_seeded_sample(model, png):
         "--sample", "--temperature", "1.5", "--seed", "4", "--stream", "Is it clear?",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    timing_line = result.stdout.strip().splitlines()[-1]
+    *text_lines, timing_line = result.stdout.strip().splitlines()
     for stage in STAGES:
         assert re.search(rf"{stage} \d+\.\d ms", timing_line), timing_line
     assert "5 tokens, stop: max_new_tokens" in timing_line
+    # The streamed text is the seeded sample the API gives for the same settings (so the seed
+    # and the sampling options reached the decoder), and not the greedy answer.
+    from vlm_ros.config import GenerationConfig
+    from vlm_ros.infer.pipeline import Assistant
+
+    image = np.asarray(Image.open(png).convert("RGB"))
+    sample = GenerationConfig(max_new_tokens=5, do_sample=True, temperature=1.5, seed=4)
+    with Assistant.load(model, generation=sample) as assistant:
+        expected = assistant.answer(image, "Is it clear?").text
+        greedy = assistant.answer(image, "Is it clear?", generation=GenerationConfig()).text
+        other_seeds = {
+            assistant.answer(image, "Is it clear?", generation=replace(sample, seed=s)).text
+            for s in (5, 6, 7)
+        }
+    assert "\n".join(text_lines).strip() == expected.strip() != ""
+    assert expected != greedy and other_seeds != {expected}, (expected, greedy, other_seeds)
 
 
 def test_rank_subprocess_prints_probabilities(model, png):

@@ -250,21 +250,29 @@ def test_bad_images_are_counted_and_the_node_keeps_serving(ros, main_node):
 
 
 def test_stale_frame_is_refused(ros, checkpoint):
-    node = start_node(ros, checkpoint, "stale", max_frame_age_ms=300.0)
+    # 3 s: a fresh frame must be served even on two loaded cores (a new service client per
+    # call plus discovery has taken several hundred ms there); then it must go stale.
+    node = start_node(ros, checkpoint, "stale", max_frame_age_ms=3000.0)
     probe = ros.client_node("stale_probe")
     resp = ask(ros, node, probe)
     assert not resp.success and "no frame" in resp.error_message
     Camera(ros, "stale").send(image_msg(1), node)
     assert ask(ros, node, probe).success
-    time.sleep(0.5)
+    time.sleep(3.5)
     resp = ask(ros, node, probe)
     assert not resp.success and "stale" in resp.error_message
+
+
+# The simulated model delay of slow_node. "At once" and "cancelled" are judged against it, as
+# the functional requirement is (refused / stopped without waiting for the model), with most
+# of it as margin for a loaded 2-core machine.
+SLOW_MS = 3000.0
 
 
 @pytest.fixture(scope="module")
 def slow_node(ros, checkpoint):
     node = start_node(
-        ros, checkpoint, "slow", queue_size=1, inference_delay_ms=1500.0, max_frame_age_ms=0.0
+        ros, checkpoint, "slow", queue_size=1, inference_delay_ms=SLOW_MS, max_frame_age_ms=0.0
     )
     camera = Camera(ros, "slow")
     camera.send(image_msg(1), node)
@@ -284,9 +292,10 @@ def test_full_queue_is_refused_at_once(ros, slow_node):
     t = time.monotonic()
     third = client.call_async(Ask.Request(question="three"))
     wait_for(third.done, 5, what="refusal")
-    assert time.monotonic() - t < 1.0  # refused without waiting for the model
+    assert time.monotonic() - t < SLOW_MS / 2000  # refused without waiting for the model
+    assert not first.done()  # the first request is still in the model: nothing waited for it
     assert not third.result().success and "queue is full" in third.result().error_message
-    wait_for(lambda: first.done() and second.done(), 10, what="queued answers")
+    wait_for(lambda: first.done() and second.done(), 20, what="queued answers")
     assert first.result().success and second.result().success
 
 
@@ -306,7 +315,7 @@ def test_describe_can_be_cancelled(ros, slow_node):
     wait_for(handle.cancel_goal_async().done, what="cancel response")
     result = handle.get_result_async()
     wait_for(result.done, 5, what="cancelled result")
-    assert time.monotonic() - t < 1.2  # well before the 1.5 s model delay ran out
+    assert time.monotonic() - t < 0.8 * SLOW_MS / 1000  # well before the model delay ran out
     assert result.result().status == GoalStatus.STATUS_CANCELED
     assert result.result().result.stop_reason == "cancelled"
 

@@ -42,7 +42,7 @@ from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig
 from vlm_ros.config import DTypeName, GenerationConfig, RuntimeConfig, VisionBackend
 from vlm_ros.engines.build import build_for_model
 from vlm_ros.engines.cpu_kernels import OneDnnLinear
-from vlm_ros.infer import decode, ranking
+from vlm_ros.infer import decode, fidelity, ranking
 from vlm_ros.infer.decode import make_decoder
 from vlm_ros.infer.static_decode import StaticDecoder
 from vlm_ros.infer.vision import make_vision_encoder
@@ -307,29 +307,35 @@ def measure(
     return samples
 
 
-def agreement(reference: list[int], other: list[int]) -> float:
-    """Fraction of the greedy answer that matches until the first difference (prefix match)."""
-    same = 0
-    for a, b in zip(reference, other, strict=False):
-        if a != b:
-            break
-        same += 1
-    return same / max(len(reference), 1)
+agreement = fidelity.prefix_agreement  # share of the greedy answer matched before a difference
 
 
-def logit_error(fast_a: FastPath, fast_b: FastPath, pixels: torch.Tensor, steps: int) -> dict:
+def logit_error(
+    fast_a: FastPath,
+    fast_b: FastPath,
+    pixels: torch.Tensor,
+    steps: int,
+    threshold: fidelity.Threshold | None = None,
+) -> dict:
     """Teacher-free comparison of two fast paths: prefix agreement of greedy tokens and the
-    max |logit difference| / logit range on the first step (same prompt, same image)."""
+    max |logit difference| / logit range on the first step (same prompt, same image). With a
+    threshold, also the verdict the tests apply (infer/fidelity.py: logit error over every step
+    with the same inputs), under "fidelity"."""
     a = fast_a.answer(pixels, steps, keep_logits=True)
     b = fast_b.answer(pixels, steps, keep_logits=True)
     first_a, first_b = a.step_logits[0], b.step_logits[0]
     spread = float(first_a.max() - first_a.min()) or 1.0
-    return {
+    out = {
         "greedy_prefix_agreement": agreement(a.token_ids, b.token_ids),
         "first_logits_max_abs_error": float((first_a - first_b).abs().max()),
         "first_logits_error_over_range": float((first_a - first_b).abs().max()) / spread,
         "first_token_equal": a.token_ids[:1] == b.token_ids[:1],
     }
+    if threshold is not None:
+        logits_a, logits_b = torch.stack(a.step_logits), torch.stack(b.step_logits)
+        verdict = fidelity.compare(a.token_ids, logits_a, b.token_ids, logits_b, threshold)
+        out["fidelity"] = verdict.as_dict()
+    return out
 
 
 def device_copy_bandwidth(device: str, megabytes: int = 1024, iters: int = 10) -> float:
@@ -541,7 +547,9 @@ def measure_variants(
         if isinstance(variant, FastPath):
             variants[name] = {
                 "stages": measured[name],
-                "accuracy_vs_fp": logit_error(fast, variant, pixels, 16),
+                "accuracy_vs_fp": logit_error(
+                    fast, variant, pixels, 16, fidelity.threshold_for(VARIANT_RUNTIMES[name])
+                ),
             }
             if name.startswith("bf16"):
                 variants[name]["baseline_same_dtype"] = measured["baseline_bf16"]
@@ -552,6 +560,13 @@ def measure_variants(
 
 
 VARIANTS = ("mkl_linear", "int8", "bf16", "bf16_int8_weight_only")
+# What each variant sets, for its fidelity threshold (infer/fidelity.py, as the tests use)
+VARIANT_RUNTIMES = {
+    "mkl_linear": RuntimeConfig(cpu_linear="torch"),
+    "int8": RuntimeConfig(quantize="int8"),
+    "bf16": RuntimeConfig(dtype="bfloat16"),
+    "bf16_int8_weight_only": RuntimeConfig(dtype="bfloat16", quantize="int8_weight_only"),
+}
 
 
 def run(options: BenchOptions) -> dict:
@@ -776,8 +791,19 @@ def _variant_lines(result: dict) -> list[str]:
             f"{s['image_to_64_tokens']:.2f}x vs baseline{versus}; greedy agreement with the fp "
             f"path {acc['greedy_prefix_agreement']:.0%}, first-step logit error "
             f"{acc['first_logits_error_over_range']:.2%} of the logit range"
+            + _verdict(acc.get("fidelity"))
         )
     return lines
+
+
+def _verdict(verdict: dict | None) -> str:
+    if verdict is None:  # a result written before the thresholds existed
+        return ""
+    word = "pass" if verdict["passed"] else "FAIL"
+    return (
+        f"; threshold {verdict['max_logit_error']:.0e} (logit error over the agreeing steps "
+        f"{verdict['logit_error_over_range']:.2%}): {word}"
+    )
 
 
 def _gpu_lines(result: dict) -> list[str]:
