@@ -42,6 +42,10 @@ CAMERAS = (
     (f"/{NS}/wide/image_raw", 1920, 1080, "bgr8", True, 0),
 )
 ASK_CLIENTS, DESCRIBE_CLIENTS, PER_BURST = 20, 5, 10
+# The node fails a request it could not answer at query_timeout_s + its QUERY_GRACE_S (5 s);
+# the clients wait a burst's period (at most 60 s) and count what did not come as lost. So the
+# node's promise is set SLACK_S inside the clients' wait: "lost" then means the node broke it.
+NODE_GRACE_S, SLACK_S = 5.0, 2.0
 NODE_PARAMS = {
     "scene_rate_hz": "1.0", "hint_rate_hz": "1.0", "max_new_tokens": "16", "threads": "1",
     "diagnostics_period_s": "1.0",
@@ -104,9 +108,20 @@ class Soak:
         self.procs.append(proc)
         return proc
 
+    @property
+    def client_wait_s(self) -> float:
+        """How long a client waits for a burst's responses before counting them lost."""
+        return min(60.0, self.period)
+
+    @property
+    def query_timeout_s(self) -> float:
+        """The node's query_timeout_s: its answer-or-refusal arrives inside client_wait_s."""
+        return max(1.0, self.client_wait_s - NODE_GRACE_S - SLACK_S)
+
     def start_node(self) -> subprocess.Popen:
         cameras = "[" + ",".join(f"'{c[0]}'" for c in CAMERAS) + "]"
-        params = {**NODE_PARAMS, "model": self.model, "cameras": cameras}
+        params = {**NODE_PARAMS, "model": self.model, "cameras": cameras,
+                  "query_timeout_s": f"{self.query_timeout_s:.1f}"}  # fmt: skip
         command = [sys.executable, "-m", "vlm_ros", "node", "--namespace", NS, "--ros-args"]
         for name, value in params.items():
             command += ["-p", f"{name}:={value}"]
@@ -129,7 +144,7 @@ class Soak:
 
     def start_clients(self, barrier: Path) -> tuple[list, list]:
         common = ["--period", str(self.period), "--duration", str(self.duration),
-                  "--count", str(PER_BURST), "--timeout", str(min(60.0, self.period)),
+                  "--count", str(PER_BURST), "--timeout", str(self.client_wait_s),
                   "--barrier", str(barrier), "--wait", "300"]  # fmt: skip
         ask = [self.spawn("ask", *common, "--service", f"/{NS}/vlm_assistant/ask",
                           "--name", f"soak_ask{i}") for i in range(ASK_CLIENTS)]  # fmt: skip
@@ -223,7 +238,7 @@ class Soak:
             "burst_period_s": self.period,
             "model": self.model,
             "machine": self.machine,
-            "node_parameters": NODE_PARAMS,
+            "node_parameters": {**NODE_PARAMS, "query_timeout_s": self.query_timeout_s},
             "requests": {
                 "ask": requests(ask_results, ASK_CLIENTS * PER_BURST),
                 "describe": requests(describe_results, DESCRIBE_CLIENTS * PER_BURST),
