@@ -278,6 +278,25 @@ def sse_events(text: str) -> list[dict]:
     return [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
 
 
+def test_bench_clients_count_and_split_every_answer(server):
+    """scripts/bench_serve.py's client loop against this server: every request answered once,
+    and the latency split (model + queue + serve + http) adds up to the client's latency."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_serve", REPO / "scripts" / "bench_serve.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    body = json.dumps({"model": "demo", "messages": messages(bench.QUESTION, scene_png(SCENES[0])),
+                       "max_tokens": 48, "temperature": 0}).encode()  # fmt: skip
+    cell = bench.run_clients(f"{server.url}/v1/chat/completions", body, 2, 6)
+    assert cell["answered"] == 6 and cell["refused"] == [] and cell["requests_per_s"] > 0
+    split = cell["split_ms_p50"]
+    assert split["model"] > 0 and split["queue"] >= 0 and split["http"] > 0
+    assert sum(split.values()) == pytest.approx(cell["latency_ms"]["p50"], rel=0.5)
+
+
 # ---- refusals ----------------------------------------------------------------------------------
 
 
