@@ -69,6 +69,7 @@ def test_a_good_body_parses():
         ({"temperature": -1}, 400, "invalid_request"),
         ({"stop": ["", "a"]}, 400, "invalid_request"),
         ({"stream": "yes"}, 400, "invalid_request"),
+        ({"n": 2}, 400, "invalid_request"),
         ({"messages": []}, 400, "invalid_request"),
         ({"messages": [{"role": "system", "content": "x"}]}, 400, "invalid_request"),
         ({"vlm_ros": {"deadline_ms": -5}}, 400, "invalid_request"),

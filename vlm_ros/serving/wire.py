@@ -170,6 +170,8 @@ def parse_chat(body: dict, served_name: str, limits: WireLimits, arrival: float)
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise bad_request(f"seed must be an integer, got {seed!r}")
+    if body.get("n", 1) != 1:
+        raise bad_request(f"n must be 1 (one answer per request), got {body.get('n')!r}")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_request(f"stream must be true or false, got {stream!r}")
