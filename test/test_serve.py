@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 if os.environ.get("CI") == "true" or os.environ.get("VLM_ROS_REQUIRE_RAY") == "1":
@@ -160,8 +161,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def local():
+    threads = torch.get_num_threads()  # Assistant.load sets the process's torch threads
     with Assistant.load("demo", RuntimeConfig(threads=1)) as assistant:
         yield assistant
+    torch.set_num_threads(threads)  # later test modules run as they would alone
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlm_ros.config import GenerationConfig, RuntimeConfig
@@ -139,9 +140,11 @@ def test_overload_error_carries_retry_after():
 
 @pytest.fixture(scope="module")
 def replica():
+    threads = torch.get_num_threads()  # Assistant.load sets the process's torch threads
     server = ModelServer(Assistant.load("demo", RuntimeConfig(threads=1)), LIMITS)
     yield server
     server.close()
+    torch.set_num_threads(threads)
 
 
 def test_replica_answers_streams_and_refuses(replica):
