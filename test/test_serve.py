@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -180,6 +181,52 @@ def server():
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+# ---- the command in the foreground (first: its own cluster, before the module's starts) --------
+
+
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_cli_serves_in_the_foreground_and_drains_on_ctrl_c():
+    """`vlm-ros serve` with a cluster of its own: prints the URL, answers, and on SIGINT
+    deletes the app (replicas drain), stops Ray and exits 0; the port is closed afterwards.
+    Started with SIGINT ignored, as a shell starts a background job: the command must still
+    stop on it (it did not, before it installed its own handler; SIGTERM takes the same path)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "vlm_ros", "serve", "--address", "local", "--port", str(port),
+           "--replicas", "1", "--threads", "1"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=ignore_sigint)  # fmt: skip
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:  # the ready line, or the end of the output if it failed
+            lines.append(line)
+            if "[serve] ready:" in line:
+                break
+        assert f"ready: http://127.0.0.1:{port}/v1 (model 'demo')" in "".join(lines), lines[-20:]
+        srv = Server(port)
+        assert (
+            srv.chat("Describe the scene.", scene_png(SCENES[0]), max_tokens=4).status_code == 200
+        )
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:  # failed: SIGTERM stops Ray's processes too, SIGKILL would not
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, rest[-2000:]
+    assert "[serve] draining and stopping" in rest
+    with pytest.raises(urllib.error.URLError):
+        srv.chat("Describe the scene.", scene_png(SCENES[0]))
 
 
 # ---- answers equal the local ones ---------------------------------------------------------------

@@ -117,7 +117,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.detach:
         return 0
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM drains like Ctrl-C
+    # SIGTERM drains like Ctrl-C; SIGINT too when started in the background (where a shell
+    # leaves it ignored)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)
