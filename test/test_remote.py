@@ -400,3 +400,17 @@ def test_eval_bag_through_a_server(server, tmp_path):
     paths = [p for p, _ in server.requests]
     assert paths.count("/v1/chat/completions") >= 3 and "/v1/rank" in paths
     assert report["frames"]["processed"] >= 3, report["frames"]
+
+
+def test_frame_encoding_bench_measures_the_product_encoder():
+    """bench/frame_encoding.py's row for one frame: PNG lossless, JPEG smaller and lossy, the
+    data URL's base64 4/3 of the bytes (a small frame: the committed JSON has 720p/1080p)."""
+    from vlm_ros.bench.frame_encoding import frames, measure
+
+    rgb = frames(320, 240)["scene_noisy"]
+    png, jpeg = measure(rgb, "png", 0, 2), measure(rgb, "jpeg", 75, 2)
+    assert png["psnr_db"] == float("inf") and 20 < jpeg["psnr_db"] < 60
+    assert jpeg["bytes"] < png["bytes"] < rgb.nbytes
+    for row in (png, jpeg):
+        assert row["wire_bytes"] == pytest.approx(row["bytes"] * 4 / 3, rel=0.01, abs=64)
+        assert row["encode_ms_median"] > 0
