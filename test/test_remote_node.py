@@ -111,12 +111,21 @@ def test_describe_feedback_streams_token_by_token(ros, server):
 
 
 def test_server_down_at_start_then_up(ros):
+    """Also the periodic scene answers: failed (counted, the latency status ERROR) while the
+    server is down, published again once it is up."""
     from diagnostic_msgs.msg import DiagnosticStatus
+
+    from vlm_ros.msg import SceneAnswer
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    node = remote_node(ros, "rdown", url, connect_timeout_s=1.0, diagnostics_period_s=0.3)
+    node = remote_node(ros, "rdown", url, connect_timeout_s=1.0, diagnostics_period_s=0.3,
+                       scene_rate_hz=4.0, max_frame_age_ms=0.0)  # fmt: skip
     camera, probe = Camera(ros, "rdown"), ros.client_node("rdown_probe")
+    scenes: list = []
+    probe.create_subscription(
+        SceneAnswer, f"{node.get_fully_qualified_name()}/scene_answer", scenes.append, 10
+    )
     diag = Diagnostics(probe, node.get_fully_qualified_name())
     camera.send(image_msg(3), node)
     resp = ask(ros, node, probe)
@@ -124,6 +133,8 @@ def test_server_down_at_start_then_up(ros):
     wait_for(lambda: (s := diag.latest(": server")) and s.level == DiagnosticStatus.ERROR, 15,
              what="server status ERROR")  # fmt: skip
     assert diag.values(": server")["reachable"] == "no"
+    wait_for(lambda: int(diag.values(": latency").get("failed", 0)) > 0, 15, what="failed > 0")
+    assert not scenes
     srv = WireServer(port=port)
     try:
         wait_for(lambda: (s := diag.latest(": server")) and s.level == DiagnosticStatus.OK, 15,
@@ -131,6 +142,9 @@ def test_server_down_at_start_then_up(ros):
         camera.send(image_msg(4), node)
         resp = ask(ros, node, probe)
         assert resp.success and resp.answer == "The path is clear.", resp.error_message
+        camera.send(image_msg(5), node)
+        wait_for(lambda: scenes, 15, what="a scene answer once the server is up")
+        assert scenes[-1].answer == "The path is clear."
     finally:
         srv.close()
 

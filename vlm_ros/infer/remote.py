@@ -553,7 +553,8 @@ def _messages(question: str, frame: EncodedFrame) -> list[dict[str, Any]]:
 def _timings(vlm: dict[str, Any], encode_ms: float, wall_ms: float) -> StageTimings:
     """StageTimings of one remote request: the server's stages, its queue, the network (the
     round trip minus the server's time) and the robot's total wait."""
-    server = vlm.get("timings_ms") if isinstance(vlm.get("timings_ms"), dict) else {}
+    server = vlm.get("timings_ms")
+    server = server if isinstance(server, dict) else {}
     stages = {s: _ms(server.get(s)) for s in STAGES if s != "total"}
     server_ms = _ms(vlm.get("server_ms"))
     return StageTimings(

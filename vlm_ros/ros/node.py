@@ -87,7 +87,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from vlm_ros.action import Describe
 from vlm_ros.demo import data as demo_data
-from vlm_ros.errors import EvictedError, InputError, VlmError
+from vlm_ros.errors import EvictedError, InputError, RemoteError, VlmError
 from vlm_ros.msg import ActionHint, SceneAnswer, StageLatency
 from vlm_ros.ros import imaging, names, outputs
 from vlm_ros.ros.node_config import (
@@ -587,7 +587,11 @@ class AssistantNode(LifecycleNode):
             pass  # the frame's rejection: counted and logged once, in _settle
         elif exc is not None:
             self.monitor.count("failed")
-            self.get_logger().error(f"periodic inference failed: {type(exc).__name__}: {exc}")
+            # a server that is down fails every tick: say so every 5 s, not at the camera's rate
+            throttle = {"throttle_duration_sec": 5.0} if isinstance(exc, RemoteError) else {}
+            self.get_logger().error(
+                f"periodic inference failed: {type(exc).__name__}: {exc}", **throttle
+            )
 
     # ---- output messages -------------------------------------------------------------------
 
