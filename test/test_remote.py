@@ -414,3 +414,14 @@ def test_frame_encoding_bench_measures_the_product_encoder():
     for row in (png, jpeg):
         assert row["wire_bytes"] == pytest.approx(row["bytes"] * 4 / 3, rel=0.01, abs=64)
         assert row["encode_ms_median"] > 0
+
+
+def test_deadline_goes_on_the_wire_and_the_servers_deadline_event_ends_the_answer(server):
+    server.mode = "deadline_event"
+    with client(server.url) as remote:
+        ans = remote.answer(frame(), "q", deadline=time.monotonic() + 30.0)
+        assert (ans.text, ans.stop_reason) == ("The", "deadline")
+        assert 0 < server.requests[-1][1]["vlm_ros"]["deadline_ms"] <= 30_000
+        with pytest.raises(RemoteTimeoutError, match="deadline"):  # a deadline not ours
+            remote.answer(frame(), "q")
+        assert "vlm_ros" not in server.requests[-1][1]

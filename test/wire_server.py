@@ -181,6 +181,11 @@ class Handler(BaseHTTPRequestHandler):
             self._event(chunk("The"))
             self._event(chunk(" path"))
             return  # connection closed: no final chunk, no [DONE]
+        if mode == "deadline_event":  # what vlm-ros serve sends when vlm_ros.deadline_ms passed
+            self._event(chunk("The"))
+            self._event(error_body("the deadline passed", "server_error", "deadline"))
+            self._event("[DONE]")
+            return
         if mode == "midstream_error":
             self._event(chunk("The"))
             self._event(error_body("replica died", "server_error", "replica_failed"))

@@ -23,11 +23,12 @@ from ``vlm_ros.timings_ms``, and total = the robot's whole wait. A third-party s
 ``vlm_ros`` object: its time then counts as network.
 
 Faults, each a RemoteError subclass naming the URL (errors.py); nothing waits past
-request_timeout_s, or past the request's deadline (the answer so far, stop_reason "deadline",
-as locally): connect failure -> ServerUnreachableError "server unreachable at URL"; 400/413 ->
-RemoteInputError; 401/403 -> RemoteAuthError; 404 model_not_found -> ModelNotFoundError;
-503 -> ServerBusyError; 504 or a timeout -> RemoteTimeoutError; other 4xx/5xx, malformed or
-truncated streams -> BadResponseError. The node still configures with the server down;
+request_timeout_s, or past the request's deadline (sent as ``vlm_ros.deadline_ms``, so the
+server stops there too; the answer so far, stop_reason "deadline", as locally): connect
+failure -> ServerUnreachableError "server unreachable at URL"; 400/413 -> RemoteInputError;
+401/403 -> RemoteAuthError; 404 model_not_found -> ModelNotFoundError; 503 -> ServerBusyError;
+504 or a timeout -> RemoteTimeoutError; other 4xx/5xx, malformed or truncated streams ->
+BadResponseError. The node still configures with the server down;
 ``server_status()`` (a background probe of ``/v1/models`` every health_period_s, and every
 request's outcome) is what /diagnostics shows.
 
@@ -311,6 +312,9 @@ class RemoteAssistant:
             body["top_p"] = gen.top_p
             if gen.seed is not None:
                 body["seed"] = gen.seed
+        if request.deadline is not None:  # the server stops there too (its 504 "deadline")
+            left_ms = (request.deadline - time.monotonic()) * 1000.0
+            body["vlm_ros"] = {"deadline_ms": max(left_ms, 1.0)}
         return body
 
     def _post_json(
@@ -397,6 +401,10 @@ class _NoEndpoint(Exception):
     """The server has no such endpoint (404 without code model_not_found)."""
 
 
+class _DeadlineEvent(Exception):
+    """The server ended the stream at the request's own deadline (error code "deadline")."""
+
+
 class _Stream:
     """One streamed answer: the SSE events parsed as they arrive (see the module docstring)."""
 
@@ -415,7 +423,10 @@ class _Stream:
                 owner._seen(True, "reachable")
                 if response.status_code != 200:
                     response.read()
-                    raise owner._http_error(response, "/v1/chat/completions")
+                    error = owner._http_error(response, "/v1/chat/completions")
+                    if isinstance(error, RemoteTimeoutError) and self.request.interrupted():
+                        return self._answer("deadline")  # the server kept our deadline
+                    raise error
                 stopped = self._events(response)
         except httpx.TimeoutException as exc:
             if isinstance(exc, httpx.ConnectTimeout):
@@ -441,7 +452,10 @@ class _Stream:
                 break
             if self.reply.finish_reason is not None:
                 raise BadResponseError(f"{url}: stream went on after its final chunk: {data!r}")
-            self._chunk(_parse_event(data, url))
+            try:
+                self._chunk(_parse_event(data, url))
+            except _DeadlineEvent:
+                return "deadline"
             stopped = self.request.interrupted()
             if stopped:
                 return stopped
@@ -461,6 +475,8 @@ class _Stream:
             error = event["error"] if isinstance(event["error"], dict) else {}
             message = str(error.get("message") or event["error"])
             code = str(error.get("code") or "")
+            if code == "deadline" and self.request.deadline is not None:
+                raise _DeadlineEvent()  # the server kept our deadline: the answer so far
             cls = RemoteTimeoutError if code == "deadline" else BadResponseError
             raise cls(f"{url}: server error mid-stream: {code + ': ' if code else ''}{message}")
         try:
