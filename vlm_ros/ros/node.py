@@ -830,8 +830,10 @@ class AssistantNode(LifecycleNode):
             self._camera_status(cam) for cam in self.config.cameras if cam.topic in self._subs
         ]
         server = getattr(self.assistant, "server_status", None)  # backend remote only
-        servers = [server_status(self.get_name(), self.get_fully_qualified_name(), server())]
-        msg = DiagnosticArray(status=[status, *cameras, *(servers if server else [])])
+        if server is not None:
+            node, hardware_id = self.get_name(), self.get_fully_qualified_name()
+            cameras.append(server_status(node, hardware_id, server()))
+        msg = DiagnosticArray(status=[status, *cameras])
         msg.header.stamp = self.get_clock().now().to_msg()
         self._pubs["diagnostics"].publish(msg)
 
