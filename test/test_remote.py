@@ -425,3 +425,12 @@ def test_deadline_goes_on_the_wire_and_the_servers_deadline_event_ends_the_answe
         with pytest.raises(RemoteTimeoutError, match="deadline"):  # a deadline not ours
             remote.answer(frame(), "q")
         assert "vlm_ros" not in server.requests[-1][1]
+
+
+def test_a_server_that_ignores_stream_still_answers(server):
+    server.mode = "nostream"
+    seen: list[str] = []
+    with client(server.url) as remote:
+        ans = remote.answer(frame(), "q", on_text=seen.append)
+    assert (ans.text, ans.stop_reason, ans.token_ids) == ("The path is clear.", "eos", ())
+    assert seen == ["The path is clear."]

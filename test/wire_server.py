@@ -166,7 +166,7 @@ class Handler(BaseHTTPRequestHandler):
         })  # fmt: skip
 
     def _chat(self, body: dict, mode: str) -> None:
-        if not body.get("stream"):
+        if not body.get("stream") or mode == "nostream":
             return self._chat_whole(body, mode)
         self._start_stream()
         if mode == "stall":
@@ -204,6 +204,8 @@ class Handler(BaseHTTPRequestHandler):
         """Non-streamed: the logprobs fallback's one-token request."""
         choice = {"index": 0, "message": {"role": "assistant", "content": "stop"},
                   "finish_reason": "length"}  # fmt: skip
+        if mode == "nostream":  # a server that ignores "stream": true
+            choice["message"]["content"], choice["finish_reason"] = "".join(PIECES), "stop"
         if body.get("logprobs") and mode == "norank":
             top = [("stop", -0.2), (" slow", -2.0), ("continue", -3.0), ("turn", -2.5)]
             entries = [{"token": t, "logprob": lp} for t, lp in top]

@@ -427,7 +427,11 @@ class _Stream:
                     if isinstance(error, RemoteTimeoutError) and self.request.interrupted():
                         return self._answer("deadline")  # the server kept our deadline
                     raise error
-                stopped = self._events(response)
+                if response.headers.get("content-type", "").startswith("application/json"):
+                    self._whole(response)  # a server that ignores "stream": one JSON answer
+                    stopped = None
+                else:
+                    stopped = self._events(response)
         except httpx.TimeoutException as exc:
             if isinstance(exc, httpx.ConnectTimeout):
                 raise owner._unreachable(exc) from exc
@@ -468,6 +472,21 @@ class _Stream:
                 f"{len(self.text)} characters of the answer)"
             )
         return None
+
+    def _whole(self, response: httpx.Response) -> None:
+        """A non-streamed chat.completion, read as one final chunk."""
+        url = self.owner.url
+        try:
+            data = json.loads(response.read())
+            choice = data["choices"][0]
+            event = {
+                "choices": [{"delta": {"content": choice["message"]["content"] or ""},
+                             "finish_reason": choice.get("finish_reason") or "stop"}],
+                "usage": data.get("usage"), "vlm_ros": data.get("vlm_ros"),
+            }  # fmt: skip
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise BadResponseError(f"{url}: malformed chat.completion ({exc!r})") from exc
+        self._chunk(event)
 
     def _chunk(self, event: dict[str, Any]) -> None:
         url = self.owner.url
