@@ -68,7 +68,7 @@ def served(tmp_path_factory):
         wait_for(up, 420, what=f"vlm-ros serve at {url}")
         yield url
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # SIGINT is ignored in background jobs
         try:
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
@@ -245,7 +245,7 @@ def test_three_robots_share_one_server_under_a_burst(ros, served, tmp_path):
     finally:
         for proc in [*cameras, *nodes]:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM)  # SIGINT is ignored in background jobs
         for proc in [*cameras, *nodes]:
             try:
                 proc.wait(timeout=20)
