@@ -108,10 +108,12 @@ class Reply:
 
 class Http:
     def __init__(self, url: str):
-        self.url = url
+        self.url, self.key = url, None
 
     def request(self, method: str, path: str, body: bytes | None = None):
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self.key is not None:
+            headers["Authorization"] = f"Bearer {self.key}"
         req = urllib.request.Request(self.url + path, body, headers, method=method)
         try:
             return urllib.request.urlopen(req, timeout=120)
@@ -255,9 +257,7 @@ def test_max_tokens_stop_and_temperature_are_honoured(server, local):
     stop = "box"
     assert stop in full.text
     stopped = server.chat("Describe the scene.", data, max_tokens=48, stop=[stop, "zzz"]).json()
-    assert (
-        stopped["choices"][0]["message"]["content"] == full.text[: full.text.index(stop)].rstrip()
-    )
+    assert stopped["choices"][0]["message"]["content"] == full.text[: full.text.index(stop)]
     assert stopped["choices"][0]["finish_reason"] == "stop"
     assert stopped["vlm_ros"]["stop_reason"] == "stop"
     assert len(stopped["vlm_ros"]["token_ids"]) < len(full.token_ids)  # the decoder stopped early
@@ -278,6 +278,25 @@ def sse_events(text: str) -> list[dict]:
     lines = [ln for ln in text.split("\n\n") if ln.strip()]
     assert lines[-1] == "data: [DONE]", lines[-1]
     return [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
+
+
+def test_bench_clients_count_and_split_every_answer(server):
+    """scripts/bench_serve.py's client loop against this server: every request answered once,
+    and the latency split (model + queue + serve + http) adds up to the client's latency."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_serve", REPO / "scripts" / "bench_serve.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    body = json.dumps({"model": "demo", "messages": messages(bench.QUESTION, scene_png(SCENES[0])),
+                       "max_tokens": 48, "temperature": 0}).encode()  # fmt: skip
+    cell = bench.run_clients(f"{server.url}/v1/chat/completions", body, 2, 6)
+    assert cell["answered"] == 6 and cell["refused"] == [] and cell["requests_per_s"] > 0
+    split = cell["split_ms_p50"]
+    assert split["model"] > 0 and split["queue"] >= 0 and split["http"] > 0
+    assert sum(split.values()) == pytest.approx(cell["latency_ms"]["p50"], rel=0.5)
 
 
 # ---- refusals ----------------------------------------------------------------------------------
@@ -400,12 +419,39 @@ def test_replica_killed_mid_stream_gives_a_clear_error_and_ray_restarts_it(serve
         assert got["vlm_ros"]["token_ids"] == list(want.token_ids)
 
 
-def test_server_down_and_up_again_with_the_cli(server, local):
-    """Serve shut down (connections refused), then `vlm-ros serve --detach` deploys the app
-    again into the same cluster on the same port: answers as before."""
+def read_stream(response) -> list[dict]:
+    """The JSON events of an open SSE response, up to [DONE] (which must come)."""
+    events = []
+    for raw in response:
+        line = raw.decode().strip()
+        if line == "data: [DONE]":
+            return events
+        if line.startswith("data: "):
+            events.append(json.loads(line.removeprefix("data: ")))
+    raise AssertionError(f"the stream ended without [DONE] after {len(events)} events")
+
+
+def test_draining_then_server_down_and_up_again_with_the_cli(server, local):
+    """Deleting the app drains it: a stream in flight runs to its end. Serve shut down refuses
+    connections; `vlm-ros serve --detach --api-key-env` deploys the app again into the same
+    cluster on the same port: answers as before, and only with the key."""
     data = scene_png(SCENES[1])
     want = local.answer(wire.decode_image(data, wire.WireLimits()), "Describe the scene.",
                         max_new_tokens=48)  # fmt: skip
+    body = {"model": "demo", "messages": messages("Describe the scene.", data), "stream": True,
+            "seed": 3, **LONG}  # fmt: skip
+    with server.http.request("POST", "/v1/chat/completions", json.dumps(body).encode()) as r:
+        first = json.loads(r.readline().decode().removeprefix("data: "))
+        assert first["choices"][0]["delta"]["role"] == "assistant"  # a replica took it
+        deleting = threading.Thread(target=ray_app.undeploy)
+        deleting.start()
+        events = read_stream(r)
+    deleting.join(timeout=120)
+    assert not deleting.is_alive()
+    assert "error" not in events[-1], events[-1]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(events[-1]["vlm_ros"]["token_ids"]) == 440  # the whole answer, not cut
+
     serve.shutdown()
     with pytest.raises(urllib.error.URLError):
         server.chat("Describe the scene.", data)
@@ -414,15 +460,24 @@ def test_server_down_and_up_again_with_the_cli(server, local):
     cmd = [sys.executable, "-m", "vlm_ros", "serve", "--address", address,
            "--port", str(server.port), "--replicas", "2", "--threads", "1", "--device", "cpu",
            "--max-queued", "2", "--max-image-bytes", str(MAX_IMAGE_BYTES),
-           "--max-pixels", str(MAX_PIXELS), "--detach"]  # fmt: skip
+           "--max-pixels", str(MAX_PIXELS), "--api-key-env", "VLM_ROS_TEST_KEY",
+           "--detach"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    missing = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "VLM_ROS_TEST_KEY" in missing.stderr  # before Ray starts
+    env["VLM_ROS_TEST_KEY"] = "k3y"
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert f"ready: http://127.0.0.1:{server.port}/v1 (model 'demo')" in out.stdout
     server.wait_healthy(2)
+    refused = server.chat("Describe the scene.", data, max_tokens=48)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    server.http.key = "k3y"
     got = server.chat("Describe the scene.", data, max_tokens=48).json()
     assert got["vlm_ros"]["token_ids"] == list(want.token_ids)
     assert got["choices"][0]["message"]["content"] == want.text
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k3y", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["demo"]
 
 
 def test_options_reject_nonsense():

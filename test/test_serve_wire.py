@@ -116,7 +116,7 @@ def test_stop_strings_are_held_back_and_cut():
     assert not stops.push("a green bo")
     assert stops.safe("a green bo") == "a green "  # "bo" may become "box"
     assert stops.push("a green box near")
-    assert stops.hit == "a green" and stops.safe("anything") == "a green"
+    assert stops.hit == "a green " and stops.safe("anything") == "a green "
     assert wire.StopText(()).safe("all of it") == "all of it"
 
 

@@ -40,7 +40,7 @@ class ModelServer:
 
     def check(self) -> None:
         """Raises when the replica cannot serve (Ray Serve's check_health calls this)."""
-        self.assistant._check_open()
+        self.assistant._check_open()  # VlmError once closed: the replica must be replaced
 
     def close(self) -> None:
         self.assistant.close()

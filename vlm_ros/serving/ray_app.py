@@ -196,12 +196,13 @@ class VlmIngress:
         """200 while at least one model replica is RUNNING (Ray Serve's health checks decide)."""
         app = serve.get_replica_context().app_name
         status = await asyncio.to_thread(serve.status)
-        deployment = status.applications[app].deployments[MODEL_DEPLOYMENT]
-        running = deployment.replica_states.get("RUNNING", 0)
+        application = status.applications.get(app)
+        deployment = application.deployments.get(MODEL_DEPLOYMENT) if application else None
+        running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
         body = {
             "status": "ok" if running else "unavailable",
             "replicas_running": running,
-            "deployment_status": str(deployment.status.value),
+            "deployment_status": str(deployment.status.value) if deployment else "missing",
         }
         return JSONResponse(body, status_code=200 if running else 503)
 

@@ -376,7 +376,7 @@ class StopText:
         if self.hit is None and self.stops:
             cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
             if cuts:
-                self.hit = text[: min(cuts)].rstrip()
+                self.hit = text[: min(cuts)]  # as OpenAI: up to the stop string, unstripped
         return self.hit is not None
 
     def safe(self, text: str) -> str:
