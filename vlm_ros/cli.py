@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("vlm_ros.commands.plan", "memory plan of the published models per Jetson board"),
     "make-tiny": ("vlm_ros.commands.make_tiny", "write a tiny checkpoint in a published layout"),
     "node": ("vlm_ros.commands.node", "run the ROS 2 node without ros2 launch"),
+    "serve": ("vlm_ros.commands.serve", "serve the model over HTTP (OpenAI API) on Ray Serve"),
     "soak": ("vlm_ros.commands.soak", "the node under request bursts and camera floods; JSON"),
     "export-onnx": ("vlm_ros.commands.export_onnx", "export vision encoder+projector to ONNX"),
     "build-engines": ("vlm_ros.commands.build_engines", "build TensorRT engines for a model"),
