@@ -437,6 +437,9 @@ def live_style_messages(delays_ms, width=W, height=H, dropped=7) -> list:
             projector_ms=1.0,
             prefill_ms=20.0,
             decode_ms=30.0,
+            encode_ms=0.0,
+            network_ms=0.0,
+            server_queue_ms=0.0,
             total_ms=63.0 + i,
             image_to_output_ms=delay - 1.0,
         )

@@ -24,6 +24,9 @@ LATENCY_FIELDS = {
     "projector_ms",
     "prefill_ms",
     "decode_ms",
+    "encode_ms",
+    "network_ms",
+    "server_queue_ms",
     "total_ms",
     "image_to_output_ms",
 }

@@ -17,11 +17,15 @@ QuantizeMode = Literal["none", "int8", "int8_weight_only"]
 CpuLinearMode = Literal["auto", "onednn", "torch"]
 VisionBackend = Literal["torch", "onnxruntime", "tensorrt"]
 DTypeName = Literal["float32", "bfloat16", "float16"]  # torch.<name>; checkpoint.to_dtype
+Backend = Literal["local", "remote"]  # the model in this process, or an HTTP server's
+ImageEncoding = Literal["jpeg", "png"]  # how the remote backend puts a frame on the wire
 DECODERS: tuple[DecoderKind, ...] = get_args(DecoderKind)
 QUANTIZE_MODES: tuple[QuantizeMode, ...] = get_args(QuantizeMode)
 CPU_LINEAR_MODES: tuple[CpuLinearMode, ...] = get_args(CpuLinearMode)
 VISION_BACKENDS: tuple[VisionBackend, ...] = get_args(VisionBackend)
 DTYPE_NAMES: tuple[DTypeName, ...] = get_args(DTypeName)
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
+IMAGE_ENCODINGS: tuple[ImageEncoding, ...] = get_args(ImageEncoding)
 
 
 def check_choice(name: str, value: object, allowed: Collection[object]) -> None:
@@ -51,6 +55,40 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    """The remote backend (infer/remote.py): an OpenAI-compatible chat-completions server
+    (``vlm-ros serve``, vLLM, ...) answers instead of a model in this process.
+
+    server_url: the server's base URL, e.g. ``http://gpu-box:8000`` (``/v1/...`` is added).
+    model: the model name sent in every request (``vlm-ros serve --model demo`` serves "demo").
+    api_key_env: name of the environment variable holding the API key ("" = send none); the
+    key itself never sits in a parameter file. request_timeout_s bounds a whole request (and
+    each wait for the next byte); connect_timeout_s bounds connecting. image_encoding: "jpeg"
+    (jpeg_quality 1-95; lossy) or "png" (lossless: the server decodes the same pixels).
+    health_period_s: how often a background probe asks the server for its model list, for
+    /diagnostics (0 = never; requests still report reachability).
+    """
+
+    server_url: str = ""
+    model: str = ""
+    api_key_env: str = ""
+    request_timeout_s: float = 30.0
+    connect_timeout_s: float = 3.0
+    image_encoding: ImageEncoding = "jpeg"
+    jpeg_quality: int = 90
+    health_period_s: float = 2.0
+    max_image_bytes: int = 8 << 20  # the server's default limit: refused here before sending
+
+    def __post_init__(self) -> None:
+        check_choice("RemoteConfig.image_encoding", self.image_encoding, IMAGE_ENCODINGS)
+        if not (isinstance(self.jpeg_quality, int) and 1 <= self.jpeg_quality <= 95):
+            raise InputError(f"RemoteConfig.jpeg_quality must be 1..95; got {self.jpeg_quality!r}")
+        for name in ("request_timeout_s", "connect_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"RemoteConfig.{name} must be > 0; got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how the model runs.
 
@@ -73,6 +111,8 @@ class RuntimeConfig:
     host's available memory), a board name (orin-nano-8gb, orin-nx-8gb, orin-nx-16gb,
     agx-orin-32gb, agx-orin-64gb: plan as if there), or "none" (no check).
     memory_reserve_mb: memory left to the OS, ROS 2 and the camera; 0 = the board's default.
+    backend: "local" (this process loads the model; every field above applies) or "remote"
+    (``remote`` names the server; the fields above are the server's business and unused).
     """
 
     device: str = "cpu"
@@ -88,9 +128,12 @@ class RuntimeConfig:
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
     board: str = "auto"
     memory_reserve_mb: float = 0.0
+    backend: Backend = "local"
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def __post_init__(self) -> None:
         for name, allowed in (
+            ("backend", BACKENDS),
             ("dtype", (None, *DTYPE_NAMES)),
             ("vision_backend", VISION_BACKENDS),
             ("decoder", DECODERS),
@@ -98,6 +141,13 @@ class RuntimeConfig:
             ("cpu_linear", CPU_LINEAR_MODES),
         ):
             check_choice(f"RuntimeConfig.{name}", getattr(self, name), allowed)
+        if self.backend == "remote" and not self.remote.server_url.startswith(
+            ("http://", "https://")
+        ):
+            raise InputError(
+                "RuntimeConfig.remote.server_url must be an http:// or https:// URL with "
+                f"backend 'remote'; got {self.remote.server_url!r}"
+            )
 
 
 @dataclass(frozen=True)

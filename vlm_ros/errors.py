@@ -48,3 +48,42 @@ class StaleJobError(VlmError):
 
 class WorkerStoppedError(VlmError):
     """The worker was shut down before the job ran."""
+
+
+# ---- the remote backend (infer/remote.py raises these; each names the server's URL) ----------
+
+
+class RemoteError(VlmError):
+    """A remote server could not serve the request (the subclasses say why)."""
+
+
+class ServerUnreachableError(RemoteError):
+    """No connection to the server (down, wrong URL, network): "server unreachable at URL"."""
+
+
+class RemoteTimeoutError(RemoteError):
+    """The server took longer than request_timeout_s (or answered 504: its deadline passed)."""
+
+
+class ServerBusyError(RemoteError):
+    """The server refused the request for now (HTTP 503: overloaded or draining)."""
+
+
+class ModelNotFoundError(RemoteError):
+    """The server does not serve the requested model name (HTTP 404 model_not_found)."""
+
+
+class RemoteAuthError(RemoteError):
+    """The server refused the API key (HTTP 401/403)."""
+
+
+class BadResponseError(RemoteError):
+    """HTTP 5xx, or a response or stream the contract does not allow (malformed, truncated)."""
+
+
+class UnsupportedByServerError(RemoteError):
+    """The server lacks what the request needs (action hints without /v1/rank or logprobs)."""
+
+
+class RemoteInputError(InputError, RemoteError):
+    """The server refused the request's input (HTTP 400/413: bad or oversized image, ...)."""

@@ -15,7 +15,11 @@ from vlm_ros.config import GenerationConfig, check_choice
 from vlm_ros.errors import InputError
 
 STAGES = ("preprocess", "vision", "projector", "prefill", "decode", "total")
-StopReason = Literal["eos", "max_new_tokens", "deadline", "cancelled"]
+# What the remote backend adds around the server's own STAGES: encoding the frame (JPEG/PNG),
+# the network (round trip minus the server's time) and the server's queue. 0 for a local model.
+REMOTE_STAGES = ("encode", "network", "server_queue")
+TIMING_NAMES = (*STAGES[:-1], *REMOTE_STAGES, "total")  # StageTimings.as_dict()'s keys
+StopReason = Literal["eos", "max_new_tokens", "deadline", "cancelled"]  # remote "stop": "eos"
 STOP_REASONS: tuple[StopReason, ...] = get_args(StopReason)
 ColorOrder = Literal["rgb", "bgr"]
 
@@ -74,13 +78,21 @@ class Request:
 @dataclass(frozen=True)
 class StageTimings:
     """Wall-clock milliseconds per pipeline stage (CUDA events on GPU). ``decode`` is the time
-    spent generating after the first token (or ranking candidates, for action hints)."""
+    spent generating after the first token (or ranking candidates, for action hints).
+
+    Remote backend: preprocess..decode are the server's (its ``vlm_ros.timings_ms``), and
+    encode / network / server_queue are REMOTE_STAGES; ``total`` is then the robot's whole wait,
+    encode through the last byte, so total = encode + network + server_queue + the server's
+    own total (up to rounding)."""
 
     preprocess: float = 0.0
     vision: float = 0.0
     projector: float = 0.0
     prefill: float = 0.0
     decode: float = 0.0
+    encode: float = 0.0
+    network: float = 0.0
+    server_queue: float = 0.0
     total: float = 0.0
 
     def as_dict(self) -> dict[str, float]:

@@ -44,7 +44,7 @@ from vlm_ros.bag.types import (
     normalize_msgtype,
     typestore,
 )
-from vlm_ros.config import ImageLimits, RuntimeConfig
+from vlm_ros.config import ImageLimits, RemoteConfig, RuntimeConfig
 from vlm_ros.errors import InputError
 from vlm_ros.ros import names, outputs
 from vlm_ros.ros.imaging import MAX_PIXELS, SizeLimits, image_from_msg
@@ -86,6 +86,7 @@ class EvalSettings:
     node_name: str = names.NODE_NAME  # the outputs' topics, as the live node's would resolve
     namespace: str = ""
     max_image_pixels: int = MAX_PIXELS
+    remote: RemoteConfig | None = None  # answer through this server (backend remote)
 
     @property
     def scene_topic(self) -> str:
@@ -345,10 +346,14 @@ def warm_up(runner: FrameRunner, reader, connections: Sequence, runs: int) -> No
 
 
 def load_assistant(settings: EvalSettings):
-    # here, not at the top: a bag that cannot be read fails before torch/transformers load
-    from vlm_ros.infer.pipeline import Assistant
+    """The node's backend choice (infer.backends): the model here, or settings.remote's server.
+    Imported here, not at the top: a bag that cannot be read fails before torch/httpx load."""
+    from vlm_ros.infer.backends import load_assistant as load
 
-    return Assistant.load(settings.model, runtime=RuntimeConfig(device=settings.device))
+    remote = settings.remote
+    runtime = RuntimeConfig(device=settings.device, backend="remote" if remote else "local",
+                            remote=remote or RemoteConfig())  # fmt: skip
+    return load(settings.model, runtime)
 
 
 def evaluate(settings: EvalSettings, assistant=None, progress: bool | None = False) -> EvalResult:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_ros.config import DECODERS, ImageLimits, RuntimeConfig
+from vlm_ros.config import DECODERS, IMAGE_ENCODINGS, ImageLimits, RemoteConfig, RuntimeConfig
 from vlm_ros.errors import InputError
 from vlm_ros.ros import imaging
-from vlm_ros.types import STAGES, StageTimings
+from vlm_ros.types import REMOTE_STAGES, STAGES, TIMING_NAMES, StageTimings
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +39,40 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         f"default {RuntimeConfig.decoder}",
     )
 
+    add_remote_arguments(parser)
+
+
+def add_remote_arguments(parser: argparse.ArgumentParser) -> None:
+    """--server-url and its companions: answer through a server (backend remote) instead of
+    loading --model here; the node's parameters of the same names (docs/SERVING.md)."""
+    group = parser.add_argument_group("remote backend (an OpenAI-compatible server answers)")
+    group.add_argument("--server-url", help="e.g. http://gpu-box:8000; given: backend remote")
+    group.add_argument(
+        "--remote-model", default="", help="model name on the server (default: --model)"
+    )
+    group.add_argument("--api-key-env", default="", help="environment variable holding the API key")
+    group.add_argument("--image-encoding", choices=IMAGE_ENCODINGS, default="jpeg")
+    group.add_argument("--jpeg-quality", type=int, default=RemoteConfig.jpeg_quality)
+    group.add_argument("--request-timeout-s", type=float, default=RemoteConfig.request_timeout_s)
+
+
+def remote_from_args(args: argparse.Namespace) -> RemoteConfig | None:
+    """The RemoteConfig of --server-url ..., or None without --server-url."""
+    if not args.server_url:
+        return None
+    return RemoteConfig(
+        server_url=args.server_url, model=args.remote_model, api_key_env=args.api_key_env,
+        image_encoding=args.image_encoding, jpeg_quality=args.jpeg_quality,
+        request_timeout_s=args.request_timeout_s, health_period_s=0.0,
+    )  # fmt: skip
+
 
 def runtime_from_args(args: argparse.Namespace) -> RuntimeConfig:
+    remote = remote_from_args(args)
     return RuntimeConfig(
-        device=args.device, dtype=args.dtype, threads=args.threads, decoder=args.decoder
-    )
+        device=args.device, dtype=args.dtype, threads=args.threads, decoder=args.decoder,
+        backend="remote" if remote else "local", remote=remote or RemoteConfig(),
+    )  # fmt: skip
 
 
 # the node's limits: the core's side limits and the 16 MP cap (parameter max_image_pixels)
@@ -66,5 +95,7 @@ def read_image(path: str) -> np.ndarray:
 
 
 def format_timings(timings: StageTimings) -> str:
+    """The pipeline's stages; with a remote backend also encode / network / server_queue."""
     ms = timings.as_dict()
-    return " | ".join(f"{name} {ms[name]:.1f} ms" for name in STAGES)
+    shown = STAGES if not any(ms[n] for n in REMOTE_STAGES) else TIMING_NAMES
+    return " | ".join(f"{name} {ms[name]:.1f} ms" for name in shown)

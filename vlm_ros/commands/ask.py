@@ -28,9 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     image = read_image(args.image)  # before the heavy imports: a bad path fails at once
-    from vlm_ros.infer.pipeline import (
-        Assistant,  # torch: loaded when the command runs, not for --help
-    )
+    # torch (or httpx with --server-url): loaded when the command runs, not for --help
+    from vlm_ros.infer.backends import load_assistant
 
     generation = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         printed[0] = text
 
-    with Assistant.load(
+    with load_assistant(
         args.model, runtime_from_args(args), generation, vision_tower=args.vision_tower
     ) as assistant:
         answer = assistant.answer(image, args.question, on_text=stream if args.stream else None)

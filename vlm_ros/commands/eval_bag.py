@@ -18,6 +18,7 @@ from vlm_ros.bag.evaluate import (
 )
 from vlm_ros.bag.replay import RATES
 from vlm_ros.bag.report import summary_text
+from vlm_ros.commands._shared import add_remote_arguments, remote_from_args
 from vlm_ros.ros.names import NODE_NAME
 
 
@@ -95,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="untimed runs on the first frame before the replay (default 1)",
     )
     add_budget_arguments(parser)
+    add_remote_arguments(parser)
 
 
 def add_out_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         node_name=args.node_name,
         namespace=args.namespace,
+        remote=remote_from_args(args),
     )
     result = evaluate(settings, progress=None if not args.quiet else False)
     report = json.loads((result.report_dir / "report.json").read_text(encoding="utf-8"))

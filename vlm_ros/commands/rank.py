@@ -25,12 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     image = read_image(args.image)  # before the heavy imports: a bad path fails at once
-    from vlm_ros.infer.pipeline import (
-        Assistant,  # torch: loaded when the command runs, not for --help
-    )
+    # torch (or httpx with --server-url): loaded when the command runs, not for --help
+    from vlm_ros.infer.backends import load_assistant
 
     runtime = runtime_from_args(args)
-    with Assistant.load(args.model, runtime, vision_tower=args.vision_tower) as assistant:
+    with load_assistant(args.model, runtime, vision_tower=args.vision_tower) as assistant:
         hint = assistant.rank(image, args.instruction, args.candidates)
     width = max(len(a) for a in hint.actions)
     order = sorted(range(len(hint.actions)), key=lambda i: -hint.probabilities[i])

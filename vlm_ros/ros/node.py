@@ -87,7 +87,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from vlm_ros.action import Describe
 from vlm_ros.demo import data as demo_data
-from vlm_ros.errors import EvictedError, InputError, VlmError
+from vlm_ros.errors import EvictedError, InputError, RemoteError, VlmError
 from vlm_ros.msg import ActionHint, SceneAnswer, StageLatency
 from vlm_ros.ros import imaging, names, outputs
 from vlm_ros.ros.node_config import (
@@ -99,7 +99,7 @@ from vlm_ros.ros.node_config import (
     NodeConfig,
     check_values,
 )
-from vlm_ros.ros.node_messages import RCLPY_TYPES, latency_status
+from vlm_ros.ros.node_messages import RCLPY_TYPES, latency_status, server_status
 from vlm_ros.ros.synthetic_camera import SyntheticCamera
 from vlm_ros.ros.transport import use_large_frame_profile
 from vlm_ros.serving.frames import Frame, FrameStore, StaleFrameError
@@ -306,6 +306,8 @@ class AssistantNode(LifecycleNode):
             config = NodeConfig.from_values(values)
             self.monitor = LatencyMonitor(config.budgets, config.diagnostics_window)
             self._loading = f"loading model {config.model!r} on {config.runtime.device}"
+            if config.runtime.backend == "remote":
+                self._loading = f"connecting to {config.runtime.remote.server_url}"
             self._loading_since = time.monotonic()
             self.assistant = self._load(config, start)
         except Exception as exc:  # a robot must see why, not a traceback in a log file
@@ -330,17 +332,19 @@ class AssistantNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _load(self, config: NodeConfig, start: float):
-        """Assistant.load (or the test's ``loader``), logging each step with its time."""
+        """backends.load_assistant (or the test's ``loader``), logging each step with its time:
+        the local model (torch) or, with backend remote, a client of its server (httpx)."""
         log = self.get_logger()
         if self._loader is not None:
             load = partial(self._loader, config)
         else:
-            log.info("importing the model runtime (torch, transformers)")
+            remote = config.runtime.backend == "remote"
+            log.info(f"importing the {'HTTP client (httpx)' if remote else 'model runtime'}")
             # here, not at the top: the node's first log lines come before this ~5-30 s import
-            from vlm_ros.infer.pipeline import Assistant
+            from vlm_ros.infer.backends import load_assistant
 
             load = partial(
-                Assistant.load, config.model, runtime=config.runtime,
+                load_assistant, config.model, runtime=config.runtime,
                 generation=config.generation, vision_tower=config.vision_tower,
             )  # fmt: skip
         log.info(f"{self._loading} ({time.monotonic() - start:.1f} s)")
@@ -583,7 +587,11 @@ class AssistantNode(LifecycleNode):
             pass  # the frame's rejection: counted and logged once, in _settle
         elif exc is not None:
             self.monitor.count("failed")
-            self.get_logger().error(f"periodic inference failed: {type(exc).__name__}: {exc}")
+            # a server that is down fails every tick: say so every 5 s, not at the camera's rate
+            throttle = {"throttle_duration_sec": 5.0} if isinstance(exc, RemoteError) else {}
+            self.get_logger().error(
+                f"periodic inference failed: {type(exc).__name__}: {exc}", **throttle
+            )
 
     # ---- output messages -------------------------------------------------------------------
 
@@ -821,6 +829,10 @@ class AssistantNode(LifecycleNode):
         cameras = [
             self._camera_status(cam) for cam in self.config.cameras if cam.topic in self._subs
         ]
+        server = getattr(self.assistant, "server_status", None)  # backend remote only
+        if server is not None:
+            node, hardware_id = self.get_name(), self.get_fully_qualified_name()
+            cameras.append(server_status(node, hardware_id, server()))
         msg = DiagnosticArray(status=[status, *cameras])
         msg.header.stamp = self.get_clock().now().to_msg()
         self._pubs["diagnostics"].publish(msg)

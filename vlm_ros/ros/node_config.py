@@ -25,12 +25,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vlm_ros.config import (
+    BACKENDS,
     CPU_LINEAR_MODES,
     DECODERS,
     DTYPE_NAMES,
+    IMAGE_ENCODINGS,
     QUANTIZE_MODES,
     VISION_BACKENDS,
     GenerationConfig,
+    RemoteConfig,
     RuntimeConfig,
 )
 from vlm_ros.errors import InputError
@@ -43,6 +46,29 @@ DEFAULT_CANDIDATES = ["continue", "slow_down", "stop", "turn_left", "turn_right"
 # name -> (default, description). The default's type is the parameter's type.
 PARAMETERS: dict[str, tuple[object, str]] = {
     "model": ("demo", "checkpoint directory, Hugging Face hub id, or 'demo'"),
+    "backend": (
+        "local",
+        "local (load the model in this process) or remote (an OpenAI-compatible server at "
+        "server_url answers: vlm-ros serve, vLLM, ...; the model-loading parameters then "
+        "do not apply)",
+    ),
+    "server_url": ("", "backend remote: the server's base URL, e.g. http://gpu-box:8000"),
+    "remote_model": ("", "backend remote: the model name the server serves; empty = model"),
+    "api_key_env": (
+        "",
+        "backend remote: name of the environment variable holding the API key (sent as "
+        "'Authorization: Bearer'); empty = no key",
+    ),
+    "request_timeout_s": (
+        30.0,
+        "backend remote: longest wait for a whole response, and for each of its bytes",
+    ),
+    "connect_timeout_s": (3.0, "backend remote: longest wait to connect to the server"),
+    "image_encoding": (
+        "jpeg",
+        "backend remote: frames on the wire as jpeg (lossy, jpeg_quality) or png (lossless)",
+    ),
+    "jpeg_quality": (90, "backend remote: JPEG quality 1-95"),
     "device": ("cpu", "torch device: cpu, cuda, cuda:N, or auto (cuda when available)"),
     "dtype": ("", "float32, bfloat16 or float16; empty = the family's safe default"),
     "vision_tower": (
@@ -167,6 +193,20 @@ _BOOL = Rule(lambda v: isinstance(v, bool), "true or false")
 _DEVICE = re.compile(r"(cpu|cuda|cuda:\d+|auto)")
 RULES: dict[str, Rule] = {
     "model": _text(),
+    "backend": _choice(*BACKENDS),
+    "server_url": Rule(
+        lambda v: v == "" or (isinstance(v, str) and v.startswith(("http://", "https://"))),
+        "an http:// or https:// URL (or empty with backend local)",
+    ),
+    "remote_model": _text(non_empty=False),
+    "api_key_env": Rule(
+        lambda v: isinstance(v, str) and (v == "" or bool(re.fullmatch(r"[A-Za-z_]\w*", v))),
+        "an environment variable name (or empty)",
+    ),
+    "request_timeout_s": _float_range(0.0, above=True, high=3600.0),
+    "connect_timeout_s": _float_range(0.0, above=True, high=600.0),
+    "image_encoding": _choice(*IMAGE_ENCODINGS),
+    "jpeg_quality": _int_range(1, 95),
     "device": Rule(lambda v: bool(_DEVICE.fullmatch(str(v))), "cpu, cuda, cuda:N or auto"),
     "dtype": _choice("", *DTYPE_NAMES),
     "vision_tower": _text(non_empty=False),
@@ -274,10 +314,10 @@ class NodeConfig:
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> NodeConfig:
         """Parameter values (names as PARAMETERS) -> NodeConfig; InputError names a bad one.
-        ``device: auto`` is resolved here (it imports torch)."""
+        ``device: auto`` is resolved here (it imports torch; not with backend remote)."""
         check_values(v)
         runtime = RuntimeConfig(
-            device=resolve_device(str(v["device"])),
+            device=resolve_device(str(v["device"])) if v["backend"] == "local" else "cpu",
             dtype=str(v["dtype"]) or None,
             vision_backend=str(v["vision_backend"]),
             decoder=str(v["decoder"]),
@@ -289,6 +329,17 @@ class NodeConfig:
             cpu_linear=str(v["cpu_linear"]),
             board=str(v["board"]),
             memory_reserve_mb=float(v["memory_reserve_mb"]),
+            backend=str(v["backend"]),
+            remote=RemoteConfig(
+                server_url=str(v["server_url"]),
+                model=str(v["remote_model"]),
+                api_key_env=str(v["api_key_env"]),
+                request_timeout_s=float(v["request_timeout_s"]),
+                connect_timeout_s=float(v["connect_timeout_s"]),
+                image_encoding=str(v["image_encoding"]),
+                jpeg_quality=int(v["jpeg_quality"]),
+                health_period_s=float(v["diagnostics_period_s"]),
+            ),
         )
         cameras = tuple(Camera(t, t.rstrip("/").endswith("/compressed")) for t in v["cameras"])
         live = _live_fields(v)

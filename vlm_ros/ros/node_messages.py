@@ -38,3 +38,32 @@ def latency_status(
         hardware_id=hardware_id,
         values=[KeyValue(key=k, value=v) for k, v in values],
     )
+
+
+def server_status(node: str, hardware_id: str, server) -> DiagnosticStatus:
+    """Backend remote: the server's reachability (infer.remote.ServerStatus, kept by its
+    background probe and every request). ERROR while unreachable, WARN before the first
+    contact or when it does not list the model, OK otherwise; its recent latency (encode,
+    network, server_queue, the server's stages) is in the latency status's window."""
+    if server.reachable is False:
+        level = DiagnosticStatus.ERROR
+    elif server.reachable is None or server.model_listed is False:
+        level = DiagnosticStatus.WARN
+    else:
+        level = DiagnosticStatus.OK
+    since = server.seconds_since_contact
+    values = {
+        "url": server.url,
+        "model": server.model,
+        "reachable": {True: "yes", False: "no", None: "unknown"}[server.reachable],
+        "seconds_since_contact": "never" if since is None else f"{since:.1f}",
+        "probe_ms": f"{server.probe_ms:.1f}",
+        "action_hints": server.ranking,
+    }
+    return DiagnosticStatus(
+        level=level,
+        name=f"{node}: server {server.url}",
+        message=server.message,
+        hardware_id=hardware_id,
+        values=[KeyValue(key=k, value=v) for k, v in values.items()],
+    )

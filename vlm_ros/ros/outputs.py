@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_ros.types import STAGES, ActionHint, Answer
+from vlm_ros.types import TIMING_NAMES, ActionHint, Answer
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def stage_latency(
     types: MessageTypes, stages_ms: Mapping[str, float], queue_ms: float, e2e_ms: float
 ) -> Any:
     """StageLatency: the core's stages, the queue wait, and image stamp -> output, in ms."""
-    stages = {f"{s}_ms": float(stages_ms[s]) for s in STAGES}
+    stages = {f"{s}_ms": float(stages_ms.get(s, 0.0)) for s in TIMING_NAMES}
     return types.stage_latency(queue_ms=float(queue_ms), image_to_output_ms=float(e2e_ms), **stages)
 
 

@@ -45,6 +45,9 @@ REASONS = (
     ("bad image", "bad_image"),
     ("expired in the queue", "expired"),
     ("no answer within", "timeout"),
+    ("overloaded", "server_busy"),  # backend remote: the server's 503
+    ("draining", "server_busy"),
+    ("server unreachable", "server_unreachable"),
 )
 BAD_FRAMES = ("truncated", "unknown_encoding", "zero_size")
 SETTLE_S = 1.0  # after the server is found, before the first request (see _settle)

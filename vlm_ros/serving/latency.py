@@ -1,7 +1,8 @@
 """Latency budgets, a rolling window of stage latencies, frame counters and a verdict. ROS-free.
 
 Used by the node's /diagnostics, the benchmark and the bag report, so all three judge latency by
-the same rule. Names follow vlm_ros.types.STAGES plus ``image_to_output`` (source image stamp to
+the same rule. Names follow vlm_ros.types.TIMING_NAMES (the pipeline stages and the remote
+backend's encode / network / server_queue) plus ``image_to_output`` (source image stamp to
 published output) — the same names as the ``budget_<name>_ms`` parameters and the
 ``<name>_p50_ms`` / ``<name>_p90_ms`` / ``<name>_p99_ms`` diagnostic keys.
 
@@ -26,11 +27,11 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from vlm_ros.types import STAGES
+from vlm_ros.types import REMOTE_STAGES, TIMING_NAMES
 
 E2E = "image_to_output"
 PERCENTILES = (50, 90, 99)
-NAMES = (*STAGES, E2E)
+NAMES = (*TIMING_NAMES, E2E)
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 LEVEL_NAMES = {OK: "OK", WARN: "WARN", ERROR: "ERROR"}
 
@@ -44,6 +45,9 @@ class Budgets:
     projector: float = 0.0
     prefill: float = 0.0
     decode: float = 0.0
+    encode: float = 0.0  # encode, network, server_queue: the remote backend's (types.py)
+    network: float = 0.0
+    server_queue: float = 0.0
     total: float = 0.0
     image_to_output: float = 0.0
 
@@ -150,7 +154,7 @@ class LatencyMonitor:
     def record(self, stages_ms: Mapping[str, float], image_to_output_ms: float) -> tuple[str, ...]:
         """Add one output; returns its budget misses (for the output message)."""
         misses = self.budgets.misses(stages_ms, image_to_output_ms)
-        sample = {name: float(stages_ms.get(name, 0.0)) for name in STAGES}
+        sample = {name: float(stages_ms.get(name, 0.0)) for name in TIMING_NAMES}
         sample[E2E] = float(image_to_output_ms)
         with self._lock:
             self._window.append((sample, misses))
@@ -195,11 +199,14 @@ class LatencyMonitor:
 
 
 def _window_stats(samples: list[dict[str, float]]) -> dict[str, StageStats]:
-    """p50/p90/p99/max per name over the samples."""
+    """p50/p90/p99/max per name over the samples; the remote backend's stages only where one
+    was measured (a local node's /diagnostics keeps its keys)."""
     if not samples:
         return {}
     out = {}
     for name in NAMES:
+        if name in REMOTE_STAGES and not any(s[name] for s in samples):
+            continue
         values = [s[name] for s in samples]
         out[name] = StageStats(**percentiles(values), max=float(max(values)))
     return out
