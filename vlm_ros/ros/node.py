@@ -902,6 +902,9 @@ class AssistantNode(LifecycleNode):
         """/diagnostics: stage p50/p90/p99/max over the window, counters, queue, verdict; and
         one status per camera (see _camera_status)."""
         extra = {"queue_depth": self.worker.depth, "model": self.config.model}
+        renderer = self._renderer
+        if renderer is not None:  # ~/annotated_image: 0 drawn while nobody watches
+            extra.update(annotated_drawn=renderer.rendered, annotated_failed=renderer.failed)
         status = latency_status(
             names.latency_status(self.get_name()),
             self.get_fully_qualified_name(),

@@ -12,6 +12,7 @@ rate, its ticks quantised to the fast timer's (at most half a fast period early 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 
@@ -22,6 +23,7 @@ class TickPlan:
         self.periods = {kind: 1.0 / rate for kind, rate in rates_hz.items() if rate > 0}
         self.period = min(self.periods.values()) if self.periods else None  # None: no timer
         self._next = {kind: -float("inf") for kind in self.periods}  # all due at the first tick
+        self._lock = threading.Lock()  # a reentrant timer callback may overlap itself
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -33,10 +35,11 @@ class TickPlan:
         if self.period is None:
             return ()
         half = self.period / 2
-        due = tuple(kind for kind in self.periods if now >= self._next[kind] - half)
-        for kind in due:
-            # from its own schedule, so the average rate holds; from now after a stall (or at
-            # the first tick), so missed ticks are not made up in a burst
-            base = self._next[kind] if self._next[kind] >= now - half else now
-            self._next[kind] = base + self.periods[kind]
+        with self._lock:
+            due = tuple(kind for kind in self.periods if now >= self._next[kind] - half)
+            for kind in due:
+                # from its own schedule, so the average rate holds; from now after a stall (or
+                # at the first tick), so missed ticks are not made up in a burst
+                base = self._next[kind] if self._next[kind] >= now - half else now
+                self._next[kind] = base + self.periods[kind]
         return due
