@@ -74,8 +74,10 @@ def test_ground_truth_is_the_data_rules_and_json_ready():
 
 def ticks(plan: TickPlan, n: int, jitter: float = 0.0) -> list[tuple[str, ...]]:
     rng = np.random.default_rng(0)
-    return [plan.due(i * plan.period + rng.uniform(-jitter, jitter) * plan.period)
-            for i in range(1, n + 1)]  # fmt: skip
+    return [
+        plan.due(i * plan.period + rng.uniform(-jitter, jitter) * plan.period)
+        for i in range(1, n + 1)
+    ]
 
 
 def test_equal_rates_run_every_tick_together():
@@ -111,9 +113,16 @@ def test_a_rate_of_zero_has_no_ticks_and_a_stall_does_not_burst():
 
 
 def overlay(**changes) -> annotate.Overlay:
-    fields = dict(camera="/camera/image_raw", stamp_s=12.5, answer="a room. no boxes.",
-                  answer_ms=420.0, action="continue", candidates=CANDIDATES,
-                  probabilities=(0.9, 0.04, 0.02, 0.02, 0.02), hint_ms=80.0)  # fmt: skip
+    fields = dict(
+        camera="/camera/image_raw",
+        stamp_s=12.5,
+        answer="a room. no boxes.",
+        answer_ms=420.0,
+        action="continue",
+        candidates=CANDIDATES,
+        probabilities=(0.9, 0.04, 0.02, 0.02, 0.02),
+        hint_ms=80.0,
+    )
     fields.update(changes)
     return annotate.Overlay(**fields)
 
@@ -126,8 +135,12 @@ def test_draw_shows_the_frame_scaled_with_a_panel_of_outputs():
     assert np.array_equal(image[100:480:2, ::2][:, :320], frame[50:240])
     panel = image[480:]
     # each output changes the picture: a negative control for "drawn"
-    for change in (dict(answer="a corridor. the path is blocked."), dict(action="stop"),
-                   dict(probabilities=(0.1, 0.1, 0.6, 0.1, 0.1)), dict(hint_ms=999.0)):  # fmt: skip
+    for change in (
+        dict(answer="a corridor. the path is blocked."),
+        dict(action="stop"),
+        dict(probabilities=(0.1, 0.1, 0.6, 0.1, 0.1)),
+        dict(hint_ms=999.0),
+    ):
         other = annotate.draw(frame, overlay(**change))
         assert not np.array_equal(other[480:], panel), change
     empty = annotate.draw(frame, annotate.Overlay("/camera/image_raw", 0.0))

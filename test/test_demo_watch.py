@@ -61,9 +61,22 @@ def demo_run(ros, tmp_path_factory):
     probe.create_subscription(SceneAnswer, f"/{ns}/vlm_assistant/scene_answer", scenes.append, 50)
     probe.create_subscription(ActionHint, f"/{ns}/vlm_assistant/action_hint", hints.append, 50)
     probe.create_subscription(String, f"/{ns}/synthetic_camera/ground_truth", on_truth, 200)
-    command = [sys.executable, "-m", "vlm_ros", "node", "--demo", "--namespace", ns,
-               "--camera-topic", f"/{ns}/cam", "--save-annotated", str(saved),
-               "--ros-args", "-p", "threads:=1"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "vlm_ros",
+        "node",
+        "--demo",
+        "--namespace",
+        ns,
+        "--camera-topic",
+        f"/{ns}/cam",
+        "--save-annotated",
+        str(saved),
+        "--ros-args",
+        "-p",
+        "threads:=1",
+    ]
     env = dict(os.environ, ROS_DOMAIN_ID=str(ros.domain), PYTHONUNBUFFERED="1")
     log = saved.parent / "demo.log"
     with open(log, "w") as out:
@@ -179,8 +192,11 @@ def test_annotated_image_only_while_subscribed_with_its_frames_header(ros, check
 
     ns = f"annotated{os.getpid()}"
     node = start_node(ros, checkpoint, ns, scene_rate_hz=4.0, hint_rate_hz=4.0)
-    params = [Parameter("topic", value=f"/{ns}/cam"), Parameter("width", value=160),
-              Parameter("height", value=120)]  # fmt: skip
+    params = [
+        Parameter("topic", value=f"/{ns}/cam"),
+        Parameter("width", value=160),
+        Parameter("height", value=120),
+    ]
     ros.add(
         SyntheticCamera(rate_hz=10.0, context=ros.ctx, namespace=ns, parameter_overrides=params)
     )
@@ -198,9 +214,12 @@ def test_annotated_image_only_while_subscribed_with_its_frames_header(ros, check
 
     raw: list = []
     jpegs: list = []
-    subs = [probe.create_subscription(Image, f"{fq}/annotated_image", raw.append, 10),
-            probe.create_subscription(CompressedImage, f"{fq}/annotated_image/compressed",
-                                      jpegs.append, 10)]  # fmt: skip
+    subs = [
+        probe.create_subscription(Image, f"{fq}/annotated_image", raw.append, 10),
+        probe.create_subscription(
+            CompressedImage, f"{fq}/annotated_image/compressed", jpegs.append, 10
+        ),
+    ]
     wait_for(lambda: len(raw) >= 3 and len(jpegs) >= 3, 60, "annotated images")
     time.sleep(0.3)  # hints published just before their annotated frame
     hint_headers = {(stamp_key(h.header.stamp), h.header.frame_id) for h in hints}
@@ -225,3 +244,22 @@ def test_annotated_image_only_while_subscribed_with_its_frames_header(ros, check
     assert drawn >= 3
     wait_for(lambda: len(hints) >= seen + 4, 60, "more periodic hints")
     assert node._renderer.rendered == drawn  # no subscriber again: no drawing
+
+
+def test_an_unusable_save_folder_fails_configure_naming_it(ros, checkpoint, tmp_path):
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from vlm_ros.ros.node import AssistantNode
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    overrides = [
+        Parameter("model", value=checkpoint),
+        Parameter("annotated_save_dir", value=str(blocker / "frames")),
+    ]
+    node = ros.add(
+        AssistantNode(namespace="badsave", context=ros.ctx, parameter_overrides=overrides)
+    )
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert str(blocker) in node.last_error and node.assistant is None

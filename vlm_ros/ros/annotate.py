@@ -69,8 +69,14 @@ def draw(pixels: np.ndarray, overlay: Overlay) -> np.ndarray:
     out = Image.new("RGB", (frame.width, frame.height + panel_h), PANEL)
     out.paste(frame, (0, 0))
     pen = ImageDraw.Draw(out)
-    pen.text((4, 2), f"{overlay.camera}  t={overlay.stamp_s:.3f}", font=font, fill=TEXT,
-             stroke_width=2, stroke_fill=(0, 0, 0))  # fmt: skip
+    pen.text(
+        (4, 2),
+        f"{overlay.camera}  t={overlay.stamp_s:.3f}",
+        font=font,
+        fill=TEXT,
+        stroke_width=2,
+        stroke_fill=(0, 0, 0),
+    )
     y = frame.height + line // 4
     for words, colour in text:
         pen.text((8, y), words, font=font, fill=colour)
@@ -90,8 +96,9 @@ def _panel_text(overlay: Overlay, width: int, font) -> list[tuple[str, tuple[int
         lines.append(("scene: (no answer yet)", DIM))
     if overlay.action is not None:
         note = "" if overlay.hint_same_frame else ", earlier frame"
-        lines.append((f"hint: {overlay.action} [{overlay.hint_ms:.0f} ms image->output{note}]",
-                      CHOSEN))  # fmt: skip
+        lines.append(
+            (f"hint: {overlay.action} [{overlay.hint_ms:.0f} ms image->output{note}]", CHOSEN)
+        )
     else:
         lines.append(("hint: (none yet)", DIM))
     return lines

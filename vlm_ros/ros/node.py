@@ -244,11 +244,17 @@ class AssistantNode(LifecycleNode):
             ANNOTATED_COMPRESSED: make(CompressedImage, names.ANNOTATED_COMPRESSED, ANNOTATED_QOS),
         }
         self._describe = ActionServer(
-            self, Describe, names.DESCRIBE, self._on_describe, callback_group=self._group,
-            goal_callback=self._on_goal, cancel_callback=self._on_cancel,
-            goal_service_qos_profile=REQUEST_QOS, result_service_qos_profile=REQUEST_QOS,
+            self,
+            Describe,
+            names.DESCRIBE,
+            self._on_describe,
+            callback_group=self._group,
+            goal_callback=self._on_goal,
+            cancel_callback=self._on_cancel,
+            goal_service_qos_profile=REQUEST_QOS,
+            result_service_qos_profile=REQUEST_QOS,
             cancel_service_qos_profile=REQUEST_QOS,
-        )  # fmt: skip
+        )
         self._ask = self.create_service(
             Ask, names.ASK, self._on_ask, qos_profile=REQUEST_QOS, callback_group=self._group
         )
@@ -319,6 +325,7 @@ class AssistantNode(LifecycleNode):
         log.info(f"configuring: model {values['model']!r}, device {values['device']!r}")
         try:
             config = NodeConfig.from_values(values)
+            saver = self._make_saver(config)  # before the slow load: a bad folder fails at once
             self.monitor = LatencyMonitor(config.budgets, config.diagnostics_window)
             self._loading = f"loading model {config.model!r} on {config.runtime.device}"
             self._loading_since = time.monotonic()
@@ -339,15 +346,21 @@ class AssistantNode(LifecycleNode):
         self.monitor.budgets = config.budgets
         self.worker = InferenceWorker(config.queue_size, name=f"{self.get_name()}-inference")
         self._renderer = annotate.Renderer(self._render_annotated, f"{self.get_name()}-annotate")
-        if config.annotated_save_dir:
-            self._saver = annotate.Saver(config.annotated_save_dir,
-                                         config.annotated_save_period_s,
-                                         config.annotated_save_keep)  # fmt: skip
+        self._saver = saver
         log.info(
             f"configured: {self.assistant.family.name} from {config.model!r} "
             f"in {time.monotonic() - start:.1f} s"
         )
         return TransitionCallbackReturn.SUCCESS
+
+    @staticmethod
+    def _make_saver(config: NodeConfig) -> annotate.Saver | None:
+        """The annotated-frame saver (annotated_save_dir; its folder is created), or None."""
+        if not config.annotated_save_dir:
+            return None
+        return annotate.Saver(
+            config.annotated_save_dir, config.annotated_save_period_s, config.annotated_save_keep
+        )
 
     def _load(self, config: NodeConfig, start: float):
         """Assistant.load (or the test's ``loader``), logging each step with its time."""
@@ -360,9 +373,12 @@ class AssistantNode(LifecycleNode):
             from vlm_ros.infer.pipeline import Assistant
 
             load = partial(
-                Assistant.load, config.model, runtime=config.runtime,
-                generation=config.generation, vision_tower=config.vision_tower,
-            )  # fmt: skip
+                Assistant.load,
+                config.model,
+                runtime=config.runtime,
+                generation=config.generation,
+                vision_tower=config.vision_tower,
+            )
         log.info(f"{self._loading} ({time.monotonic() - start:.1f} s)")
         return load()
 
@@ -394,11 +410,14 @@ class AssistantNode(LifecycleNode):
         its resolved topic name becomes the camera's name in outputs and logs."""
         msg_type = CompressedImage if cam.compressed else Image
         sub = self.create_subscription(
-            msg_type, cam.topic, partial(self._on_image, cam.topic), SENSOR_QOS,
+            msg_type,
+            cam.topic,
+            partial(self._on_image, cam.topic),
+            SENSOR_QOS,
             callback_group=self._group,
             event_callbacks=SubscriptionEventCallbacks(use_default_callbacks=False),
             qos_overriding_options=QoSOverridingOptions.with_default_policies(),
-        )  # fmt: skip
+        )
         self._active.append(sub)
         self._subs[cam.topic], self._resolved[cam.topic] = sub, sub.topic_name
         self._silent_since[cam.topic] = time.monotonic()
@@ -532,8 +551,14 @@ class AssistantNode(LifecycleNode):
         cfg = self.config  # one snapshot: a live parameter change lands between jobs
         if work.question is not None:
             budget = work.max_new_tokens or cfg.generation.max_new_tokens
-            request = Request(image, work.question, max_new_tokens=budget, on_text=work.on_text,
-                              cancel=cancel, deadline=work.deadline)  # fmt: skip
+            request = Request(
+                image,
+                work.question,
+                max_new_tokens=budget,
+                on_text=work.on_text,
+                cancel=cancel,
+                deadline=work.deadline,
+            )
             result.answer = self.assistant.answer_request(request)
         if work.rank:
             result.hint = self.assistant.rank(image, cfg.hint_instruction, cfg.hint_candidates)
@@ -621,14 +646,20 @@ class AssistantNode(LifecycleNode):
         shown = self._shown.get(cam.topic, {})
         if SCENE in shown:
             seq, msg = shown[SCENE]
-            fields.update(answer=msg.answer, answer_ms=msg.latency.image_to_output_ms,
-                          answer_same_frame=seq == frame.seq)  # fmt: skip
+            fields.update(
+                answer=msg.answer,
+                answer_ms=msg.latency.image_to_output_ms,
+                answer_same_frame=seq == frame.seq,
+            )
         if HINT in shown:
             seq, msg = shown[HINT]
-            fields.update(action=msg.action, candidates=tuple(msg.candidates),
-                          probabilities=tuple(float(p) for p in msg.probabilities),
-                          hint_ms=msg.latency.image_to_output_ms,
-                          hint_same_frame=seq == frame.seq)  # fmt: skip
+            fields.update(
+                action=msg.action,
+                candidates=tuple(msg.candidates),
+                probabilities=tuple(float(p) for p in msg.probabilities),
+                hint_ms=msg.latency.image_to_output_ms,
+                hint_same_frame=seq == frame.seq,
+            )
         camera, stamp_s = self._name(cam), stamp.sec + stamp.nanosec * 1e-9
         return annotate.Overlay(camera, stamp_s, **fields)  # type: ignore[arg-type]
 
@@ -641,11 +672,22 @@ class AssistantNode(LifecycleNode):
         raw, compressed = self._pubs[ANNOTATED], self._pubs[ANNOTATED_COMPRESSED]
         if self._is_active and raw.get_subscription_count() > 0:
             height, width = image.shape[:2]
-            raw.publish(Image(header=header, height=height, width=width, encoding="rgb8",
-                              step=width * 3, data=image.tobytes()))  # fmt: skip
+            raw.publish(
+                Image(
+                    header=header,
+                    height=height,
+                    width=width,
+                    encoding="rgb8",
+                    step=width * 3,
+                    data=image.tobytes(),
+                )
+            )
         if self._is_active and compressed.get_subscription_count() > 0:
-            compressed.publish(CompressedImage(header=header, format=annotate.COMPRESSED_FORMAT,
-                                               data=annotate.jpeg(image)))  # fmt: skip
+            compressed.publish(
+                CompressedImage(
+                    header=header, format=annotate.COMPRESSED_FORMAT, data=annotate.jpeg(image)
+                )
+            )
         saver = self._saver
         if saver is not None:
             saver.save(image, overlay.stamp_s)
@@ -873,8 +915,9 @@ class AssistantNode(LifecycleNode):
         try:
             cam = self._camera(req.camera)
             question = req.question or self.config.scene_prompt
-            work = Work(question, max_new_tokens=req.max_new_tokens or None, on_text=on_text,
-                        cancel=cancel)  # fmt: skip
+            work = Work(
+                question, max_new_tokens=req.max_new_tokens or None, on_text=on_text, cancel=cancel
+            )
             job, give_up = self._submit_query(cam, work)
             if goal_handle.is_cancel_requested:  # cancelled before the job existed
                 cancel.set()
@@ -953,10 +996,12 @@ class AssistantNode(LifecycleNode):
             "qos": self._camera_qos(cam),
         }
         return DiagnosticStatus(
-            level=level, name=f"{self.get_name()}: camera {name}", message=text,
+            level=level,
+            name=f"{self.get_name()}: camera {name}",
+            message=text,
             hardware_id=self.get_fully_qualified_name(),
             values=[KeyValue(key=k, value=str(v)) for k, v in values.items()],
-        )  # fmt: skip
+        )
 
     def _camera_qos(self, cam: Camera) -> str:
         qos = self._subs[cam.topic].qos_profile

@@ -96,12 +96,7 @@ class SyntheticCamera(Node):
 
     def _tick(self) -> None:
         stamp = self.get_clock().now().to_msg()
-        if self.use_world:
-            k, view = divmod(self.index, self.frames_per_scene)
-            scene = world.scene_for_frame(k)
-            pixels = world.render(scene, self.width, self.height, view)
-        else:
-            pixels = test_pattern(self.index, self.width, self.height)
+        pixels, facts = self._frame()
         pixels = np.ascontiguousarray(pixels)
         msg = Image(
             height=pixels.shape[0],
@@ -113,12 +108,20 @@ class SyntheticCamera(Node):
         msg.header.stamp = stamp
         msg.header.frame_id = self.frame_id
         self.pub.publish(msg)
-        if self.use_world:
-            facts = {"stamp": {"sec": stamp.sec, "nanosec": stamp.nanosec},
-                     "frame_id": self.frame_id, "frame": self.index, "scene": k, "view": view,
-                     **truth.ground_truth(scene)}  # fmt: skip
+        if facts is not None:
+            when = {"sec": stamp.sec, "nanosec": stamp.nanosec}
+            facts = {"stamp": when, "frame_id": self.frame_id, **facts}
             self.truth_pub.publish(String(data=json.dumps(facts)))
         self.index += 1
+
+    def _frame(self) -> tuple[np.ndarray, dict | None]:
+        """This frame's RGB pixels and, for a world scene, its ground truth (stamp not yet)."""
+        if not self.use_world:
+            return test_pattern(self.index, self.width, self.height), None
+        k, view = divmod(self.index, self.frames_per_scene)
+        scene = world.scene_for_frame(k)
+        facts = {"frame": self.index, "scene": k, "view": view, **truth.ground_truth(scene)}
+        return world.render(scene, self.width, self.height, view), facts
 
 
 def main(args: list[str] | None = None) -> int:
