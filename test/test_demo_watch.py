@@ -43,6 +43,7 @@ def stamp_key(stamp) -> tuple[int, int]:
 def demo_run(ros, tmp_path_factory):
     """Run the demo process; returns its outputs, the camera's truths by stamp, the save folder
     and the log."""
+    from sensor_msgs.msg import CompressedImage, Image
     from std_msgs.msg import String
 
     from vlm_ros.msg import ActionHint, SceneAnswer
@@ -61,6 +62,11 @@ def demo_run(ros, tmp_path_factory):
     probe.create_subscription(SceneAnswer, f"/{ns}/vlm_assistant/scene_answer", scenes.append, 50)
     probe.create_subscription(ActionHint, f"/{ns}/vlm_assistant/action_hint", hints.append, 50)
     probe.create_subscription(String, f"/{ns}/synthetic_camera/ground_truth", on_truth, 200)
+    annotated: list = []
+    jpegs: list = []
+    topic = f"/{ns}/vlm_assistant/annotated_image"
+    probe.create_subscription(Image, topic, annotated.append, 10)
+    probe.create_subscription(CompressedImage, f"{topic}/compressed", jpegs.append, 10)
     command = [
         sys.executable,
         "-m",
@@ -97,7 +103,9 @@ def demo_run(ros, tmp_path_factory):
         ran = time.monotonic() - start
         # scored: what came before the stop (an answer cut short by the shutdown is published
         # with stop_reason "cancelled"; it says nothing about the model)
-        outputs = dict(scenes=list(scenes), hints=list(hints))
+        outputs = dict(
+            scenes=list(scenes), hints=list(hints), annotated=list(annotated), jpegs=list(jpegs)
+        )
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=20)
     finally:
@@ -168,6 +176,23 @@ def test_demo_saves_annotated_frames_that_decode(demo_run):
             image.load()
             assert image.mode == "RGB" and image.width == 640 and image.height > 480
         assert path.stem.removeprefix("annotated_") in stamps  # named by its frame's stamp
+
+
+def test_demo_annotated_image_reaches_another_process_with_its_frames_header(demo_run):
+    """~/annotated_image (about 1.3 MB rgb8) and its JPEG arrive in this process from the demo's,
+    each with the header of a camera frame that the node answered on."""
+    from PIL import Image as Pil
+
+    answered = {(stamp_key(m.header.stamp), m.header.frame_id) for m in demo_run["hints"]}
+    assert len(demo_run["annotated"]) >= 3 and len(demo_run["jpegs"]) >= 3
+    for msg in demo_run["annotated"]:
+        assert stamp_key(msg.header.stamp) in demo_run["truths"]
+        assert (stamp_key(msg.header.stamp), msg.header.frame_id) in answered
+        assert (msg.encoding, msg.width) == ("rgb8", 640) and len(msg.data) == msg.step * msg.height
+    for msg in demo_run["jpegs"]:
+        assert (stamp_key(msg.header.stamp), msg.header.frame_id) in answered
+        with Pil.open(io.BytesIO(bytes(msg.data))) as image:
+            assert image.format == "JPEG" and image.width == 640
 
 
 # ---- the annotated image topic ------------------------------------------------------------------
