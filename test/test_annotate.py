@@ -143,6 +143,8 @@ def test_draw_shows_the_frame_scaled_with_a_panel_of_outputs():
     ):
         other = annotate.draw(frame, overlay(**change))
         assert not np.array_equal(other[480:], panel), change
+    long = annotate.draw(frame, overlay(answer="word " * 2000))
+    assert long.shape[0] < image.shape[0] + 6 * 40  # at most MAX_ANSWER_LINES of answer
     empty = annotate.draw(frame, annotate.Overlay("/camera/image_raw", 0.0))
     assert empty.shape[1] == 640  # nothing published yet: still drawable
     big = annotate.draw(np.zeros((720, 1280, 3), np.uint8), overlay())

@@ -4,7 +4,8 @@
 neighbour, so sensor pixels stay visible) and adds a panel below it: the latest scene answer,
 the action hint with a bar per candidate's probability, and each output's image->output
 latency. An output computed on an earlier frame than the one shown is marked so. Drawing uses
-Pillow (a core dependency already; OpenCV would add ~60 MB for a few lines of text).
+Pillow (a core dependency already; OpenCV would be one more large dependency for a few lines
+of text).
 
 ``Renderer`` runs the drawing on a thread of its own with a one-slot mailbox (a newer frame
 replaces one not yet drawn), so neither the executor nor the inference worker waits for it.
@@ -26,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 DISPLAY_WIDTH = 640  # frames narrower than this are scaled up by a whole factor
 MAX_BARS = 8  # candidates drawn as bars (the most probable ones, in candidate order)
+MAX_ANSWER_LINES = 6  # a longer answer is cut, ending in "..."
 JPEG_QUALITY = 85
 # image_transport's "compressed" convention: original encoding; codec, decoded pixel order
 COMPRESSED_FORMAT = "rgb8; jpeg compressed bgr8"
@@ -91,7 +93,10 @@ def _panel_text(overlay: Overlay, width: int, font) -> list[tuple[str, tuple[int
     if overlay.answer is not None:
         note = "" if overlay.answer_same_frame else ", earlier frame"
         head = f"scene [{overlay.answer_ms:.0f} ms image->output{note}]: "
-        lines += [(part, TEXT) for part in _wrap(head + overlay.answer, width - 16, font)]
+        parts = _wrap(head + overlay.answer, width - 16, font)
+        if len(parts) > MAX_ANSWER_LINES:
+            parts = [*parts[: MAX_ANSWER_LINES - 1], parts[MAX_ANSWER_LINES - 1] + " ..."]
+        lines += [(part, TEXT) for part in parts]
     else:
         lines.append(("scene: (no answer yet)", DIM))
     if overlay.action is not None:
