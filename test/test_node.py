@@ -734,7 +734,7 @@ def test_parameters_apply_live_or_are_refused_with_the_reason(ros, checkpoint):
     assert "deactivate" in result.reason and "configure" in result.reason  # says how
 
     (result,) = set_params(probe, node, scene_rate_hz=0.0)  # live: periodic answers stop
-    assert result.successful and "scene" not in node._periodic_timers
+    assert result.successful and "scene" not in node._plan.kinds
     time.sleep(0.5)  # an answer already in flight lands now
     count = len(scenes)
     for i in range(5):

@@ -4,7 +4,9 @@ Configures and activates the lifecycle node itself (parameter ``autostart``). ``
 demo model and also runs a synthetic camera on /camera/image_raw, so the chain runs offline.
 ``--namespace`` and ``--camera-topic`` do what the launch file's ``namespace:=`` and
 ``camera_topic:=`` do, for every node of the process (the synthetic camera too). Arguments after
-``--ros-args`` go to ROS unchanged (``-p name:=value``, remaps). Ctrl-C (SIGINT) shuts the node
+``--ros-args`` go to ROS unchanged (``-p name:=value``, remaps). ``--save-annotated DIR`` writes
+the annotated frames (``~/annotated_image``) as PNG into DIR (parameter ``annotated_save_dir``);
+``--scene-hold S`` sets how long the demo camera holds each scene. Ctrl-C (SIGINT) shuts the node
 down through its lifecycle and exits with status 0 within about a second (docs/NODE.md,
 Shutdown). Fast DDS gets the large-frame profile unless a transport is configured
 (vlm_ros.ros.transport).
@@ -36,6 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="synthetic camera frames per second (with --demo)",
     )
     parser.add_argument(
+        "--scene-hold",
+        type=float,
+        default=3.0,
+        help="seconds the synthetic camera holds each scene (with --demo; 0: new every frame)",
+    )
+    parser.add_argument(
+        "--save-annotated",
+        metavar="DIR",
+        default="",
+        help="write annotated frames (~/annotated_image) as PNG into DIR: one a second, the "
+        "newest 20 kept (parameters annotated_save_period_s, annotated_save_keep)",
+    )
+    parser.add_argument(
         "--ros-args",
         dest="ros_args",
         nargs=argparse.REMAINDER,
@@ -56,6 +71,8 @@ def ros_arguments(args: argparse.Namespace) -> list[str]:
         ros += ["-r", f"__ns:=/{args.namespace.strip('/')}"]
     if args.camera_topic:
         ros += ["-r", f"{CAMERA}:={args.camera_topic}"]
+    if args.save_annotated:
+        ros += ["-p", f"annotated_save_dir:={Path(args.save_annotated).resolve()}"]
     return ros + extra
 
 
@@ -64,5 +81,11 @@ def run(args: argparse.Namespace) -> int:
     logs flushed, the interpreter's slow teardown skipped)."""
     from vlm_ros.ros import node  # rclpy only when the command runs
 
-    node.exit_now(node.run(ros_arguments(args), demo=args.demo, camera_rate_hz=args.camera_rate))
+    status = node.run(
+        ros_arguments(args),
+        demo=args.demo,
+        camera_rate_hz=args.camera_rate,
+        scene_hold_s=args.scene_hold,
+    )
+    node.exit_now(status)
     return 0  # not reached

@@ -14,6 +14,8 @@ SCENE_ANSWER = "~/scene_answer"
 ACTION_HINT = "~/action_hint"
 ASK = "~/ask"
 DESCRIBE = "~/describe"
+ANNOTATED_IMAGE = "~/annotated_image"  # the frame with the latest outputs drawn (ros.annotate)
+ANNOTATED_COMPRESSED = ANNOTATED_IMAGE + "/compressed"  # image_transport's naming
 DIAGNOSTICS = "/diagnostics"  # absolute: every node's diagnostics share one topic
 
 

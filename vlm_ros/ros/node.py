@@ -89,7 +89,7 @@ from vlm_ros.action import Describe
 from vlm_ros.demo import data as demo_data
 from vlm_ros.errors import EvictedError, InputError, RemoteError, VlmError
 from vlm_ros.msg import ActionHint, SceneAnswer, StageLatency
-from vlm_ros.ros import imaging, names, outputs
+from vlm_ros.ros import annotate, imaging, names, outputs
 from vlm_ros.ros.node_config import (
     DOUBLES,
     LIVE,
@@ -104,6 +104,7 @@ from vlm_ros.ros.synthetic_camera import SyntheticCamera
 from vlm_ros.ros.transport import use_large_frame_profile
 from vlm_ros.serving.frames import Frame, FrameStore, StaleFrameError
 from vlm_ros.serving.latency import LatencyMonitor
+from vlm_ros.serving.ticks import TickPlan
 from vlm_ros.serving.worker import (
     PERIODIC,
     QUERY,
@@ -131,12 +132,17 @@ SENSOR_QOS = QoSProfile(
 # them, and those clients never got a response. Reliable KEEP_ALL applies flow control instead.
 REQUEST_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
 OUTPUT_QOS = 10
+# ~/annotated_image: reliable (a viewer's default QoS matches it), only the newest frames kept
+ANNOTATED_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST, depth=2, reliability=ReliabilityPolicy.RELIABLE
+)
 EXECUTOR_THREADS = 4  # callbacks never wait on the model (coroutines), so a few threads suffice
 WATCHDOG_PERIOD_S = 0.25  # how often waiting requests are checked against query_timeout_s
 CAMERA_SILENCE_S = 3.0  # /diagnostics warns when a matched camera sends nothing this long
 QUERY_GRACE_S = 5.0  # past query_timeout_s, for a stage that cannot stop at a token
 SHUTDOWN_JOIN_S = 1.0  # at process exit, wait this long for a running inference to stop
 SCENE, HINT = "scene", "hint"
+ANNOTATED, ANNOTATED_COMPRESSED = "annotated", "annotated_compressed"
 # `vlm-ros node --demo`: the demo model, asked what it was trained on (vlm_ros.demo.data), and
 # its outputs logged so the console shows the chain working.
 DEMO_OVERRIDES = {
@@ -221,22 +227,34 @@ class AssistantNode(LifecycleNode):
         self._last_frame: dict[str, float] = {}  # configured topic -> monotonic receive time
         self._silent_since: dict[str, float] = {}  # configured topic -> when the watch began
         self._used: dict[str, int] = {}  # "kind:camera" -> seq of the frame last used
+        self._shown: dict[str, dict[str, tuple[int, object]]] = {}  # camera -> kind -> (seq, msg)
+        self._renderer: annotate.Renderer | None = None  # draws ~/annotated_image (configured)
+        self._saver: annotate.Saver | None = None  # annotated_save_dir
         self._group = ReentrantCallbackGroup()
         self._active: list = []  # subscriptions and the diagnostics timer: made on activate
-        self._periodic_timers: dict[str, object] = {}  # periodic timers by kind (rates are live)
+        self._plan = TickPlan({})  # which periodic kinds each tick runs (rates are live)
+        self._periodic_timer = None  # the one periodic timer, at the plan's period
         self._is_active = False
         make = self.create_lifecycle_publisher
         self._pubs = {
             SCENE: make(SceneAnswer, names.SCENE_ANSWER, OUTPUT_QOS),
             HINT: make(ActionHint, names.ACTION_HINT, OUTPUT_QOS),
             "diagnostics": make(DiagnosticArray, names.DIAGNOSTICS, OUTPUT_QOS),
+            ANNOTATED: make(Image, names.ANNOTATED_IMAGE, ANNOTATED_QOS),
+            ANNOTATED_COMPRESSED: make(CompressedImage, names.ANNOTATED_COMPRESSED, ANNOTATED_QOS),
         }
         self._describe = ActionServer(
-            self, Describe, names.DESCRIBE, self._on_describe, callback_group=self._group,
-            goal_callback=self._on_goal, cancel_callback=self._on_cancel,
-            goal_service_qos_profile=REQUEST_QOS, result_service_qos_profile=REQUEST_QOS,
+            self,
+            Describe,
+            names.DESCRIBE,
+            self._on_describe,
+            callback_group=self._group,
+            goal_callback=self._on_goal,
+            cancel_callback=self._on_cancel,
+            goal_service_qos_profile=REQUEST_QOS,
+            result_service_qos_profile=REQUEST_QOS,
             cancel_service_qos_profile=REQUEST_QOS,
-        )  # fmt: skip
+        )
         self._ask = self.create_service(
             Ask, names.ASK, self._on_ask, qos_profile=REQUEST_QOS, callback_group=self._group
         )
@@ -279,15 +297,18 @@ class AssistantNode(LifecycleNode):
         self.get_logger().info(f"parameters applied: {changed}")
 
     def _start_timers(self) -> None:
-        """(Re)create the periodic timers from the config's rates; a rate of 0 has none."""
-        for timer in self._periodic_timers.values():
-            timer.destroy()
-        self._periodic_timers.clear()
+        """(Re)create the periodic timer from the config's rates: one timer at the faster rate,
+        each tick running the kinds due (serving.ticks.TickPlan); rates of 0 have none."""
+        self._stop_timer()
         cfg = self.config
-        for kind, rate in ((SCENE, cfg.scene_rate_hz), (HINT, cfg.hint_rate_hz)):
-            if rate > 0:
-                tick = partial(self._on_tick, kind)
-                self._periodic_timers[kind] = self.create_timer(1.0 / rate, tick, self._group)
+        self._plan = TickPlan({SCENE: cfg.scene_rate_hz, HINT: cfg.hint_rate_hz})
+        if self._plan.period is not None:
+            self._periodic_timer = self.create_timer(self._plan.period, self._on_tick, self._group)
+
+    def _stop_timer(self) -> None:
+        if self._periodic_timer is not None:
+            self._periodic_timer.destroy()
+            self._periodic_timer = None
 
     def _count_frame(self, name: str, _at: float) -> None:
         """FrameStore's counts, as /diagnostics names them (frames_received, ...)."""
@@ -304,6 +325,7 @@ class AssistantNode(LifecycleNode):
         log.info(f"configuring: model {values['model']!r}, device {values['device']!r}")
         try:
             config = NodeConfig.from_values(values)
+            saver = self._make_saver(config)  # before the slow load: a bad folder fails at once
             self.monitor = LatencyMonitor(config.budgets, config.diagnostics_window)
             self._loading = f"loading model {config.model!r} on {config.runtime.device}"
             if config.runtime.backend == "remote":
@@ -325,11 +347,22 @@ class AssistantNode(LifecycleNode):
         self.config, self.last_error = config, ""
         self.monitor.budgets = config.budgets
         self.worker = InferenceWorker(config.queue_size, name=f"{self.get_name()}-inference")
+        self._renderer = annotate.Renderer(self._render_annotated, f"{self.get_name()}-annotate")
+        self._saver = saver
         log.info(
             f"configured: {self.assistant.family.name} from {config.model!r} "
             f"in {time.monotonic() - start:.1f} s"
         )
         return TransitionCallbackReturn.SUCCESS
+
+    @staticmethod
+    def _make_saver(config: NodeConfig) -> annotate.Saver | None:
+        """The annotated-frame saver (annotated_save_dir; its folder is created), or None."""
+        if not config.annotated_save_dir:
+            return None
+        return annotate.Saver(
+            config.annotated_save_dir, config.annotated_save_period_s, config.annotated_save_keep
+        )
 
     def _load(self, config: NodeConfig, start: float):
         """backends.load_assistant (or the test's ``loader``), logging each step with its time:
@@ -344,9 +377,12 @@ class AssistantNode(LifecycleNode):
             from vlm_ros.infer.backends import load_assistant
 
             load = partial(
-                load_assistant, config.model, runtime=config.runtime,
-                generation=config.generation, vision_tower=config.vision_tower,
-            )  # fmt: skip
+                load_assistant,
+                config.model,
+                runtime=config.runtime,
+                generation=config.generation,
+                vision_tower=config.vision_tower,
+            )
         log.info(f"{self._loading} ({time.monotonic() - start:.1f} s)")
         return load()
 
@@ -378,11 +414,14 @@ class AssistantNode(LifecycleNode):
         its resolved topic name becomes the camera's name in outputs and logs."""
         msg_type = CompressedImage if cam.compressed else Image
         sub = self.create_subscription(
-            msg_type, cam.topic, partial(self._on_image, cam.topic), SENSOR_QOS,
+            msg_type,
+            cam.topic,
+            partial(self._on_image, cam.topic),
+            SENSOR_QOS,
             callback_group=self._group,
             event_callbacks=SubscriptionEventCallbacks(use_default_callbacks=False),
             qos_overriding_options=QoSOverridingOptions.with_default_policies(),
-        )  # fmt: skip
+        )
         self._active.append(sub)
         self._subs[cam.topic], self._resolved[cam.topic] = sub, sub.topic_name
         self._silent_since[cam.topic] = time.monotonic()
@@ -432,10 +471,10 @@ class AssistantNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _destroy_active(self) -> None:
-        for entity in [*self._active, *self._periodic_timers.values()]:
+        for entity in self._active:
             entity.destroy()
+        self._stop_timer()
         self._active.clear()
-        self._periodic_timers.clear()
         self._subs.clear()
 
     def _release(self) -> None:
@@ -450,12 +489,15 @@ class AssistantNode(LifecycleNode):
             self.assistant.close()
         elif self.assistant is not None and not stopped:
             self.get_logger().info("inference still running at exit: the model goes with it")
+        if self._renderer is not None:
+            self._renderer.stop(SHUTDOWN_JOIN_S)
         if self._exiting:
             self._held_for_exit = (self.assistant, self.worker)  # freed by the exit, not now
         self.worker = self.assistant = self.config = None
+        self._renderer = self._saver = None
         self._params_fixed = False
         self.frames.clear()
-        self._used = {}
+        self._used, self._shown = {}, {}
 
     # ---- input -----------------------------------------------------------------------------
 
@@ -493,12 +535,16 @@ class AssistantNode(LifecycleNode):
         start = time.monotonic()
         frame = self._fresh_frame(cam, take=True)
         result = Result(frame, (start - submitted) * 1000.0, (start - frame.received) * 1000.0)
+        return self._infer_on(result, work)
+
+    def _infer_on(self, result: Result, work: Work) -> Result:
+        """``work`` on the result's (taken) frame, its outcome added to ``result``."""
         try:
             self._run(result, work)
         except BaseException as exc:
-            self._settle(frame, exc)
+            self._settle(result.frame, exc)
             raise
-        self._settle(frame, None)
+        self._settle(result.frame, None)
         return result
 
     def _run(self, result: Result, work: Work) -> None:
@@ -509,8 +555,14 @@ class AssistantNode(LifecycleNode):
         cfg = self.config  # one snapshot: a live parameter change lands between jobs
         if work.question is not None:
             budget = work.max_new_tokens or cfg.generation.max_new_tokens
-            request = Request(image, work.question, max_new_tokens=budget, on_text=work.on_text,
-                              cancel=cancel, deadline=work.deadline)  # fmt: skip
+            request = Request(
+                image,
+                work.question,
+                max_new_tokens=budget,
+                on_text=work.on_text,
+                cancel=cancel,
+                deadline=work.deadline,
+            )
             result.answer = self.assistant.answer_request(request)
         if work.rank:
             result.hint = self.assistant.rank(image, cfg.hint_instruction, cfg.hint_candidates)
@@ -521,47 +573,128 @@ class AssistantNode(LifecycleNode):
         if delay > 0:
             cancel.wait(delay)
 
-    def _on_tick(self, kind: str) -> None:
-        """Timer: queue one periodic job per camera with a new frame; skip it (counted in
-        periodic_skipped) when the previous one of the same kind is still queued or the queue
-        is full."""
-        cfg = self.config  # one snapshot: the rate may change live (a tick of the old timer)
-        rate = cfg.scene_rate_hz if kind == SCENE else cfg.hint_rate_hz
-        if rate <= 0:
+    def _on_tick(self) -> None:
+        """The periodic timer: per camera with a new frame, one job for the kinds due now
+        (TickPlan), so kinds due together run on one frame; skipped (counted per kind in
+        periodic_skipped) while the camera's previous periodic job is still queued or when the
+        queue is full."""
+        plan, cfg = self._plan, self.config  # snapshots: rates may change live
+        due = plan.due(time.monotonic())
+        if not due or cfg is None:
             return
-        period = 1.0 / rate
         for cam in cfg.cameras:
-            frame, key = self.frames.latest(cam.topic), f"{kind}:{cam.topic}"
-            if frame is None or self._used.get(key) == frame.seq:
+            frame = self.frames.latest(cam.topic)
+            if frame is None:
+                continue
+            kinds = tuple(k for k in due if self._used.get(f"{k}:{cam.topic}") != frame.seq)
+            if not kinds:
                 continue  # nothing new to look at
+            key = f"periodic:{cam.topic}"
             if self.worker.pending(key):
-                self.monitor.count("periodic_skipped")
+                self.monitor.count("periodic_skipped", len(kinds))
                 continue
-            self._used[key] = frame.seq
-            job = partial(self._periodic, kind, cam, time.monotonic())
+            for kind in kinds:
+                self._used[f"{kind}:{cam.topic}"] = frame.seq
+            job = partial(self._periodic, kinds, cam, time.monotonic())
+            deadline = time.monotonic() + 2 * max(plan.periods[k] for k in kinds)
             try:
-                future = self.worker.submit(
-                    job, PERIODIC, key=key, deadline=time.monotonic() + 2 * period
-                )
+                future = self.worker.submit(job, PERIODIC, key=key, deadline=deadline)
             except VlmError:
-                self.monitor.count("periodic_skipped")
+                self.monitor.count("periodic_skipped", len(kinds))
                 continue
-            future.add_done_callback(self._periodic_done)
+            future.add_done_callback(partial(self._periodic_done, len(kinds)))
 
-    def _periodic(self, kind: str, cam: Camera, submitted: float) -> None:
-        """One scene answer or action hint, published with the source image header; nothing
-        (no frame taken) once the node was deactivated."""
+    def _periodic(self, kinds: tuple[str, ...], cam: Camera, submitted: float) -> None:
+        """The action hint and/or scene answer of one frame, each published with the source
+        image header as soon as it is ready (the hint first: it is quick, and a robot acts on
+        it); nothing (no frame taken) once the node was deactivated."""
         if not self._is_active:
             return
-        if kind == SCENE:
-            result = self._infer(cam, submitted, Work(question=self.config.scene_prompt))
-            msg = self._scene_msg(cam, self.config.scene_prompt, result)
-        else:
+        cfg, result = self.config, None
+        if HINT in kinds:
             result = self._infer(cam, submitted, Work(rank=True))
-            msg = self._hint_msg(cam, result)
+            self._publish(cam, HINT, self._hint_msg(cam, result), result.frame)
+        if SCENE in kinds:
+            work = Work(question=cfg.scene_prompt)
+            if result is None:
+                result = self._infer(cam, submitted, work)
+            else:  # the same frame as the hint
+                result = self._infer_on(result, work)
+            self._publish(cam, SCENE, self._scene_msg(cam, cfg.scene_prompt, result), result.frame)
+        self._annotate(cam, result.frame)
+
+    def _publish(self, cam: Camera, kind: str, msg, frame: Frame) -> None:
+        """Publish a periodic output, remember it for the annotated image, log it (demo)."""
         self._pubs[kind].publish(msg)
+        self._shown.setdefault(cam.topic, {})[kind] = (frame.seq, msg)
         if self.config.log_outputs:
             self._log_output(cam, kind, msg)
+
+    # ---- annotated image (drawn on the renderer's thread) ----------------------------------
+
+    def _annotate(self, cam: Camera, frame: Frame) -> None:
+        """Hand ``frame`` with its camera's latest outputs to the renderer, only while someone
+        subscribes to ~/annotated_image (or its /compressed) or a saved frame is due: no
+        drawing otherwise."""
+        raw, compressed = self._pubs[ANNOTATED], self._pubs[ANNOTATED_COMPRESSED]
+        wanted = raw.get_subscription_count() > 0 or compressed.get_subscription_count() > 0
+        renderer = self._renderer  # None once released (a job finishing at exit)
+        if renderer is None or not (wanted or (self._saver is not None and self._saver.due())):
+            return
+        renderer.offer((frame, self._overlay(cam, frame)))
+
+    def _overlay(self, cam: Camera, frame: Frame) -> annotate.Overlay:
+        """What to draw on ``frame``: its camera's latest scene answer and action hint."""
+        stamp = frame.msg.header.stamp
+        fields: dict[str, object] = {}
+        shown = self._shown.get(cam.topic, {})
+        if SCENE in shown:
+            seq, msg = shown[SCENE]
+            fields.update(
+                answer=msg.answer,
+                answer_ms=msg.latency.image_to_output_ms,
+                answer_same_frame=seq == frame.seq,
+            )
+        if HINT in shown:
+            seq, msg = shown[HINT]
+            fields.update(
+                action=msg.action,
+                candidates=tuple(msg.candidates),
+                probabilities=tuple(float(p) for p in msg.probabilities),
+                hint_ms=msg.latency.image_to_output_ms,
+                hint_same_frame=seq == frame.seq,
+            )
+        camera, stamp_s = self._name(cam), stamp.sec + stamp.nanosec * 1e-9
+        return annotate.Overlay(camera, stamp_s, **fields)  # type: ignore[arg-type]
+
+    def _render_annotated(self, item: tuple[Frame, annotate.Overlay]) -> None:
+        """The renderer's work: draw, then publish (to the topics with subscribers) and save.
+        Every message carries the source frame's header."""
+        frame, overlay = item
+        image = annotate.draw(frame.image, overlay)
+        header = frame.msg.header
+        raw, compressed = self._pubs[ANNOTATED], self._pubs[ANNOTATED_COMPRESSED]
+        if self._is_active and raw.get_subscription_count() > 0:
+            height, width = image.shape[:2]
+            raw.publish(
+                Image(
+                    header=header,
+                    height=height,
+                    width=width,
+                    encoding="rgb8",
+                    step=width * 3,
+                    data=image.tobytes(),
+                )
+            )
+        if self._is_active and compressed.get_subscription_count() > 0:
+            compressed.publish(
+                CompressedImage(
+                    header=header, format=annotate.COMPRESSED_FORMAT, data=annotate.jpeg(image)
+                )
+            )
+        saver = self._saver
+        if saver is not None:
+            saver.save(image, overlay.stamp_s)
 
     def _log_output(self, cam: Camera, kind: str, msg) -> None:
         """One info line per published output (``log_outputs``: the demo's console)."""
@@ -573,14 +706,14 @@ class AssistantNode(LifecycleNode):
         latency = msg.latency.image_to_output_ms
         self.get_logger().info(f"{self._name(cam)}: {text} [{latency:.0f} ms image->output]")
 
-    def _periodic_done(self, future: concurrent.futures.Future) -> None:
-        """Count what happened to a periodic job that did not publish."""
+    def _periodic_done(self, kinds: int, future: concurrent.futures.Future) -> None:
+        """Count what happened to a periodic job (of ``kinds`` kinds) that did not publish."""
         if future.cancelled() or isinstance(future.exception(), WorkerStoppedError):
-            self.monitor.count("periodic_skipped")
+            self.monitor.count("periodic_skipped", kinds)
             return
         exc = future.exception()
         if isinstance(exc, (StaleJobError, EvictedError)):
-            self.monitor.count("periodic_skipped")
+            self.monitor.count("periodic_skipped", kinds)
         elif isinstance(exc, StaleFrameError):
             self.monitor.count("frames_stale")
         elif isinstance(exc, InputError):
@@ -790,8 +923,9 @@ class AssistantNode(LifecycleNode):
         try:
             cam = self._camera(req.camera)
             question = req.question or self.config.scene_prompt
-            work = Work(question, max_new_tokens=req.max_new_tokens or None, on_text=on_text,
-                        cancel=cancel)  # fmt: skip
+            work = Work(
+                question, max_new_tokens=req.max_new_tokens or None, on_text=on_text, cancel=cancel
+            )
             job, give_up = self._submit_query(cam, work)
             if goal_handle.is_cancel_requested:  # cancelled before the job existed
                 cancel.set()
@@ -819,6 +953,9 @@ class AssistantNode(LifecycleNode):
         """/diagnostics: stage p50/p90/p99/max over the window, counters, queue, verdict; and
         one status per camera (see _camera_status)."""
         extra = {"queue_depth": self.worker.depth, "model": self.config.model}
+        renderer = self._renderer
+        if renderer is not None:  # ~/annotated_image: 0 drawn while nobody watches
+            extra.update(annotated_drawn=renderer.rendered, annotated_failed=renderer.failed)
         status = latency_status(
             names.latency_status(self.get_name()),
             self.get_fully_qualified_name(),
@@ -871,10 +1008,12 @@ class AssistantNode(LifecycleNode):
             "qos": self._camera_qos(cam),
         }
         return DiagnosticStatus(
-            level=level, name=f"{self.get_name()}: camera {name}", message=text,
+            level=level,
+            name=f"{self.get_name()}: camera {name}",
+            message=text,
             hardware_id=self.get_fully_qualified_name(),
             values=[KeyValue(key=k, value=str(v)) for k, v in values.items()],
-        )  # fmt: skip
+        )
 
     def _camera_qos(self, cam: Camera) -> str:
         qos = self._subs[cam.topic].qos_profile
@@ -889,6 +1028,7 @@ def run(
     demo: bool = False,
     camera_rate_hz: float = 10.0,
     loader=None,
+    scene_hold_s: float = 3.0,
 ) -> int:
     """Run the node (and, with ``demo``, the synthetic camera) until Ctrl-C. ``args`` are ROS
     arguments (``--ros-args --params-file F -p model:=demo``); ``loader`` replaces
@@ -906,7 +1046,7 @@ def run(
     executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
     executor.add_node(node)
     if demo:
-        executor.add_node(SyntheticCamera(rate_hz=camera_rate_hz))
+        executor.add_node(SyntheticCamera(rate_hz=camera_rate_hz, scene_hold_s=scene_hold_s))
     outcome: list[int] = []  # autostart's exit status, once it failed
     if node.get_parameter("autostart").value:
         node.begin_autostart()

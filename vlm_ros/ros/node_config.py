@@ -131,6 +131,12 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "inference_delay_ms": (0.0, "FAULT INJECTION for tests: sleep before each inference"),
     "autostart": (True, "main(): configure and activate without a lifecycle manager"),
     "log_outputs": (False, "also log every scene answer and action hint (info); demo: on"),
+    "annotated_save_dir": (
+        "",
+        "also write ~/annotated_image frames as PNG into this folder (created); empty = none",
+    ),
+    "annotated_save_period_s": (1.0, "at most one saved annotated frame per this many seconds"),
+    "annotated_save_keep": (20, "saved annotated frames kept (the oldest are deleted)"),
     **{
         f"budget_{name}_ms": (0.0, f"latency budget of {name} in ms; 0 = none")
         for name in BUDGET_NAMES
@@ -238,6 +244,9 @@ RULES: dict[str, Rule] = {
     "inference_delay_ms": _float_range(0.0),
     "autostart": _BOOL,
     "log_outputs": _BOOL,
+    "annotated_save_dir": _text(non_empty=False),
+    "annotated_save_period_s": _float_range(0.0),
+    "annotated_save_keep": _int_range(1, 100_000),
     **{f"budget_{name}_ms": _float_range(0.0) for name in BUDGET_NAMES},
 }
 # double parameters: declared with dynamic typing so an integer is accepted (and coerced here)
@@ -310,6 +319,9 @@ class NodeConfig:
     vision_tower: str | None = None  # Assistant.load(vision_tower=...); None: mm_vision_tower
     log_outputs: bool = False
     max_image_pixels: int = 4096 * 4096
+    annotated_save_dir: str = ""  # "" = annotated frames are not saved
+    annotated_save_period_s: float = 1.0
+    annotated_save_keep: int = 20
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> NodeConfig:
@@ -353,6 +365,9 @@ class NodeConfig:
             diagnostics_window=int(v["diagnostics_window"]),
             vision_tower=str(v["vision_tower"]) or None,
             max_image_pixels=int(v["max_image_pixels"]),
+            annotated_save_dir=str(v["annotated_save_dir"]),
+            annotated_save_period_s=float(v["annotated_save_period_s"]),
+            annotated_save_keep=int(v["annotated_save_keep"]),
             **live,
         )
 
