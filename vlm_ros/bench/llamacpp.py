@@ -18,6 +18,7 @@ Optional: llama-cpp-python and gguf are imported only here, by ``vlm-ros bench -
 from __future__ import annotations
 
 import ctypes
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,7 +52,19 @@ def require_llama_cpp():
             f"the llama.cpp peer needs llama-cpp-python and gguf ({exc.name} is missing): "
             "pip install llama-cpp-python gguf (scripts/requirements.txt has both)"
         ) from exc
+    if _QUIET[0] is None:  # llama.cpp logs every load and graph to stderr: errors only
+        _QUIET[0] = llama_cpp.llama_log_callback(_log_errors_only)
+        llama_cpp.llama_log_set(_QUIET[0], None)
     return llama_cpp
+
+
+_QUIET: list = [None]  # the installed log callback (kept referenced: C holds a pointer to it)
+_GGML_LOG_ERROR = 4  # ggml_log_level
+
+
+def _log_errors_only(level: int, text: bytes, _user) -> None:
+    if level >= _GGML_LOG_ERROR and level != 5:  # 5: GGML_LOG_LEVEL_CONT, a continued line
+        sys.stderr.write(text.decode(errors="replace"))
 
 
 def version() -> str:
