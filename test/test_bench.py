@@ -251,3 +251,25 @@ def test_llamacpp_peer_missing_is_one_clear_line(capsys, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "pip install llama-cpp-python gguf" in err and "Traceback" not in err
+
+
+def test_stored_weight_bytes_count_quantized_weights_once():
+    """The bytes a decode step reads, per path: fp32 4 bytes a Linear weight, dynamic int8 1
+    (torch.ao's packed params, counted once), int4 half a byte plus a bf16 scale and zero per
+    32; the embedding table as its one looked-up row."""
+    import copy
+
+    from vlm_ros.bench.measure import stored_weight_bytes
+    from vlm_ros.engines import weight_int4
+    from vlm_ros.infer.static_decode import quantize_int8
+
+    lm = build_model("tiny", "cpu", F32).language_model
+    linear = sum(m.weight.numel() for m in lm.modules() if type(m) is torch.nn.Linear)
+    fp32 = stored_weight_bytes(lm)
+    assert fp32 - stored_weight_bytes(quantize_int8(copy.deepcopy(lm))) == 3 * linear
+    int4 = copy.deepcopy(lm)
+    weight_int4.quantize_weights(int4)
+    packed = sum(m.weight.numel() + m.scales_and_zeros.numel() * 2 for m in int4.modules()
+                 if isinstance(m, weight_int4.WeightOnlyInt4Linear))  # fmt: skip
+    assert linear / 2 <= packed <= linear / 2 * 1.3  # 4 bits + 32 bits per 32 (+ row padding)
+    assert fp32 - stored_weight_bytes(int4) == 4 * linear - packed

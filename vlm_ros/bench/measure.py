@@ -378,14 +378,14 @@ def stored_weight_bytes(lm: torch.nn.Module) -> int:
     total = 0
     for module in lm.modules():
         tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        if callable(getattr(module, "_weight_bias", None)):  # torch.ao's packed int8 params
-            weight, bias = module._weight_bias()
+        if type(module).__name__ == "LinearPackedParams":  # torch.ao's packed int8 weights
+            weight, bias = module._weight_bias()  # (its Linear's _weight_bias reads the same)
             tensors += [weight.int_repr(), *([bias] if bias is not None else [])]
         total += sum(t.numel() * t.element_size() for t in tensors if t is not embed)
     return total + embed[0].numel() * embed.element_size()
 
 
-def read_bandwidth(megabytes: int = 1024, iters: int = 5) -> dict[str, float]:
+def read_bandwidth(megabytes: int = 1024, iters: int = 10) -> dict[str, float]:
     """Streaming read bandwidth of this host, GB/s: a sum over a float32 buffer far larger
     than the caches, on torch's threads (the decode step's), best and median of ``iters``."""
     buffer = torch.ones(megabytes * 2**20 // 4)
