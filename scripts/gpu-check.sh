@@ -67,10 +67,10 @@ EOF
 } >"$OUTDIR/environment.txt" 2>&1
 cat "$OUTDIR/environment.txt"
 
-# The three files hold every CUDA/TensorRT test; on CUDA only those marked gpu run (their CPU
+# These files hold every CUDA/TensorRT test; on CUDA only those marked gpu run (their CPU
 # siblings run in CI: device time is scarce). -rs names each skip and why, so a missing
 # TensorRT shows in the log instead of passing silently.
-TESTS=(test/test_parity.py test/test_static_decode.py test/test_trt.py)
+TESTS=(test/test_parity.py test/test_static_decode.py test/test_trt.py test/test_weight_int4.py)
 [[ -n "${VLM_ROS_GPU_TESTS:-}" ]] && read -r -a TESTS <<<"$VLM_ROS_GPU_TESTS"
 MARK=()
 [[ "$DEVICE" == cuda ]] && MARK=(-m gpu)
@@ -79,7 +79,7 @@ step "CUDA tests" "$TEST_LIMIT" "$OUTDIR/gpu-tests.log" "$PY" -m pytest -q -rs -
 COMPILE=()
 [[ "$DEVICE" == cuda ]] && COMPILE=(--compile)  # the decode step in a CUDA graph
 step "bench $PRESET" "$BENCH_LIMIT" "$OUTDIR/bench.log" "$PY" -m vlm_ros bench --preset "$PRESET" --device "$DEVICE" \
-    --iters "$ITERS" ${COMPILE[@]+"${COMPILE[@]}"} --out "$OUTDIR/$DEVICE-$PRESET.json"
+    --iters "$ITERS" --int4 ${COMPILE[@]+"${COMPILE[@]}"} --out "$OUTDIR/$DEVICE-$PRESET.json"
 # The vision target (encoder + projector <= 2 ms) is TensorRT's: where it is installed, the same
 # bench with the engine built for the run (the lent H200 image has no TensorRT: skipped there).
 if [[ "$DEVICE" == cuda ]] && "$PY" -c "import tensorrt; tensorrt.Builder" 2>/dev/null; then

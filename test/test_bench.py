@@ -185,3 +185,69 @@ def test_tensorrt_vision_without_tensorrt_is_one_clear_line(capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert missing in err and "Traceback" not in err
+
+
+# ---- the llama.cpp peer (bench/llamacpp.py) ---------------------------------------------------
+
+
+def _llama_cpp_or_skip():
+    """llama-cpp-python and gguf, or a skip naming them; under CI (which installs both from
+    scripts/requirements.txt) a missing one is a failure, not a skip."""
+    import os
+
+    from vlm_ros.bench.llamacpp import PeerUnavailable, require_llama_cpp
+
+    try:
+        require_llama_cpp()
+    except PeerUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI installs llama-cpp-python and gguf: {exc}")
+        pytest.skip(str(exc))
+
+
+def test_llamacpp_peer_runs_the_same_model(tmp_path):
+    """bench --llamacpp on tiny: the decoder exported to GGUF (llama.cpp's phi2 layout) and
+    quantized by llama.cpp, run on our embeddings. Its f32 logits equal ours to float32
+    rounding (the same model, not a look-alike) and its greedy tokens are ours; q8_0 and q4_0
+    are timed and judged the same way; bytes per token come from the files."""
+    _llama_cpp_or_skip()
+    out = tmp_path / "peer.json"
+    argv = ["bench", "--preset", "tiny", "--iters", "2", "--int4", "--llamacpp", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    peer = result["peers"]["llama.cpp"]
+    assert set(peer["types"]) == {"f32", "q8_0", "q4_0"} and peer["kv_cache"] == "f32"
+    band = result["decode_bandwidth"]
+    assert band["read_bandwidth_gb_s"] > 0 and band["fast"]["gb_s"] > 0
+    f32, q8, q4 = (peer["types"][k] for k in ("f32", "q8_0", "q4_0"))
+    assert f32["accuracy_vs_fp32"]["first_logits_error_over_range"] < 1e-3
+    assert f32["accuracy_vs_fp32"]["greedy_prefix_agreement"] == 1.0
+    assert f32["tensor_types"] == {"F32": 33}  # 2 layers x 14 + embeddings, norm, head
+    assert q4["decode_bytes_per_token"]["weights"] < q8["decode_bytes_per_token"]["weights"]
+    assert q8["decode_bytes_per_token"]["weights"] < f32["decode_bytes_per_token"]["weights"]
+    for entry in peer["types"].values():
+        _positive_stages(entry["stages"], {"prefill", "decode_per_token"})
+        ms = entry["stages"]["decode_per_token"]["p50"]
+        step = entry["decode_bytes_per_token"]
+        assert entry["gb_s"] == pytest.approx((step["weights"] + step["live_kv"]) / ms / 1e6)
+        assert entry["accuracy_vs_fp32"]["first_logits_error_over_range"] < 0.5
+    table = out.with_suffix(".md").read_text()
+    assert "| llama.cpp q4_0 |" in table and "| vlm_ros int4_weight_only |" in table
+
+
+def test_llamacpp_peer_missing_is_one_clear_line(capsys, monkeypatch):
+    """Without llama-cpp-python the peer column is refused in one line naming the install."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_llama(name, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError("No module named 'llama_cpp'", name="llama_cpp")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_llama)
+    argv = ["bench", "--preset", "tiny", "--iters", "1", "--llamacpp"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pip install llama-cpp-python gguf" in err and "Traceback" not in err

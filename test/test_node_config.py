@@ -72,7 +72,7 @@ def test_fast_path_parameters_reach_the_runtime_config():
     assert (runtime.compile_decode, runtime.quantize) == (True, "int8")
     plain = NodeConfig.from_values(defaults() | {"cpu_linear": "torch"})
     assert plain.runtime.cpu_linear == "torch"
-    for name, bad in (("decoder", "fast"), ("quantize", "int4"), ("cpu_linear", "mkl")):
+    for name, bad in (("decoder", "fast"), ("quantize", "int3"), ("cpu_linear", "mkl")):
         with pytest.raises(InputError, match=name):
             NodeConfig.from_values(defaults() | {name: bad})
 
@@ -116,7 +116,7 @@ def test_launch_file_is_valid_python_with_the_documented_arguments():
         ("dtype", "fp16", "one of '', 'float32', 'bfloat16', 'float16'"),
         ("vision_backend", "trt", "one of 'torch', 'onnxruntime', 'tensorrt'"),
         ("decoder", "fast", "one of 'static', 'eager'"),
-        ("quantize", "int4", "one of 'none', 'int8', 'int8_weight_only'"),
+        ("quantize", "int3", "one of 'none', 'int8', 'int8_weight_only', 'int4_weight_only'"),
         ("cpu_linear", "mkl", "one of 'auto', 'onednn', 'torch'"),
         ("model", "", "a non-empty string"),
         ("scene_prompt", "  ", "a non-empty string"),

@@ -34,7 +34,7 @@ GRID = {
     "dtype": ["float32", "bfloat16", "float16"],
     "vision_backend": ["torch", "onnxruntime"],
     "decoder": ["static", "eager"],
-    "quantize": ["none", "int8", "int8_weight_only"],
+    "quantize": ["none", "int8", "int8_weight_only", "int4_weight_only"],
     "cpu_linear": ["auto", "torch"],
 }
 COMBINATIONS = [
@@ -54,6 +54,8 @@ def _refusal(options: dict) -> str | None:
         return "needs dtype float32"
     if options["quantize"] == "int8_weight_only" and options["dtype"] == "float32":
         return "needs dtype bfloat16 or float16"
+    if options["quantize"] == "int4_weight_only" and options["dtype"] == "float16":
+        return "on CPU needs dtype float32 or bfloat16"
     return None
 
 

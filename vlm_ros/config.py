@@ -13,7 +13,7 @@ from vlm_ros.errors import InputError
 # code; YAML, CLI and parameter strings are checked once, in RuntimeConfig.__post_init__, and
 # nothing downstream checks them again.
 DecoderKind = Literal["static", "eager"]
-QuantizeMode = Literal["none", "int8", "int8_weight_only"]
+QuantizeMode = Literal["none", "int8", "int8_weight_only", "int4_weight_only"]
 CpuLinearMode = Literal["auto", "onednn", "torch"]
 VisionBackend = Literal["torch", "onnxruntime", "tensorrt"]
 DTypeName = Literal["float32", "bfloat16", "float16"]  # torch.<name>; checkpoint.to_dtype
@@ -102,7 +102,9 @@ class RuntimeConfig:
     (transformers' dynamic cache, the reference).
     quantize: "none", "int8" (static decoder on CPU only: dynamic int8 Linear layers; lossy,
     opt-in; measured agreement in docs/performance.md) or "int8_weight_only" (static decoder,
-    dtype bfloat16/float16: int8 weights, half-precision activations; opt-in, small loss).
+    dtype bfloat16/float16: int8 weights, half-precision activations; opt-in, small loss) or
+    "int4_weight_only" (static decoder; CPU with float32/bfloat16, CUDA with bfloat16: 4-bit
+    weights in groups of 32 with a scale and zero each, PyTorch's int4 kernels; opt-in, lossy).
     cpu_linear: "auto" (float32 on an x86 CPU: the static decoder's and the torch vision
     stage's Linear layers through oneDNN, ~2x MKL on AMD CPUs, same arithmetic), "onednn" (the
     same, warning where unavailable) or "torch" (plain F.linear everywhere).

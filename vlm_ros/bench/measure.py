@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import platform
 import resource
 import statistics
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig
 
+from vlm_ros.bench import llamacpp
 from vlm_ros.config import DTypeName, GenerationConfig, RuntimeConfig, VisionBackend
 from vlm_ros.engines.build import build_for_model
 from vlm_ros.engines.cpu_kernels import OneDnnLinear
@@ -293,10 +295,15 @@ def fast_iteration(fast: FastPath, pixels: torch.Tensor, device: str, s: Samples
 
 
 def measure(
-    paths: dict[str, Baseline | FastPath], pixels: torch.Tensor, iters: int, device: str
+    paths: dict[str, Baseline | FastPath],
+    pixels: torch.Tensor,
+    iters: int,
+    device: str,
+    peer: llamacpp.LlamaCppPeer | None = None,
 ) -> dict[str, Samples]:
-    """Samples per path, the paths interleaved within every iteration: on a shared machine the
-    load changes over minutes, and interleaving gives every path the same conditions."""
+    """Samples per path, the paths (and the llama.cpp peer) interleaved within every
+    iteration: on a shared machine the load changes over minutes, and interleaving gives every
+    path the same conditions."""
     samples = {name: Samples() for name in paths}
     for _ in range(iters):
         for name, path in paths.items():
@@ -304,7 +311,126 @@ def measure(
                 baseline_iteration(path, pixels, device, samples[name])
             else:
                 fast_iteration(path, pixels, device, samples[name])
+        if peer:
+            peer.iteration(peer_embeds(paths, pixels))
     return samples
+
+
+# ---- the llama.cpp peer and the bandwidth yardstick ----------------------------------------
+
+
+def peer_embeds(paths: dict[str, Baseline | FastPath], pixels: torch.Tensor) -> np.ndarray:
+    """The fast path's decoder input [S, hidden] (image features spliced in), for llama.cpp."""
+    fast = paths["fast"]
+    assert isinstance(fast, FastPath)
+    return fast.embeds(pixels, StageTimer(pixels.device))[0].float().cpu().numpy()
+
+
+def make_peer(
+    work: Workload, paths: dict, options: BenchOptions, workdir: Path
+) -> llamacpp.LlamaCppPeer | None:
+    """The llama.cpp peer on this run's decoder (a one-line PeerUnavailable without it)."""
+    if not options.llamacpp:
+        return None
+    context = dict(n_ctx=work.max_seq, threads=torch.get_num_threads(), max_prompt=work.prompt_len)
+    return llamacpp.LlamaCppPeer(work.model.language_model, options.llamacpp, workdir, **context)
+
+
+def peer_results(
+    peer: llamacpp.LlamaCppPeer, work: Workload, answer: decode.Generation, paths: dict
+) -> dict:
+    """Per GGUF type: its stages, the bytes a decode step reads, and its accuracy against our
+    float32 path (same embeddings; ``answer``: our greedy 16 tokens with their logits)."""
+    first = answer.step_logits[0].float().cpu().numpy().reshape(-1)  # [V]
+    embeds = peer_embeds(paths, work.pixels)
+    accuracy = peer.accuracy(embeds, answer.token_ids, first)
+    live_kv = live_kv_bytes(work.model, work.prompt_len + llamacpp.DECODE_STEPS // 2, 4)
+    types = {}
+    for kind, samples in peer.samples.items():
+        types[kind] = {
+            "stages": {name: percentiles(values) for name, values in samples.items()},
+            "decode_bytes_per_token": {"weights": peer.bytes[kind]["weights"], "live_kv": live_kv},
+            "tensor_types": peer.bytes[kind]["tensor_types"],
+            "accuracy_vs_fp32": accuracy[kind],
+        }
+    return {
+        "version": llamacpp.version(),
+        "system_info": llamacpp.system_info(),
+        "kv_cache": "f32",
+        "threads": torch.get_num_threads(),
+        "types": types,
+    }
+
+
+def live_kv_bytes(model: VlmModel, positions: int, element_size: int) -> int:
+    """Keys and values of ``positions`` tokens over all layers: what attention must read
+    (the static cache's unused slots are not counted here; decode_bytes_per_token does)."""
+    cfg = model.text_config
+    heads = cfg.num_key_value_heads or cfg.num_attention_heads
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * positions * element_size
+
+
+def stored_weight_bytes(lm: torch.nn.Module) -> int:
+    """Bytes of the decoder's weights as stored (quantized ones at their packed size), the
+    embedding table counted as the one row a decode step looks up."""
+    embed = lm.get_input_embeddings().weight
+    total = 0
+    for module in lm.modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if callable(getattr(module, "_weight_bias", None)):  # torch.ao's packed int8 params
+            weight, bias = module._weight_bias()
+            tensors += [weight.int_repr(), *([bias] if bias is not None else [])]
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not embed)
+    return total + embed[0].numel() * embed.element_size()
+
+
+def read_bandwidth(megabytes: int = 1024, iters: int = 5) -> dict[str, float]:
+    """Streaming read bandwidth of this host, GB/s: a sum over a float32 buffer far larger
+    than the caches, on torch's threads (the decode step's), best and median of ``iters``."""
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    buffer.sum()
+    times = [timed(buffer.sum, "cpu")[0] for _ in range(iters)]
+    gigabytes = buffer.numel() * 4 / 1e9
+    return {
+        "best": gigabytes / (min(times) / 1000.0),
+        "median": gigabytes / (statistics.median(times) / 1000.0),
+        "megabytes": megabytes,
+    }
+
+
+def decode_bandwidth(paths: dict, measured: dict, work: Workload, options: BenchOptions) -> dict:
+    """For the fast path and each variant: bytes one decode step reads (weights as stored +
+    the live KV cache at the middle of a 64-token answer) over its decode time: the read
+    bandwidth it reaches, and that as a share of the host's measured streaming read."""
+    out: dict = {}
+    if options.device == "cpu":
+        bandwidth = read_bandwidth()
+        out["read_bandwidth_gb_s"] = bandwidth["best"]
+        out["read_bandwidth_median_gb_s"] = bandwidth["median"]
+        out["copy_bandwidth_gb_s"] = device_copy_bandwidth("cpu", 512, 5)
+    positions = work.prompt_len + llamacpp.DECODE_STEPS // 2
+    for name, path in paths.items():
+        if not isinstance(path, FastPath):
+            continue
+        lm = path.decoder.lm
+        weights = stored_weight_bytes(lm)
+        kv = live_kv_bytes(work.model, positions, path.decoder.dtype.itemsize)
+        ms = measured[name]["decode_per_token"]["p50"]
+        entry = {"weights": weights, "live_kv": kv, "gb_s": (weights + kv) / ms / 1e6}
+        if "read_bandwidth_gb_s" in out:
+            entry["fraction_of_read"] = entry["gb_s"] / out["read_bandwidth_gb_s"]
+        out[name] = entry
+    return out
+
+
+def _peer_bandwidth(peers: dict, read_gb_s: float) -> None:
+    """Each peer type's implied read GB/s and share of the host's read bandwidth, in place."""
+    for entry in peers["types"].values():
+        step = entry["decode_bytes_per_token"]
+        ms = entry["stages"]["decode_per_token"]["p50"]
+        entry["gb_s"] = (step["weights"] + step["live_kv"]) / ms / 1e6
+        entry["fraction_of_read"] = entry["gb_s"] / read_gb_s
 
 
 agreement = fidelity.prefix_agreement  # share of the greedy answer matched before a difference
@@ -407,10 +533,17 @@ class BenchOptions:
     compile_decode: bool = False
     warmup: int = 1
     bf16: bool = False
+    int4: bool = False  # also the decoder with int4 weights (quantize="int4_weight_only")
+    llamacpp: tuple[str, ...] = ()  # GGUF types of the llama.cpp peer (bench/llamacpp.py)
 
     def __post_init__(self) -> None:
         if self.bf16 and (self.device != "cpu" or self.dtype_name != "float32"):
             raise ValueError("the bf16 variant is measured against a float32 run on CPU")
+        if self.llamacpp and (self.device != "cpu" or self.dtype_name != "float32"):
+            raise ValueError("the llama.cpp peer is measured against a float32 run on CPU")
+        unknown = set(self.llamacpp) - set(llamacpp.GGUF_TYPES)
+        if unknown:
+            raise ValueError(f"llama.cpp types {sorted(unknown)}: known {llamacpp.GGUF_TYPES}")
 
     @property
     def dtype_name(self) -> DTypeName:
@@ -508,6 +641,10 @@ def make_paths(work: Workload, options: BenchOptions) -> dict[str, Baseline | Fa
         runtime = RuntimeConfig(device, max_seq_len=work.max_seq, quantize="int8")
         int8 = _static(make_decoder(copy.deepcopy(model.language_model), runtime))
         paths["int8"] = FastPath(model, ids, fast.encoder, int8)
+    if options.int4:  # the same encoder, int4 weights in the model's own dtype
+        runtime = RuntimeConfig(device, max_seq_len=work.max_seq, quantize="int4_weight_only")
+        int4 = _static(make_decoder(copy.deepcopy(model.language_model), runtime))
+        paths["int4_weight_only"] = FastPath(model, ids, fast.encoder, int4)
     if options.bf16:
         paths.update(_bf16_paths(work))
     return paths
@@ -526,12 +663,19 @@ def _bf16_paths(work: Workload) -> dict[str, Baseline | FastPath]:
     }
 
 
-def warm_up(paths: dict[str, Baseline | FastPath], pixels: torch.Tensor, rounds: int) -> None:
+def warm_up(
+    paths: dict[str, Baseline | FastPath],
+    pixels: torch.Tensor,
+    rounds: int,
+    peer: llamacpp.LlamaCppPeer | None = None,
+) -> None:
     for _ in range(rounds):
         for path in paths.values():
             path.answer(pixels, 4)
             if isinstance(path, FastPath):
                 path.rank(pixels, StageTimer(pixels.device))
+        if peer:
+            peer.warm_up(peer_embeds(paths, pixels))
 
 
 def measure_variants(
@@ -559,30 +703,44 @@ def measure_variants(
     return variants
 
 
-VARIANTS = ("mkl_linear", "int8", "bf16", "bf16_int8_weight_only")
+VARIANTS = ("mkl_linear", "int8", "int4_weight_only", "bf16", "bf16_int8_weight_only")
 # What each variant sets, for its fidelity threshold (infer/fidelity.py, as the tests use)
 VARIANT_RUNTIMES = {
     "mkl_linear": RuntimeConfig(cpu_linear="torch"),
     "int8": RuntimeConfig(quantize="int8"),
+    "int4_weight_only": RuntimeConfig(quantize="int4_weight_only"),
     "bf16": RuntimeConfig(dtype="bfloat16"),
     "bf16_int8_weight_only": RuntimeConfig(dtype="bfloat16", quantize="int8_weight_only"),
 }
 
 
 def run(options: BenchOptions) -> dict:
-    """Measure baseline and fast path (and the int8 / bf16 variants when asked) and return the
-    result dict."""
-    with torch.inference_mode():
+    """Measure baseline and fast path (and the int8 / bf16 variants and the llama.cpp peer when
+    asked) and return the result dict."""
+    load_before = os.getloadavg()  # a shared host's load decides how much the ms mean
+    with torch.inference_mode(), tempfile.TemporaryDirectory(prefix="vlm_ros_peer_") as tmp:
         work = make_workload(options)
         paths = make_paths(work, options)
-        warm_up(paths, work.pixels, options.warmup)
-        samples = measure(paths, work.pixels, options.iters, options.device)
-        measured = {name: s.summary() for name, s in samples.items()}
-        base, fast = paths["baseline"], paths["fast"]
-        assert isinstance(base, Baseline) and isinstance(fast, FastPath)
-        agreeing = agreement(base.answer(work.pixels, 16), fast.answer(work.pixels, 16).token_ids)
-        variants = measure_variants(paths, measured, work.pixels)
+        peer = make_peer(work, paths, options, Path(tmp))
+        try:
+            warm_up(paths, work.pixels, options.warmup, peer)
+            samples = measure(paths, work.pixels, options.iters, options.device, peer)
+            measured = {name: s.summary() for name, s in samples.items()}
+            base, fast = paths["baseline"], paths["fast"]
+            assert isinstance(base, Baseline) and isinstance(fast, FastPath)
+            answer = fast.answer(work.pixels, 16, keep_logits=True)
+            agreeing = agreement(base.answer(work.pixels, 16), answer.token_ids)
+            variants = measure_variants(paths, measured, work.pixels)
+            peers = peer_results(peer, work, answer, paths) if peer else None
+        finally:
+            if peer:
+                peer.close()
     out = _result_header(options, work, measured, variants)
+    out["decode_bandwidth"] = decode_bandwidth(paths, measured, work, options)
+    out["machine"]["load_average_1min"] = {"start": load_before[0], "end": os.getloadavg()[0]}
+    if peers:
+        out["peers"] = {"llama.cpp": peers}
+        _peer_bandwidth(peers, out["decode_bandwidth"]["read_bandwidth_gb_s"])
     out["parity"] = {"greedy_prefix_agreement_fast_vs_generate": agreeing}
     out["fast_path"] = _fast_path_facts(fast, options)
     out.update(_derived(measured["baseline"], measured["fast"], variants))
@@ -713,7 +871,64 @@ def markdown(result: dict) -> str:
     lines = [*_markdown_header(result), *_stage_rows(result), "", *_notes(result)]
     lines += _variant_lines(result)
     lines += _gpu_lines(result)
+    lines += _bandwidth_lines(result)
     return "\n".join(lines) + "\n"
+
+
+def _bandwidth_lines(result: dict) -> list[str]:
+    """Decode of ours and of the llama.cpp peer side by side: prefill, ms/token, the read
+    bandwidth each reaches (weights as stored + live KV) and, for the peer, its logits."""
+    band = result.get("decode_bandwidth")
+    if not band or "read_bandwidth_gb_s" not in band:
+        return []
+    read = band["read_bandwidth_gb_s"]
+    lines = [
+        "",
+        f"Decode against the host's streaming read bandwidth ({read:.1f} GB/s best, "
+        f"{band['read_bandwidth_median_gb_s']:.1f} median; copy {band['copy_bandwidth_gb_s']:.1f}"
+        " GB/s read + write), bytes per token = weights as stored + live KV cache:",
+        "",
+        "| engine / precision | prefill ms | decode ms/token | MB read per token | GB/s | "
+        "share of read bandwidth | vs our fp32: first-step logit error / greedy prefix |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in band.items():
+        if not isinstance(entry, dict):
+            continue
+        stages = result["fast"] if name == "fast" else result["variants"][name]["stages"]
+        accuracy = (
+            "-" if name == "fast" else _accuracy_cell(result["variants"][name]["accuracy_vs_fp"])
+        )
+        lines.append(_bandwidth_row(f"vlm_ros {name}", stages, entry, accuracy))
+    peers = result.get("peers", {}).get("llama.cpp")
+    if peers:
+        for kind, entry in peers["types"].items():
+            step = entry["decode_bytes_per_token"]
+            row = {**entry, "weights": step["weights"], "live_kv": step["live_kv"]}
+            accuracy = _accuracy_cell(entry["accuracy_vs_fp32"])
+            lines.append(_bandwidth_row(f"llama.cpp {kind}", entry["stages"], row, accuracy))
+        lines.append(
+            f"- llama.cpp: llama-cpp-python {peers['version']}, {peers['threads']} threads, "
+            f"KV cache {peers['kv_cache']}; {peers['system_info']}"
+        )
+    return lines
+
+
+def _accuracy_cell(accuracy: dict) -> str:
+    return (
+        f"{accuracy['first_logits_error_over_range']:.2%} of range "
+        f"({accuracy['first_logits_max_abs_error']:.1e}) / "
+        f"{accuracy['greedy_prefix_agreement']:.0%}"
+    )
+
+
+def _bandwidth_row(label: str, stages: dict, entry: dict, accuracy: str) -> str:
+    megabytes = (entry["weights"] + entry["live_kv"]) / 1e6
+    return (
+        f"| {label} | {stages['prefill']['p50']:.1f} | {stages['decode_per_token']['p50']:.2f} | "
+        f"{megabytes:.1f} | {entry['gb_s']:.1f} | {entry.get('fraction_of_read', 0):.0%} | "
+        f"{accuracy} |"
+    )
 
 
 def _markdown_header(result: dict) -> list[str]:
@@ -763,6 +978,11 @@ def _notes(result: dict) -> list[str]:
         f"- peak host RSS {memory['peak_host_rss_mib']:.0f} MiB, peak GPU "
         f"{memory['peak_gpu_mib']:.0f} MiB",
     ]
+    load = machine.get("load_average_1min")
+    if load:
+        lines.append(
+            f"- host load average (1 min): {load['start']:.1f} at start, {load['end']:.1f} at end"
+        )
     export = result.get("fast_path", {}).get("vision_onnx")
     if export:
         lines.append(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from vlm_ros.bench.llamacpp import GGUF_TYPES
 from vlm_ros.bench.measure import PRESETS, BenchOptions, markdown
 from vlm_ros.bench.measure import run as run_bench
 
@@ -33,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--int8", action="store_true", help="also measure the lossy int8 decoder (CPU)"
     )
     parser.add_argument(
+        "--int4",
+        action="store_true",
+        help="also measure the decoder with int4 weights (quantize int4_weight_only; lossy; "
+        "the model's dtype: float32 on CPU, bfloat16 on CUDA)",
+    )
+    parser.add_argument(
         "--bf16",
         action="store_true",
         help="also measure the whole model in bfloat16, and with weight-only int8 Linear "
@@ -41,6 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the decode step (CUDA graph on GPU)"
+    )
+    parser.add_argument(
+        "--llamacpp",
+        nargs="?",
+        const=",".join(GGUF_TYPES),
+        default="",
+        metavar="TYPES",
+        help="also run the decoder through llama.cpp (llama-cpp-python), exported to GGUF at "
+        f"these comma-separated types (default {','.join(GGUF_TYPES)}), on the same input "
+        "embeddings, with its logits checked against ours (CPU, float32 run)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--out", help="JSON path; the Markdown table goes next to it (.md)")
@@ -58,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         int8=args.int8,
         compile_decode=args.compile,
         bf16=args.bf16,
+        int4=args.int4,
+        llamacpp=tuple(t for t in args.llamacpp.split(",") if t),
     )
     result = run_bench(options)
     table = markdown(result)

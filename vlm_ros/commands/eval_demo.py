@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=QUANTIZE_MODES,
         default="none",
         help="int8: the opt-in lossy dynamic int8 decoder (CPU); int8_weight_only: int8 "
-        "weights (with --dtype bfloat16/float16); to measure what they cost in accuracy on a "
+        "weights (with --dtype bfloat16/float16); int4_weight_only: 4-bit weights (float32 or "
+        "bfloat16 on CPU); to measure what they cost in accuracy on a "
         "trained model",
     )
     parser.add_argument(

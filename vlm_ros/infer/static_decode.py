@@ -27,8 +27,9 @@ modules (and the eager reference) are untouched.
 Optional ``quantize="int8"``: dynamic int8 quantization (torch.ao, fbgemm/x86) of the decoder's
 Linear layers, CPU only, lossy and opt-in; its greedy agreement and logit error are measured by
 the benchmark (see docs/performance.md). ``quantize="int8_weight_only"``: int8 weights with
-per-channel scales, bf16/fp16 activations (engines/weight_int8.py), much less loss. Both replace
-the Linear modules of ``lm`` in place.
+per-channel scales, bf16/fp16 activations (engines/weight_int8.py), much less loss.
+``quantize="int4_weight_only"``: 4-bit weights, a scale and zero per 32 input channels, torch's
+int4 kernels (engines/weight_int4.py). Each replaces the Linear modules of ``lm`` in place.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch import nn
 from transformers import Cache, DynamicCache, PhiForCausalLM, StaticCache
 
 from vlm_ros.config import CpuLinearMode, QuantizeMode, dtype_name
-from vlm_ros.engines import cpu_kernels, weight_int8
+from vlm_ros.engines import cpu_kernels, weight_int4, weight_int8
 from vlm_ros.errors import ContextOverflowError, InputError
 from vlm_ros.model.compat import cache_kwarg
 
@@ -85,6 +86,9 @@ def with_kernels(
         return quantize_int8(lm)
     if quantize == "int8_weight_only":
         weight_int8.quantize_weights(lm)  # in place: the half-precision weights are freed
+        return lm
+    if quantize == "int4_weight_only":
+        weight_int4.quantize_weights(lm)  # in place; refuses device/dtype/shapes it cannot serve
         return lm
     if not compile:
         return cpu_kernels.with_onednn_linear(lm, cpu_linear)

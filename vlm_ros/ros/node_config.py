@@ -91,8 +91,9 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "quantize": (
         "none",
         "none, int8 (static decoder on CPU: dynamic int8 Linear layers; "
-        "lossy, opt-in) or int8_weight_only (static decoder, dtype bfloat16/float16: "
-        "int8 weights, half-precision activations)",
+        "lossy, opt-in), int8_weight_only (static decoder, dtype bfloat16/float16: "
+        "int8 weights, half-precision activations) or int4_weight_only (static decoder; "
+        "CPU float32/bfloat16, CUDA bfloat16: 4-bit weights, groups of 32; lossy, opt-in)",
     ),
     "cpu_linear": (
         "auto",
