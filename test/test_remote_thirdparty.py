@@ -35,7 +35,6 @@ import pytest
 from ros_helpers import start_node, wait_for
 from test_node import Camera, ask
 from test_remote import free_port
-from test_remote_serve import image_msg_of, scene
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "demo-text"  # the server's --model_alias: what GET /v1/models lists
@@ -43,6 +42,21 @@ QUESTIONS = ("Is the path ahead clear?", "Describe the scene.")  # "no"<eos>; 16
 CANDIDATES = ["continue", "slow_down", "stop", "turn_left", "turn_right"]
 MAX_NEW = 16
 N_CTX = 512  # the decoder's max_position_embeddings
+
+
+def scene(index: int, width: int = 320, height: int = 240) -> np.ndarray:
+    from vlm_ros.demo.world import render_frame
+
+    return np.ascontiguousarray(render_frame(index, width, height)[:, :, :3])
+
+
+def image_msg_of(rgb: np.ndarray, i: int):
+    from sensor_msgs.msg import Image
+
+    h, w = rgb.shape[:2]
+    msg = Image(encoding="rgb8", height=h, width=w, step=w * 3, data=rgb.tobytes())
+    msg.header.frame_id = f"scene{i}"
+    return msg
 
 
 def _server_or_skip() -> None:
