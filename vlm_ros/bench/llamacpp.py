@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,8 +128,10 @@ def check_exportable(lm: PhiForCausalLM) -> None:
         raise PeerUnavailable(f"rows not a multiple of {QUANT_BLOCK} (q8_0/q4_0 blocks): {odd[:3]}")
 
 
-def export_gguf(lm: PhiForCausalLM, path: Path) -> Path:
-    """Write ``lm`` as a float32 GGUF file in llama.cpp's phi2 layout; returns ``path``."""
+def export_gguf(lm: PhiForCausalLM, path: Path, vocab: Callable | None = None) -> Path:
+    """Write ``lm`` as a float32 GGUF file in llama.cpp's phi2 layout; returns ``path``.
+    ``vocab(writer)`` writes the tokenizer's metadata (llamacpp_chat.py: a text vocabulary
+    for llama-cpp-python's server); without it the file has the "none" tokenizer."""
     import gguf  # optional: see require_llama_cpp
 
     check_exportable(lm)
@@ -145,7 +147,10 @@ def export_gguf(lm: PhiForCausalLM, path: Path) -> Path:
     writer.add_rope_dimension_count(_rotary_dims(cfg))
     writer.add_rope_freq_base(_rope_theta(cfg))
     writer.add_vocab_size(int(cfg.vocab_size))
-    writer.add_tokenizer_model("none")  # ids and embeddings in, no text
+    if vocab is None:
+        writer.add_tokenizer_model("none")  # ids and embeddings in, no text
+    else:
+        vocab(writer)
     writer.add_file_type(_FTYPES["f32"])
     for name, tensor in phi2_tensors(lm):
         writer.add_tensor(name, tensor.detach().float().cpu().numpy())
