@@ -12,7 +12,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="${VLM_ROS_VENV:-$ROOT/.venv}"
 
-bash scripts/setup.sh
+bash scripts/setup.sh --peers   # the llama.cpp peer too: its tests run here
 
 export VLM_ROS_REQUIRE_ROS="${VLM_ROS_REQUIRE_ROS:-1}"
 [[ "${CI:-}" == true ]] && export VLM_ROS_REQUIRE_ROS=1
