@@ -1,8 +1,9 @@
 """``vlm-ros serve`` on a real local Ray cluster (CPU, the demo model, 2 replicas), not mocked.
 
-One Ray start for the whole module (slow on 2 cores): the ``server`` fixture deploys the
-application once; the tests that break it (overload, a replica killed mid-stream, the server
-down and up again) run last, in file order, and each leaves it serving. Answers are compared
+One Ray start for the whole module (slow on 2 cores): the ``server`` fixture starts a head
+node with ``ray start --head`` (Ray Client included) and deploys the application once; the
+tests that break it (overload, a replica killed mid-stream, the server down and up again, a
+deploy through Ray Client) run last, in file order, and each leaves it serving. Answers are compared
 with a local ``Assistant`` on the same PNG (lossless: the replica decodes the same RGB array).
 
 Ray Serve is the optional ``serve`` extra; scripts/setup.sh installs it, so under CI (CI=true)
@@ -140,6 +141,7 @@ class Server:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.http = Http(self.url)
+        self.ray_client = ""  # ray://HEAD:PORT of the cluster serving it
         self.openai = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
 
     def chat(self, question: str, data: bytes, **fields) -> Reply:
@@ -168,19 +170,63 @@ def local():
     torch.set_num_threads(threads)  # later test modules run as they would alone
 
 
+def wait_listening(proc: subprocess.Popen, ports: tuple[int, ...], log: Path) -> None:
+    end = time.monotonic() + 180
+    while time.monotonic() < end:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            for port in ports:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(1.0)
+    raise AssertionError(f"`ray start --head` not listening on {ports}: {log.read_text()[-3000:]}")
+
+
 @pytest.fixture(scope="module")
-def server():
-    os.environ.pop("RAY_ADDRESS", None)  # "local": a cluster of this test's own, never another
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+def server(tmp_path_factory):
+    """A head node made as docs/SERVING.md makes one (`ray start --head`: the GCS, and a Ray
+    Client server, on ports of its own), joined by its GCS address. Token authentication is off
+    for it (RAY_AUTH_MODE=disabled): this process read Ray's auth mode when it imported ray, and
+    only a new local cluster switches it on in-process (the token path of Ray Client was run by
+    hand, docs/SERVING.md). `--block` keeps the head in the foreground:
+    terminating it stops that cluster only (`ray stop` would stop every cluster on the host)."""
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    os.environ.pop("RAY_ADDRESS", None)  # a cluster of this test's own, never another
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # for the head and the CLI runs below
+    gcs, client = free_port(), free_port()
+    tmp = tmp_path_factory.mktemp("ray")
+    log = tmp / "head.log"
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+           "--port", str(gcs), "--ray-client-server-port", str(client), "--num-cpus", "4",
+           "--include-dashboard", "false", "--disable-usage-stats",
+           "--temp-dir", str(tmp)]  # fmt: skip
+    with open(log, "w") as out:
+        head = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
+        wait_listening(head, (gcs, client), log)
+        ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
         port = free_port()
         ray_app.deploy(OPTIONS, "127.0.0.1", port)
         srv = Server(port)
+        srv.ray_client = f"ray://127.0.0.1:{client}"
         srv.wait_healthy(2)
         yield srv
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        head.terminate()  # the head drains and stops its processes
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ---- the command in the foreground (first: its own cluster, before the module's starts) --------
@@ -528,6 +574,30 @@ def test_draining_then_server_down_and_up_again_with_the_cli(server, local):
     assert got["choices"][0]["message"]["content"] == want.text
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k3y", max_retries=0)
     assert [m.id for m in client.models.list().data] == ["demo"]
+
+
+def test_cli_deploys_through_ray_client(server, local):
+    """`vlm-ros serve --address ray://HEAD:PORT`, as from a machine off the cluster: through
+    Ray Client it deploys the app under a new name into the head's cluster (the same 4 CPUs),
+    which then answers as the local model does."""
+    data = scene_png(SCENES[0])
+    want = local.answer(wire.decode_image(data, wire.WireLimits()), "Describe the scene.",
+                        max_new_tokens=24)  # fmt: skip
+    cmd = [sys.executable, "-m", "vlm_ros", "serve", "--address", server.ray_client,
+           "--port", str(server.port), "--served-name", "demo-rc", "--replicas", "1",
+           "--threads", "1", "--device", "cpu", "--detach"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "(cluster: 4 CPUs, 0 GPUs)" in out.stdout  # the head's cluster, not a new one
+    assert f"ready: http://127.0.0.1:{server.port}/v1 (model 'demo-rc')" in out.stdout
+    server.http.key = None  # deployed without --api-key-env
+    assert server.http.get("/v1/models").json()["data"][0]["id"] == "demo-rc"
+    body = {"model": "demo-rc", "messages": messages("Describe the scene.", data),
+            "max_tokens": 24, "temperature": 0}  # fmt: skip
+    got = server.http.post("/v1/chat/completions", body)
+    assert got.status_code == 200, got.text
+    assert got.json()["vlm_ros"]["token_ids"] == list(want.token_ids)
 
 
 def test_options_reject_nonsense():

@@ -22,6 +22,7 @@ per replica), so throughput scales with replicas, not with a batch (docs/SERVING
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime.
 
 import asyncio
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -353,8 +354,21 @@ def build(args: dict):
 
 def connect(address: str | None, **init_kwargs) -> dict[str, float]:
     """Join a Ray cluster (``ray://HEAD:10001``, ``auto``, or None: the cluster that
-    ``ray start`` made on this host, else a new local one); returns its resources."""
-    ray.init(address=address, **init_kwargs)
+    ``ray start`` made on this host, else a new local one); returns its resources.
+
+    A ``ray start`` head has token authentication on by default, and Ray sends its token to
+    an explicit address only under ``RAY_AUTH_MODE=token``; without it a Ray Client connection
+    just times out, so that error names the fix (docs/SERVING.md)."""
+    try:
+        ray.init(address=address, **init_kwargs)
+    except ConnectionError as exc:
+        if not (address or "").startswith("ray://") or os.environ.get("RAY_AUTH_MODE"):
+            raise
+        raise ConnectionError(
+            f"{exc} at {address}: if the cluster uses token authentication (the default of "
+            "`ray start --head`), set RAY_AUTH_MODE=token and the cluster's token in "
+            "RAY_AUTH_TOKEN or ~/.ray/auth_token (see docs/SERVING.md)"
+        ) from exc
     return ray.cluster_resources()
 
 
