@@ -87,12 +87,12 @@ class TrainConfig:
     batch_size: int = 32
     steps: dict = field(
         default_factory=lambda: dict(
-            vision=2000, language=300, align=300, instruct=5000, probe=300, describe=1500
+            vision=2000, language=300, align=300, instruct=5000, probe=300, describe=2500
         )
     )
     lr: dict = field(
         default_factory=lambda: dict(
-            vision=2e-3, language=2e-3, align=2e-3, instruct=1e-3, probe=2e-3, describe=5e-4
+            vision=2e-3, language=2e-3, align=2e-3, instruct=1e-3, probe=2e-3, describe=1e-3
         )
     )
     # Scale of the decoder's token embeddings at init (Phi's default is 0.02). Image embeddings
