@@ -87,7 +87,7 @@ class TrainConfig:
     batch_size: int = 32
     steps: dict = field(
         default_factory=lambda: dict(
-            vision=2000, language=300, align=300, instruct=5000, probe=300, describe=2500
+            vision=2000, language=300, align=300, instruct=5000, probe=300, describe=3000
         )
     )
     lr: dict = field(
@@ -127,7 +127,7 @@ class TrainConfig:
     # actions, with the probe's loss (x probe_weight) keeping those facts in every image token.
     # It draws from its own generator (seed, 3) and seeds torch before the probe, so it can
     # also run from a saved stage-2 checkpoint (train(after_instruct=...)).
-    describe_caption_share: float = 0.5
+    describe_caption_share: float = 0.6
     probe_weight: float = 1.0
 
     def scaled(self, factor: float) -> TrainConfig:
