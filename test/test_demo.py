@@ -107,8 +107,8 @@ def _tiny_config():
         ),
         train_scenes=48,
         batch_size=8,
-        steps=dict(vision=4, language=4, align=4, instruct=12),
-        lr=dict(vision=3e-3, language=3e-3, align=3e-3, instruct=3e-3),
+        steps=dict(vision=4, language=4, align=4, instruct=12, probe=4, describe=6),
+        lr=dict(vision=3e-3, language=3e-3, align=3e-3, instruct=3e-3, probe=3e-3, describe=3e-3),
     )
 
 
@@ -149,6 +149,30 @@ def test_training_is_deterministic_given_the_seed(smoke_run, tmp_path):
         torch.set_num_threads(threads)
     first = (out / "model.safetensors").read_bytes()
     assert (tmp_path / "model.safetensors").read_bytes() == first
+
+
+def test_stage3_from_a_stage2_checkpoint_gives_the_same_bytes(smoke_run, tmp_path):
+    """train(after_instruct=...) (`train-demo --after-instruct`): stage 3 run from the
+    checkpoint that stages 0a-2 wrote gives the whole run's weights byte for byte (how the
+    shipped model's stage 3 was run from the previous shipped model, models/demo/README.md)."""
+    from dataclasses import replace
+
+    from vlm_ros.demo.train import train
+
+    out, summary = smoke_run
+    cfg = _tiny_config()
+    threads = torch.get_num_threads()
+    try:
+        stage2 = replace(cfg, steps={**cfg.steps, "probe": 0, "describe": 0})
+        only2 = train(tmp_path / "stage2", stage2, quiet=True)
+        resumed = train(tmp_path / "stage3", cfg, quiet=True, after_instruct=tmp_path / "stage2")
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+    assert "describe" not in only2 and summary["describe"] == resumed["describe"]
+    first = (out / "model.safetensors").read_bytes()
+    assert (tmp_path / "stage2" / "model.safetensors").read_bytes() != first
+    assert (tmp_path / "stage3" / "model.safetensors").read_bytes() == first
 
 
 def test_training_path_matches_the_pipeline(smoke_run):
@@ -199,7 +223,8 @@ def test_shipped_demo_model_answers_every_question_type():
 
 def test_shipped_demo_model_is_what_train_demo_makes():
     """The shipped weights were made by the recipe `vlm-ros train-demo` runs by default, and its
-    recorded scores meet the issue's targets (>= 90% per type and for the action hint)."""
+    recorded scores keep the questions and the action hint at >= 99% (issue 19) and the
+    captions at CAPTION_FLOOR."""
     import json
     from dataclasses import asdict
 
@@ -210,7 +235,63 @@ def test_shipped_demo_model_is_what_train_demo_makes():
     scores = json.loads((SHIPPED / "eval_demo.json").read_text())
     assert scores["scenes"] >= 500
     targeted = {k: v for k, v in scores["accuracy"].items() if k in CHANCE}
-    assert set(targeted) == set(CHANCE) and min(targeted.values()) >= 0.9, scores["accuracy"]
+    assert set(targeted) == set(CHANCE) and min(targeted.values()) >= 0.99, scores["accuracy"]
+    captions = {k: scores["accuracy"][k] for k in CAPTION_FLOOR}
+    low = {k: v for k, v in captions.items() if v < CAPTION_FLOOR[k]}
+    assert not low, low
+
+
+# Issue 19's targets for the captions on the full test split (eval_demo.json); the shipped model
+# meets them (models/demo/README.md). CAPTION_FLOOR: the bar the recorded scores must meet.
+CAPTION_TARGETS = {
+    "caption": 0.9,
+    "caption_place": 0.98,
+    "caption_colour": 0.95,
+    "caption_lane": 0.95,
+    "caption_distance": 0.95,
+}
+CAPTION_FLOOR = CAPTION_TARGETS
+# What a 40-scene test slice must show through Assistant (a few points under the full split's
+# figures: the slice is small). The model before issue 19 scored 30% whole, place 45%,
+# distance 78% on the first 20 of these scenes.
+CAPTION_SLICE = {"caption": 0.8, "caption_place": 0.95, "caption_colour": 0.95,
+                 "caption_lane": 0.95, "caption_distance": 0.9, "caption_path": 0.95}  # fmt: skip
+
+
+def test_shipped_demo_model_describes_test_scenes():
+    """ "Describe the scene." (the demo's periodic scene answer) on unseen test scenes, through
+    the public Assistant API: whole captions exact, and the place, every box's colour, lane and
+    distance and the path sentence right (caption_parts)."""
+    from vlm_ros.infer.pipeline import Assistant
+
+    assistant = Assistant.load("demo")
+    report = evaluate(assistant, n=40, captions=True, questions=False)
+    assert report.total["caption"] == 40 and report.total["caption_distance"] >= 60
+    accuracy = report.accuracy()
+    low = {k: accuracy[k] for k, bar in CAPTION_SLICE.items() if accuracy[k] < bar}
+    assert not low, (low, report.errors)
+
+
+def test_caption_parts_score_each_mistake_once():
+    """caption_parts, the figures behind the caption targets: a caption with the wrong place
+    and one side box's distance wrong fails exactly those parts; one that drops a box fails
+    that box's colour, lane and distance."""
+    from vlm_ros.demo.evaluate import caption_parts
+
+    scene = world.scene_from_seed(2_000_002)  # a corridor with a doorway, two side boxes
+    gold = data.caption(scene)
+    assert all(ok for _, ok in caption_parts(scene, gold))
+    left, right = sorted(scene.boxes, key=lambda b: world.LANES.index(b.lane))
+    assert (left.lane, right.lane) == ("left", "right")
+    other = "near" if right.distance == "far" else "far"
+    wrong = gold.replace("a corridor with a doorway.", "a room.").replace(
+        f"{right.colour} box {right.distance}", f"{right.colour} box {other}"
+    )
+    failed = [part for part, ok in caption_parts(scene, wrong) if not ok]
+    assert failed == ["place", "distance"], wrong
+    dropped = gold.replace(f" a {left.colour} box {left.distance} on the left.", "")
+    failed = [part for part, ok in caption_parts(scene, dropped) if not ok]
+    assert failed == ["colour", "lane", "distance"], dropped
 
 
 def test_a_swapped_channel_order_shows_as_wrong_colours():

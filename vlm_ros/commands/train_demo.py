@@ -19,6 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"always give the same weights (default {DEFAULT_MINUTES:g} = the shipped model)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--after-instruct",
+        default=None,
+        metavar="DIR",
+        help="skip stages 0a-2 and start stage 3 (captions) from DIR, a checkpoint those "
+        "stages of the same recipe wrote (e.g. one trained with the stage-3 steps set to 0): "
+        "the same weights as a whole run",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(seed=args.seed)
     if args.minutes != DEFAULT_MINUTES:
         cfg = cfg.scaled(args.minutes / DEFAULT_MINUTES)
-    summary = train(args.out, cfg, quiet=args.quiet)
+    summary = train(args.out, cfg, quiet=args.quiet, after_instruct=args.after_instruct)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     print(f"wrote {args.out} (loss log: {args.out}/train_log.jsonl)")
     return 0

@@ -9,6 +9,7 @@ seed (as in training), and the pipeline pads it to square itself.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,20 @@ from tqdm import tqdm
 from vlm_ros.demo import data, world
 
 RENDER_SIZES = ((96, 72), (128, 96), (160, 120), (320, 240))
-CAPTION_TOKENS = 48  # the longest caption (three boxes) is about 30 tokens
+CAPTION_TOKENS = data.CAPTION_MAX_NEW_TOKENS  # what the node gives captions (test_demo checks it)
 LABELS = {
     "action": "action (rank)",
     "caption": "caption (whole text)",
     "caption_boxes": "caption after its place sentence",
+    "caption_place": "caption: place sentence",
+    "caption_colour": "caption: each box's colour (by lane)",
+    "caption_lane": "caption: each box's lane (by colour)",
+    "caption_distance": "caption: each box's distance (by colour)",
+    "caption_path": "caption: path sentence",
 }
+# Caption parts scored on their own (caption_parts): what a caption can get wrong separately.
+CAPTION_PARTS = ("place", "colour", "lane", "distance", "path")
+_BOX = re.compile(r"a (\w+) box (near|far) (?:in the (centre)|on the (left|right))")
 
 
 @dataclass
@@ -47,6 +56,11 @@ class Report:
                     "got": predicted,
                 }
             )
+
+    def count(self, kind: str, ok: bool) -> None:
+        """One scored item of ``kind`` without an error record (caption parts)."""
+        self.total[kind] += 1
+        self.correct[kind] += int(ok)
 
     def accuracy(self) -> dict[str, float]:
         return {k: self.correct[k] / self.total[k] for k in sorted(self.total)}
@@ -75,14 +89,22 @@ def scene_image(seed: int):
 
 
 def evaluate(
-    assistant, n: int = 500, split: str = "test", progress: bool = False, captions: bool = False
+    assistant,
+    n: int = 500,
+    split: str = "test",
+    progress: bool = False,
+    captions: bool = False,
+    questions: bool = True,
 ) -> Report:
-    """Score ``assistant`` on the first ``n`` scenes of ``split`` (every question of each, and
-    with ``captions`` the whole caption, exact match: what the demo's scene answers show)."""
+    """Score ``assistant`` on the first ``n`` scenes of ``split``: every question of each (not
+    with ``questions=False``), and with ``captions`` the whole caption, exact match (what the
+    demo's scene answers show), plus its parts (caption_parts)."""
     report = Report()
     for seed in tqdm(data.split_seeds(split, n), disable=not progress, unit="scene"):
         _, image = scene_image(seed)
         samples = data.samples_for(range(seed, seed + 1), with_captions=captions)
+        if not questions:
+            samples = [s for s in samples if s.kind == "caption"]
         for sample in samples:
             if sample.kind == "caption":
                 text = assistant.answer(image, sample.question, max_new_tokens=CAPTION_TOKENS).text
@@ -92,6 +114,8 @@ def evaluate(
                     sample.seed, "caption_boxes", sample.question, _after_place(sample.answer)
                 )
                 report.add(boxes, _after_place(text.strip().lower()))
+                for part, ok in caption_parts(world.scene_from_seed(seed), text):
+                    report.count(f"caption_{part}", ok)
                 continue
             if sample.kind == "action":
                 hint = assistant.rank(image, sample.question, list(world.ACTIONS))
@@ -99,6 +123,33 @@ def evaluate(
             else:
                 report.add(sample, assistant.answer(image, sample.question, max_new_tokens=8).text)
     return report
+
+
+def caption_boxes(text: str) -> dict[str, tuple[str, str]]:
+    """The boxes a caption names: colour -> (lane, distance) (the last mention wins)."""
+    found = _BOX.findall(text.strip().lower())
+    return {colour: (centre or side, distance) for colour, distance, centre, side in found}
+
+
+def caption_parts(scene: world.Scene, text: str) -> list[tuple[str, bool]]:
+    """(part, right?) of a generated caption against the scene: its place sentence, and per
+    box of the scene its colour (the caption names that colour in the box's lane), its lane
+    and its distance (the caption's phrase of the box's colour has the right lane / distance),
+    and its path sentence. A box the caption leaves out is wrong on all three."""
+    text = text.strip().lower()
+    gold = data.caption(scene)
+    named = caption_boxes(text)
+    by_lane = {lane: colour for colour, (lane, _) in named.items()}
+    parts = [("place", text.split(". ", 1)[0] == gold.split(". ", 1)[0])]
+    for box in scene.boxes:
+        lane, distance = named.get(box.colour, (None, None))
+        parts += [
+            ("colour", by_lane.get(box.lane) == box.colour),
+            ("lane", lane == box.lane),
+            ("distance", distance == box.distance),
+        ]
+    path = gold.rsplit(". ", 1)[-1]
+    return parts + [("path", text.rsplit(". ", 1)[-1] == path)]
 
 
 def _after_place(caption: str) -> str:

@@ -9,6 +9,10 @@ Then, as LLaVA-Phi / TinyLLaVA / Mipha:
     1.  feature alignment: ONLY the projector trains, on captions (tower and decoder frozen);
     2.  instruction tuning: projector + decoder + vision tower train on QA and action answers
         (Mipha and TinyLLaVA found unfreezing the tower helps small models).
+Then, for the demo's scene answer:
+    3.  captions: a fresh probe head on the tower's features (3a, tower frozen), then everything
+        on half captions, half QA and actions, plus the probe's loss (3b), so that the place
+        and each box's distance, which no question asks about, are in every image token.
 Training runs through the pipeline's own code: VlmModel (the class the loader builds),
 preprocess.preprocess (pad to square on the family's colour, resize, crop, normalise),
 prompt.prompt_ids (the one template, split at <image>) and answers as " answer<|endoftext|>"
@@ -54,11 +58,13 @@ from vlm_ros.model.tiny import (
 # Camera sizes scenes are rendered at for training (the pipeline pads any size to square).
 RENDER_SIZES = ((96, 72), (128, 96), (160, 120), (320, 240))
 LANE_CLASSES = 1 + len(world.COLOURS) * 2  # none, or (colour, distance)
+STAGE3 = ("probe", "describe")  # the caption stage's two parts (TrainConfig's comment)
+PLACE_TARGETS = 2  # corridor (side walls), doorway: two yes/no targets (place_head)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Sizes and schedule. Defaults are the shipped model (about 15-20 min on a 2-core CPU)."""
+    """Sizes and schedule. Defaults are the shipped model (about 20-30 min on a 2-core CPU)."""
 
     seed: int = 0
     # One thread: identical results whatever the machine's core count, and on a shared CPU two
@@ -80,10 +86,14 @@ class TrainConfig:
     val_scenes: int = 200
     batch_size: int = 32
     steps: dict = field(
-        default_factory=lambda: dict(vision=2000, language=300, align=300, instruct=5000)
+        default_factory=lambda: dict(
+            vision=2000, language=300, align=300, instruct=5000, probe=300, describe=3000
+        )
     )
     lr: dict = field(
-        default_factory=lambda: dict(vision=2e-3, language=2e-3, align=2e-3, instruct=1e-3)
+        default_factory=lambda: dict(
+            vision=2e-3, language=2e-3, align=2e-3, instruct=1e-3, probe=2e-3, describe=1e-3
+        )
     )
     # Scale of the decoder's token embeddings at init (Phi's default is 0.02). Image embeddings
     # are brought to the same scale before alignment (match_projector), so image and text
@@ -100,6 +110,25 @@ class TrainConfig:
     repeat: dict = field(default_factory=lambda: {"where": 2})
     # Stage 0a also predicts each colour's lane (LaneHead).
     colour_head: bool = True
+    # Stage 0a's extra targets (off in the shipped recipe, whose stages 0a-2 are unchanged
+    # since the first captions-only model; stage 3's probe head has them): with
+    # colour_distance each colour's target is its lane x near/far, with place_head the place
+    # (corridor? doorway?) is a target too.
+    colour_distance: bool = False
+    place_head: bool = False
+    # Share of stage 2's steps that train on captions (the rest: questions and actions).
+    caption_share: float = 0.1
+    # Stage 3, captions ("Describe the scene.", the demo's periodic scene answer). After stage 2
+    # the captions named boxes and lanes right but guessed the place (no question asks it; the
+    # tower was never taught it) and often a side box's distance (named right after the colour,
+    # "a blue box far on the left": the decoder must read it by colour). 3a fits a fresh probe
+    # head (every patch predicts lanes, each colour's lane x distance, corridor? doorway?) on
+    # the frozen tower; 3b trains everything on describe_caption_share captions + questions and
+    # actions, with the probe's loss (x probe_weight) keeping those facts in every image token.
+    # It draws from its own generator (seed, 3) and seeds torch before the probe, so it can
+    # also run from a saved stage-2 checkpoint (train(after_instruct=...)).
+    describe_caption_share: float = 0.6
+    probe_weight: float = 1.0
 
     def scaled(self, factor: float) -> TrainConfig:
         """The same recipe with every stage's step count times ``factor`` (--minutes)."""
@@ -152,6 +181,8 @@ class Images:
     pixels: torch.Tensor
     lanes: torch.Tensor
     colours: torch.Tensor  # [N, 4]: per colour, 0 = absent, else 1 + its lane's index
+    far: torch.Tensor  # [N, 4]: per colour, 1 when its box is far (0 when absent or near)
+    place: torch.Tensor  # [N, 2]: corridor, doorway (0/1)
 
     def rows(self, seeds: list[int]) -> torch.Tensor:
         index = {s: i for i, s in enumerate(self.seeds)}
@@ -170,18 +201,36 @@ def colour_label(scene: world.Scene, colour: str) -> int:
     return 0 if box is None else 1 + world.LANES.index(box.lane)
 
 
+def far_label(scene: world.Scene, colour: str) -> int:
+    box = next((b for b in scene.boxes if b.colour == colour), None)
+    return int(box is not None and box.distance == "far")
+
+
+def place_label(scene: world.Scene) -> list[int]:
+    return [int(scene.corridor), int(scene.doorway is not None)]
+
+
 def render_images(seeds: range, proc: ImageProcessing, progress=None) -> Images:
     """Render each scene at a seed-chosen camera size and preprocess it like the pipeline."""
-    pixels, lanes, colours = [], [], []
+    pixels, lanes, colours, far, place = [], [], [], [], []
     for seed in seeds:
         scene = world.scene_from_seed(seed)
         width, height = RENDER_SIZES[seed % len(RENDER_SIZES)]
         pixels.append(preprocess(world.render(scene, width, height), proc)[0])
         lanes.append([lane_label(scene, lane) for lane in world.LANES])
         colours.append([colour_label(scene, colour) for colour in world.COLOURS])
+        far.append([far_label(scene, colour) for colour in world.COLOURS])
+        place.append(place_label(scene))
         if progress is not None:
             progress.update(1)
-    return Images(list(seeds), torch.stack(pixels), torch.tensor(lanes), torch.tensor(colours))
+    return Images(
+        list(seeds),
+        torch.stack(pixels),
+        torch.tensor(lanes),
+        torch.tensor(colours),
+        torch.tensor(far),
+        torch.tensor(place),
+    )
 
 
 class TextCodec:
@@ -216,14 +265,16 @@ def batch_tensors(encoded: list[tuple[list[int], list[int]]], pad: int):
 # ---- forward passes --------------------------------------------------------------------------
 
 
-def multimodal_logits(model: VlmModel, codec: TextCodec, pixels, samples):
+def multimodal_logits(model: VlmModel, codec: TextCodec, pixels, samples, features=None):
     """Teacher-forced logits of every answer-side token. Inputs are spliced as
     decode.splice_image does: the system ids, the N image embeddings in place of the
     placeholder, then question and answer ids. -> (logits [B, T, V] where row t predicts
-    tokens[:, t], tokens [B, T], loss mask [B, T])."""
+    tokens[:, t], tokens [B, T], loss mask [B, T]). ``features``: model.image_features(pixels)
+    when the caller has them already (stage 3's probe reads the same features)."""
     tokens, attn, loss_mask = batch_tensors([codec.encode(s) for s in samples], codec.stop_id)
     batch = tokens.shape[0]
-    image = model.encode_images(pixels)  # [B, N, hidden]
+    # [B, N, hidden]: encode_images, i.e. the projector on the tower's features
+    image = model.encode_images(pixels) if features is None else model.projector(features)
     before = model.embed_tokens(torch.tensor([codec.before])).expand(batch, -1, -1)
     embeds = torch.cat([before, image, model.embed_tokens(tokens)], dim=1)  # [B, P + N + T, h]
     prefix = before.shape[1] + image.shape[1]
@@ -233,9 +284,11 @@ def multimodal_logits(model: VlmModel, codec: TextCodec, pixels, samples):
     return logits[:, prefix - 1 : prefix - 1 + tokens.shape[1]], tokens, loss_mask
 
 
-def multimodal_loss(model: VlmModel, codec: TextCodec, pixels, samples) -> torch.Tensor:
+def multimodal_loss(
+    model: VlmModel, codec: TextCodec, pixels, samples, features=None
+) -> torch.Tensor:
     """Cross-entropy over the answer tokens (" answer<|endoftext|>") only."""
-    predicting, tokens, loss_mask = multimodal_logits(model, codec, pixels, samples)
+    predicting, tokens, loss_mask = multimodal_logits(model, codec, pixels, samples, features)
     return F.cross_entropy(predicting[loss_mask], tokens[loss_mask])
 
 
@@ -249,8 +302,10 @@ def language_loss(model: VlmModel, tokenizer, stop_id: int, lines: list[str]) ->
 
 
 class LaneHead(nn.Module):
-    """Stand-in pretraining head: patch features [B, N, d] -> per patch, logits of every lane's
-    content [B, N, 3, classes] and of every colour's lane [B, N, 4, 4] (absent/left/centre/right).
+    """Stand-in pretraining head: patch features [B, N, d] -> per patch, logits of each target
+    group: every lane's content [B, N, 3, classes], every colour's lane (absent/left/centre/
+    right, or with ``colour_distance`` absent or lane x near/far) [B, N, 4, 4 or 7], and with
+    ``place`` corridor? and doorway? [B, N, 2, 2].
 
     One Linear shared by every patch, and every patch predicts the whole scene. This makes the
     tower put the scene's content into each token in a position-independent form. The decoder
@@ -261,20 +316,38 @@ class LaneHead(nn.Module):
     "where is the red box?" reads; without them the decoder confused left and right.
     """
 
-    def __init__(self, hidden: int, colours: bool = True):
+    def __init__(
+        self, hidden: int, colours: bool = True, colour_distance: bool = False, place: bool = False
+    ):
         super().__init__()
-        self.colours = colours
-        lanes, n_colours = len(world.LANES), len(world.COLOURS)
-        self.linear = nn.Linear(hidden, lanes * LANE_CLASSES + colours * n_colours * (1 + lanes))
-
-    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         lanes = len(world.LANES)
-        out = self.linear(feats)
-        lane_logits = out[..., : lanes * LANE_CLASSES].unflatten(-1, (lanes, LANE_CLASSES))
-        if not self.colours:
-            return lane_logits, None
-        colour_logits = out[..., lanes * LANE_CLASSES :].unflatten(-1, (len(world.COLOURS), -1))
-        return lane_logits, colour_logits
+        self.groups = {"lanes": (lanes, LANE_CLASSES)}  # name -> (targets, classes)
+        if colours:
+            self.groups["colours"] = (len(world.COLOURS), 1 + lanes * (1 + colour_distance))
+        if place:
+            self.groups["place"] = (PLACE_TARGETS, 2)
+        self.linear = nn.Linear(hidden, sum(n * c for n, c in self.groups.values()))
+
+    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, start, logits = self.linear(feats), 0, {}
+        for name, (targets, classes) in self.groups.items():
+            chunk = out[..., start : start + targets * classes]
+            logits[name] = chunk.unflatten(-1, (targets, classes))
+            start += targets * classes
+        return logits
+
+    def labels(self, images: Images, rows) -> dict[str, torch.Tensor]:
+        """Each group's labels [B, targets] of the scenes ``rows``."""
+        labels = {"lanes": images.lanes[rows]}
+        if "colours" in self.groups:
+            lane = images.colours[rows]  # 0 absent, else 1 + lane
+            with_distance = self.groups["colours"][1] > 1 + len(world.LANES)
+            far = images.far[rows]
+            labels["colours"] = (lane - 1) * 2 + 1 + far if with_distance else lane
+            labels["colours"] = labels["colours"].clamp(min=0)
+        if "place" in self.groups:
+            labels["place"] = images.place[rows]
+        return labels
 
 
 def _per_patch_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -283,19 +356,21 @@ def _per_patch_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def lane_loss(head: LaneHead, feats: torch.Tensor, images: Images, rows) -> torch.Tensor:
-    """Cross-entropy of every patch's prediction of the scene (lanes, and colours' lanes)."""
-    lane_logits, colour_logits = head(feats)
-    loss = _per_patch_ce(lane_logits, images.lanes[rows])
-    if colour_logits is not None:
-        loss = loss + _per_patch_ce(colour_logits, images.colours[rows])
-    return loss
+    """Cross-entropy of every patch's prediction of the scene (lanes, colours, place)."""
+    logits, labels = head(feats), head.labels(images, rows)
+    return sum(_per_patch_ce(logits[name], labels[name]) for name in head.groups)
 
 
 @torch.no_grad()
-def lane_accuracy(model: VlmModel, head: LaneHead, images: Images) -> float:
-    """Fraction of (scene, lane) labels the head gets right from the patches' mean logits."""
-    logits = head(model.image_features(images.pixels))[0].mean(dim=1)
-    return round(float((logits.argmax(-1) == images.lanes).float().mean()), 4)
+def head_accuracy(model: VlmModel, head: LaneHead, images: Images) -> dict[str, float]:
+    """Per target group, the fraction of (scene, target) labels the head gets right from the
+    patches' mean logits ("lanes": each lane's content)."""
+    logits = head(model.image_features(images.pixels))
+    labels = head.labels(images, torch.arange(len(images.seeds)))
+    return {
+        name: round(float((logits[name].mean(dim=1).argmax(-1) == labels[name]).float().mean()), 4)
+        for name in head.groups
+    }
 
 
 # ---- stages ----------------------------------------------------------------------------------
@@ -378,22 +453,36 @@ def run_stage(
 # ---- the whole recipe ------------------------------------------------------------------------
 
 
-def train(out: str | Path, cfg: TrainConfig = TrainConfig(), quiet: bool = False) -> dict:
+def train(
+    out: str | Path,
+    cfg: TrainConfig = TrainConfig(),
+    quiet: bool = False,
+    after_instruct: str | Path | None = None,
+) -> dict:
     """Run every stage and write a loadable LLaVA-Phi-layout checkpoint into ``out``.
 
     Returns a summary (first/last losses per stage, timings) also written to train_log.json.
-    The stages run in this order, each drawing from the one seeded generator: the order is
-    part of what makes a run reproducible.
+    Stages 0a-2 run in this order, each drawing from the one seeded generator: the order is
+    part of what makes a run reproducible. Stage 3 draws from its own (seed, 3) generator and
+    seeds torch itself, so ``after_instruct`` (a checkpoint that stages 0a-2 of the same
+    config wrote) can stand in for stages 0a-2: the same weights either way.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     set_determinism(cfg.seed, cfg.threads)
     started = time.monotonic()
-    run = _prepare(out, cfg, quiet)
-    _pretrain_vision(run)
-    _pretrain_language(run)
-    _align(run)
-    _instruct(run)
+    stages = STAGE3 if after_instruct else tuple(cfg.steps)
+    run = _prepare(out, cfg, quiet, sum(cfg.steps[name] for name in stages))
+    if after_instruct is None:
+        _pretrain_vision(run)
+        _pretrain_language(run)
+        _align(run)
+        _instruct(run)
+    else:
+        load_stage2(run.model, after_instruct)
+        run.summary["after_instruct"] = str(after_instruct)
+    if any(cfg.steps.get(name, 0) for name in STAGE3):  # 0 steps: stop after stage 2
+        _describe(run)
     run.log.close()
     save_checkpoint(run.model, cfg, out)
     run.summary["minutes"] = round((time.monotonic() - started) / 60, 2)
@@ -446,7 +535,7 @@ class _Run:
         self.summary[name] = _ends(losses)
 
 
-def _prepare(out: Path, cfg: TrainConfig, quiet: bool) -> _Run:
+def _prepare(out: Path, cfg: TrainConfig, quiet: bool, total_steps: int) -> _Run:
     """Tokenizer, model, rendered training scenes and their samples (in the seeded order)."""
     train_tokenizer(out)
     tokenizer = load_tokenizer(out)
@@ -459,7 +548,7 @@ def _prepare(out: Path, cfg: TrainConfig, quiet: bool) -> _Run:
     images = render_images(seeds, proc)
     samples = data.samples_for(seeds, with_captions=True, every_box=cfg.every_box)
     rng = np.random.default_rng(cfg.seed)
-    log = Log(out / "train_log.jsonl", sum(cfg.steps.values()), quiet)
+    log = Log(out / "train_log.jsonl", total_steps, quiet)
     codec = TextCodec(tokenizer, stop_id)
     return _Run(cfg, model, tokenizer, stop_id, codec, proc, seeds, images, samples, rng, log)
 
@@ -467,7 +556,10 @@ def _prepare(out: Path, cfg: TrainConfig, quiet: bool) -> _Run:
 def _pretrain_vision(run: _Run) -> None:
     """0a. vision tower stand-in pretraining (supervised lane contents)."""
     model, images, rng, bs = run.model, run.images, run.rng, run.cfg.batch_size
-    head = LaneHead(model.vision_config.hidden_size, run.cfg.colour_head)
+    cfg = run.cfg
+    head = LaneHead(
+        model.vision_config.hidden_size, cfg.colour_head, cfg.colour_distance, cfg.place_head
+    )
 
     def vision_loss(_):
         rows = torch.from_numpy(rng.integers(len(run.seeds), size=bs))
@@ -475,7 +567,9 @@ def _pretrain_vision(run: _Run) -> None:
 
     run.stage("vision", ("vision_tower",), vision_loss, (head,))
     val_images = render_images(data.split_seeds("val", run.cfg.val_scenes), run.proc)
-    run.summary["vision_val_lane_accuracy"] = lane_accuracy(model, head, val_images)
+    accuracy = head_accuracy(model, head, val_images)
+    run.summary["vision_val_lane_accuracy"] = accuracy["lanes"]
+    run.summary["vision_val_accuracy"] = accuracy
 
 
 def _pretrain_language(run: _Run) -> None:
@@ -505,15 +599,61 @@ def _align(run: _Run) -> None:
 
 
 def _instruct(run: _Run) -> None:
-    """2. instruction tuning: everything, QA + actions (+ a few captions, as LLaVA mixes)."""
+    """2. instruction tuning: everything, QA + actions + captions (cfg.caption_share)."""
     captions, instruct = run.captions, run.instruct
 
     def mixed_loss(_):
-        batch = run.pick(instruct) if run.rng.random() > 0.1 else run.pick(captions)
+        share = run.cfg.caption_share
+        batch = run.pick(instruct) if run.rng.random() > share else run.pick(captions)
         return multimodal_loss(run.model, run.codec, *run.with_pixels(batch))
 
     everything = ("projector", "language_model", "vision_tower")
     run.stage("instruct", everything, mixed_loss, lr_scale={"vision_tower": run.cfg.tower_lr_scale})
+
+
+def _describe(run: _Run) -> None:
+    """3. captions: 3a fits a fresh probe head on the frozen tower's features (lanes, each
+    colour's lane x distance, corridor? doorway?); 3b trains everything on captions + questions
+    and actions, plus the probe's loss on the same image features."""
+    cfg, model, images = run.cfg, run.model, run.images
+    run.rng = np.random.default_rng([cfg.seed, 3])  # stage 3's own: see train(after_instruct)
+    torch.manual_seed(cfg.seed + 3)
+    head = LaneHead(model.vision_config.hidden_size, True, colour_distance=True, place=True)
+
+    def probe_loss(_):
+        rows = torch.from_numpy(run.rng.integers(len(run.seeds), size=cfg.batch_size))
+        with torch.no_grad():
+            feats = model.image_features(images.pixels[rows])
+        return lane_loss(head, feats, images, rows)
+
+    run.stage("probe", (), probe_loss, (head,))
+    captions, instruct = run.captions, run.instruct
+
+    def describe_loss(_):
+        share = cfg.describe_caption_share
+        batch = run.pick(instruct) if run.rng.random() > share else run.pick(captions)
+        rows = images.rows([s.seed for s in batch])
+        feats = model.image_features(images.pixels[rows])
+        answer = multimodal_loss(model, run.codec, images.pixels[rows], batch, feats)
+        return answer + cfg.probe_weight * lane_loss(head, feats, images, rows)
+
+    everything = ("projector", "language_model", "vision_tower")
+    run.stage("describe", everything, describe_loss, (head,))
+    val_images = render_images(data.split_seeds("val", cfg.val_scenes), run.proc)
+    run.summary["probe_val_accuracy"] = head_accuracy(model, head, val_images)
+
+
+def load_stage2(model: VlmModel, checkpoint: str | Path) -> None:
+    """Load the weights of a checkpoint that stages 0a-2 wrote (save_checkpoint) into
+    ``model``: float32, every tensor, exactly."""
+    from vlm_ros.model.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(Path(checkpoint))
+    state = loaded.model.state_dict()
+    own = model.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise ValueError(f"{checkpoint}: not a checkpoint of this recipe's model")
+    model.load_state_dict(state)
 
 
 @torch.no_grad()
