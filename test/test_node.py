@@ -222,7 +222,9 @@ def test_describe_streams_partial_text(ros, main_node):
     res = result.result().result
     assert res.success, res.error_message
     # feedback and result travel on different topics: the last feedback can land just after
-    end = time.monotonic() + 2.0
+    # (seen > 2 s after the result in a full suite beside a training run; the loop ends as
+    # soon as it lands, so the slack costs nothing when it is on time)
+    end = time.monotonic() + 10.0
     while not (feedback and feedback[-1].partial_text == res.answer) and time.monotonic() < end:
         time.sleep(0.02)
     assert feedback and feedback[-1].partial_text == res.answer
