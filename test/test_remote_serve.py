@@ -27,6 +27,7 @@ import pytest
 from ros_helpers import start_node, wait_for
 from test_node import Camera, ask
 from test_remote import free_port
+from wire_server import http_server_process
 
 if not os.environ.get("CI"):
     pytest.importorskip("ray", reason="Ray Serve (the serve extra) is not installed")
@@ -46,34 +47,14 @@ def scene(index: int, width: int = 320, height: int = 240) -> np.ndarray:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`vlm-ros serve --model demo` in a process of its own; its URL once /v1/models answers."""
-    import httpx
-
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [sys.executable, "-m", "vlm_ros", "serve", "--model", "demo", "--replicas", "1",
                "--port", str(port), "--threads", "1", "--device", "cpu"]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            return httpx.get(f"{url}/v1/models", timeout=2.0).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_for(up, 420, what=f"vlm-ros serve at {url}")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with http_server_process(command, log, url, "vlm-ros serve", 420, 90, cwd=ROOT, env=env):
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)  # SIGINT is ignored in background jobs
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,15 @@ a failure, not a skip.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from ros_helpers import start_node, wait_for
+from ros_helpers import start_node
 from test_node import Camera, ask
 from test_remote import free_port
+from wire_server import http_server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "demo-text"  # the server's --model_alias: what GET /v1/models lists
@@ -83,34 +82,14 @@ def gguf_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def served(gguf_file, tmp_path_factory):
     """llama-cpp-python's server on the file; its URL once /v1/models answers."""
-    import httpx
-
     port = free_port()
     log = tmp_path_factory.mktemp("llama_server") / "server.log"
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_file),
                "--model_alias", MODEL, "--host", "127.0.0.1", "--port", str(port),
                "--n_ctx", str(N_CTX), "--n_threads", "1", "--n_threads_batch", "1"]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            return httpx.get(f"{url}/v1/models", timeout=2.0).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_for(up, 180, what=f"llama_cpp.server at {url}")
+    with http_server_process(command, log, url, "llama_cpp.server", 180, 30, cwd=ROOT):
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import signal
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -213,3 +218,39 @@ class Handler(BaseHTTPRequestHandler):
                                                "top_logprobs": entries}]}  # fmt: skip
         self._json(200, {"id": "x", "object": "chat.completion", "created": 0, "model": MODEL,
                          "choices": [choice]})  # fmt: skip
+
+
+@contextmanager
+def http_server_process(
+    command: list[str], log: Path, url: str, what: str, ready_s: float, stop_s: float, **popen
+) -> Iterator[subprocess.Popen]:
+    """A real HTTP server (``vlm-ros serve``, llama-cpp-python's) in a process of its own, its
+    output in ``log``: yields once ``url``/v1/models answers 200 (an early exit fails with the
+    log's tail), then stops it with SIGTERM (SIGINT is ignored in background jobs), killing it
+    after ``stop_s``."""
+    import httpx  # the remote backend's client; the fault injector above does not need it
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, **popen)
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            return httpx.get(f"{url}/v1/models", timeout=2.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        end = time.monotonic() + ready_s
+        while not up():
+            if time.monotonic() > end:
+                raise AssertionError(f"timed out after {ready_s} s waiting for {what} at {url}")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=stop_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
