@@ -473,6 +473,17 @@ def model_replicas() -> list[str]:
             if a["namespace"] == "serve" and a["name"].startswith(prefix)]  # fmt: skip
 
 
+def wait_for_new_replicas(before: list[str], count: int, timeout: float = 180.0) -> list[str]:
+    """The model replica actors, once ``count`` of them are alive and none is in ``before``."""
+    end, now = time.monotonic() + timeout, []
+    while time.monotonic() < end:
+        now = model_replicas()
+        if len(now) == count and not set(now) & set(before):
+            return now
+        time.sleep(1.0)
+    raise AssertionError(f"Ray Serve did not replace {before} in {timeout} s: {now}")
+
+
 def test_replica_killed_mid_stream_gives_a_clear_error_and_ray_restarts_it(server, local):
     data = scene_png(SCENES[0])
     image = wire.decode_image(data, wire.WireLimits())
@@ -506,9 +517,10 @@ def test_replica_killed_mid_stream_gives_a_clear_error_and_ray_restarts_it(serve
     streamed = sum(len(e["choices"][0]["delta"].get("content", "")) for e in events[:-1])
     assert streamed < len(local.answer(image, "Describe the scene.", generation=long).text)
 
+    # /health reads the controller's replica states, which still say RUNNING for the killed
+    # replicas until its next health check: wait for two new replica actors first
+    wait_for_new_replicas(before, 2)
     server.wait_healthy(2)  # Ray Serve replaced both replicas
-    after = model_replicas()
-    assert len(after) == 2 and not set(after) & set(before), (before, after)
     want = local.answer(image, "Describe the scene.", max_new_tokens=48)
     for _ in range(4):  # both new replicas answer, and answer right
         got = server.chat("Describe the scene.", data, max_tokens=48).json()
