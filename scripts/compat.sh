@@ -37,5 +37,5 @@ print(f"[compat] transformers {transformers.__version__} from {transformers.__fi
 PY
 TESTS=(test/test_checkpoint.py test/test_parity.py test/test_pipeline.py
        test/test_static_decode.py test/test_onnx_export.py test/test_cpu_kernels.py
-       test/test_bench.py test/test_family_facts.py)
+       test/test_bench.py test/test_family_facts.py test/test_phi_step.py)
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${TESTS[@]}" "$@"

@@ -10,6 +10,11 @@ keys/values land: by ``cache_position`` in transformers 4.x; in 5.x by the cache
 counter (a tensor, so a captured graph advances it too). ``prefill`` zeroes storage and counter
 together and every request starts with a prefill, so both agree with ``self.length`` (tested).
 
+Uncompiled, ``decode_one_token`` runs phi_step.PhiDecodeStep: the same modules, weights and
+cache storage without transformers' per-token machinery (a quarter of a CPU step on the
+``small`` preset); ``fast_step=False`` runs transformers' forward, the reference it is tested
+against. Prefill and the branch pass stay transformers' (one call per request, not per token).
+
 Action hints reuse the image+prompt prefix: ``score_branches`` packs every candidate's tokens
 into one batch-1 sequence written into the static cache right after the prefix, with a
 tree-shaped attention mask (each token sees the prefix and its own candidate's earlier tokens),
@@ -45,6 +50,7 @@ from transformers import Cache, DynamicCache, PhiForCausalLM, StaticCache
 from vlm_ros.config import CpuLinearMode, QuantizeMode, dtype_name
 from vlm_ros.engines import cpu_kernels, weight_int4, weight_int8
 from vlm_ros.errors import ContextOverflowError, InputError
+from vlm_ros.infer.phi_step import PhiDecodeStep
 from vlm_ros.model.compat import cache_kwarg
 
 _log = logging.getLogger(__name__)
@@ -118,6 +124,7 @@ class StaticDecoder:
         compile: bool = False,
         quantize: QuantizeMode = "none",
         cpu_linear: CpuLinearMode = "auto",
+        fast_step: bool = True,
     ):
         param = next(lm.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -133,6 +140,12 @@ class StaticDecoder:
         with torch.inference_mode(False):
             self._position = torch.zeros(1, dtype=torch.long, device=self.device)
         self._step = compile_step(self._decode_step, self.device) if compile else self._decode_step
+        # Not compiled: the step written over the same modules and cache (phi_step.py), which
+        # skips transformers' per-token mask, rotary and wrapping; fast_step=False keeps
+        # transformers' forward, the reference it is tested against.
+        self._fast = None
+        if fast_step and not compile:
+            self._fast = PhiDecodeStep(self.lm, self.cache, self.max_seq_len)
         # A CUDA graph replays into the same output buffer, so a step's logits are overwritten
         # by the next step (and reading a kept one raises): whoever keeps them copies them.
         self.reuses_outputs = bool(compile)
@@ -178,7 +191,10 @@ class StaticDecoder:
         (reuses_outputs; decode.generate copies them where it keeps them)."""
         self._check_room(1, start=self.length)
         self.forward_calls += 1
-        logits = self._step(token, self._position)
+        if self._fast is not None:
+            logits = self._fast(token, self.length)
+        else:
+            logits = self._step(token, self._position)
         self._position += 1
         self.length += 1
         return logits  # [1, V]
