@@ -69,6 +69,10 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
     int8 = result["variants"]["int8"]
     _positive_stages(int8["stages"], FAST_METRICS)
     assert int8["accuracy_vs_fp"]["fidelity"]["max_logit_error"] == 0.3
+    step = result["variants"]["transformers_step"]  # the lean step's share, and it is lossless
+    _positive_stages(step["stages"], FAST_METRICS)
+    assert step["accuracy_vs_fp"]["greedy_prefix_agreement"] == 1.0
+    assert step["accuracy_vs_fp"]["first_logits_error_over_range"] < 1e-4
     if result["fast_path"]["cpu_linear"] == "onednn":  # x86: the kernels' share is measured
         plain = result["variants"]["mkl_linear"]
         _positive_stages(plain["stages"], FAST_METRICS)

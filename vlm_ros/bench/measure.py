@@ -12,7 +12,9 @@ which) and that bf16 model with weight-only int8 Linear layers (``int8_weight_on
 latter two also against a bf16 baseline so their gain over a user who simply loads bf16 is
 stated too. Where the fast path's decoder runs its float32 Linear layers through oneDNN
 (x86 CPUs), the same path on torch's default kernels is measured too (variant ``mkl_linear``,
-lossless), so the part of the speed-up that is the kernel library is stated, not guessed.
+lossless), so the part of the speed-up that is the kernel library is stated, not guessed; and
+uncompiled, the same decoder and kernels with transformers' forward for each decode step
+(variant ``transformers_step``), the part that is infer/phi_step.py's lean step.
 
 Presets are built from configs with random weights (nothing downloaded) and prompts are token
 ids (no tokenizer): the work per request is what a real checkpoint does, the text is not. Answers
@@ -637,6 +639,11 @@ def make_paths(work: Workload, options: BenchOptions) -> dict[str, Baseline | Fa
         plain = make_fast(model, ids, torch_linear)
         encoder = plain.encoder if options.vision_backend == "torch" else fast.encoder
         paths["mkl_linear"] = FastPath(model, ids, encoder, plain.decoder)  # ORT: shared
+    if not options.compile_decode:  # the same kernels through transformers' forward per token
+        reference = StaticDecoder(
+            fast.decoder.lm, work.max_seq, cpu_linear="torch", fast_step=False
+        )
+        paths["transformers_step"] = FastPath(model, ids, fast.encoder, reference)
     if options.int8:  # the same encoder, a dynamic-int8 copy of the decoder
         runtime = RuntimeConfig(device, max_seq_len=work.max_seq, quantize="int8")
         int8 = _static(make_decoder(copy.deepcopy(model.language_model), runtime))
@@ -703,9 +710,17 @@ def measure_variants(
     return variants
 
 
-VARIANTS = ("mkl_linear", "int8", "int4_weight_only", "bf16", "bf16_int8_weight_only")
+VARIANTS = (
+    "transformers_step",
+    "mkl_linear",
+    "int8",
+    "int4_weight_only",
+    "bf16",
+    "bf16_int8_weight_only",
+)
 # What each variant sets, for its fidelity threshold (infer/fidelity.py, as the tests use)
 VARIANT_RUNTIMES = {
+    "transformers_step": RuntimeConfig(),
     "mkl_linear": RuntimeConfig(cpu_linear="torch"),
     "int8": RuntimeConfig(quantize="int8"),
     "int4_weight_only": RuntimeConfig(quantize="int4_weight_only"),
