@@ -27,7 +27,8 @@ VARIANTS = {
 
 def tiny_phi(**overrides) -> PhiForCausalLM:
     config = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, partial_rotary_factor=0.4, max_position_embeddings=64)  # fmt: skip
+                  num_attention_heads=4, partial_rotary_factor=0.4,
+                  max_position_embeddings=64)  # fmt: skip
     torch.manual_seed(0)
     return PhiForCausalLM(PhiConfig(**{**config, **overrides})).eval()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from net_helpers import free_port
 from wire_server import MODEL, PIECES, VLM, WireServer
 
 from vlm_ros.config import GenerationConfig, RemoteConfig, RuntimeConfig
@@ -54,12 +54,6 @@ def frame(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
 def client(url: str, model: str = MODEL, **remote) -> RemoteAssistant:
     settings = {"health_period_s": 0.0, "image_encoding": "png", **remote}
     return RemoteAssistant(RemoteConfig(server_url=url, **settings), model)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- answers -----------------------------------------------------------------------------------

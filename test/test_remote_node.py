@@ -16,9 +16,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from net_helpers import free_port
 from ros_helpers import start_node, wait_for
 from test_node import Camera, ask, image_msg
-from test_remote import free_port
 from wire_server import MODEL, PIECES, VLM, WireServer
 
 pytestmark = pytest.mark.ros

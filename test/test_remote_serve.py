@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from net_helpers import free_port
 from ros_helpers import start_node, wait_for
 from test_node import Camera, ask
-from test_remote import free_port
 from wire_server import http_server_process
 
 if not os.environ.get("CI"):

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from net_helpers import free_port
 from PIL import Image
 
 if os.environ.get("CI") == "true" or os.environ.get("VLM_ROS_REQUIRE_RAY") == "1":
@@ -91,12 +92,6 @@ def messages(question: str, data: bytes) -> list[dict]:
 
 def scene_png(seed: int) -> bytes:
     return png(world.render(world.scene_from_seed(seed)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Reply:
