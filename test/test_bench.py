@@ -221,6 +221,8 @@ def test_llamacpp_peer_runs_the_same_model(tmp_path):
     result = json.loads(out.read_text())
     peer = result["peers"]["llama.cpp"]
     assert set(peer["types"]) == {"f32", "q8_0", "q4_0"} and peer["kv_cache"] == "f32"
+    amx = "AMX_INT8 = 1" in peer["system_info"]  # llama.cpp's AMX matmul segfaults: kept off
+    assert peer["extra_buffer_types"] is not amx
     band = result["decode_bandwidth"]
     assert band["read_bandwidth_gb_s"] > 0 and band["fast"]["gb_s"] > 0
     f32, q8, q4 = (peer["types"][k] for k in ("f32", "q8_0", "q4_0"))
@@ -277,3 +279,19 @@ def test_stored_weight_bytes_count_quantized_weights_once():
                  if isinstance(m, weight_int4.WeightOnlyInt4Linear))  # fmt: skip
     assert linear / 2 <= packed <= linear / 2 * 1.3  # 4 bits + 32 bits per 32 (+ row padding)
     assert fp32 - stored_weight_bytes(int4) == 4 * linear - packed
+
+
+def test_llamacpp_weights_are_read_into_memory_through_a_real_field():
+    """ctypes takes any attribute silently (``use_mmap`` was a no-op on this llama.cpp): the
+    setting must land in a field the struct has."""
+    _llama_cpp_or_skip()
+    from vlm_ros.bench import llamacpp
+
+    lib = llamacpp.require_llama_cpp()
+    params = lib.llama_model_default_params()
+    llamacpp.read_into_memory(lib, params)
+    fields = {name for name, *_ in type(params)._fields_}
+    if "load_mode" in fields:
+        assert params.load_mode == lib.LLAMA_LOAD_MODE_NONE
+    else:
+        assert "use_mmap" in fields and params.use_mmap is False

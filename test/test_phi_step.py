@@ -116,3 +116,16 @@ def test_fast_step_runs_the_quantized_layers(quantize):
     assert got_tokens == want_tokens
     spread = float(want.max() - want.min())
     assert float((got - want).abs().max()) < 0.05 * spread  # kernels' rounding, not a bug
+
+
+def test_a_length_dependent_rotary_keeps_transformers_step():
+    """Dynamic rotary scaling changes the angles with the length seen: no table of them can be
+    built ahead, so the decoder keeps transformers' forward (still correct, not lean)."""
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "partial_rotary_factor": 0.4,
+               "rope_theta": 10000.0}  # fmt: skip
+    lm = tiny_phi(rope_parameters=dynamic)  # transformers 5.x
+    if lm.model.rotary_emb.rope_type != "dynamic":  # 4.x names it rope_scaling
+        lm = tiny_phi(rope_scaling={"type": "dynamic", "factor": 2.0})
+    assert lm.model.rotary_emb.rope_type == "dynamic"
+    assert StaticDecoder(lm, MAX_SEQ)._fast is None
+    assert StaticDecoder(tiny_phi(), MAX_SEQ)._fast is not None

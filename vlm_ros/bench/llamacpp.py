@@ -212,7 +212,9 @@ class LlamaCppDecoder:
         lib.llama_backend_init()
         model_params = lib.llama_model_default_params()
         model_params.n_gpu_layers = 0
-        model_params.use_mmap = False  # read into memory now, as our weights are
+        read_into_memory(lib, model_params)
+        if not extra_buffer_types(lib):
+            model_params.use_extra_bufts = False
         self.model = lib.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise PeerUnavailable(f"llama.cpp could not load {path}")
@@ -295,6 +297,26 @@ class LlamaCppDecoder:
 def system_info() -> str:
     """llama.cpp's own line of the CPU features it was built for and detects."""
     return require_llama_cpp().llama_print_system_info().decode().strip()
+
+
+def read_into_memory(lib, params) -> None:
+    """Load the weights into memory now, as ours are, not mmap'ed pages read on first use.
+    The field is ``load_mode`` in newer llama.cpp, ``use_mmap`` before; a ctypes Structure
+    takes any attribute name silently, so the field present is checked."""
+    fields = {name for name, *_ in type(params)._fields_}
+    if "load_mode" in fields:
+        params.load_mode = lib.LLAMA_LOAD_MODE_NONE
+    elif "use_mmap" in fields:
+        params.use_mmap = False
+
+
+def extra_buffer_types(lib) -> bool:
+    """Whether llama.cpp may place weights in its CPU "extra" buffer types (the repacked
+    layouts, AMX). Not on a CPU with AMX: there llama.cpp's AMX matmul segfaults on the q8_0
+    and q4_0 models at the first decode (measured on a Xeon with AMX_INT8, llama-cpp-python
+    0.3.36; upstream ggml-org/llama.cpp#20824, open), and the only switch the C API has turns
+    the repacked layouts off with it, so on such hosts llama.cpp runs its plain kernels."""
+    return b"AMX_INT8 = 1" not in lib.llama_print_system_info()
 
 
 # ---- the peer in a bench run ------------------------------------------------------------------

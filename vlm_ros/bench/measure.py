@@ -359,6 +359,7 @@ def peer_results(
         "version": llamacpp.version(),
         "system_info": llamacpp.system_info(),
         "kv_cache": "f32",
+        "extra_buffer_types": llamacpp.extra_buffer_types(llamacpp.require_llama_cpp()),
         "threads": torch.get_num_threads(),
         "types": types,
     }
@@ -922,9 +923,12 @@ def _bandwidth_lines(result: dict) -> list[str]:
             row = {**entry, "weights": step["weights"], "live_kv": step["live_kv"]}
             accuracy = _accuracy_cell(entry["accuracy_vs_fp32"])
             lines.append(_bandwidth_row(f"llama.cpp {kind}", entry["stages"], row, accuracy))
+        layouts = ""
+        if not peers.get("extra_buffer_types", True):
+            layouts = "; repacked/AMX weight layouts off (llama.cpp's AMX matmul crashes here)"
         lines.append(
             f"- llama.cpp: llama-cpp-python {peers['version']}, {peers['threads']} threads, "
-            f"KV cache {peers['kv_cache']}; {peers['system_info']}"
+            f"KV cache {peers['kv_cache']}; {peers['system_info']}{layouts}"
         )
     return lines
 

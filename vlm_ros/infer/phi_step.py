@@ -72,6 +72,13 @@ class PhiDecodeStep:
         self.cos, self.sin = cos[0].clone(), sin[0].clone()  # [L, rotary], this dtype
 
     @staticmethod
+    def supports(lm: nn.Module) -> bool:
+        """Whether the table of every slot's rotary angles is what transformers computes per
+        call: true for the default rotary embedding (Phi-2, all three families); a "dynamic"
+        scaling, whose angles depend on the length seen, keeps transformers' step."""
+        return getattr(lm.model.rotary_emb, "rope_type", "default") == "default"
+
+    @staticmethod
     def _layer(layer: nn.Module, cache_layer) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         norms = (attn.q_layernorm, attn.k_layernorm) if attn.qk_layernorm else (None, None)

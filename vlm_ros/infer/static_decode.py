@@ -144,7 +144,7 @@ class StaticDecoder:
         # skips transformers' per-token mask, rotary and wrapping; fast_step=False keeps
         # transformers' forward, the reference it is tested against.
         self._fast = None
-        if fast_step and not compile:
+        if fast_step and not compile and PhiDecodeStep.supports(self.lm):
             self._fast = PhiDecodeStep(self.lm, self.cache, self.max_seq_len)
         # A CUDA graph replays into the same output buffer, so a step's logits are overwritten
         # by the next step (and reading a kept one raises): whoever keeps them copies them.
