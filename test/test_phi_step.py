@@ -8,6 +8,8 @@ reference is test_static_decode.py's."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import PhiConfig, PhiForCausalLM
@@ -105,8 +107,6 @@ def test_negative_control_a_step_one_slot_off_is_caught():
 def test_fast_step_runs_the_quantized_layers(quantize):
     """Quantization swaps the Linear modules in place; the fast step calls whatever is there.
     Each decoder quantizes its own copy, from the same weights, so both see the same ones."""
-    import copy
-
     lm = tiny_phi(hidden_size=128, intermediate_size=256, num_attention_heads=4)
     fast = StaticDecoder(copy.deepcopy(lm), MAX_SEQ, quantize=quantize)
     reference = StaticDecoder(copy.deepcopy(lm), MAX_SEQ, quantize=quantize, fast_step=False)

@@ -15,9 +15,10 @@ the cache's own length counter (transformers 5.x) advances with them, so prefill
 ``score_branches``, which still run through transformers, find the cache as they left it.
 
 The reference is transformers' forward on the same cache (``StaticDecoder.fast_step=False``);
-``test_static_decode.py`` holds the two to the same greedy tokens on every tiny layout and to
-logits within float32 rounding. Not used where the step is compiled (a CUDA graph already
-removes the overhead this removes, and wants the fixed-shape form).
+``test_phi_step.py`` holds the two to the same greedy tokens, logits within float32 rounding and
+the same cache, and ``test_static_decode.py`` the decoder to the eager one on every tiny
+layout. Not used where the step is compiled (a CUDA graph already removes the overhead this
+removes, and wants the fixed-shape form).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class PhiDecodeStep:
         self.kv_heads = int(lm.config.num_key_value_heads or self.heads)
         self.head_dim = int(attn0.head_dim)
         self.rotary = int(attn0.rotary_ndims)
+        self.q_shape = (1, 1, self.heads, self.head_dim)
+        self.kv_shape = (1, 1, self.kv_heads, self.head_dim)
+        self.gqa = self.kv_heads != self.heads
         self.embed, self.final_norm = model.embed_tokens, model.final_layernorm
         self.head = lm.lm_head
         self.layers = [self._layer(layer, cache_layer) for layer, cache_layer in
@@ -96,8 +100,7 @@ class PhiDecodeStep:
         return torch.cat(((rot * cos) + (rotated * sin), rest), dim=-1)
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        shape, kv_shape = (1, 1, self.heads, self.head_dim), (1, 1, self.kv_heads, self.head_dim)
-        gqa = self.kv_heads != self.heads
+        shape, kv_shape, gqa = self.q_shape, self.kv_shape, self.gqa
         cos, sin = self.cos[position], self.sin[position]
         live = position + 1
         hidden = self.embed(token)  # [1, 1, D]
