@@ -347,6 +347,9 @@ def test_soak_command_writes_the_figures(ros, tmp_path):
     assert ask["sent"] == 400 and ask["lost"] == 0 and ask["answered"] >= 2, ask
     assert ask["answered"] + ask["refused"] == 400 and not ask["client_errors"], ask
     assert describe["goal_responses"] == 100 and describe["lost"] == 0, describe
+    # 3 s query timeout + 5 s grace; late answers are counted (0 on a quiet machine), not lost
+    assert (figures["promise_s"], figures["client_wait_s"]) == (8.0, 38.0), figures
+    assert 0 <= ask["late"] <= 400 and 0 <= describe["late"] <= 100, (ask, describe)
     frames = figures["frames"]
     # Delivery itself is asserted alone (test_camera_frames_...): here 25 bursting clients, two
     # cameras and the node share 2 cores, so frames wait in the executor and some are replaced.

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 def summary(figures: dict) -> dict:
     """The headline figures (the JSON has the rest)."""
     return {
-        "requests": {k: {n: v[n] for n in ("sent", "answered", "refused", "lost")}
+        "requests": {k: {n: v[n] for n in ("sent", "answered", "refused", "lost", "late")}
                      for k, v in figures["requests"].items()},
         "ask_latency_ms": figures["ask_latency_ms"]["answered"],
         "frames": {k: v for k, v in figures["frames"].items() if k != "cameras"},

@@ -11,7 +11,8 @@ What runs (all started here, the clients from vlm_ros.ros.soak_clients):
 * 20 Ask clients bursting 10 requests each together every ``burst_period`` seconds, and 5
   Describe clients bursting 10 goals each, half a period later.
 
-Figures: requests sent / answered / refused (by reason) / lost, for Ask and Describe; answered
+Figures: requests sent / answered / refused (by reason) / lost (no response at all) / late
+(a response after the node's promise, query_timeout_s + 5 s), for Ask and Describe; answered
 Ask latency p50/p95; frames published per camera, and received / processed / dropped /
 rejected (by reason) / stale as the node counted them (its last /diagnostics); the node's RSS at
 start, maximum and end (sampled each second); its exit status and shutdown time on SIGINT.
@@ -42,10 +43,12 @@ CAMERAS = (
     (f"/{NS}/wide/image_raw", 1920, 1080, "bgr8", True, 0),
 )
 ASK_CLIENTS, DESCRIBE_CLIENTS, PER_BURST = 20, 5, 10
-# The node fails a request it could not answer at query_timeout_s + its QUERY_GRACE_S (5 s);
-# the clients wait a burst's period (at most 60 s) and count what did not come as lost. So the
-# node's promise is set SLACK_S inside the clients' wait: "lost" then means the node broke it.
-NODE_GRACE_S, SLACK_S = 5.0, 2.0
+# The node fails a request it could not answer at query_timeout_s + its QUERY_GRACE_S (5 s):
+# its promise, set SLACK_S inside a burst's period (at most 60 s). The clients wait
+# STARVED_S past the promise before counting a request lost: on 2 cores shared by the node, two
+# cameras and 25 client processes, a response can come seconds late because no process got the
+# CPU (a CI run saw p95 8.6 s against an 8 s promise). Those count as late; lost means none came.
+NODE_GRACE_S, SLACK_S, STARVED_S = 5.0, 2.0, 30.0
 NODE_PARAMS = {
     "scene_rate_hz": "1.0", "hint_rate_hz": "1.0", "max_new_tokens": "16", "threads": "1",
     "diagnostics_period_s": "1.0",
@@ -109,14 +112,19 @@ class Soak:
         return proc
 
     @property
-    def client_wait_s(self) -> float:
-        """How long a client waits for a burst's responses before counting them lost."""
-        return min(60.0, self.period)
+    def query_timeout_s(self) -> float:
+        """The node's query_timeout_s: its answer-or-refusal is due inside a burst's period."""
+        return max(1.0, min(60.0, self.period) - NODE_GRACE_S - SLACK_S)
 
     @property
-    def query_timeout_s(self) -> float:
-        """The node's query_timeout_s: its answer-or-refusal arrives inside client_wait_s."""
-        return max(1.0, self.client_wait_s - NODE_GRACE_S - SLACK_S)
+    def promise_s(self) -> float:
+        """When the node has promised every response by (after the request was sent)."""
+        return self.query_timeout_s + NODE_GRACE_S
+
+    @property
+    def client_wait_s(self) -> float:
+        """How long a client waits for a burst's responses before counting them lost."""
+        return self.promise_s + STARVED_S
 
     def start_node(self) -> subprocess.Popen:
         cameras = "[" + ",".join(f"'{c[0]}'" for c in CAMERAS) + "]"
@@ -145,6 +153,7 @@ class Soak:
     def start_clients(self, barrier: Path) -> tuple[list, list]:
         common = ["--period", str(self.period), "--duration", str(self.duration),
                   "--count", str(PER_BURST), "--timeout", str(self.client_wait_s),
+                  "--promise", str(self.promise_s),
                   "--barrier", str(barrier), "--wait", "300"]  # fmt: skip
         ask = [self.spawn("ask", *common, "--service", f"/{NS}/vlm_assistant/ask",
                           "--name", f"soak_ask{i}") for i in range(ASK_CLIENTS)]  # fmt: skip
@@ -182,7 +191,7 @@ class Soak:
         while time.time() < end + 5 or any(p.poll() is None for p in ask + describe):
             rclpy.spin_once(probe, timeout_sec=1.0)
             rss.append(rss_mb(node.pid))
-            if time.time() > end + 180:
+            if time.time() > end + 180 + self.client_wait_s:
                 break  # clients stuck: they count as lost below
         published = [self._result(c, 120) for c in cams]
         self._spin_until(probe, lambda: False, 2.5, node)  # the last counters
@@ -239,6 +248,8 @@ class Soak:
             "model": self.model,
             "machine": self.machine,
             "node_parameters": {**NODE_PARAMS, "query_timeout_s": self.query_timeout_s},
+            "promise_s": self.promise_s,
+            "client_wait_s": self.client_wait_s,
             "requests": {
                 "ask": requests(ask_results, ASK_CLIENTS * PER_BURST),
                 "describe": requests(describe_results, DESCRIBE_CLIENTS * PER_BURST),
@@ -281,12 +292,12 @@ COUNTER_PREFIXES = ("frames_", "periodic_skipped", "requests_refused", "failed",
 
 def requests(results: list[dict], per_burst: int) -> dict:
     """Sum the clients' tallies; a client that failed counts its requests as lost."""
-    out = {"sent": 0, "answered": 0, "refused": 0, "lost": 0, "refused_by_reason": {},
+    out = {"sent": 0, "answered": 0, "refused": 0, "lost": 0, "late": 0, "refused_by_reason": {},
            "client_errors": [r["error"] for r in results if "error" in r]}  # fmt: skip
     for r in results:
         if "error" in r:
             continue
-        for key in ("sent", "answered", "refused", "lost"):
+        for key in ("sent", "answered", "refused", "lost", "late"):
             out[key] += r[key]
         for reason, n in r["refused_by_reason"].items():
             out["refused_by_reason"][reason] = out["refused_by_reason"].get(reason, 0) + n

@@ -5,7 +5,8 @@ robot's other nodes would, and prints one JSON object on stdout when done:
 
 * ``ask``: every ``period`` seconds from ``start`` (a time.time() shared by all processes, so
   twenty of them burst together), fire ``count`` Ask calls at once on a default-QoS client;
-  report each call's outcome (answered, refused with a reason, lost = no response) and latency.
+  report each call's outcome (answered, refused with a reason, lost = no response within
+  ``timeout``) and latency, and how many came after the node's ``promise`` (late).
 * ``describe``: the same with Describe goals; a goal response (accepted or rejected) counts, and
   an accepted goal's result is awaited.
 * ``camera``: publish sensor_msgs/Image frames (rgb8/bgr8, any size) at ``rate`` Hz, best
@@ -69,13 +70,14 @@ class Tally:
         self.answered = 0
         self.refused: Counter[str] = Counter()
         self.lost = 0
+        self.late = 0  # responses after the node's promise (still responses: not lost)
         self.answer_ms: list[float] = []
         self.refusal_ms: list[float] = []
 
     def as_dict(self) -> dict:
         return {
             "sent": self.sent, "answered": self.answered, "refused": sum(self.refused.values()),
-            "refused_by_reason": dict(self.refused), "lost": self.lost,
+            "refused_by_reason": dict(self.refused), "lost": self.lost, "late": self.late,
             "answer_ms": [round(x, 1) for x in self.answer_ms],
             "refusal_ms": [round(x, 1) for x in self.refusal_ms],
         }  # fmt: skip
@@ -113,21 +115,11 @@ def ask_role(args: argparse.Namespace) -> dict:
         request = Ask.Request(question=args.question, camera=args.camera)
         futures = [client.call_async(request) for _ in range(args.count)]
         tally.sent += len(futures)
-        finished: dict[int, float] = {}
-
-        def all_done(futures=futures, finished=finished) -> bool:
-            for i, f in enumerate(futures):
-                if i not in finished and f.done():
-                    finished[i] = time.monotonic()
-            return len(finished) == len(futures)
-
-        _spin_until(executor, all_done, args.timeout)
-        for i, f in enumerate(futures):
-            if i not in finished:
-                tally.lost += 1
+        arrived = _await_all(executor, futures, sent, args, tally)
+        for f, ms in zip(futures, arrived, strict=True):
+            if ms is None:
                 client.remove_pending_request(f)
                 continue
-            ms = (finished[i] - sent) * 1000.0
             response = f.result()
             if response.success:
                 tally.answered += 1
@@ -136,6 +128,25 @@ def ask_role(args: argparse.Namespace) -> dict:
                 tally.refused[reason(response.error_message)] += 1
                 tally.refusal_ms.append(ms)
     return {**tally.as_dict(), "ready": ready}
+
+
+def _await_all(executor, futures: list, sent: float, args, tally: Tally) -> list[float | None]:
+    """Spin until every future is done or ``args.timeout`` passed; returns each one's arrival
+    in ms after ``sent`` (None: lost, counted in ``tally``), counting those after the node's
+    ``args.promise`` as late in ``tally``."""
+    arrived: list[float | None] = [None] * len(futures)
+
+    def all_done() -> bool:
+        for i, f in enumerate(futures):
+            if arrived[i] is None and f.done():
+                arrived[i] = (time.monotonic() - sent) * 1000.0
+        return all(ms is not None for ms in arrived)
+
+    _spin_until(executor, all_done, args.timeout)
+    tally.lost += sum(ms is None for ms in arrived)
+    if args.promise:
+        tally.late += sum(ms is not None and ms > args.promise * 1000.0 for ms in arrived)
+    return arrived
 
 
 def _settle(executor, args: argparse.Namespace) -> float:
@@ -184,11 +195,11 @@ def describe_role(args: argparse.Namespace) -> dict:
     for when in _burst_times(args.start, args.period, args.duration):
         _wait_until(executor, when)
         goal = Describe.Goal(question=args.question, camera=args.camera, max_new_tokens=4)
+        sent = time.monotonic()
         goals = [client.send_goal_async(goal) for _ in range(args.count)]
         tally.sent += len(goals)
-        _spin_until(executor, lambda goals=goals: all(g.done() for g in goals), args.timeout)
+        _await_all(executor, goals, sent, args, tally)
         handles = [g.result() for g in goals if g.done()]
-        tally.lost += len(goals) - len(handles)
         accepted += sum(h.accepted for h in handles)
         rejected += sum(not h.accepted for h in handles)
         pending = [h.get_result_async() for h in handles if h.accepted]
@@ -268,6 +279,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--period", type=float, default=0.0, help="seconds between bursts")
     p.add_argument("--duration", type=float, default=0.0, help="seconds of bursts / frames")
     p.add_argument("--timeout", type=float, default=60.0, help="wait per burst for responses")
+    p.add_argument("--promise", type=float, default=0.0,
+                   help="seconds the node promises a response in (later: late)")  # fmt: skip
     p.add_argument("--wait", type=float, default=60.0, help="wait for the server / subscriber")
     p.add_argument("--topic", default="/camera/image_raw")
     p.add_argument("--width", type=int, default=1280)
