@@ -198,6 +198,59 @@ def test_training_path_matches_the_pipeline(smoke_run):
     )
 
 
+def _full_batch_logits(model, codec, pixels, samples):
+    """The reference: every row runs the whole spliced sequence, system ids included."""
+    from vlm_ros.demo.train import batch_tensors
+
+    tokens, attn, _ = batch_tensors([codec.encode(s) for s in samples], codec.stop_id)
+    image = model.encode_images(pixels)
+    before = model.embed_tokens(torch.tensor([codec.before])).expand(tokens.shape[0], -1, -1)
+    embeds = torch.cat([before, image, model.embed_tokens(tokens)], dim=1)
+    prefix = before.shape[1] + image.shape[1]
+    mask = torch.cat([torch.ones(tokens.shape[0], prefix, dtype=torch.long), attn], dim=1)
+    logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+    return logits[:, prefix - 1 : prefix - 1 + tokens.shape[1]]
+
+
+def test_prefix_once_equals_the_full_batch_pass(smoke_run):
+    """Training runs the shared system ids once and repeats their cache over the batch: the
+    same logits, and the same gradients (summed over the rows), as the full-batch pass."""
+    from vlm_ros.demo.train import TextCodec, batch_tensors, multimodal_logits
+    from vlm_ros.infer.pipeline import Assistant
+    from vlm_ros.infer.preprocess import preprocess
+
+    out, _ = smoke_run
+    assistant = Assistant.load(str(out))
+    model = assistant.model
+    codec = TextCodec(assistant.tokenizer, assistant.stop_token_id)
+    seeds = data.split_seeds("val", 4)
+    samples = [data.samples_for([seed], with_captions=True)[i] for i, seed in enumerate(seeds)]
+    assert len({len(codec.encode(s)[0]) for s in samples}) > 1  # padded rows are in the batch
+    pixels = torch.cat([preprocess(scene_image(s.seed)[1], assistant.family.processing)
+                        for s in samples])  # fmt: skip
+
+    tokens, _, mask = batch_tensors([codec.encode(s) for s in samples], codec.stop_id)
+
+    def run(logits_fn):
+        model.zero_grad(set_to_none=True)
+        logits = logits_fn(model, codec, pixels, samples)
+        loss = torch.nn.functional.cross_entropy(logits[mask], tokens[mask])
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), grads
+
+    with torch.enable_grad():
+        once, once_grads = run(lambda *a: multimodal_logits(*a)[0])
+        full, full_grads = run(_full_batch_logits)
+    torch.testing.assert_close(once, full, atol=1e-5, rtol=1e-5)
+    assert set(once_grads) == set(full_grads) and len(once_grads) > 10
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(once_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # the system ids' embeddings get gradient from every row, as in the full pass
+    embed = "language_model.model.embed_tokens.weight"
+    assert once_grads[embed][codec.before].abs().sum() > 0
+
+
 # ---- the shipped model ------------------------------------------------------------------------
 
 
@@ -341,3 +394,22 @@ def test_shipped_configs_never_cut_a_demo_caption():
     for path in configs:
         params = yaml.safe_load(path.read_text())["/**"]["ros__parameters"]
         assert params["max_new_tokens"] >= need, f"{path.name}: {params['max_new_tokens']} < {need}"
+
+
+def test_train_demo_arguments_give_the_recipe_or_a_named_change():
+    """`vlm-ros train-demo`: no arguments give the shipped recipe (2 threads); --threads and
+    --minutes change only what they name (both are part of what makes the weights)."""
+    import argparse
+    from dataclasses import asdict
+
+    from vlm_ros.commands import train_demo
+    from vlm_ros.demo.train import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    train_demo.add_arguments(parser)
+    assert train_demo.config(parser.parse_args([])) == TrainConfig()
+    assert TrainConfig().threads == 2
+    one = train_demo.config(parser.parse_args(["--threads", "1", "--seed", "3"]))
+    assert asdict(one) == {**asdict(TrainConfig()), "threads": 1, "seed": 3}
+    half = train_demo.config(parser.parse_args(["--minutes", "10"]))
+    assert half.steps["instruct"] == 2500 and half.threads == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 DEFAULT_MINUTES = 20.0  # the shipped recipe's budget on a 2-core CPU (models/demo/README.md)
 
@@ -18,6 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="budget: scales every stage's step count by minutes/20, so the same arguments "
         f"always give the same weights (default {DEFAULT_MINUTES:g} = the shipped model)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: the recipe's 2; 1 on a CPU shared with other work, "
+        "which gives other weights: the thread count is part of what makes them)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--after-instruct",
@@ -29,16 +37,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from vlm_ros.demo.train import (  # torch: loaded when the command runs, not for --help
-        TrainConfig,
-        train,
-    )
+def config(args: argparse.Namespace):
+    """The TrainConfig the arguments ask for (torch is imported here, not for --help)."""
+    from vlm_ros.demo.train import TrainConfig
 
     cfg = TrainConfig(seed=args.seed)
+    if args.threads is not None:
+        cfg = replace(cfg, threads=args.threads)
     if args.minutes != DEFAULT_MINUTES:
         cfg = cfg.scaled(args.minutes / DEFAULT_MINUTES)
-    summary = train(args.out, cfg, quiet=args.quiet, after_instruct=args.after_instruct)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlm_ros.demo.train import train  # torch: loaded when the command runs, not for --help
+
+    summary = train(args.out, config(args), quiet=args.quiet, after_instruct=args.after_instruct)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     print(f"wrote {args.out} (loss log: {args.out}/train_log.jsonl)")
     return 0

@@ -36,13 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
-from transformers import CLIPVisionConfig, PhiConfig
+from transformers import CLIPVisionConfig, DynamicCache, PhiConfig
 
 from vlm_ros.demo import data, world
 from vlm_ros.demo.tokenizer import ENDOFTEXT, train_tokenizer
 from vlm_ros.infer import prompt
 from vlm_ros.infer.preprocess import preprocess
 from vlm_ros.model.checkpoint import load_tokenizer
+from vlm_ros.model.compat import cache_kwarg
 from vlm_ros.model.families import CLIP_MEAN, CLIP_STD, FAMILIES, ImageProcessing
 from vlm_ros.model.network import VlmModel
 from vlm_ros.model.tiny import (
@@ -67,9 +68,12 @@ class TrainConfig:
     """Sizes and schedule. Defaults are the shipped model (about 20-30 min on a 2-core CPU)."""
 
     seed: int = 0
-    # One thread: identical results whatever the machine's core count, and on a shared CPU two
-    # OpenMP threads ran 5-8x slower than one (spin-waiting; measured 1.6 s vs 12 s a step).
-    threads: int = 1
+    # Both cores of the 2-core machine kind: an instruction step took 0.21 s against 0.32 s on
+    # one thread (Intel Xeon, quiet). The same thread count gives the same weights whatever
+    # the core count. On a CPU another job keeps busy, two OpenMP threads spin-wait for each
+    # other (once measured 5-8x slower than one): there use `train-demo --threads 1`, which
+    # gives other, equally reproducible, weights.
+    threads: int = 2
     image_size: int = 64
     patch_size: int = 16  # 4 x 4 patches -> 16 image tokens (CLS dropped): short sequences
     vision: dict = field(
@@ -77,11 +81,14 @@ class TrainConfig:
             hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4
         )
     )
+    # gelu_pytorch_tanh: Phi's tanh GELU (gelu_new) as one fused kernel, forward and backward;
+    # gelu_new's eight elementwise ops took a fifth of a training step.
     text: dict = field(
         default_factory=lambda: dict(
-            hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4
+            hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+            hidden_act="gelu_pytorch_tanh",
         )
-    )
+    )  # fmt: skip
     train_scenes: int = 10000
     val_scenes: int = 200
     batch_size: int = 32
@@ -270,18 +277,30 @@ def multimodal_logits(model: VlmModel, codec: TextCodec, pixels, samples, featur
     decode.splice_image does: the system ids, the N image embeddings in place of the
     placeholder, then question and answer ids. -> (logits [B, T, V] where row t predicts
     tokens[:, t], tokens [B, T], loss mask [B, T]). ``features``: model.image_features(pixels)
-    when the caller has them already (stage 3's probe reads the same features)."""
+    when the caller has them already (stage 3's probe reads the same features).
+
+    The system ids are the same for every sample and come first, so under causal attention
+    their keys and values do not depend on the sample: they are computed once (batch 1) and
+    repeated over the batch, as a prefix cache; their gradient is the sum over the batch's
+    rows, as in a full-batch pass. A third to a half of a step's tokens, computed once
+    instead of B times (test_prefix_once_equals_the_full_batch_pass)."""
     tokens, attn, loss_mask = batch_tensors([codec.encode(s) for s in samples], codec.stop_id)
     batch = tokens.shape[0]
     # [B, N, hidden]: encode_images, i.e. the projector on the tower's features
     image = model.encode_images(pixels) if features is None else model.projector(features)
-    before = model.embed_tokens(torch.tensor([codec.before])).expand(batch, -1, -1)
-    embeds = torch.cat([before, image, model.embed_tokens(tokens)], dim=1)  # [B, P + N + T, h]
+    before = model.embed_tokens(torch.tensor([codec.before]))  # [1, P, hidden]
+    lm = model.language_model
+    cache = DynamicCache(config=lm.config)
+    lm(inputs_embeds=before, use_cache=True, **cache_kwarg(cache))  # fills the cache
+    cache.batch_repeat_interleave(batch)
+    embeds = torch.cat([image, model.embed_tokens(tokens)], dim=1)  # [B, N + T, hidden]
     prefix = before.shape[1] + image.shape[1]
     mask = torch.cat([torch.ones(batch, prefix, dtype=torch.long), attn], dim=1)
-    logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
-    # position p predicts token p + 1: the rows predicting tokens[:, t] are prefix - 1 + t
-    return logits[:, prefix - 1 : prefix - 1 + tokens.shape[1]], tokens, loss_mask
+    logits = lm(inputs_embeds=embeds, attention_mask=mask, **cache_kwarg(cache)).logits
+    # [B, N + T, V]: row r is sequence position P + r
+    # position p predicts token p + 1: the rows predicting tokens[:, t] are N - 1 + t
+    rows = image.shape[1] - 1
+    return logits[:, rows : rows + tokens.shape[1]], tokens, loss_mask
 
 
 def multimodal_loss(
