@@ -70,10 +70,10 @@ class TrainConfig:
 
     seed: int = 0
     # Both cores of the 2-core machine kind: an instruction step took 0.21 s against 0.32 s on
-    # one thread (Intel Xeon, quiet). The same thread count gives the same weights whatever
-    # the core count. On a CPU another job keeps busy, two OpenMP threads spin-wait for each
-    # other (once measured 5-8x slower than one): there use `train-demo --threads 1`, which
-    # gives other, equally reproducible, weights.
+    # one thread (Intel Xeon, quiet, a micro-benchmark). The same thread count gives the same
+    # weights whatever the core count. On a CPU another job keeps busy, two OpenMP threads
+    # spin-wait for each other (once measured 5-8x slower than one): there use
+    # `train-demo --threads 1`, which gives other, equally reproducible, weights.
     threads: int = 2
     image_size: int = 64
     patch_size: int = 16  # 4 x 4 patches -> 16 image tokens (CLS dropped): short sequences
