@@ -112,7 +112,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from vlm_ros.bench.measure import _machine  # this checkout's machine description
+    from vlm_ros.bench.measure import machine_facts  # this checkout's machine description
 
     with tempfile.TemporaryDirectory(prefix="decode_ab_") as tmp:
         sides = {"old": extract(args.old, Path(tmp)), "new": ROOT}
@@ -124,7 +124,7 @@ def main() -> int:
                 runs[name].append(run)
                 print(f"round {round_} {name}: {run['ms_per_token']} {run['cpu_ms_per_token']}")
     result = summarise(args, runs)
-    result["machine"] = _machine("cpu")
+    result["machine"] = machine_facts("cpu")
     text = json.dumps(result, indent=2) + "\n"
     print(text)
     if args.out:

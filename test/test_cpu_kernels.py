@@ -1,6 +1,6 @@
 """oneDNN float32 Linear on x86 CPUs (engines/cpu_kernels.py): same results as F.linear within
 float32 rounding, the weights shared rather than copied, the model's own modules untouched, and
-the static decoder using it by default on CPU (greedy parity with the eager reference is in
+the static decoder using it by default on AMD CPUs (greedy parity with the eager reference is in
 test_static_decode.py / test_parity.py, which run with it)."""
 
 from __future__ import annotations
@@ -73,15 +73,37 @@ def test_mode_choice():
     assert not wants_onednn("torch", "cpu", torch.float32)
     assert not wants_onednn("auto", "cpu", torch.bfloat16)  # torch's bf16 is oneDNN already
     assert not wants_onednn("auto", "cuda", torch.float32)
-    assert wants_onednn("auto", "cpu", torch.float32) == onednn_linear_available()
+    assert wants_onednn("onednn", "cpu", torch.float32) == onednn_linear_available()
+    amd = cpu_kernels.cpu_vendor() in cpu_kernels.AMD_VENDORS
+    assert wants_onednn("auto", "cpu", torch.float32) == (amd and onednn_linear_available())
     with pytest.raises(ValueError, match="cpu_linear"):
         wants_onednn("mkl", "cpu", torch.float32)
 
 
+@pytest.mark.parametrize(
+    ("vendor", "auto_picks_onednn"),
+    [("AuthenticAMD", True), ("HygonGenuine", True), ("GenuineIntel", False), ("", False)],
+)
+def test_auto_picks_onednn_on_amd_cpus_only(monkeypatch, vendor, auto_picks_onednn):
+    """MKL is the slow float32 kernel on AMD CPUs and the fast one on Intel's (measured both,
+    docs/performance.md); an unknown vendor (Arm: no vendor_id) keeps torch's default."""
+    monkeypatch.setattr(cpu_kernels, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_kernels, "onednn_linear_available", lambda: True)
+    assert wants_onednn("auto", "cpu", torch.float32) is auto_picks_onednn
+    assert wants_onednn("onednn", "cpu", torch.float32)  # asked for: any x86 CPU
+
+
+def test_cpu_vendor_reads_this_machine():
+    vendor = cpu_kernels.cpu_vendor()
+    assert isinstance(vendor, str)
+    if X86 and platform.system() == "Linux":
+        assert vendor in ("GenuineIntel", *cpu_kernels.AMD_VENDORS), vendor
+
+
 @pytest.mark.skipif(not X86, reason="oneDNN's linear is used on x86-64 only")
-def test_static_decoder_uses_it_on_cpu_and_leaves_the_model_alone():
+def test_static_decoder_uses_it_and_leaves_the_model_alone():
     lm = load_checkpoint(tiny_checkpoint("llava_phi")).model.language_model
-    fast = StaticDecoder(lm, 64)
+    fast = StaticDecoder(lm, 64, cpu_linear="onednn")
     reference = StaticDecoder(lm, 64, cpu_linear="torch")
     swapped = [m for m in fast.lm.modules() if isinstance(m, OneDnnLinear)]
     assert len(swapped) == sum(isinstance(m, nn.Linear) for m in lm.modules()) > 0
@@ -108,7 +130,7 @@ def test_torch_vision_backend_kernels(family):
     model = load_checkpoint(tiny_checkpoint(family)).model
     size = int(model.vision_config.image_size)
     pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(3))
-    fast = TorchVisionEncoder(model, RuntimeConfig())
+    fast = TorchVisionEncoder(model, RuntimeConfig(cpu_linear="onednn"))
     exact = TorchVisionEncoder(model, RuntimeConfig(cpu_linear="torch"))
     timer = StageTimer("cpu")
     with torch.inference_mode():

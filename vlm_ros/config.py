@@ -105,9 +105,10 @@ class RuntimeConfig:
     dtype bfloat16/float16: int8 weights, half-precision activations; opt-in, small loss) or
     "int4_weight_only" (static decoder; CPU with float32/bfloat16, CUDA with bfloat16: 4-bit
     weights in groups of 32 with a scale and zero each, PyTorch's int4 kernels; opt-in, lossy).
-    cpu_linear: "auto" (float32 on an x86 CPU: the static decoder's and the torch vision
-    stage's Linear layers through oneDNN, ~2x MKL on AMD CPUs, same arithmetic), "onednn" (the
-    same, warning where unavailable) or "torch" (plain F.linear everywhere).
+    cpu_linear: "auto" (float32 on an AMD x86 CPU: the static decoder's and the torch vision
+    stage's Linear layers through oneDNN, ~2x MKL there, same arithmetic; on Intel CPUs MKL,
+    torch's default, is the faster and is kept), "onednn" (oneDNN on any x86 CPU, warning
+    where unavailable) or "torch" (plain F.linear everywhere).
     board: the memory plan's device (model/memory_plan.py), checked before any weight is read:
     "auto" (this Jetson Orin from its device tree, else the CUDA GPU's free memory or the
     host's available memory), a board name (orin-nano-8gb, orin-nx-8gb, orin-nx-16gb,

@@ -10,9 +10,10 @@ fast path: dynamic int8 decoder (``quantize="int8"``), the whole model in bfloat
 (fast on CPUs with AVX512-BF16/AMX, emulated and slow without; ``machine.bf16_native`` says
 which) and that bf16 model with weight-only int8 Linear layers (``int8_weight_only``), the
 latter two also against a bf16 baseline so their gain over a user who simply loads bf16 is
-stated too. Where the fast path's decoder runs its float32 Linear layers through oneDNN
-(x86 CPUs), the same path on torch's default kernels is measured too (variant ``mkl_linear``,
-lossless), so the part of the speed-up that is the kernel library is stated, not guessed; and
+stated too. On x86 CPUs in float32 the fast path is also measured on the Linear kernels
+``cpu_linear: auto`` did not pick (oneDNN on AMD CPUs: variant ``mkl_linear``, torch's default;
+MKL on Intel's: variant ``onednn_linear``; both lossless), so the part of the speed that is
+the kernel library, and the choice itself, are measured, not guessed; and
 uncompiled, the same decoder and kernels with transformers' forward for each decode step
 (variant ``transformers_step``), the part that is infer/phi_step.py's lean step.
 
@@ -43,9 +44,15 @@ import torch
 from transformers import CLIPVisionConfig, PhiConfig, SiglipVisionConfig
 
 from vlm_ros.bench import llamacpp
-from vlm_ros.config import DTypeName, GenerationConfig, RuntimeConfig, VisionBackend
+from vlm_ros.config import (
+    CpuLinearMode,
+    DTypeName,
+    GenerationConfig,
+    RuntimeConfig,
+    VisionBackend,
+)
 from vlm_ros.engines.build import build_for_model
-from vlm_ros.engines.cpu_kernels import OneDnnLinear
+from vlm_ros.engines.cpu_kernels import OneDnnLinear, onednn_linear_available
 from vlm_ros.infer import decode, fidelity, ranking
 from vlm_ros.infer.decode import make_decoder
 from vlm_ros.infer.static_decode import StaticDecoder
@@ -620,6 +627,16 @@ def _uses_onednn(fast: FastPath) -> bool:
     return any(isinstance(m, OneDnnLinear) for m in fast.decoder.lm.modules())
 
 
+def _other_kernels(fast: FastPath, device: str) -> tuple[str, CpuLinearMode] | None:
+    """The variant with the float32 Linear kernels ``cpu_linear: auto`` did not pick (x86 CPU,
+    float32 model, oneDNN's op present): (variant name, cpu_linear), or None."""
+    if _uses_onednn(fast):
+        return "mkl_linear", "torch"
+    if torch.device(device).type != "cpu" or model_dtype(fast.model) != torch.float32:
+        return None
+    return ("onednn_linear", "onednn") if onednn_linear_available() else None
+
+
 def ratio(baseline: dict, fast: dict, key: str) -> float:
     return baseline[key]["p50"] / fast[key]["p50"]
 
@@ -635,11 +652,12 @@ def make_paths(work: Workload, options: BenchOptions) -> dict[str, Baseline | Fa
     )
     fast = make_fast(model, ids, runtime)
     paths: dict[str, Baseline | FastPath] = {"baseline": Baseline(model, ids), "fast": fast}
-    if _uses_onednn(fast):  # the same fast path on torch's default kernels: the attribution
-        torch_linear = RuntimeConfig(device, max_seq_len=work.max_seq, cpu_linear="torch")
-        plain = make_fast(model, ids, torch_linear)
+    other = _other_kernels(fast, device)
+    if other:  # the same fast path on the other float32 Linear kernels: the choice, measured
+        kernels = RuntimeConfig(device, max_seq_len=work.max_seq, cpu_linear=other[1])
+        plain = make_fast(model, ids, kernels)
         encoder = plain.encoder if options.vision_backend == "torch" else fast.encoder
-        paths["mkl_linear"] = FastPath(model, ids, encoder, plain.decoder)  # ORT: shared
+        paths[other[0]] = FastPath(model, ids, encoder, plain.decoder)  # ORT: shared
     if not options.compile_decode:  # the same kernels through transformers' forward per token
         reference = StaticDecoder(
             fast.decoder.lm, work.max_seq, cpu_linear="torch", fast_step=False
@@ -714,6 +732,7 @@ def measure_variants(
 VARIANTS = (
     "transformers_step",
     "mkl_linear",
+    "onednn_linear",
     "int8",
     "int4_weight_only",
     "bf16",
@@ -723,6 +742,7 @@ VARIANTS = (
 VARIANT_RUNTIMES = {
     "transformers_step": RuntimeConfig(),
     "mkl_linear": RuntimeConfig(cpu_linear="torch"),
+    "onednn_linear": RuntimeConfig(cpu_linear="onednn"),
     "int8": RuntimeConfig(quantize="int8"),
     "int4_weight_only": RuntimeConfig(quantize="int4_weight_only"),
     "bf16": RuntimeConfig(dtype="bfloat16"),
@@ -774,7 +794,7 @@ def _result_header(options: BenchOptions, work: Workload, measured: dict, varian
         "iters": options.iters,
         "vision_backend": options.vision_backend,
         "compile_decode": options.compile_decode,
-        "machine": _machine(options.device),
+        "machine": machine_facts(options.device),
         "model": {
             "parameters_total": parameter_count(model),
             "parameters_vision": parameter_count(model.vision_tower),
@@ -853,7 +873,7 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
     return model, [f for f in CPU_FLAGS if f in flags]
 
 
-def _machine(device: str) -> dict:
+def machine_facts(device: str) -> dict:
     cpu_model, flags = _cpu_model_and_flags()
     info = {
         "python": platform.python_version(),

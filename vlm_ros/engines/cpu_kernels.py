@@ -4,7 +4,9 @@ Why: torch's CPU ``F.linear`` in float32 goes to MKL, which is tuned for Intel C
 EPYC these benchmarks ran on, oneDNN (inside torch, the library torch already uses for bf16)
 was ~2x faster for both the compute-bound prefill GEMMs and the memory-bound decode GEMVs
 (7.5 -> 4.0 ms for 304x800x3200, 9.6 -> 4.0 ms for the 51200-row vocabulary head at batch 1;
-docs/performance.md). Intel CPUs were not measured. It is the
+docs/performance.md). On an Intel Xeon (AVX-512, AMX) it is the other way round: MKL's GEMVs
+read 15-19 GB/s against oneDNN's 13-17, and the decode step took 39 against 44 ms, so
+``cpu_linear: auto`` picks oneDNN on AMD CPUs only (cpu_vendor). It is the
 same float32 arithmetic in another summation order (differences ~1e-6 relative), so greedy
 tokens stay those of the reference; test/test_cpu_kernels.py and the parity tests check it.
 
@@ -104,12 +106,32 @@ def with_onednn_linear(module: nn.Module, mode: str) -> nn.Module:
     return swapped
 
 
+AMD_VENDORS = ("AuthenticAMD", "HygonGenuine")  # x86 vendor ids whose float32 MKL is the slow one
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The x86 vendor id ("GenuineIntel", "AuthenticAMD", ...) from /proc/cpuinfo; "" where
+    there is none (another OS, an Arm CPU)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def wants_onednn(mode: str, device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether ``cpu_linear`` mode picks oneDNN for a model on device/dtype: "auto" (the
-    default) for float32 on CPU where available, "onednn" the same but said when impossible,
-    "torch" never."""
+    default) for float32 on an AMD CPU where available (on Intel CPUs MKL, torch's own, is the
+    faster one: see the module docstring), "onednn" for float32 on any x86 CPU, said when
+    impossible, "torch" never."""
     check_choice("cpu_linear", mode, CPU_LINEAR_MODES)  # also called outside RuntimeConfig
     if mode == "torch" or torch.device(device).type != "cpu" or dtype != torch.float32:
+        return False
+    if mode == "auto" and cpu_vendor() not in AMD_VENDORS:
         return False
     if mode == "onednn" and not onednn_linear_available():
         _log.warning("cpu_linear='onednn' asked for, but oneDNN's linear is unavailable here")

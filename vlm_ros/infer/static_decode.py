@@ -23,9 +23,9 @@ to K branches of a DynamicCache (what the eager reference does) spent ~40% of th
 in torch.cat copies on the ``small`` preset. Where the cache lacks room for the packed tokens,
 it falls back to that expanded form.
 
-On CPU in float32 the decoder's Linear layers run through oneDNN (``cpu_linear="auto"``,
+On an AMD CPU in float32 the decoder's Linear layers run through oneDNN (``cpu_linear="auto"``,
 engines/cpu_kernels.py; not with ``compile``, whose inductor lowers Linear itself): ~2x MKL's
-speed on the AMD hosts measured, same float32 arithmetic.
+speed on the AMD hosts measured, same float32 arithmetic (on Intel CPUs MKL is the faster).
 They are swapped in a copy of ``lm``'s module tree that shares its weights, so the model's own
 modules (and the eager reference) are untouched.
 

@@ -47,8 +47,9 @@ class TorchVisionEncoder:
     the encoder layers up to select_layer: bit-identical to ``VlmModel.encode_images``, which
     computes the last layer and throws it away).
 
-    float32 on an x86 CPU: the Linear layers go through oneDNN like the static decoder's
-    (``runtime.cpu_linear``, engines/cpu_kernels.py; same arithmetic, another summation order),
+    float32 on an x86 CPU: the Linear layers go through the kernels ``runtime.cpu_linear``
+    picks, like the static decoder's (oneDNN on AMD CPUs by default, engines/cpu_kernels.py;
+    same arithmetic, another summation order),
     in a copy of the stage that shares the model's weights; ``cpu_linear="torch"`` keeps the
     exact bits of encode_images.
     """

@@ -97,9 +97,10 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     ),
     "cpu_linear": (
         "auto",
-        "float32 on x86 CPUs, static decoder and torch vision stage: "
-        "auto/onednn = Linear layers through oneDNN (~2x MKL on AMD; the decoder not with "
-        "compile_decode, whose inductor lowers Linear itself), torch = plain F.linear",
+        "float32 on x86 CPUs, static decoder and torch vision stage: auto = Linear layers "
+        "through oneDNN on AMD CPUs (~2x MKL there), torch's MKL on Intel's (the faster one "
+        "there); onednn = oneDNN on any x86 CPU (the decoder not with compile_decode, whose "
+        "inductor lowers Linear itself); torch = plain F.linear",
     ),
     "engine_dir": ("models/engines", "directory of prebuilt ONNX/TensorRT engines"),
     "board": (
