@@ -627,12 +627,15 @@ def _uses_onednn(fast: FastPath) -> bool:
     return any(isinstance(m, OneDnnLinear) for m in fast.decoder.lm.modules())
 
 
-def _other_kernels(fast: FastPath, device: str) -> tuple[str, CpuLinearMode] | None:
+def _other_kernels(fast: FastPath, options: BenchOptions) -> tuple[str, CpuLinearMode] | None:
     """The variant with the float32 Linear kernels ``cpu_linear: auto`` did not pick (x86 CPU,
-    float32 model, oneDNN's op present): (variant name, cpu_linear), or None."""
+    float32 model, oneDNN's op present, not compiled: inductor lowers Linear itself):
+    (variant name, cpu_linear), or None."""
     if _uses_onednn(fast):
         return "mkl_linear", "torch"
-    if torch.device(device).type != "cpu" or model_dtype(fast.model) != torch.float32:
+    if options.compile_decode or torch.device(options.device).type != "cpu":
+        return None
+    if model_dtype(fast.model) != torch.float32:
         return None
     return ("onednn_linear", "onednn") if onednn_linear_available() else None
 
@@ -652,7 +655,7 @@ def make_paths(work: Workload, options: BenchOptions) -> dict[str, Baseline | Fa
     )
     fast = make_fast(model, ids, runtime)
     paths: dict[str, Baseline | FastPath] = {"baseline": Baseline(model, ids), "fast": fast}
-    other = _other_kernels(fast, device)
+    other = _other_kernels(fast, options)
     if other:  # the same fast path on the other float32 Linear kernels: the choice, measured
         kernels = RuntimeConfig(device, max_seq_len=work.max_seq, cpu_linear=other[1])
         plain = make_fast(model, ids, kernels)
