@@ -459,6 +459,14 @@ def logit_error(
     with the same inputs), under "fidelity"."""
     a = fast_a.answer(pixels, steps, keep_logits=True)
     b = fast_b.answer(pixels, steps, keep_logits=True)
+    return compare_generations(a, b, threshold)
+
+
+def compare_generations(
+    a: decode.Generation, b: decode.Generation, threshold: fidelity.Threshold | None = None
+) -> dict:
+    """logit_error's figures for two answers already made (``keep_logits``), so a caller that
+    cannot hold both models at once (a full-size preset) compares one after the other."""
     first_a, first_b = a.step_logits[0], b.step_logits[0]
     spread = float(first_a.max() - first_a.min()) or 1.0
     out = {
