@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -102,11 +103,10 @@ def main() -> None:
         | {"load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}},
         "note": "random weights: near-flat logits exaggerate quantization noise",
     }
-    text = json.dumps(out, indent=2)
-    print(text)
+    text = json.dumps(out, indent=2) + "\n"
+    print(text, end="")
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
+        Path(args.out).write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -143,11 +144,10 @@ def main() -> None:
             "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
         },
     }
-    text = json.dumps(out, indent=2)
-    print(text)
+    text = json.dumps(out, indent=2) + "\n"
+    print(text, end="")
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
+        Path(args.out).write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":
