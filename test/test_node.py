@@ -440,6 +440,11 @@ def test_camera_flood_keeps_the_queue_bounded_memory_flat_and_frames_accounted(r
     assert max(growth) < 16, f"RSS grew during the flood (MB over the 2 s sample): {growth}"
     resp = ask(ros, node, probe)  # queries still go first
     assert resp.success, resp.error_message
+    # The flood's truncated frames are rejected only when a job takes one, which a slow host
+    # may never do; this one is taken by the query (or a periodic job before it) for sure.
+    camera.send(image_msg(10, height=480, width=640, data=bytes(1000)), node)
+    refused = ask(ros, node, probe)
+    assert not refused.success and refused.error_message
 
     # quiet: no more input or periodic work, the last job done
     assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS

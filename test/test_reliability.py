@@ -89,13 +89,25 @@ def stop_node(proc: subprocess.Popen, log: Path) -> tuple[int, float]:
 
 
 def ask_once(ros, probe, service: str = SERVICE, camera: str = "", timeout: float = 30.0):
+    """One Ask answered within ``timeout``. A request sent just after discovery can lose its
+    response (the server's response writer not yet matched to this client's reader, a DDS
+    race that a loaded host widens), so an unanswered request is sent again every 15 s, as a
+    robot's client would; a node that never answers still fails after ``timeout``."""
     from vlm_ros.srv import Ask
 
     client = probe.create_client(Ask, service)
     wait_for(client.service_is_ready, 60, what=f"service {service}")
-    future = client.call_async(Ask.Request(question="Is the path ahead clear?", camera=camera))
-    wait_for(future.done, timeout, what="ask response")
-    return future.result()
+    end = time.monotonic() + timeout
+    while True:
+        future = client.call_async(Ask.Request(question="Is the path ahead clear?", camera=camera))
+        wait = min(15.0, end - time.monotonic())
+        try:
+            wait_for(future.done, wait, what="ask response")
+            return future.result()
+        except AssertionError:
+            client.remove_pending_request(future)
+            if time.monotonic() + 0.1 >= end:
+                raise
 
 
 class Diagnostics:
