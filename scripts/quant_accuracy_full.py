@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,38 +37,29 @@ from vlm_ros.infer.static_decode import StaticDecoder
 from vlm_ros.infer.vision import make_vision_encoder
 
 STEPS = 16
-VARIANTS = {  # name -> (model dtype, the setting), as the bench names them
-    "fp32": (torch.float32, RuntimeConfig()),
-    "int8": (torch.float32, RuntimeConfig(quantize="int8")),
-    "int4_weight_only": (torch.float32, RuntimeConfig(quantize="int4_weight_only")),
-    "bf16": (torch.bfloat16, RuntimeConfig(dtype="bfloat16")),
-    "bf16_int8_weight_only": (
-        torch.bfloat16,
-        RuntimeConfig(dtype="bfloat16", quantize="int8_weight_only"),
-    ),
+VARIANTS = {  # name -> the setting, as the bench names them (dtype None: float32)
+    "fp32": RuntimeConfig(),
+    "int8": RuntimeConfig(quantize="int8"),
+    "int4_weight_only": RuntimeConfig(quantize="int4_weight_only"),
+    "bf16": RuntimeConfig(dtype="bfloat16"),
+    "bf16_int8_weight_only": RuntimeConfig(dtype="bfloat16", quantize="int8_weight_only"),
 }
 
 
-def answer(preset: str, dtype: torch.dtype, runtime: RuntimeConfig):
-    """One seeded model of ``preset`` in ``dtype`` with ``runtime``'s decoder (quantized in
-    place: no second copy), answering the bench's request; the model is dropped after."""
-    model = measure.build_model(preset, "cpu", dtype)
-    ids = measure.prompt_ids(model, measure.PRESETS[preset].text_tokens)
-    size = int(model.vision_config.image_size)
-    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-    prompt_len = len(ids) - 1 + model.num_image_tokens
-    runtime = RuntimeConfig(
-        dtype=runtime.dtype,
-        quantize=runtime.quantize,
-        max_seq_len=prompt_len + STEPS + 8,
-    )
-    decoder = make_decoder(model.language_model, runtime)
+def answer(preset: str, runtime: RuntimeConfig):
+    """The bench's workload (measure.make_workload: seeded model, prompt, pixels) in
+    ``runtime``'s dtype, with its decoder quantized in place (no second copy), answering the
+    bench's request; the model is dropped after."""
+    work = measure.make_workload(measure.BenchOptions(preset, "cpu", runtime.dtype or "float32"))
+    runtime = replace(runtime, max_seq_len=work.prompt_len + STEPS + 8)
+    decoder = make_decoder(work.model.language_model, runtime)
     assert isinstance(decoder, StaticDecoder), type(decoder)  # the default decoder: static
-    fast = measure.FastPath(model, ids, make_vision_encoder(model, runtime), decoder)
+    fast = measure.FastPath(work.model, work.ids, make_vision_encoder(work.model, runtime), decoder)
     start = time.perf_counter()
-    gen = fast.answer(pixels.to(dtype), STEPS, keep_logits=True)
+    gen = fast.answer(work.pixels, STEPS, keep_logits=True)
     seconds = time.perf_counter() - start
-    del fast, decoder, model
+    prompt_len = work.prompt_len
+    del fast, decoder, work
     gc.collect()
     return gen, seconds, prompt_len
 
@@ -84,12 +76,12 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     results: dict = {}
     with torch.inference_mode():
-        reference, seconds, prompt_len = answer(args.preset, *VARIANTS["fp32"])
+        reference, seconds, prompt_len = answer(args.preset, VARIANTS["fp32"])
         results["fp32"] = {"seconds_for_the_answer": seconds}
         print(f"fp32: {seconds:.0f} s", flush=True)
         for name in args.variants.split(","):
-            dtype, runtime = VARIANTS[name]
-            gen, seconds, _ = answer(args.preset, dtype, runtime)
+            runtime = VARIANTS[name]
+            gen, seconds, _ = answer(args.preset, runtime)
             figures = measure.compare_generations(reference, gen, fidelity.threshold_for(runtime))
             results[name] = figures | {"seconds_for_the_answer": seconds}
             print(f"{name}: {json.dumps(figures)}", flush=True)
