@@ -77,3 +77,32 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class FeedbackTopic:
+    """Every Describe feedback message for one action, from its feedback topic.
+
+    rclpy's ActionClient drops a goal's feedback callback as soon as the result arrives, and
+    feedback and result travel on different DDS topics: on a loaded host the last feedback can
+    land after the result and never reach the callback. A robot that needs every partial text
+    subscribes to ``<action>/_action/feedback`` the same way. Create it before sending the goal.
+    """
+
+    def __init__(self, probe, action: str, depth: int = 1000):
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+        from vlm_ros.action import Describe
+
+        self.messages: list = []  # (goal uuid bytes, Describe.Feedback)
+        qos = QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE)
+        self.sub = probe.create_subscription(
+            Describe.Impl.FeedbackMessage, f"{action}/_action/feedback", self._on, qos
+        )
+        wait_for(lambda: self.sub.get_publisher_count() > 0, what=f"{action} feedback publisher")
+
+    def _on(self, msg) -> None:
+        self.messages.append((bytes(msg.goal_id.uuid), msg.feedback))
+
+    def texts(self, goal_uuid: bytes) -> list[str]:
+        """The partial texts of one goal, in arrival order."""
+        return [fb.partial_text for uuid, fb in self.messages if uuid == goal_uuid]

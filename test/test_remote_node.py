@@ -17,7 +17,7 @@ import time
 
 import pytest
 from net_helpers import free_port
-from ros_helpers import start_node, wait_for
+from ros_helpers import FeedbackTopic, start_node, wait_for
 from test_node import Camera, ask, image_msg
 from wire_server import MODEL, PIECES, VLM, WireServer
 
@@ -91,8 +91,10 @@ def test_describe_feedback_streams_token_by_token(ros, server):
     node = remote_node(ros, "rdesc", server.url)
     camera, probe = Camera(ros, "rdesc"), ros.client_node("rdesc_probe")
     camera.send(image_msg(2), node)
-    client = ActionClient(probe, Describe, f"{node.get_fully_qualified_name()}/describe")
+    action = f"{node.get_fully_qualified_name()}/describe"
+    client = ActionClient(probe, Describe, action)
     assert client.wait_for_server(timeout_sec=10)
+    topic = FeedbackTopic(probe, action)  # also the last feedback, if it trails the result
     feedback = []
 
     def on_feedback(fb) -> None:
@@ -107,7 +109,11 @@ def test_describe_feedback_streams_token_by_token(ros, server):
     assert res.success, res.error_message
     assert res.answer == "The path is clear."
     assert server.gate_ok == [True] * (len(PIECES) - 1)
-    assert feedback == ["".join(PIECES[: i + 1]).strip() for i in range(len(PIECES))]
+    want = ["".join(PIECES[: i + 1]).strip() for i in range(len(PIECES))]
+    uuid = bytes(handle.goal_id.uuid)
+    wait_for(lambda: len(topic.texts(uuid)) >= len(want), 60, what="the last feedback")
+    assert topic.texts(uuid) == want
+    assert feedback == want[: len(feedback)]  # the callback's, up to the result
 
 
 def test_server_down_at_start_then_up(ros):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from net_helpers import free_port
-from ros_helpers import start_node, wait_for
+from ros_helpers import FeedbackTopic, start_node, wait_for
 from test_node import Camera, ask
 from wire_server import http_server_process
 
@@ -158,20 +158,20 @@ def test_node_remote_ask_and_describe_equal_local_greedy(ros, served, local):
     expected: list[str] = []
     want = local.answer(image, QUESTIONS[1], max_new_tokens=MAX_NEW, on_text=expected.append)
     camera.send(image_msg_of(image, 4), node)  # the same image again: the first may be stale now
-    client = ActionClient(probe, Describe, f"{node.get_fully_qualified_name()}/describe")
+    action = f"{node.get_fully_qualified_name()}/describe"
+    client = ActionClient(probe, Describe, action)
     assert client.wait_for_server(timeout_sec=10)
-    feedback: list[str] = []
-    goal = client.send_goal_async(
-        Describe.Goal(question=QUESTIONS[1]),
-        feedback_callback=lambda fb: feedback.append(fb.feedback.partial_text),
-    )
+    topic = FeedbackTopic(probe, action)  # also feedback landing after the result
+    goal = client.send_goal_async(Describe.Goal(question=QUESTIONS[1]))
     handle = wait_for(lambda: goal.done() and goal.result(), what="goal accepted")
     result = handle.get_result_async()
     wait_for(result.done, 150, what="describe result")
     res = result.result().result
     assert res.success and res.answer == want.text, res.error_message
     # feedback and the result travel on separate topics: on a loaded host feedback can trail
-    wait_for(lambda: len(feedback) >= len(expected), 60, what="the last feedback")
+    uuid = bytes(handle.goal_id.uuid)
+    wait_for(lambda: len(topic.texts(uuid)) >= len(expected), 60, what="the last feedback")
+    feedback = topic.texts(uuid)
     assert feedback == expected  # the same partial texts, in the same order, as local on_text
 
 
