@@ -69,7 +69,10 @@ def start_node(ros: Ros, model: str, ns: str, **params):
     return node
 
 
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    """Poll ``predicate`` until truthy (returned) or ``timeout`` s (AssertionError naming
+    ``what``). The default is generous: DDS discovery and a reply take well under a second
+    alone, but many seconds on a 2-core CI host beside other work; it costs only on failure."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = predicate()

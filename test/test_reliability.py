@@ -266,6 +266,66 @@ def test_outputs_logs_and_ask_use_the_resolved_camera_topic(ros, node):
     assert "fastdds_large_frames.xml" in text  # the transport it chose, logged
 
 
+# A server answering a client whose reply reader it has not matched: the client's reply reader
+# asks for transient-local durability, which the volatile reply writer cannot offer, so the two
+# never match while the request side does. rmw_fastrtps then waits the reply writer's
+# max_blocking_time before it drops the reply; the script prints that wait in seconds.
+UNMATCHED_REPLY = """
+import sys, threading, time
+import rclpy
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.qos import DurabilityPolicy, QoSProfile
+from vlm_ros.srv import Ask
+
+rclpy.init()
+server, client_node = rclpy.create_node("reply_server"), rclpy.create_node("reply_client")
+service = server.create_service(Ask, "reply_wait", lambda req, resp: resp)
+send, waits = service.send_response, []
+
+def timed(response, header):
+    start = time.monotonic()
+    send(response, header)
+    waits.append(time.monotonic() - start)
+
+service.send_response = timed  # the executor sends the reply through this attribute
+qos = QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+client = client_node.create_client(Ask, "reply_wait", qos_profile=qos)
+executor = MultiThreadedExecutor()
+executor.add_node(server)
+executor.add_node(client_node)
+threading.Thread(target=executor.spin, daemon=True).start()
+end = time.monotonic() + 30
+while server.count_clients("reply_wait") == 0 and time.monotonic() < end:
+    time.sleep(0.05)
+time.sleep(1.0)  # the request side matched both ways
+client.call_async(Ask.Request())
+while not waits and time.monotonic() < end:
+    time.sleep(0.01)
+print(waits[0] if waits else "none")
+"""
+
+
+def test_the_profile_gives_service_replies_a_second_to_match(ros):
+    """config/fastdds_large_frames.xml's "service" data_writer profile: a reply waits up to 1 s
+    (not Fast DDS's 100 ms) for its client's reader to match before it is dropped."""
+    from vlm_ros.ros.transport import PROFILE_VARIABLE, profile_path
+
+    def wait_s(profile: str | None) -> float:
+        environ = env(ros)
+        environ.pop(PROFILE_VARIABLE, None)
+        if profile:
+            environ[PROFILE_VARIABLE] = profile
+        out = subprocess.run([sys.executable, "-c", UNMATCHED_REPLY], capture_output=True,
+                             text=True, env=environ, cwd=ROOT, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "client will not receive response" in out.stderr  # rmw dropped it, as expected
+        return float(out.stdout.strip().splitlines()[-1])
+
+    with_profile, default = wait_s(str(profile_path())), wait_s(None)
+    assert with_profile >= 0.95, with_profile
+    assert default < 0.95, default  # Fast DDS's own 100 ms: the profile is what changed it
+
+
 def test_diagnostics_warn_when_a_matched_camera_sends_nothing(ros, node):
     from sensor_msgs.msg import Image
 

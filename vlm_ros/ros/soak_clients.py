@@ -19,6 +19,7 @@ Refusal reasons are read from the node's one-line error messages (REASONS).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import sys
 import time
@@ -100,10 +101,7 @@ def _wait_until(executor, when: float) -> None:
         executor.spin_once(timeout_sec=min(0.05, max(0.0, when - time.time())))
 
 
-def ask_role(args: argparse.Namespace) -> dict:
-    node = rclpy.create_node(args.name)
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
+def ask_role(args: argparse.Namespace, node, executor) -> dict:
     client = node.create_client(Ask, args.service)  # default QoS, as a user's client has
     if not client.wait_for_service(timeout_sec=args.wait):
         return {"error": f"service {args.service} not available after {args.wait} s"}
@@ -152,8 +150,9 @@ def _await_all(executor, futures: list, sent: float, args, tally: Tally) -> list
 def _settle(executor, args: argparse.Namespace) -> float:
     """After wait_for_service: give the server time to discover this client's response reader
     too (discovery is not symmetric). A request sent before that is answered into the void:
-    rmw_fastrtps waits 100 ms for the match, then drops the response ("failed to send response
-    (timeout)"), which no server can prevent. Then, with ``--barrier DIR``, say ready
+    rmw_fastrtps waits the reply writer's max_blocking_time for the match (100 ms by default; 1 s
+    with the node's config/fastdds_large_frames.xml), then drops the response ("failed to send
+    response (timeout)"). Then, with ``--barrier DIR``, say ready
     (DIR/ready-NAME) and wait for DIR/go, which holds the time.time() of the first burst
     (args.start is set from it). Returns time.time() when ready."""
     _wait_until(executor, time.time() + SETTLE_S)
@@ -183,10 +182,7 @@ def release(barrier: Path, clients: int, timeout: float, lead_s: float = 2.0) ->
     return start
 
 
-def describe_role(args: argparse.Namespace) -> dict:
-    node = rclpy.create_node(args.name)
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
+def describe_role(args: argparse.Namespace, node, executor) -> dict:
     client = ActionClient(node, Describe, args.service)
     if not client.wait_for_server(timeout_sec=args.wait):
         return {"error": f"action {args.service} not available after {args.wait} s"}
@@ -233,8 +229,7 @@ def bad_frame(kind: str) -> Image:
     return Image(height=0, width=0, encoding="rgb8", step=0, data=b"")
 
 
-def camera_role(args: argparse.Namespace) -> dict:
-    node = rclpy.create_node(args.name)
+def camera_role(args: argparse.Namespace, node, _executor) -> dict:
     reliability = ReliabilityPolicy.RELIABLE if args.reliable else ReliabilityPolicy.BEST_EFFORT
     qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=reliability)
     pub = node.create_publisher(Image, args.topic, qos)
@@ -297,12 +292,18 @@ ROLES = {"ask": ask_role, "describe": describe_role, "camera": camera_role}
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    faulthandler.enable()  # a native crash says where it happened (stderr: the tests show it)
     rclpy.init()
+    node = rclpy.create_node(args.name)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
     try:
-        out = ROLES[args.role](args)
-    finally:
+        out = ROLES[args.role](args, node, executor)
+        print(json.dumps(out), flush=True)  # final: written before the teardown
+    finally:  # in order: executor, node, context (a context shut down under live ones can crash)
+        executor.shutdown()
+        node.destroy_node()
         rclpy.try_shutdown()
-    print(json.dumps(out), flush=True)
     return 0 if "error" not in out else 1
 
 

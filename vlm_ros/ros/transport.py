@@ -6,7 +6,9 @@ is 2.7 MB) falls back to fragmented UDP, and at 30 Hz best effort lost 90-95% of
 loopback here. ``config/fastdds_large_frames.xml`` keeps the default transports (shared memory +
 UDPv4) with a 64 MB segment; with it in the *camera's* process 100% arrived. Fast DDS's own
 ``FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA`` preset was measured too and delivered about 10%
-(docs/NODE.md).
+(docs/NODE.md). The same file gives service replies (Ask, and the Describe action's services) 1 s
+instead of 100 ms to match a new client's reply reader before Fast DDS drops the reply: under load
+the server side of discovery lagged past 100 ms and a burst reply was lost.
 
 ``use_large_frame_profile`` points FASTDDS_DEFAULT_PROFILES_FILE at that profile unless the user
 chose a transport already (any Fast DDS profile or builtin-transport variable set, or another
@@ -52,4 +54,7 @@ def use_large_frame_profile(env: MutableMapping[str, str] | None = None) -> str:
     if path is None:
         return f"DDS transport: Fast DDS defaults ({PROFILE_NAME} not found; see docs/NODE.md)"
     env[PROFILE_VARIABLE] = str(path)
-    return f"DDS transport: {PROFILE_VARIABLE}={path} (64 MB shared memory for camera frames)"
+    return (
+        f"DDS transport: {PROFILE_VARIABLE}={path} "
+        "(64 MB shared memory for camera frames, 1 s for a service reply to match)"
+    )
