@@ -225,9 +225,8 @@ def test_describe_streams_partial_text(ros, main_node):
     assert res.success, res.error_message
     uuid = bytes(handle.goal_id.uuid)
     # the last feedback may trail the result (another topic): wait for it on the topic
-    wait_for(lambda: res.answer in topic.texts(uuid), 60, what="the last feedback")
-    texts = topic.texts(uuid)
-    assert texts[-1] == res.answer
+    texts = wait_for(lambda: (t := topic.texts(uuid)) and t[-1] == res.answer and t, 60,
+                     what="the last feedback, equal to the answer")  # fmt: skip
     tokens = [fb.tokens_generated for u, fb in topic.messages if u == uuid]
     assert tokens == list(range(1, len(tokens) + 1))  # one per token, none lost
     # the ActionClient callback got the same messages, up to the result (rclpy then drops it)
