@@ -293,7 +293,8 @@ client = client_node.create_client(Ask, "reply_wait", qos_profile=qos)
 executor = MultiThreadedExecutor()
 executor.add_node(server)
 executor.add_node(client_node)
-threading.Thread(target=executor.spin, daemon=True).start()
+spinner = threading.Thread(target=executor.spin)
+spinner.start()
 end = time.monotonic() + 30
 while server.count_clients("reply_wait") == 0 and time.monotonic() < end:
     time.sleep(0.05)
@@ -301,7 +302,12 @@ time.sleep(1.0)  # the request side matched both ways
 client.call_async(Ask.Request())
 while not waits and time.monotonic() < end:
     time.sleep(0.01)
-print(waits[0] if waits else "none")
+print(waits[0] if waits else "none", flush=True)
+executor.shutdown()  # in order: a thread still spinning at exit aborts the process
+spinner.join()
+server.destroy_node()
+client_node.destroy_node()
+rclpy.shutdown()
 """
 
 
