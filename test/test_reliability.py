@@ -271,7 +271,7 @@ def test_outputs_logs_and_ask_use_the_resolved_camera_topic(ros, node):
 # never match while the request side does. rmw_fastrtps then waits the reply writer's
 # max_blocking_time before it drops the reply; the script prints that wait in seconds.
 UNMATCHED_REPLY = """
-import sys, threading, time
+import threading, time
 import rclpy
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile
