@@ -263,6 +263,44 @@ def test_llamacpp_peer_missing_is_one_clear_line(capsys, monkeypatch):
     assert "pip install llama-cpp-python gguf" in err and "Traceback" not in err
 
 
+def test_full_size_script_runs_every_phase_one_model_at_a_time(tmp_path):
+    """scripts/full_size_llamacpp.py (the full-size run against llama.cpp, one model in memory
+    at a time) on tiny: every phase of ours and llama.cpp's runs in its own process on the
+    same embeddings; llama.cpp's f32 is our fp32 to float32 rounding, the rebuilt fp32 is
+    exact, the bytes per token shrink with the width, and each phase reports its own memory
+    and its own measured read bandwidth."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _llama_cpp_or_skip()
+    script = Path(__file__).resolve().parents[1] / "scripts" / "full_size_llamacpp.py"
+    out = tmp_path / "full.json"
+    command = [sys.executable, str(script), "tiny", "--iters", "1", "--steps", "4",
+               "--threads", "1", "--tmp", str(tmp_path), "--out", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    paths = result["paths"]
+    ours = ["fp32", "int8", "bf16_int8_weight_only", "int4_weight_only"]
+    names = [f"vlm_ros {n}" for n in ours] + [f"llama.cpp {k}" for k in ("f32", "q8_0", "q4_0")]
+    assert sorted(paths) == sorted(names)
+    assert paths["vlm_ros fp32"]["accuracy_vs_our_fp32"]["first_logits_max_abs_error"] == 0.0
+    f32 = paths["llama.cpp f32"]["accuracy_vs_our_fp32"]
+    assert f32["first_logits_error_over_range"] < 1e-3 and f32["greedy_prefix_agreement"] == 1.0
+    for name, entry in paths.items():
+        assert entry["decode_ms_per_token"]["p50"] > 0 and entry["prefill_ms"]["p50"] > 0, name
+        assert 0 < entry["peak_host_rss_mib"] and entry["resident_after_load_mib"] > 0, name
+        assert min(entry["read_bandwidth_gb_s"].values()) > 0, name
+        assert entry["accuracy_vs_our_fp32"]["first_logits_error_over_range"] < 0.5, name
+    weights = {name: entry["decode_bytes_per_token"]["weights"] for name, entry in paths.items()}
+    assert weights["llama.cpp q4_0"] < weights["llama.cpp q8_0"] < weights["llama.cpp f32"]
+    assert weights["vlm_ros int4_weight_only"] < weights["vlm_ros int8"] < weights["vlm_ros fp32"]
+    assert set(result["ours_faster_by"]) == {
+        "fp32 vs f32", "int8 vs q8_0", "bf16_int8_weight_only vs q8_0", "int4_weight_only vs q4_0"
+    }  # fmt: skip
+    assert not list(tmp_path.glob("vlm_ros_full_peer_*")), "the GGUF files are removed"
+
+
 def test_stored_weight_bytes_count_quantized_weights_once():
     """The bytes a decode step reads, per path: fp32 4 bytes a Linear weight, dynamic int8 1
     (torch.ao's packed params, counted once), int4 half a byte plus a bf16 scale and zero per

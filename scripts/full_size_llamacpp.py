@@ -1,0 +1,353 @@
+"""A full-size decoder against llama.cpp at the same precisions, in one run, one model in
+memory at a time (issue 17, item 5: "llava-phi-full on CPU at fp32, int8 and int4, against
+llama.cpp at the same precisions, in one run ... Report peak RSS too").
+
+``vlm-ros bench --llamacpp`` holds every path side by side and interleaves them, which a
+3B-parameter decoder cannot do in 24 GB (11 GB in float32, and llama.cpp's f32 copy is 11 GB
+more). So this run is a sequence of phases, each a fresh process:
+
+1. ``prepare``: the bench's seeded workload (measure.make_workload); the decoder's input
+   embeddings (image features spliced in, the torch vision stage) saved to a file; the decoder
+   exported to GGUF f32 and quantized to q8_0 and q4_0 by llama.cpp's own quantizer
+   (bench/llamacpp.py, as the bench does).
+2. one phase per path, ours and llama.cpp's alternating (fp32, f32, int8, q8_0, ...): ours
+   rebuilds the same seeded weights (quant_accuracy_full.py showed the rebuild is exact) and
+   builds the decoder through the product's factory (make_decoder); llama.cpp loads its file
+   into memory. Each times a prefill of the same embeddings and ``--steps`` greedy decode steps
+   per iteration, keeps the first 16 greedy tokens and the first step's logits, and measures
+   the host's streaming read bandwidth just before and after its timing: bandwidth on these
+   virtual machines drifts over minutes, so each phase is set against its own.
+
+A process per phase gives each its own peak RSS (``ru_maxrss``; for ours it includes the
+float32 weights that quantizing starts from) and its resident memory once loaded.
+Accuracy is every path's first-step logits and greedy tokens against our float32 phase.
+
+    .venv/bin/python scripts/full_size_llamacpp.py llava-phi-full --threads 2 \\
+        --out bench/results/cpu-llava-phi-full-llamacpp.json
+
+Random weights: speed does not depend on their values, but their near-flat logits exaggerate
+quantization noise in the accuracy figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlm_ros.bench import llamacpp, measure
+from vlm_ros.config import GenerationConfig, RuntimeConfig
+from vlm_ros.infer import decode
+from vlm_ros.infer.decode import make_decoder
+from vlm_ros.infer.fidelity import prefix_agreement
+from vlm_ros.infer.static_decode import StaticDecoder
+from vlm_ros.infer.vision import make_vision_encoder
+from vlm_ros.timing import StageTimer
+from vlm_ros.types import Request
+
+OURS = {  # our path -> its settings (dtype None: float32), as the bench's variants name them
+    "fp32": RuntimeConfig(),
+    "int8": RuntimeConfig(quantize="int8"),
+    "bf16_int8_weight_only": RuntimeConfig(dtype="bfloat16", quantize="int8_weight_only"),
+    "int4_weight_only": RuntimeConfig(quantize="int4_weight_only"),
+}
+# The order of the phases: each of ours next to llama.cpp's type of the same width
+ORDER = (
+    "ours:fp32",
+    "llama:f32",
+    "ours:int8",
+    "ours:bf16_int8_weight_only",
+    "llama:q8_0",
+    "ours:int4_weight_only",
+    "llama:q4_0",
+)
+PAIRS = {  # llama.cpp type -> our paths at the same weight width
+    "f32": ("fp32",),
+    "q8_0": ("int8", "bf16_int8_weight_only"),
+    "q4_0": ("int4_weight_only",),
+}
+ACCURACY_TOKENS = 16
+
+
+def resident_mib() -> float:
+    """This process's resident memory now (VmRSS), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- phases (each runs in its own process) --------------------------------------------------
+
+
+def prepare(args, work_dir: Path) -> dict:
+    """The workload's decoder input and the GGUF files; figures every phase needs."""
+    work = measure.make_workload(measure.BenchOptions(args.preset, "cpu", "float32"))
+    model = work.model
+    image = make_vision_encoder(model, RuntimeConfig()).encode(work.pixels, StageTimer("cpu"))
+    spliced = decode.splice_image(work.ids, image, model.embed_tokens, model.num_image_tokens)
+    embeds = spliced[0].float().numpy()  # [S, hidden], as measure.peer_embeds gives the bench
+    np.save(work_dir / "embeds.npy", embeds)
+    lm = work.model.language_model
+    source = llamacpp.export_gguf(lm, work_dir / "decoder-f32.gguf")
+    positions = work.prompt_len + args.steps // 2  # the live KV at the middle of the answer
+    out = {
+        "prompt_positions": work.prompt_len,
+        "decoder_parameters": measure.parameter_count(lm),
+        "vision_parameters": measure.parameter_count(model.vision_tower),
+        "live_kv_f32_bytes": measure.live_kv_bytes(model, positions, 4),
+    }
+    del work, model, lm, image, spliced  # the quantizer reads the file, not the model
+    gc.collect()
+    files = {"f32": source}
+    for kind in ("q8_0", "q4_0"):
+        target = work_dir / f"decoder-{kind}.gguf"
+        files[kind] = llamacpp.quantize(source, target, kind, args.threads)
+    out["gguf"] = {kind: llamacpp.gguf_bytes(path) for kind, path in files.items()}
+    return out
+
+
+def _times(prefill: list[float], decode_ms: list[float]) -> dict:
+    return {
+        "prefill_ms": measure.percentiles(prefill),
+        "decode_ms_per_token": measure.percentiles(decode_ms),
+    }
+
+
+def run_ours(name: str, args, work_dir: Path) -> dict:
+    """Our decoder for ``name``'s settings on the saved embeddings."""
+    runtime = OURS[name]
+    start = time.perf_counter()
+    work = measure.make_workload(measure.BenchOptions(args.preset, "cpu", runtime.dtype))
+    runtime = replace(runtime, max_seq_len=work.prompt_len + args.steps + 8)
+    decoder = make_decoder(work.model.language_model, runtime)
+    assert isinstance(decoder, StaticDecoder), type(decoder)  # the default decoder: static
+    build_s = time.perf_counter() - start
+    embeds = torch.from_numpy(np.load(work_dir / "embeds.npy"))[None].to(decoder.dtype)
+    loaded = resident_mib()
+
+    def answer(tokens: int, timer: StageTimer) -> decode.Generation:
+        config = GenerationConfig()  # greedy
+        request = Request(measure.NO_IMAGE, "", max_new_tokens=tokens, generation=config)
+        gen = decode.generate(
+            decoder, embeds, request, stop_token_id=measure.NEVER_STOP, timer=timer,
+            keep_logits=True,
+        )  # fmt: skip
+        decoder.reset()
+        return gen
+
+    answer(4, StageTimer("cpu"))  # warm-up
+    before = measure.read_bandwidth()
+    prefill, per_token, first = [], [], None
+    for _ in range(args.iters):
+        timer = StageTimer("cpu")
+        gen = answer(args.steps + 1, timer)
+        ms = timer.milliseconds()
+        prefill.append(ms["prefill"])
+        per_token.append(ms["decode"] / args.steps)
+        first = first or gen
+    after = measure.read_bandwidth()
+    assert first is not None
+    tokens = first.token_ids[:ACCURACY_TOKENS]
+    np.savez(work_dir / f"ours-{name}.npz", tokens=np.array(tokens),
+             first_logits=first.step_logits[0].float().numpy().reshape(-1))  # fmt: skip
+    return _times(prefill, per_token) | {
+        "build_and_quantize_s": build_s,
+        "decode_bytes_per_token": {
+            "weights": measure.stored_weight_bytes(decoder.lm),
+            "live_kv": measure.live_kv_bytes(
+                work.model, work.prompt_len + args.steps // 2, decoder.dtype.itemsize
+            ),
+        },
+        "read_bandwidth_gb_s": {"before": before["best"], "after": after["best"]},
+        "resident_after_load_mib": loaded,
+        "peak_host_rss_mib": peak_mib(),
+    }
+
+
+def run_llama(kind: str, args, work_dir: Path, prompt_len: int) -> dict:
+    """llama.cpp's ``kind`` file on the same embeddings."""
+    start = time.perf_counter()
+    peer = llamacpp.LlamaCppDecoder(
+        work_dir / f"decoder-{kind}.gguf",
+        n_ctx=prompt_len + args.steps + 8,
+        threads=args.threads,
+        max_prompt=prompt_len,
+    )
+    load_s = time.perf_counter() - start
+    loaded = resident_mib()
+    embeds = np.load(work_dir / "embeds.npy")
+    try:
+        peer.greedy(embeds, 4)  # warm-up
+        before = measure.read_bandwidth()
+        prefill, per_token, first = [], [], None
+        for _ in range(args.iters):
+            tokens, steps = peer.greedy(embeds, args.steps + 1)
+            prefill.append(steps[0].ms)
+            per_token.append(sum(s.ms for s in steps[1:]) / args.steps)
+            first = first or (tokens, steps)
+        after = measure.read_bandwidth()
+        info = llamacpp.system_info()
+    finally:
+        peer.close()
+    assert first is not None
+    np.savez(work_dir / f"llama-{kind}.npz", tokens=np.array(first[0][:ACCURACY_TOKENS]),
+             first_logits=first[1][0].logits)  # fmt: skip
+    return _times(prefill, per_token) | {
+        "load_s": load_s,
+        "read_bandwidth_gb_s": {"before": before["best"], "after": after["best"]},
+        "resident_after_load_mib": loaded,
+        "peak_host_rss_mib": peak_mib(),
+        "system_info": info,
+        "extra_buffer_types": llamacpp.extra_buffer_types(llamacpp.require_llama_cpp()),
+    }
+
+
+def run_phase(args) -> None:
+    torch.set_num_threads(args.threads)
+    work_dir = Path(args.work_dir)
+    load = os.getloadavg()[0]
+    with torch.inference_mode():
+        if args.phase == "prepare":
+            out = prepare(args, work_dir)
+        else:
+            side, name = args.phase.split(":")
+            if side == "ours":
+                out = run_ours(name, args, work_dir)
+            else:
+                prompt_len = int(np.load(work_dir / "embeds.npy", mmap_mode="r").shape[0])
+                out = run_llama(name, args, work_dir, prompt_len)
+    out["load_average_1min"] = {"start": load, "end": os.getloadavg()[0]}
+    (work_dir / f"{args.phase.replace(':', '-')}.json").write_text(json.dumps(out))
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def accuracy(work_dir: Path, phase: str) -> dict:
+    """A phase's first-step logits and greedy tokens against our float32 phase."""
+    ref = np.load(work_dir / "ours-fp32.npz")
+    got = np.load(work_dir / f"{phase.replace(':', '-')}.npz")
+    spread = float(ref["first_logits"].max() - ref["first_logits"].min()) or 1.0
+    error = float(np.abs(got["first_logits"] - ref["first_logits"]).max())
+    return {
+        "first_logits_max_abs_error": error,
+        "first_logits_error_over_range": error / spread,
+        "greedy_prefix_agreement": prefix_agreement(ref["tokens"].tolist(), got["tokens"].tolist()),
+    }
+
+
+def add_bandwidth(entry: dict, step_bytes: dict) -> None:
+    """The read GB/s a decode step implies, and its share of the phase's own measured read."""
+    total = step_bytes["weights"] + step_bytes["live_kv"]
+    gb_s = total / entry["decode_ms_per_token"]["p50"] / 1e6
+    read = max(entry["read_bandwidth_gb_s"].values())
+    entry["decode_gb_s"] = gb_s
+    entry["fraction_of_read"] = gb_s / read
+
+
+def collect(work_dir: Path, prepared: dict) -> dict:
+    paths: dict[str, dict] = {}
+    for phase in ORDER:
+        side, name = phase.split(":")
+        entry = json.loads((work_dir / f"{side}-{name}.json").read_text())
+        if side == "llama":
+            entry["decode_bytes_per_token"] = {
+                "weights": prepared["gguf"][name]["weights"],
+                "live_kv": prepared["live_kv_f32_bytes"],
+            }
+            entry["tensor_types"] = prepared["gguf"][name]["tensor_types"]
+        add_bandwidth(entry, entry["decode_bytes_per_token"])
+        entry["accuracy_vs_our_fp32"] = accuracy(work_dir, phase)
+        paths[f"{'vlm_ros' if side == 'ours' else 'llama.cpp'} {name}"] = entry
+    return paths
+
+
+def versus(paths: dict) -> dict:
+    """Ours over llama.cpp at the same width: how many times faster (>1: ours faster)."""
+    out = {}
+    for kind, ours in PAIRS.items():
+        theirs = paths[f"llama.cpp {kind}"]
+        for name in ours:
+            mine = paths[f"vlm_ros {name}"]
+            out[f"{name} vs {kind}"] = {
+                stage: theirs[stage]["p50"] / mine[stage]["p50"]
+                for stage in ("prefill_ms", "decode_ms_per_token")
+            }
+    return out
+
+
+def run_all(args) -> dict:
+    load = os.getloadavg()[0]
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    peak_child = 0.0
+    with tempfile.TemporaryDirectory(prefix="vlm_ros_full_peer_", dir=args.tmp) as tmp:
+        for phase in ("prepare", *ORDER):
+            command = [sys.executable, __file__, args.preset, "--phase", phase,
+                       "--work-dir", tmp, "--threads", str(args.threads),
+                       "--iters", str(args.iters), "--steps", str(args.steps)]  # fmt: skip
+            print(f"{time.strftime('%H:%M:%S')} {phase}", file=sys.stderr, flush=True)
+            subprocess.run(command, check=True)
+            peak_child = max(peak_child, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+        work_dir = Path(tmp)
+        prepared = json.loads((work_dir / "prepare.json").read_text())
+        paths = collect(work_dir, prepared)
+    return {
+        "preset": args.preset,
+        "started_utc": started,
+        "how": "one process per phase, one model in memory at a time, phases in this order: "
+        + ", ".join(ORDER),
+        "threads": args.threads,
+        "iterations": args.iters,
+        "decode_steps": args.steps,
+        "prepare": prepared,
+        "paths": paths,
+        "ours_faster_by": versus(paths),
+        "largest_phase_peak_rss_mib": peak_child / 1024,
+        "machine": measure.machine_facts("cpu")
+        | {"load_average_1min": {"start": load, "end": os.getloadavg()[0]}},
+        "llama_cpp_version": llamacpp.version(),
+        "note": "random weights: speed does not depend on them; their near-flat logits "
+        "exaggerate quantization noise in the accuracy figures",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("preset", nargs="?", default="llava-phi-full")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=32, help="decode steps timed per iteration")
+    parser.add_argument("--out")
+    parser.add_argument("--tmp", help="where the GGUF files go (23 GB for llava-phi-full)")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: one phase, in a child
+    parser.add_argument("--work-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        run_phase(args)
+        return
+    llamacpp.require_llama_cpp()  # one line naming the install, before any work
+    result = run_all(args)
+    text = json.dumps(result, indent=2) + "\n"
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
