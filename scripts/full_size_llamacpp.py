@@ -342,6 +342,7 @@ def main() -> None:
         run_phase(args)
         return
     llamacpp.require_llama_cpp()  # one line naming the install, before any work
+    torch.set_num_threads(args.threads)  # as the phases run (machine_facts reports it)
     result = run_all(args)
     text = json.dumps(result, indent=2) + "\n"
     print(text, end="")

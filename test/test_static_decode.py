@@ -297,3 +297,30 @@ def test_no_deprecated_cache_argument(pair):
             assistant.answer(_images(1)[0], QUESTIONS[0], 3)
             assistant.rank(_images(1)[0], QUESTIONS[1], ACTIONS)
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_dynamic_int8_frees_the_float32_weights_at_once():
+    """quantize='int8' swaps every Linear for torch.ao's int8 one; the float32 modules it
+    drops sit in reference cycles. Loading must free them, not leave them to a full collection
+    a serving process may not run for hours (llava-phi-full: 15.3 GB resident instead of 5.4).
+    The cyclic collector is off here, so only the loader's own collection can free them."""
+    import gc
+    import weakref
+
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from vlm_ros.infer.decode import make_decoder
+
+    config = PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4)  # fmt: skip
+    lm = PhiForCausalLM(config).eval()
+    weights = [weakref.ref(m.weight) for m in lm.modules() if type(m) is torch.nn.Linear]
+    assert len(weights) == 13  # 6 per layer and the head
+    gc.disable()
+    try:
+        decoder = make_decoder(lm, RuntimeConfig(quantize="int8", max_seq_len=32))
+        alive = [ref for ref in weights if ref() is not None]
+    finally:
+        gc.enable()
+    assert isinstance(decoder, StaticDecoder)
+    assert not alive, f"{len(alive)} float32 Linear weights still alive after loading"

@@ -39,6 +39,7 @@ int4 kernels (engines/weight_int4.py). Each replaces the Linear modules of ``lm`
 
 from __future__ import annotations
 
+import gc
 import logging
 import warnings
 from collections.abc import Callable
@@ -64,7 +65,13 @@ def quantize_int8(lm: nn.Module) -> nn.Module:
 
     with warnings.catch_warnings():  # torch.ao's deprecation notices, once per process
         warnings.simplefilter("ignore")
-        return quantize_dynamic(lm, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        quantized = quantize_dynamic(lm, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    # The float32 Linear modules torch.ao swaps out are left in reference cycles, which only
+    # the cyclic collector frees, and a serving process may not run a full collection for a
+    # long time: measured on llava-phi-full, 15.3 GB resident after loading instead of 5.4
+    # (the float32 weights kept beside the int8 ones). Collect them now.
+    gc.collect()
+    return quantized
 
 
 def check_quantize(quantize: QuantizeMode, device: torch.device, dtype: torch.dtype) -> None:
