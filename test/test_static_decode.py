@@ -324,3 +324,21 @@ def test_dynamic_int8_frees_the_float32_weights_at_once():
         gc.enable()
     assert isinstance(decoder, StaticDecoder)
     assert not alive, f"{len(alive)} float32 Linear weights still alive after loading"
+
+
+def test_dynamic_int8_picks_qnnpack_on_arm_and_keeps_the_default_elsewhere(monkeypatch):
+    """torch 2.13's aarch64 wheel defaults to the x86 quantized engine, which cannot pack
+    weights on Arm ("unknown architecure"): dynamic int8 asks for QNNPACK there, leaves x86
+    hosts on torch's default, and an Arm torch without QNNPACK is refused by name at load.
+    (The Arm run itself: scripts/arm64-emulated-check.sh, bench/results/arm64-qemu-tests.json.)"""
+    from vlm_ros.errors import InputError
+    from vlm_ros.infer import static_decode
+    from vlm_ros.infer.static_decode import check_quantize, int8_engine
+
+    default = torch.backends.quantized.engine
+    assert int8_engine("x86_64") == default
+    assert int8_engine("aarch64") == "qnnpack" and int8_engine("arm64") == "qnnpack"
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    monkeypatch.setattr(static_decode, "quantized_engines", lambda: ["x86", "none"])
+    with pytest.raises(InputError, match="QNNPACK"):
+        check_quantize("int8", torch.device("cpu"), torch.float32)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import platform
 import warnings
 from collections.abc import Callable
 
@@ -63,6 +64,7 @@ def quantize_int8(lm: nn.Module) -> nn.Module:
     # Optional: only the opt-in int8 mode uses torch.ao (deprecated); kept off the import path.
     from torch.ao.quantization import quantize_dynamic
 
+    torch.backends.quantized.engine = int8_engine()  # the packed weights are the engine's
     with warnings.catch_warnings():  # torch.ao's deprecation notices, once per process
         warnings.simplefilter("ignore")
         quantized = quantize_dynamic(lm, {nn.Linear}, dtype=torch.qint8, inplace=True)
@@ -74,12 +76,37 @@ def quantize_int8(lm: nn.Module) -> nn.Module:
     return quantized
 
 
+def quantized_engines() -> list[str]:
+    """The quantized engines this torch build has (a function: tests replace it)."""
+    return list(torch.backends.quantized.supported_engines)
+
+
+def int8_engine(machine: str | None = None) -> str:
+    """torch's quantized engine for dynamic int8 on this CPU. On an Arm CPU (a Jetson's cores)
+    that is QNNPACK: torch's aarch64 wheel 2.13.0 registers and defaults to the x86 engine,
+    whose linear_prepack raises "unknown architecure" there (pytorch/pytorch#177254; its fix,
+    #180679, is not in that wheel: found by scripts/arm64-emulated-check.sh). Elsewhere
+    torch's default (x86 / fbgemm) stays."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("aarch64", "arm64"):
+        return torch.backends.quantized.engine
+    engines = quantized_engines()
+    if "qnnpack" not in engines:
+        raise InputError(
+            "quantize='int8' on an Arm CPU needs torch's QNNPACK engine, which this torch "
+            f"build lacks (engines: {engines}); use "
+            "quantize='int4_weight_only', or dtype bfloat16 with quantize='int8_weight_only'"
+        )
+    return "qnnpack"
+
+
 def check_quantize(quantize: QuantizeMode, device: torch.device, dtype: torch.dtype) -> None:
     """The quantization policy: dynamic int8 runs on CPU kernels that take float32."""
     if quantize != "int8":
         return
     if device.type != "cpu":
         raise InputError("quantize='int8' is CPU-only (dynamic int8 kernels)")
+    int8_engine()  # an Arm torch without QNNPACK is refused here, by name
     if dtype != torch.float32:
         raise InputError(
             f"quantize='int8' needs dtype float32 (the model is {dtype_name(dtype)}): its "
