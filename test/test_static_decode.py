@@ -302,7 +302,7 @@ def test_no_deprecated_cache_argument(pair):
 def test_dynamic_int8_frees_the_float32_weights_at_once():
     """quantize='int8' swaps every Linear for torch.ao's int8 one; the float32 modules it
     drops sit in reference cycles. Loading must free them, not leave them to a full collection
-    a serving process may not run for hours (llava-phi-full: 15.3 GB resident instead of 5.4).
+    a serving process may not run for hours (llava-phi-full: 15.1 GiB resident instead of 5.3).
     The cyclic collector is off here, so only the loader's own collection can free them."""
     import gc
     import weakref

@@ -70,7 +70,7 @@ def quantize_int8(lm: nn.Module) -> nn.Module:
         quantized = quantize_dynamic(lm, {nn.Linear}, dtype=torch.qint8, inplace=True)
     # The float32 Linear modules torch.ao swaps out are left in reference cycles, which only
     # the cyclic collector frees, and a serving process may not run a full collection for a
-    # long time: measured on llava-phi-full, 15.3 GB resident after loading instead of 5.4
+    # long time: measured on llava-phi-full, 15.1 GiB resident after loading instead of 5.3
     # (the float32 weights kept beside the int8 ones). Collect them now.
     gc.collect()
     return quantized
@@ -84,9 +84,9 @@ def quantized_engines() -> list[str]:
 def int8_engine(machine: str | None = None) -> str:
     """torch's quantized engine for dynamic int8 on this CPU. On an Arm CPU (a Jetson's cores)
     that is QNNPACK: torch's aarch64 wheel 2.13.0 registers and defaults to the x86 engine,
-    whose linear_prepack raises "unknown architecure" there (pytorch/pytorch#177254; its fix,
-    #180679, is not in that wheel: found by scripts/arm64-emulated-check.sh). Elsewhere
-    torch's default (x86 / fbgemm) stays."""
+    whose linear_prepack raises "unknown architecure" there (pytorch/pytorch#177254; seen
+    with 2.13.0 by scripts/arm64-emulated-check.sh). Elsewhere torch's default (x86 / fbgemm)
+    stays."""
     machine = (machine or platform.machine()).lower()
     if machine not in ("aarch64", "arm64"):
         return torch.backends.quantized.engine
