@@ -634,3 +634,47 @@ def test_the_shipped_serve_config_is_valid_for_ray_serve():
     model = next(d for d in app.deployments if d.name == ray_app.MODEL_DEPLOYMENT)
     assert model.max_ongoing_requests == 1 and model.max_queued_requests > 0
     assert model.ray_actor_options.num_gpus == 1
+
+
+def test_connect_tries_again_when_the_heads_client_server_dies(monkeypatch, capsys):
+    """Ray Client's head forks a server per connection, and that child dies at fork() now and
+    then (ray-project/ray#63202: "Starting Ray client server failed"). connect() tries a new
+    connection, up to CLIENT_SERVER_TRIES, saying why; any other failure is raised at once."""
+    died = ConnectionAbortedError(
+        "Initialization failure from server:\nRuntimeError: Starting Ray client server "
+        "failed. See ray_client_server_23000.err for detailed logs."
+    )
+    calls = []
+
+    def init(address=None, **_):
+        calls.append(address)
+        if len(calls) < 2:
+            raise died
+
+    monkeypatch.setattr(ray_app.ray, "init", init)
+    monkeypatch.setattr(ray_app.ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray_app.ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(ray_app.time, "sleep", lambda s: None)
+    assert ray_app.connect("ray://127.0.0.1:1") == {"CPU": 4.0} and len(calls) == 2
+    assert "ray-project/ray#63202" in capsys.readouterr().err
+
+    def always(address=None, **_):
+        calls.append(address)
+        raise died
+
+    calls.clear()
+    monkeypatch.setattr(ray_app.ray, "init", always)
+    with pytest.raises(ConnectionError, match="Starting Ray client server failed"):
+        ray_app.connect("ray://127.0.0.1:1")
+    assert len(calls) == ray_app.CLIENT_SERVER_TRIES
+
+    def other(address=None, **_):
+        calls.append(address)
+        raise ConnectionError("timed out")
+
+    calls.clear()
+    monkeypatch.setattr(ray_app.ray, "init", other)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(ConnectionError, match="timed out"):
+        ray_app.connect("ray://127.0.0.1:1")
+    assert len(calls) == 1

@@ -23,6 +23,7 @@ per replica), so throughput scales with replicas, not with a batch (docs/SERVING
 
 import asyncio
 import os
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -360,7 +361,7 @@ def connect(address: str | None, **init_kwargs) -> dict[str, float]:
     an explicit address only under ``RAY_AUTH_MODE=token``; without it a Ray Client connection
     just times out, so that error names the fix (docs/SERVING.md)."""
     try:
-        ray.init(address=address, **init_kwargs)
+        _init_retrying_client_server(address, init_kwargs)
     except ConnectionError as exc:
         if not (address or "").startswith("ray://") or os.environ.get("RAY_AUTH_MODE"):
             raise
@@ -370,6 +371,32 @@ def connect(address: str | None, **init_kwargs) -> dict[str, float]:
             "RAY_AUTH_TOKEN or ~/.ray/auth_token (see docs/SERVING.md)"
         ) from exc
     return ray.cluster_resources()
+
+
+CLIENT_SERVER_TRIES = 3  # Ray Client connections tried when the head's server for it dies
+_CLIENT_SERVER_DIED = "Starting Ray client server failed"  # ray/util/client/server/proxier.py
+
+
+def _init_retrying_client_server(address: str | None, init_kwargs: dict) -> None:
+    """ray.init, tried again when Ray Client's head could not start the server process it
+    forks for each connection: that child dies now and then at fork() (a gRPC race in Ray's
+    proxier, ray-project/ray#63202, open; seen here in about one CI run in three). A new
+    connection gets a new process, so trying again is what a user would do by hand."""
+    for attempt in range(1, CLIENT_SERVER_TRIES + 1):
+        try:
+            ray.init(address=address, **init_kwargs)
+            return
+        except (ConnectionError, RuntimeError) as exc:
+            if _CLIENT_SERVER_DIED not in str(exc) or attempt == CLIENT_SERVER_TRIES:
+                raise
+            print(
+                f"Ray Client: the head's server for this connection failed to start "
+                f"(ray-project/ray#63202); trying again ({attempt + 1}/{CLIENT_SERVER_TRIES})",
+                file=sys.stderr,
+                flush=True,
+            )
+            ray.shutdown()
+            time.sleep(1.0)
 
 
 def deploy(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8000) -> None:
