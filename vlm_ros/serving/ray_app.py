@@ -380,7 +380,7 @@ _CLIENT_SERVER_DIED = "Starting Ray client server failed"  # ray/util/client/ser
 def _init_retrying_client_server(address: str | None, init_kwargs: dict) -> None:
     """ray.init, tried again when Ray Client's head could not start the server process it
     forks for each connection: that child dies now and then at fork() (a gRPC race in Ray's
-    proxier, ray-project/ray#63202, open; seen here in about one CI run in three). A new
+    proxier, ray-project/ray#63202, open; it failed two local CI runs here). A new
     connection gets a new process, so trying again is what a user would do by hand."""
     for attempt in range(1, CLIENT_SERVER_TRIES + 1):
         try:
