@@ -88,10 +88,6 @@ def resident_mib() -> float:
     return float("nan")
 
 
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ---- phases (each runs in its own process) --------------------------------------------------
 
 
@@ -176,7 +172,7 @@ def run_ours(name: str, args, work_dir: Path) -> dict:
         },
         "read_bandwidth_gb_s": {"before": before["best"], "after": after["best"]},
         "resident_after_load_mib": loaded,
-        "peak_host_rss_mib": peak_mib(),
+        "peak_host_rss_mib": measure.peak_memory("cpu")["peak_host_rss_mib"],
     }
 
 
@@ -212,7 +208,7 @@ def run_llama(kind: str, args, work_dir: Path, prompt_len: int) -> dict:
         "load_s": load_s,
         "read_bandwidth_gb_s": {"before": before["best"], "after": after["best"]},
         "resident_after_load_mib": loaded,
-        "peak_host_rss_mib": peak_mib(),
+        "peak_host_rss_mib": measure.peak_memory("cpu")["peak_host_rss_mib"],
         "system_info": info,
         "extra_buffer_types": llamacpp.extra_buffer_types(llamacpp.require_llama_cpp()),
     }
