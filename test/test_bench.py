@@ -301,6 +301,32 @@ def test_full_size_script_runs_every_phase_one_model_at_a_time(tmp_path):
     assert not list(tmp_path.glob("vlm_ros_full_peer_*")), "the GGUF files are removed"
 
 
+def test_decode_split_script_times_each_part_and_restores_the_step(tmp_path):
+    """scripts/decode_split.py (where a decode step's time goes: the step, its Linear layers
+    alone, the step without them, and without attention too) on tiny: every part is timed in
+    every round against a measured bandwidth, the bytes it divides by are the step's, and the
+    step computes the same logits after the hollowing as before it (the script asserts it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "decode_split.py"
+    out = tmp_path / "split.json"
+    command = [sys.executable, str(script), "tiny", "--threads", "1", "--rounds", "2",
+               "--tokens", "4", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    parts = ("step", "linears", "outside_linears", "outside_linears_no_attention")
+    assert len(result["rounds"]) == 2
+    for row in result["rounds"]:
+        assert row["read_gb_s"] > 0 and all(row[p] > 0 for p in parts), row
+        assert row["step_share_of_read"] > 0 and row["linears_share_of_read"] > 0
+    sizes = result["bytes_per_token"]
+    assert 0 < sizes["linear_weights"] <= sizes["weights"] and sizes["live_kv"] > 0
+    assert set(parts) | {"attention"} <= set(result["median"])
+
+
 def test_stored_weight_bytes_count_quantized_weights_once():
     """The bytes a decode step reads, per path: fp32 4 bytes a Linear weight, dynamic int8 1
     (torch.ao's packed params, counted once), int4 half a byte plus a bf16 scale and zero per

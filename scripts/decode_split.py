@@ -1,0 +1,148 @@
+"""Where a decode step's time goes: the whole step against its Linear layers alone and against
+everything but them, interleaved in one process, each round set against the host's read
+bandwidth measured just before it (issue 17, item 2: "find where the other half goes").
+
+    .venv/bin/python scripts/decode_split.py small --threads 2 \\
+        --out bench/results/cpu-small-decode-split.json
+
+Per round (same seeded weights, the product's StaticDecoder and its lean step, float32):
+- ``step``: decode steps after a prefill, as the bench times them;
+- ``linears``: the decoder's Linear layers alone, each called on a [1, 1, in] input in the
+  step's order (the 73 GEMVs of a `small` token and their parallel regions, nothing else);
+- ``outside_linears``: the step with every Linear of the layers and the head replaced by a
+  module that returns a preallocated output: attention, norms, rotary, cache writes, the
+  activation and the Python around them;
+- ``outside_linears_no_attention``: the same without the attention call (its input passed
+  through), so attention's own share is the difference.
+
+Replacing modules is for this measurement only; the shapes, the cache and the step's code
+are the product's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlm_ros.bench import measure
+from vlm_ros.infer import phi_step
+from vlm_ros.infer.static_decode import StaticDecoder
+
+
+class _Preallocated(nn.Module):
+    """Stands in for a Linear: returns its output buffer, computes nothing."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out = torch.randn(1, 1, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out
+
+
+def _no_attention(q, k, v, enable_gqa=False):
+    return q
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("preset", nargs="?", default="small")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = measure.build_model(args.preset, "cpu", torch.float32)
+    lm = model.language_model
+    prompt = 304 if args.preset == "small" else 32
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, prompt, lm.config.hidden_size, generator=generator)
+    result: dict = {"preset": args.preset, "threads": args.threads, "tokens": args.tokens,
+                    "prompt": prompt, "load_average_start": os.getloadavg()[0]}  # fmt: skip
+    with torch.inference_mode():
+        decoder = StaticDecoder(lm, prompt + args.tokens + 8, cpu_linear="torch")
+        step = decoder._fast
+        assert step is not None, "the preset's decoder has no lean step"
+        real_layers, real_head = step.layers, step.head
+        stub = lambda m: _Preallocated(m.out_features)  # noqa: E731
+        hollow = [dataclasses.replace(layer, q=stub(layer.q), k=stub(layer.k), v=stub(layer.v),
+                                      dense=stub(layer.dense), fc1=stub(layer.fc1),
+                                      fc2=stub(layer.fc2)) for layer in real_layers]  # fmt: skip
+        linears = [m for m in lm.modules() if isinstance(m, nn.Linear)]
+        inputs = [torch.randn(1, 1, m.in_features) for m in linears]
+        weights = measure.stored_weight_bytes(lm)
+        kv = measure.live_kv_bytes(model, prompt + args.tokens // 2, 4)
+        linear_bytes = sum(p.numel() * 4 for m in linears for p in m.parameters())
+
+        def decode() -> float:
+            decoder.prefill(embeds)
+            token = torch.tensor([[11]])
+            start = time.perf_counter()
+            for _ in range(args.tokens):
+                decoder.decode_one_token(token)
+            return (time.perf_counter() - start) * 1000 / args.tokens
+
+        def linears_alone() -> float:
+            start = time.perf_counter()
+            for _ in range(args.tokens):
+                for module, x in zip(linears, inputs, strict=True):
+                    module(x)
+            return (time.perf_counter() - start) * 1000 / args.tokens
+
+        def hollowed(attention) -> float:
+            step.layers, step.head = hollow, _Preallocated(real_head.out_features)
+            phi_step.F = attention
+            try:
+                return decode()
+            finally:
+                step.layers, step.head, phi_step.F = real_layers, real_head, torch.nn.functional
+
+        no_attention = types.SimpleNamespace(scaled_dot_product_attention=_no_attention)
+        runs = {
+            "step": decode,
+            "linears": linears_alone,
+            "outside_linears": lambda: hollowed(torch.nn.functional),
+            "outside_linears_no_attention": lambda: hollowed(no_attention),
+        }
+
+        def first_logits() -> torch.Tensor:
+            decoder.prefill(embeds)
+            return decoder.decode_one_token(torch.tensor([[11]])).clone()
+
+        before = first_logits()
+        for run in runs.values():
+            run()  # warm-up
+        rounds = []
+        for _ in range(args.rounds):
+            row = {"read_gb_s": measure.read_bandwidth(iters=5)["best"]}
+            row.update({name: run() for name, run in runs.items()})
+            row["step_share_of_read"] = (weights + kv) / row["step"] / 1e6 / row["read_gb_s"]
+            row["linears_share_of_read"] = linear_bytes / row["linears"] / 1e6 / row["read_gb_s"]
+            rounds.append(row)
+            print(json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
+        # the product's modules are back: the step computes what it did before the hollowing
+        assert torch.equal(first_logits(), before), "the decode step changed during the split"
+    median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    median["attention"] = median["outside_linears"] - median["outside_linears_no_attention"]
+    result.update(
+        bytes_per_token={"weights": weights, "live_kv": kv, "linear_weights": linear_bytes},
+        rounds=rounds, median=median, load_average_end=os.getloadavg()[0],
+        machine=measure.machine_facts("cpu"),
+    )  # fmt: skip
+    print(json.dumps({k: round(v, 3) for k, v in median.items()}))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
