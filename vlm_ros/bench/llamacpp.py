@@ -18,6 +18,7 @@ Optional: llama-cpp-python and gguf are imported only here, by ``vlm-ros bench -
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -297,6 +298,15 @@ class LlamaCppDecoder:
 def system_info() -> str:
     """llama.cpp's own line of the CPU features it was built for and detects."""
     return require_llama_cpp().llama_print_system_info().decode().strip()
+
+
+def library_dir() -> str:
+    """Where the llama.cpp library in use was loaded from: llama-cpp-python's own build, or a
+    build of another ISA named by ``LLAMA_CPP_LIB_PATH`` (its own loader reads the variable;
+    scripts/avx2-limited-bench.sh uses it for an AVX2-only build)."""
+    return os.environ.get("LLAMA_CPP_LIB_PATH") or str(
+        Path(require_llama_cpp().__file__).parent / "lib"
+    )
 
 
 def read_into_memory(lib, params) -> None:

@@ -365,6 +365,7 @@ def peer_results(
     return {
         "version": llamacpp.version(),
         "system_info": llamacpp.system_info(),
+        "library": llamacpp.library_dir(),
         "kv_cache": "f32",
         "extra_buffer_types": llamacpp.extra_buffer_types(llamacpp.require_llama_cpp()),
         "threads": torch.get_num_threads(),
@@ -884,6 +885,19 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
     return model, [f for f in CPU_FLAGS if f in flags]
 
 
+# Environment variables that make the CPU libraries use fewer instructions than the CPU has:
+# torch's own kernels, MKL, oneDNN, FBGEMM (dynamic int8). Set together, they run an AVX-512
+# host's kernels as an AVX2-only host runs them (scripts/avx2-limited-bench.sh), and a result
+# must say so: its cpu_flags still name the host's.
+ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+                  "DNNL_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")  # fmt: skip
+
+
+def isa_limits() -> dict[str, str]:
+    """The ISA-limiting variables set in this process's environment, by name."""
+    return {name: os.environ[name] for name in ISA_LIMIT_VARS if os.environ.get(name)}
+
+
 def machine_facts(device: str) -> dict:
     cpu_model, flags = _cpu_model_and_flags()
     info = {
@@ -895,6 +909,8 @@ def machine_facts(device: str) -> dict:
         "bf16_native": cpu_has_native(torch.bfloat16),
         "threads": torch.get_num_threads(),
     }
+    if limits := isa_limits():
+        info["isa_limits"] = limits
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -911,6 +927,14 @@ ROWS = (
     ("answer_64", "image -> 64-token answer"),
     ("action_hint_5", "image -> action hint (5 candidates)"),
 )
+
+
+def _isa_limit_note(machine: dict) -> str:
+    limits = machine.get("isa_limits")
+    if not limits:
+        return ""
+    named = ", ".join(f"{k}={v}" for k, v in limits.items())
+    return f"; **instructions limited by the environment** ({named}): not the host's own ISA"
 
 
 def markdown(result: dict) -> str:
@@ -1024,7 +1048,7 @@ def _notes(result: dict) -> list[str]:
         f"{result['parity']['greedy_prefix_agreement_fast_vs_generate']:.0%} identical",
         f"- machine: {machine['cpu']}, {machine['threads']} threads, "
         f"torch CPU kernels {machine['torch_cpu_capability']}, native bf16: "
-        f"{'yes' if machine['bf16_native'] else 'no'}",
+        f"{'yes' if machine['bf16_native'] else 'no'}" + _isa_limit_note(machine),
         f"- peak host RSS {memory['peak_host_rss_mib']:.0f} MiB, peak GPU "
         f"{memory['peak_gpu_mib']:.0f} MiB",
     ]

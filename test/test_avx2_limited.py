@@ -1,0 +1,99 @@
+"""scripts/avx2-limited-bench.sh: the llama.cpp bench with every CPU library held to AVX2 on an
+AVX-512 host (minutes plus a one-time llama.cpp build: a command whose JSON is committed,
+bench/results/cpu-small-avx2-limited.json, not a CI step). Here: the script is valid bash, the
+environment it sets really moves torch to its AVX2 kernels, the int4 and dynamic int8 layers
+are still right on them, and a bench result records the limits it ran under."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "avx2-limited-bench.sh"
+LIMITS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+}
+
+# Run in a child: the libraries read the variables once, when they load.
+CHILD = """
+import json, torch
+from vlm_ros.bench import measure
+facts = measure.machine_facts("cpu")
+torch.manual_seed(0)
+layer = torch.nn.Linear(256, 96)
+x = torch.randn(4, 256)
+int8 = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(layer), {torch.nn.Linear},
+                                              dtype=torch.qint8)
+want = layer(x)
+error = (int8(x) - want).abs().max().item() / want.abs().max().item()
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "facts": facts,
+                  "note": measure._isa_limit_note(facts), "int8_error": error}))
+"""
+
+
+def _child(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+        env=dict(env, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+
+
+def _host_has_avx2() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return platform.machine() in ("x86_64", "AMD64") and " avx2" in flags
+
+
+def test_the_script_parses_and_refuses_a_result_it_cannot_vouch_for():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    text = SCRIPT.read_text()
+    # every limit the bench records is one the script sets, and the script checks them took
+    for name, value in LIMITS.items():
+        assert f"{name}={value}" in text
+    assert 'cap == "AVX2"' in text and '"AVX512 = 1" not in info' in text
+
+
+def test_the_limits_move_torch_to_avx2_and_the_result_says_so():
+    if not _host_has_avx2():
+        pytest.skip(f"needs an x86-64 CPU with AVX2 (this is {platform.machine()})")
+    clean = {k: v for k, v in os.environ.items() if k not in LIMITS}
+    plain = _child(CHILD, clean)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    plain_out = json.loads(plain.stdout.strip().splitlines()[-1])
+    assert "isa_limits" not in plain_out["facts"] and plain_out["note"] == ""
+
+    limited = _child(CHILD, dict(clean, **LIMITS))
+    assert limited.returncode == 0, limited.stderr[-2000:]
+    out = json.loads(limited.stdout.strip().splitlines()[-1])
+    assert out["capability"] == "AVX2"  # the int4 kernel and the elementwise ops: AVX2 code
+    assert out["facts"]["torch_cpu_capability"] == "AVX2"
+    assert out["facts"]["isa_limits"] == LIMITS
+    assert "limited by the environment" in out["note"] and "ATEN_CPU_CAPABILITY=avx2" in out["note"]
+    # FBGEMM's AVX2 int8 kernels (7-bit activations, reduce_range) still within the int8 bound
+    assert out["int8_error"] < 0.05, out["int8_error"]
+
+
+def test_int4_layers_are_right_on_torchs_avx2_kernels(tmp_path):
+    """The same probe the ARM check runs in its emulator (test_arm64_check.py), here on the
+    AVX2 variant of torch's int4 kernel: what an AVX2-only host would run."""
+    if not _host_has_avx2():
+        pytest.skip(f"needs an x86-64 CPU with AVX2 (this is {platform.machine()})")
+    text = (ROOT / "scripts" / "arm64-emulated-check.sh").read_text()
+    start = text.index("cat > \"$S/plugins/arm64_probe.py\" <<'PY'\n")
+    body = text[text.index("\n", start) + 1 :]
+    probe = body[: body.index("\nPY\n")] + "\n"
+    done = _child(probe, dict(os.environ, **LIMITS))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["cpu_capability"] == "AVX2"
+    assert result["ok"] and len(result["int4_checks"]) == 4
+    assert all(check["max_abs_error"] <= check["bound"] for check in result["int4_checks"])
