@@ -17,8 +17,8 @@
 # had them off), as an AVX2 host's llama.cpp does. Compare the ratios within one run only.
 #
 # Needs: the project's .venv with the peers (scripts/setup.sh --peers), cmake and a C++
-# compiler for the one-time library build (10-20 min on 2 cores; cached by llama-cpp-python
-# version under ~/.cache/vlm_ros).
+# compiler for the one-time library build (3.5 min on 2 cores: the library only), cached by
+# llama-cpp-python version under ~/.cache/vlm_ros.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
@@ -48,7 +48,7 @@ build_llama() {
     tar -xzf "$work"/llama_cpp_python-"$VER".tar.gz -C "$work"
     local src="$work/llama_cpp_python-$VER/vendor/llama.cpp"
     [[ -f "$src/CMakeLists.txt" ]] || die "no vendored llama.cpp in the llama-cpp-python $VER source"
-    log "building llama.cpp with AVX2/FMA/F16C only into $LIB_DIR (once; 10-20 min on 2 cores)"
+    log "building llama.cpp with AVX2/FMA/F16C only into $LIB_DIR (once; a few minutes)"
     cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
         -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
         -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF \
