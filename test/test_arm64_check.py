@@ -12,18 +12,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "arm64-emulated-check.sh"
+
+
+def probe_source() -> str:
+    """The probe the script writes and runs inside the emulator, cut from the script's
+    here-document (test_avx2_limited.py runs it too, on torch's AVX2 kernels)."""
+    text = SCRIPT.read_text()
+    start = text.index("cat > \"$S/plugins/arm64_probe.py\" <<'PY'\n")
+    body = text[text.index("\n", start) + 1 :]
+    return body[: body.index("\nPY\n")] + "\n"
+
 
 def test_the_arm64_check_script_parses_and_its_probe_passes_here(tmp_path):
     """The script is valid bash, and the probe it runs inside the emulator, cut from the
     script, passes natively here: it matches weight_int4's API and its bounds hold on x86."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "arm64-emulated-check.sh"
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    text = script.read_text()
-    start = text.index("cat > \"$S/plugins/arm64_probe.py\" <<'PY'\n")
-    body = text[text.index("\n", start) + 1 :]
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
     probe = tmp_path / "arm64_probe.py"
-    probe.write_text(body[: body.index("\nPY\n")] + "\n")
-    root = str(script.parents[1])
+    probe.write_text(probe_source())
+    root = str(SCRIPT.parents[1])
     env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, str(probe)], capture_output=True, text=True, env=env, timeout=300

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_arm64_check import probe_source
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "avx2-limited-bench.sh"
@@ -87,11 +88,7 @@ def test_int4_layers_are_right_on_torchs_avx2_kernels(tmp_path):
     AVX2 variant of torch's int4 kernel: what an AVX2-only host would run."""
     if not _host_has_avx2():
         pytest.skip(f"needs an x86-64 CPU with AVX2 (this is {platform.machine()})")
-    text = (ROOT / "scripts" / "arm64-emulated-check.sh").read_text()
-    start = text.index("cat > \"$S/plugins/arm64_probe.py\" <<'PY'\n")
-    body = text[text.index("\n", start) + 1 :]
-    probe = body[: body.index("\nPY\n")] + "\n"
-    done = _child(probe, dict(os.environ, **LIMITS))
+    done = _child(probe_source(), dict(os.environ, **LIMITS))
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["cpu_capability"] == "AVX2"
