@@ -13,7 +13,11 @@ Per round (same seeded weights, the product's StaticDecoder and its lean step, f
   module that returns a preallocated output: attention, norms, rotary, cache writes, the
   activation and the Python around them;
 - ``outside_linears_no_attention``: the same without the attention call (its input passed
-  through), so attention's own share is the difference.
+  through), so attention's own share is the difference;
+- with ``--compiled``, also ``compiled_step``: the product's ``compile_decode: true`` step
+  (static_decode.compile_step: inductor, C++ wrapper) on the same weights, timed like
+  ``step``; it attends over its whole static cache under a mask, as transformers' step does.
+  Its first-step logits are checked against the lean step's.
 
 Replacing modules is for this measurement only; the shapes, the cache and the step's code
 are the product's.
@@ -59,6 +63,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--compiled", action="store_true", help="also the compiled step")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,6 +76,11 @@ def main() -> None:
                     "prompt": prompt, "load_average_start": os.getloadavg()[0]}  # fmt: skip
     with torch.inference_mode():
         decoder = StaticDecoder(lm, prompt + args.tokens + 8, cpu_linear="torch")
+        compiled = None
+        if args.compiled:  # compiles here, at load (StaticDecoder.warm_up)
+            compiled = StaticDecoder(lm, prompt + args.tokens + 8, compile=True)
+            if not compiled.compiled:  # its load-time check failed: nothing compiled to time
+                raise SystemExit(f"the compiled step was refused: {compiled.compile_refused}")
         step = decoder._fast
         assert step is not None, "the preset's decoder has no lean step"
         real_layers, real_head = step.layers, step.head
@@ -84,7 +94,7 @@ def main() -> None:
         kv = measure.live_kv_bytes(model, prompt + args.tokens // 2, 4)
         linear_bytes = sum(p.numel() * 4 for m in linears for p in m.parameters())
 
-        def decode() -> float:
+        def decode(decoder: StaticDecoder = decoder) -> float:
             decoder.prefill(embeds)
             token = torch.tensor([[11]])
             start = time.perf_counter()
@@ -115,11 +125,16 @@ def main() -> None:
             "outside_linears_no_attention": lambda: hollowed(no_attention),
         }
 
-        def first_logits() -> torch.Tensor:
+        def first_logits(decoder: StaticDecoder = decoder) -> torch.Tensor:
             decoder.prefill(embeds)
             return decoder.decode_one_token(torch.tensor([[11]])).clone()
 
         before = first_logits()
+        if compiled is not None:
+            runs["compiled_step"] = lambda: decode(compiled)
+            gap = (first_logits(compiled) - before).abs().max().item()
+            result["compiled_max_abs_logit_diff"] = gap
+            assert gap < 1e-3 * (before.max() - before.min()).item(), f"compiled step: {gap}"
         for run in runs.values():
             run()  # warm-up
         rounds = []
@@ -128,6 +143,10 @@ def main() -> None:
             row.update({name: run() for name, run in runs.items()})
             row["step_share_of_read"] = (weights + kv) / row["step"] / 1e6 / row["read_gb_s"]
             row["linears_share_of_read"] = linear_bytes / row["linears"] / 1e6 / row["read_gb_s"]
+            if compiled is not None:
+                row["compiled_step_share_of_read"] = (
+                    (weights + kv) / row["compiled_step"] / 1e6 / row["read_gb_s"]
+                )
             rounds.append(row)
             print(json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
         # the product's modules are back: the step computes what it did before the hollowing

@@ -94,3 +94,45 @@ def test_int4_layers_are_right_on_torchs_avx2_kernels(tmp_path):
     assert result["cpu_capability"] == "AVX2"
     assert result["ok"] and len(result["int4_checks"]) == 4
     assert all(check["max_abs_error"] <= check["bound"] for check in result["int4_checks"])
+
+
+# torch 2.13's inductor, on AVX2 kernels, compiles the `small` decoder's step wrong at some
+# cache lengths (336 here: logits off by ~3, or NaN; 328, 344 and 400 right; right everywhere on
+# AVX-512). StaticDecoder checks a compiled step against the uncompiled one at load.
+COMPILED_CHILD = """
+import json, torch
+from vlm_ros.bench import measure
+from vlm_ros.infer.static_decode import StaticDecoder
+torch.set_num_threads(2)  # at one thread inductor's code for it is right
+lm = measure.build_model("small", "cpu", torch.float32).language_model
+embeds = torch.randn(1, 4, lm.config.hidden_size, generator=torch.Generator().manual_seed(1))
+with torch.inference_mode():
+    served = StaticDecoder(lm, 336, compile=True)
+    plain = StaticDecoder(lm, 336, cpu_linear="torch")
+    logits = []
+    for decoder in (served, plain):
+        decoder.prefill(embeds)
+        logits.append(decoder.decode_one_token(torch.tensor([[11]])).clone())
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
+                  "compiled": served.compiled, "refused": served.compile_refused,
+                  "finite": bool(logits[0].isfinite().all()),
+                  "gap": (logits[0] - logits[1]).abs().max().item()}))
+"""
+
+
+def test_a_compiled_step_is_served_only_where_it_matches_the_uncompiled_one():
+    """compile_decode on AVX2 kernels, at a cache length where torch 2.13's inductor gets the
+    step wrong: the decoder refuses its compiled step at load (compile_refused says why) and
+    serves the uncompiled one, so the answers are right; on a torch that compiles it right,
+    the compiled step is served and is right too. Either way the served logits are the
+    uncompiled decoder's."""
+    if not _host_has_avx2():
+        pytest.skip(f"needs an x86-64 CPU with AVX2 (this is {platform.machine()})")
+    done = _child(COMPILED_CHILD, dict(os.environ, **LIMITS))
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["capability"] == "AVX2"
+    assert out["finite"] and out["gap"] < 1e-4, out
+    assert out["compiled"] != bool(out["refused"]), out  # served compiled, or refused with why
+    if out["refused"]:
+        assert "compiled decode step" in out["refused"], out

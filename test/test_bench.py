@@ -301,11 +301,37 @@ def test_full_size_script_runs_every_phase_one_model_at_a_time(tmp_path):
     assert not list(tmp_path.glob("vlm_ros_full_peer_*")), "the GGUF files are removed"
 
 
+def test_compiled_bench_on_cpu_measures_the_uncompiled_step_beside_it(tmp_path):
+    """``bench --compile`` on CPU: the compiled step (inductor, C++ wrapper) is the fast path
+    and the lean uncompiled step on the same weights is variant ``uncompiled_step``, measured
+    in the same run with its own read-bandwidth share; compiling loses nothing (same greedy
+    tokens, logits within float32 rounding)."""
+    out = tmp_path / "compiled.json"
+    assert main(["bench", "--preset", "tiny", "--iters", "1", "--compile", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["compile_decode"] is True
+    assert result["fast_path"]["compiled"] and result["fast_path"]["compile_refused"] is None
+    assert "transformers_step" not in result["variants"]
+    lean = result["variants"]["uncompiled_step"]
+    _positive_stages(lean["stages"], FAST_METRICS)
+    assert lean["accuracy_vs_fp"]["greedy_prefix_agreement"] == 1.0
+    assert lean["accuracy_vs_fp"]["first_logits_error_over_range"] < 1e-4
+    shares = result["decode_bandwidth"]
+    assert shares["fast"]["fraction_of_read"] > 0 and shares["uncompiled_step"]["gb_s"] > 0
+    assert result["parity"]["greedy_prefix_agreement_fast_vs_generate"] == 1.0
+    from vlm_ros.bench.measure import markdown
+
+    assert "refused at load" not in markdown(result)
+    refused = {**result["fast_path"], "compiled": False, "compile_refused": "logits off"}
+    assert "refused at load** (logits off)" in markdown({**result, "fast_path": refused})
+
+
 def test_decode_split_script_times_each_part_and_restores_the_step(tmp_path):
     """scripts/decode_split.py (where a decode step's time goes: the step, its Linear layers
-    alone, the step without them, and without attention too) on tiny: every part is timed in
-    every round against a measured bandwidth, the bytes it divides by are the step's, and the
-    step computes the same logits after the hollowing as before it (the script asserts it)."""
+    alone, the step without them, without attention too, and the compiled step) on tiny: every
+    part is timed in every round against a measured bandwidth, the bytes it divides by are the
+    step's, the step computes the same logits after the hollowing as before it, and the
+    compiled step's logits are the lean step's (the script asserts both)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -313,15 +339,17 @@ def test_decode_split_script_times_each_part_and_restores_the_step(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "decode_split.py"
     out = tmp_path / "split.json"
     command = [sys.executable, str(script), "tiny", "--threads", "1", "--rounds", "2",
-               "--tokens", "4", "--out", str(out)]  # fmt: skip
+               "--tokens", "4", "--compiled", "--out", str(out)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
-    parts = ("step", "linears", "outside_linears", "outside_linears_no_attention")
+    parts = ("step", "linears", "outside_linears", "outside_linears_no_attention", "compiled_step")
     assert len(result["rounds"]) == 2
     for row in result["rounds"]:
         assert row["read_gb_s"] > 0 and all(row[p] > 0 for p in parts), row
         assert row["step_share_of_read"] > 0 and row["linears_share_of_read"] > 0
+        assert row["compiled_step_share_of_read"] > 0
+    assert 0 <= result["compiled_max_abs_logit_diff"] < 1e-3
     sizes = result["bytes_per_token"]
     assert 0 < sizes["linear_weights"] <= sizes["weights"] and sizes["live_kv"] > 0
     assert set(parts) | {"attention"} <= set(result["median"])

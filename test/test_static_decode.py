@@ -184,7 +184,8 @@ def test_decode_step_traces_as_one_graph():
 def test_compiled_decode_on_cpu_with_the_default_linear_kernels():
     """compile_decode on CPU with cpu_linear left at auto: inductor cannot lower the oneDNN
     Linear the uncompiled path swaps in (it crashed at the first answer), so compiled it keeps
-    torch's Linear for inductor to lower; tokens as the uncompiled static decoder's."""
+    torch's Linear for inductor to lower; tokens as the uncompiled static decoder's. The step
+    is compiled at load: answering afterwards compiles no frame."""
     path = str(tiny_checkpoint("llava_phi"))
     image = _images(1)[0]
     runtime = RuntimeConfig(decoder="static", max_seq_len=256)
@@ -193,7 +194,41 @@ def test_compiled_decode_on_cpu_with_the_default_linear_kernels():
     runtime = RuntimeConfig(decoder="static", compile_decode=True, max_seq_len=256)
     with Assistant.load(path, runtime=runtime) as compiled:
         assert not any("OneDnn" in type(m).__name__ for m in compiled.decoder.lm.modules())
+        # compiled at load (StaticDecoder.warm_up), so the first answer compiles nothing
+        frames = dict(torch._dynamo.utils.counters["frames"])
+        assert frames.get("ok", 0) >= 1, frames
+        assert compiled.decoder.compiled and compiled.decoder.compile_refused is None
+        assert compiled.decoder.length == 0 and compiled.decoder.forward_calls == 0
         assert compiled.answer(image, QUESTIONS[0], 6).token_ids == reference
+        assert dict(torch._dynamo.utils.counters["frames"]) == frames
+
+
+@pytest.mark.parametrize("wrong", ["off", "nan"])
+def test_a_compiled_step_that_disagrees_is_refused_at_load(monkeypatch, caplog, wrong):
+    """A compiled step whose logits are not the uncompiled step's (a miscompile, as torch
+    2.13's inductor makes on AVX2 kernels at some cache lengths: test_avx2_limited.py) is not
+    served: the decoder says why (compile_refused, a warning naming it) and answers with the
+    uncompiled lean step, the same tokens as a decoder never asked to compile."""
+    from vlm_ros.infer import static_decode
+
+    def miscompiled(step, device):
+        bad = {"off": lambda x: x * 2.0, "nan": lambda x: x * float("nan")}[wrong]
+        return lambda token, position: bad(step(token, position))
+
+    monkeypatch.setattr(static_decode, "compile_step", miscompiled)
+    path = str(tiny_checkpoint("llava_phi"))
+    image = _images(1)[0]
+    with Assistant.load(path, runtime=RuntimeConfig(decoder="static", max_seq_len=256)) as a:
+        reference = a.answer(image, QUESTIONS[0], 6).token_ids
+    runtime = RuntimeConfig(decoder="static", compile_decode=True, max_seq_len=256)
+    with caplog.at_level("WARNING"), Assistant.load(path, runtime=runtime) as refused:
+        decoder = refused.decoder
+        assert not decoder.compiled and not decoder.reuses_outputs
+        assert decoder._fast is not None  # the lean step serves
+        expected = "non-finite" if wrong == "nan" else "differ from the uncompiled step's"
+        assert expected in decoder.compile_refused
+        assert refused.answer(image, QUESTIONS[0], 6).token_ids == reference
+    assert any("serving the uncompiled step" in r.getMessage() for r in caplog.records)
 
 
 def test_cache_write_counter_follows_the_decoder_length(pair):

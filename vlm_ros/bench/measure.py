@@ -15,7 +15,9 @@ stated too. On x86 CPUs in float32 the fast path is also measured on the Linear 
 MKL on Intel's: variant ``onednn_linear``; both lossless), so the part of the speed that is
 the kernel library, and the choice itself, are measured, not guessed; and
 uncompiled, the same decoder and kernels with transformers' forward for each decode step
-(variant ``transformers_step``), the part that is infer/phi_step.py's lean step.
+(variant ``transformers_step``), the part that is infer/phi_step.py's lean step; compiled
+(``--compile``) on CPU, that lean uncompiled step beside the compiled one (variant
+``uncompiled_step``), so what compiling gains is measured in the same run.
 
 Presets are built from configs with random weights (nothing downloaded) and prompts are token
 ids (no tokenizer): the work per request is what a real checkpoint does, the text is not. Answers
@@ -675,6 +677,9 @@ def make_paths(work: Workload, options: BenchOptions) -> dict[str, Baseline | Fa
             fast.decoder.lm, work.max_seq, cpu_linear="torch", fast_step=False
         )
         paths["transformers_step"] = FastPath(model, ids, fast.encoder, reference)
+    elif torch.device(device).type == "cpu":  # what compiling gains over the lean step
+        lean = StaticDecoder(fast.decoder.lm, work.max_seq, cpu_linear="torch")
+        paths["uncompiled_step"] = FastPath(model, ids, fast.encoder, lean)
     if options.int8:  # the same encoder, a dynamic-int8 copy of the decoder
         runtime = RuntimeConfig(device, max_seq_len=work.max_seq, quantize="int8")
         int8 = _static(make_decoder(copy.deepcopy(model.language_model), runtime))
@@ -743,6 +748,7 @@ def measure_variants(
 
 VARIANTS = (
     "transformers_step",
+    "uncompiled_step",
     "mkl_linear",
     "onednn_linear",
     "int8",
@@ -753,6 +759,7 @@ VARIANTS = (
 # What each variant sets, for its fidelity threshold (infer/fidelity.py, as the tests use)
 VARIANT_RUNTIMES = {
     "transformers_step": RuntimeConfig(),
+    "uncompiled_step": RuntimeConfig(),
     "mkl_linear": RuntimeConfig(cpu_linear="torch"),
     "onednn_linear": RuntimeConfig(cpu_linear="onednn"),
     "int8": RuntimeConfig(quantize="int8"),
@@ -827,6 +834,8 @@ def _fast_path_facts(fast: FastPath, options: BenchOptions) -> dict:
         facts["vision_onnx"] = fast.vision_export
     if options.compile_decode:
         facts["cudagraph_skips"] = cudagraph_skips()
+        facts["compiled"] = fast.decoder.compiled  # False: the load-time check refused it
+        facts["compile_refused"] = fast.decoder.compile_refused
     return facts
 
 
@@ -1113,4 +1122,8 @@ def _gpu_lines(result: dict) -> list[str]:
     skips = result.get("fast_path", {}).get("cudagraph_skips")
     if skips:
         lines.append(f"- **inductor declined a CUDA graph {skips} time(s)**: decode ran without")
+    refused = result.get("fast_path", {}).get("compile_refused")
+    if refused:
+        lines.append(f"- **the compiled decode step was refused at load** ({refused}): "
+                     "the fast path decoded uncompiled")  # fmt: skip
     return lines

@@ -140,9 +140,36 @@ def with_kernels(
 
 
 def compile_step(step: Callable, device: torch.device) -> Callable:
-    """CUDA: capture the fixed-shape step in a CUDA graph. CPU: inductor's C++ kernels."""
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
-    return torch.compile(step, mode=mode, dynamic=False)
+    """CUDA: capture the fixed-shape step in a CUDA graph. CPU: inductor's C++ kernels, called
+    from a C++ wrapper (``cpp_wrapper``), not from inductor's default Python one: on a small
+    decoder much of the step outside the GEMVs is the cost of calling kernels. In one A/B of
+    seven alternating rounds on ``small`` at two threads the compiled step read 83% of the
+    host's read bandwidth with the Python wrapper and 89% with the C++ one (the lean
+    uncompiled step 79%); the committed measurement is scripts/decode_split.py
+    ``--compiled`` (docs/performance.md)."""
+    if device.type == "cuda":
+        return torch.compile(step, mode="reduce-overhead", dynamic=False)
+    return torch.compile(step, dynamic=False, options={"cpp_wrapper": True})
+
+
+def compiled_step_problem(
+    compiled: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype
+) -> str | None:
+    """Why the compiled step's logits are not the uncompiled step's on the same input, or None.
+    Allowed: float32 rounding (1e-3 of the logit range; measured ~1e-6 on CPU) or, in half
+    precision, the reordered sums of fused kernels (5e-2 of the range). A miscompile is far
+    outside either (whole logits off, or NaN)."""
+    if not torch.isfinite(compiled).all():
+        return "the compiled decode step returned non-finite logits (the uncompiled one did not)"
+    share = 1e-3 if dtype == torch.float32 else 5e-2
+    scale = (reference.max() - reference.min()).item()
+    gap = (compiled - reference).abs().max().item()
+    if gap > share * scale:
+        return (
+            f"the compiled decode step's logits differ from the uncompiled step's by {gap:.3g} "
+            f"(allowed {share:g} of the logit range, {share * scale:.3g})"
+        )
+    return None
 
 
 class StaticDecoder:
@@ -173,16 +200,64 @@ class StaticDecoder:
         # Made outside inference mode, so callers with or without it may advance it.
         with torch.inference_mode(False):
             self._position = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._step = compile_step(self._decode_step, self.device) if compile else self._decode_step
+        self._step: Callable = self._decode_step
+        self._fast: PhiDecodeStep | None = None
+        self.compiled = False  # the step runs compiled (compile asked and its check passed)
+        self.compile_refused: str | None = None  # why an asked-for compiled step is not used
+        # A CUDA graph replays into the same output buffer, so a step's logits are overwritten
+        # by the next step (and reading a kept one raises): whoever keeps them copies them.
+        self.reuses_outputs = False
+        if compile:
+            self._compile()
         # Not compiled: the step written over the same modules and cache (phi_step.py), which
         # skips transformers' per-token mask, rotary and wrapping; fast_step=False keeps
         # transformers' forward, the reference it is tested against.
-        self._fast = None
-        if fast_step and not compile and PhiDecodeStep.supports(self.lm):
+        if fast_step and not self.compiled and PhiDecodeStep.supports(self.lm):
             self._fast = PhiDecodeStep(self.lm, self.cache, self.max_seq_len)
-        # A CUDA graph replays into the same output buffer, so a step's logits are overwritten
-        # by the next step (and reading a kept one raises): whoever keeps them copies them.
-        self.reuses_outputs = bool(compile)
+
+    def _compile(self) -> None:
+        """Compile the step and check it against the uncompiled one; where they disagree, keep
+        the uncompiled step and say why (``compile_refused``, a warning). Measured: torch 2.13's
+        inductor with AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``, what an AVX2-only CPU gets)
+        returned wrong logits or NaN for the `small` decoder at some cache lengths (336, 352)
+        and right ones at others (328, 344, 400): a robot must not get a fast wrong answer."""
+        step = compile_step(self._decode_step, self.device)
+        self._use(step, compiled=True)
+        compiled = self.warm_up()
+        self._use(self._decode_step, compiled=False)
+        problem = compiled_step_problem(compiled, self.warm_up(), self.dtype)
+        if problem is None:
+            self._use(step, compiled=True)
+            return
+        self.compile_refused = problem
+        _log.warning(
+            "compile_decode: %s; serving the uncompiled step (the same answers, slower). "
+            "torch %s, CPU kernels %s", problem, torch.__version__,
+            torch.backends.cpu.get_cpu_capability(),
+        )  # fmt: skip
+
+    def _use(self, step: Callable, compiled: bool) -> None:
+        self._step, self.compiled, self.reuses_outputs = step, compiled, compiled
+
+    def warm_up(self, steps: int = 3) -> torch.Tensor:
+        """Run the step now, at load, rather than inside the first request: compiling takes
+        ~5-50 s on a 2-core CPU (tens of seconds with a cold inductor cache), which would
+        otherwise land on the first question a robot asks. Three steps, because a CUDA graph
+        is recorded only after torch.compile's warm-up runs. Under inference mode, as requests
+        run (a step compiled for another grad mode would compile again). A seeded input, so
+        two calls compute the same thing; returns the last step's logits (a copy) and leaves
+        the decoder empty."""
+        generator = torch.Generator().manual_seed(0)
+        with torch.inference_mode():  # inference tensors too, as a request's: no recompile
+            embeds = torch.randn(1, 1, self.config.hidden_size, generator=generator)
+            tokens = torch.randint(self.config.vocab_size, (steps, 1, 1), generator=generator)
+            logits = self.prefill(embeds.to(self.device))
+            for token in tokens[: max(self.max_seq_len - 1, 0)].to(self.device):
+                logits = self.decode_one_token(token)
+            logits = logits.clone()
+        self.reset()
+        self.forward_calls = 0
+        return logits
 
     def _allocate_cache(self) -> StaticCache:
         """[1, heads, max_seq_len, head_dim] keys and values per layer, allocated now."""

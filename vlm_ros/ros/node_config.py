@@ -85,8 +85,10 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "max_seq_len": (1024, "static decoder's KV cache length (tokens)"),
     "compile_decode": (
         False,
-        "static decoder: torch.compile the decode step (a CUDA graph on "
-        "GPU; compiles at the first answer)",
+        "static decoder: torch.compile the decode step (a CUDA graph on GPU, "
+        "inductor's C++ kernels on CPU), compiled at configure, not at the first "
+        "answer; the step attends over all max_seq_len slots, so size that to the "
+        "prompt plus the answer",
     ),
     "quantize": (
         "none",
