@@ -2,7 +2,8 @@
 AVX-512 host (minutes plus a one-time llama.cpp build: a command whose JSON is committed,
 bench/results/cpu-small-avx2-limited.json, not a CI step). Here: the script is valid bash, the
 environment it sets really moves torch to its AVX2 kernels, the int4 and dynamic int8 layers
-are still right on them, and a bench result records the limits it ran under."""
+are still right on them, a bench result records the limits it ran under, and a compiled
+decode step is served on them only where it computes what the uncompiled one does."""
 
 from __future__ import annotations
 
@@ -97,8 +98,9 @@ def test_int4_layers_are_right_on_torchs_avx2_kernels(tmp_path):
 
 
 # torch 2.13's inductor, on AVX2 kernels, compiles the `small` decoder's step wrong at some
-# cache lengths (336 here: logits off by ~3, or NaN; 328, 344 and 400 right; right everywhere on
-# AVX-512). StaticDecoder checks a compiled step against the uncompiled one at load.
+# cache lengths at two threads (336 here: logits off by ~3, or NaN; 328, 344 and 400 right; on
+# AVX-512 kernels right at every length tried). StaticDecoder checks a compiled step against
+# the uncompiled one at load.
 COMPILED_CHILD = """
 import json, torch
 from vlm_ros.bench import measure

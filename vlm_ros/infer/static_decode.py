@@ -1,7 +1,9 @@
 """Static-KV-cache decoder (gpt-fast style): the cache is allocated once, at construction, for
 ``max_seq_len`` positions; ``prefill`` and ``decode_one_token`` are separate small verbs and the
 decode step has fixed shapes, so it can be captured in a CUDA graph
-(``torch.compile(mode="reduce-overhead")``) on GPU.
+(``torch.compile(mode="reduce-overhead")``) on GPU, or compiled by inductor on CPU. A compiled
+step is compiled when the decoder is built and checked there against the uncompiled step on
+the same input; where they differ it is not used (``compile_refused`` says why).
 
 It runs transformers' own PhiForCausalLM (not a rewrite) with a ``StaticCache`` and explicit
 ``cache_position``, so it computes what the eager reference (decode.EagerDecoder, DynamicCache)
@@ -219,8 +221,9 @@ class StaticDecoder:
         """Compile the step and check it against the uncompiled one; where they disagree, keep
         the uncompiled step and say why (``compile_refused``, a warning). Measured: torch 2.13's
         inductor with AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``, what an AVX2-only CPU gets)
-        returned wrong logits or NaN for the `small` decoder at some cache lengths (336, 352)
-        and right ones at others (328, 344, 400): a robot must not get a fast wrong answer."""
+        returned wrong logits or NaN for the `small` decoder at two threads and some cache
+        lengths (336, 352), right ones at others (328, 344, 400): a robot must not get a fast
+        wrong answer."""
         step = compile_step(self._decode_step, self.device)
         self._use(step, compiled=True)
         compiled = self.warm_up()
