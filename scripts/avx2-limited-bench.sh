@@ -3,6 +3,7 @@
 # when no AVX2-only host is at hand:
 #
 #   bash scripts/avx2-limited-bench.sh [OUT.json]      # THREADS=1 PRESET=small ITERS=5
+#   EXTRA=--compile bash scripts/avx2-limited-bench.sh OUT.json   # more `vlm-ros bench` options
 #
 # What it limits: torch's own kernels (ATEN_CPU_CAPABILITY=avx2: the int4 kernel, attention,
 # the elementwise ops), MKL's GEMV (MKL_ENABLE_INSTRUCTIONS), oneDNN (ONEDNN_MAX_CPU_ISA) and
@@ -26,6 +27,7 @@ OUT="${1:-$ROOT/bench/results/cpu-small-avx2-limited.json}"
 THREADS="${THREADS:-1}"
 PRESET="${PRESET:-small}"
 ITERS="${ITERS:-5}"
+read -ra EXTRA_ARGS <<<"${EXTRA:-}"
 
 die() { echo "avx2-limited-bench: $*" >&2; exit 1; }
 log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
@@ -82,4 +84,4 @@ sys.exit(0 if cap == "AVX2" and "AVX512 = 1" not in info and "AVX2 = 1" in info 
 EOF
 log "bench: preset $PRESET, $THREADS thread(s), $ITERS iterations -> $OUT"
 exec "$PY" -m vlm_ros bench --preset "$PRESET" --iters "$ITERS" --int8 --int4 --bf16 --llamacpp \
-    --threads "$THREADS" --out "$OUT"
+    --threads "$THREADS" --out "$OUT" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}

@@ -62,6 +62,8 @@ def test_the_script_parses_and_refuses_a_result_it_cannot_vouch_for():
     for name, value in LIMITS.items():
         assert f"{name}={value}" in text
     assert 'cap == "AVX2"' in text and '"AVX512 = 1" not in info' in text
+    # EXTRA (e.g. --compile) reaches the bench command, after its own options
+    assert '--out "$OUT" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}' in text
 
 
 def test_the_limits_move_torch_to_avx2_and_the_result_says_so():

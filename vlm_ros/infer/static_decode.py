@@ -222,7 +222,7 @@ class StaticDecoder:
         the uncompiled step and say why (``compile_refused``, a warning). Measured: torch 2.13's
         inductor with AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``, what an AVX2-only CPU gets)
         returned wrong logits or NaN for the `small` decoder at two threads and some cache
-        lengths (336, 352), right ones at others (328, 344, 400): a robot must not get a fast
+        lengths (336, 352, 376), right ones at others (328, 344, 400): a robot must not get a fast
         wrong answer."""
         step = compile_step(self._decode_step, self.device)
         self._use(step, compiled=True)
