@@ -203,17 +203,21 @@ def test_compiled_decode_on_cpu_with_the_default_linear_kernels():
         assert dict(torch._dynamo.utils.counters["frames"]) == frames
 
 
-@pytest.mark.parametrize("wrong", ["off", "nan"])
+@pytest.mark.parametrize("wrong", ["off", "nan", "fails"])
 def test_a_compiled_step_that_disagrees_is_refused_at_load(monkeypatch, caplog, wrong):
     """A compiled step whose logits are not the uncompiled step's (a miscompile, as torch
-    2.13's inductor makes on AVX2 kernels at some cache lengths: test_avx2_limited.py) is not
-    served: the decoder says why (compile_refused, a warning naming it) and answers with the
-    uncompiled lean step, the same tokens as a decoder never asked to compile."""
+    2.13's inductor makes on AVX2 kernels at some cache lengths: test_avx2_limited.py), or
+    whose compile fails, is not served: the decoder says why (compile_refused, a warning
+    naming it) and answers with the uncompiled lean step, the same tokens as a decoder never
+    asked to compile."""
     from vlm_ros.infer import static_decode
 
+    def broken(x):
+        raise RuntimeError("C++ compile failed: no compiler\n(long inductor log)")
+
     def miscompiled(step, device):
-        bad = {"off": lambda x: x * 2.0, "nan": lambda x: x * float("nan")}[wrong]
-        return lambda token, position: bad(step(token, position))
+        bad = {"off": lambda x: x * 2.0, "nan": lambda x: x * float("nan"), "fails": broken}
+        return lambda token, position: bad[wrong](step(token, position))
 
     monkeypatch.setattr(static_decode, "compile_step", miscompiled)
     path = str(tiny_checkpoint("llava_phi"))
@@ -225,8 +229,13 @@ def test_a_compiled_step_that_disagrees_is_refused_at_load(monkeypatch, caplog, 
         decoder = refused.decoder
         assert not decoder.compiled and not decoder.reuses_outputs
         assert decoder._fast is not None  # the lean step serves
-        expected = "non-finite" if wrong == "nan" else "differ from the uncompiled step's"
-        assert expected in decoder.compile_refused
+        expected = {
+            "off": "differ from the uncompiled step's",
+            "nan": "non-finite",
+            "fails": "compiling the decode step failed: RuntimeError: C++ compile failed",
+        }[wrong]
+        assert expected in decoder.compile_refused and "inductor log" not in decoder.compile_refused
+        assert decoder.length == 0 and decoder.forward_calls == 0
         assert refused.answer(image, QUESTIONS[0], 6).token_ids == reference
     assert any("serving the uncompiled step" in r.getMessage() for r in caplog.records)
 

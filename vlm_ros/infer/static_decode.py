@@ -218,17 +218,14 @@ class StaticDecoder:
             self._fast = PhiDecodeStep(self.lm, self.cache, self.max_seq_len)
 
     def _compile(self) -> None:
-        """Compile the step and check it against the uncompiled one; where they disagree, keep
-        the uncompiled step and say why (``compile_refused``, a warning). Measured: torch 2.13's
-        inductor with AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``, what an AVX2-only CPU gets)
-        returned wrong logits or NaN for the `small` decoder at two threads and some cache
-        lengths (336, 352, 376), right ones at others (328, 344, 400): a robot must not get a fast
-        wrong answer."""
+        """Compile the step and check it against the uncompiled one; where compiling fails or
+        they disagree, keep the uncompiled step and say why (``compile_refused``, a warning).
+        Measured: torch 2.13's inductor with AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``, what
+        an AVX2-only CPU gets) returned wrong logits or NaN for the `small` decoder at two
+        threads and some cache lengths (336, 352, 376), right ones at others (328, 344, 400):
+        a robot must not get a fast wrong answer."""
         step = compile_step(self._decode_step, self.device)
-        self._use(step, compiled=True)
-        compiled = self.warm_up()
-        self._use(self._decode_step, compiled=False)
-        problem = compiled_step_problem(compiled, self.warm_up(), self.dtype)
+        problem = self._compiled_step_check(step)
         if problem is None:
             self._use(step, compiled=True)
             return
@@ -238,6 +235,21 @@ class StaticDecoder:
             "torch %s, CPU kernels %s", problem, torch.__version__,
             torch.backends.cpu.get_cpu_capability(),
         )  # fmt: skip
+
+    def _compiled_step_check(self, step: Callable) -> str | None:
+        """Run ``step`` (compiling it) and the uncompiled step on the same input: why ``step``
+        cannot serve, or None. Leaves the decoder empty, on the uncompiled step."""
+        self._use(step, compiled=True)
+        try:
+            compiled = self.warm_up()
+        except Exception as error:  # inductor's own failure (no C++ compiler, a lowering...)
+            self.reset()
+            self.forward_calls = 0
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            return f"compiling the decode step failed: {type(error).__name__}: {first_line}"
+        finally:
+            self._use(self._decode_step, compiled=False)
+        return compiled_step_problem(compiled, self.warm_up(), self.dtype)
 
     def _use(self, step: Callable, compiled: bool) -> None:
         self._step, self.compiled, self.reuses_outputs = step, compiled, compiled
