@@ -15,9 +15,16 @@ Per round (same seeded weights, the product's StaticDecoder and its lean step, f
 - ``outside_linears_no_attention``: the same without the attention call (its input passed
   through), so attention's own share is the difference;
 - with ``--compiled``, also ``compiled_step``: the product's ``compile_decode: true`` step
-  (static_decode.compile_step: inductor, C++ wrapper) on the same weights, timed like
-  ``step``; it attends over its whole static cache under a mask, as transformers' step does.
-  Its first-step logits are checked against the lean step's.
+  (static_decode.compile_step: inductor, C++ wrapper; ``cpu_linear: auto``) on the same
+  weights, timed like ``step``; it attends over its whole static cache under a mask, as
+  transformers' step does. Its first-step logits are checked against the lean step's. Where
+  its GEMVs are inductor's (an AMD CPU), also ``compiled_linears``: those GEMVs alone, the 73
+  of a token compiled as one graph, as ``linears`` times the library's.
+
+``--cpu-linear`` picks the lean step's and ``linears``' kernels (default ``torch``: MKL on x86,
+as the earlier committed files ran; ``auto``: what the product picks on this host, oneDNN on
+an AMD CPU); ``--compiled-linear`` the compiled step's (default ``auto``; ``inductor``: its
+GEMVs written by inductor on any CPU, as auto does on AMD).
 
 Replacing modules is for this measurement only; the shapes, the cache and the step's code
 are the product's.
@@ -38,8 +45,9 @@ import torch
 from torch import nn
 
 from vlm_ros.bench import measure
+from vlm_ros.engines.cpu_kernels import InductorGemvLinear, OneDnnLinear
 from vlm_ros.infer import phi_step
-from vlm_ros.infer.static_decode import StaticDecoder, compiled_step_problem
+from vlm_ros.infer.static_decode import StaticDecoder, compile_step, compiled_step_problem
 
 
 class _Preallocated(nn.Module):
@@ -64,6 +72,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--compiled", action="store_true", help="also the compiled step")
+    parser.add_argument("--cpu-linear", default="torch", choices=["torch", "auto", "onednn"])
+    parser.add_argument(
+        "--compiled-linear", default="auto", choices=["auto", "inductor", "torch", "onednn"]
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,12 +85,16 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     embeds = torch.randn(1, prompt, lm.config.hidden_size, generator=generator)
     result: dict = {"preset": args.preset, "threads": args.threads, "tokens": args.tokens,
-                    "prompt": prompt, "load_average_start": os.getloadavg()[0]}  # fmt: skip
+                    "prompt": prompt, "cpu_linear": args.cpu_linear,
+                    "compiled_linear": args.compiled_linear,
+                    "load_average_start": os.getloadavg()[0]}  # fmt: skip
     with torch.inference_mode():
-        decoder = StaticDecoder(lm, prompt + args.tokens + 8, cpu_linear="torch")
+        decoder = StaticDecoder(lm, prompt + args.tokens + 8, cpu_linear=args.cpu_linear)
         compiled = None
         if args.compiled:  # compiles here, at load (StaticDecoder.warm_up)
-            compiled = StaticDecoder(lm, prompt + args.tokens + 8, compile=True)
+            compiled = StaticDecoder(
+                lm, prompt + args.tokens + 8, compile=True, cpu_linear=args.compiled_linear
+            )
             if not compiled.compiled:  # its load-time check failed: nothing compiled to time
                 raise SystemExit(f"the compiled step was refused: {compiled.compile_refused}")
         step = decoder._fast
@@ -88,7 +104,8 @@ def main() -> None:
         hollow = [dataclasses.replace(layer, q=stub(layer.q), k=stub(layer.k), v=stub(layer.v),
                                       dense=stub(layer.dense), fc1=stub(layer.fc1),
                                       fc2=stub(layer.fc2)) for layer in real_layers]  # fmt: skip
-        linears = [m for m in lm.modules() if isinstance(m, nn.Linear)]
+        kinds = (nn.Linear, OneDnnLinear)  # the lean step's own modules, in the step's order
+        linears = [m for m in decoder.lm.modules() if isinstance(m, kinds)]
         inputs = [torch.randn(1, 1, m.in_features) for m in linears]
         weights = measure.stored_weight_bytes(lm)
         kv = measure.live_kv_bytes(model, prompt + args.tokens // 2, 4)
@@ -132,6 +149,19 @@ def main() -> None:
         before = first_logits()
         if compiled is not None:
             runs["compiled_step"] = lambda: decode(compiled)
+            gemvs = [m for m in compiled.lm.modules() if isinstance(m, InductorGemvLinear)]
+            if gemvs:  # the compiled step's GEMVs alone, one graph of the token's 73
+                every = compile_step(
+                    lambda xs: [m(x) for m, x in zip(gemvs, xs, strict=True)], compiled.device
+                )
+
+                def compiled_linears() -> float:
+                    start = time.perf_counter()
+                    for _ in range(args.tokens):
+                        every(inputs)
+                    return (time.perf_counter() - start) * 1000 / args.tokens
+
+                runs["compiled_linears"] = compiled_linears
             logits = first_logits(compiled)
             result["compiled_max_abs_logit_diff"] = (logits - before).abs().max().item()
             problem = compiled_step_problem(logits, before, torch.float32)  # the load check's
@@ -147,6 +177,10 @@ def main() -> None:
             if compiled is not None:
                 row["compiled_step_share_of_read"] = (
                     (weights + kv) / row["compiled_step"] / 1e6 / row["read_gb_s"]
+                )
+            if "compiled_linears" in row:
+                row["compiled_linears_share_of_read"] = (
+                    linear_bytes / row["compiled_linears"] / 1e6 / row["read_gb_s"]
                 )
             rounds.append(row)
             print(json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)

@@ -19,6 +19,7 @@ from vlm_ros.bench.measure import (
     percentiles,
 )
 from vlm_ros.cli import main
+from vlm_ros.engines import cpu_kernels
 from vlm_ros.engines.cpu_kernels import onednn_linear_available
 from vlm_ros.infer import fidelity
 
@@ -312,6 +313,13 @@ def test_compiled_bench_on_cpu_measures_the_uncompiled_step_beside_it(tmp_path):
     assert result["compile_decode"] is True
     assert result["fast_path"]["compiled"] and result["fast_path"]["compile_refused"] is None
     assert "transformers_step" not in result["variants"]
+    # on an AMD CPU the compiled step's GEMVs are inductor's, and MKL's compiled step beside it
+    amd = cpu_kernels.cpu_vendor() in cpu_kernels.AMD_VENDORS
+    assert result["fast_path"]["cpu_linear"].startswith("inductor GEMVs") == amd
+    assert ("compiled_mkl_linear" in result["variants"]) == amd
+    if amd:
+        mkl = result["variants"]["compiled_mkl_linear"]["accuracy_vs_fp"]
+        assert mkl["greedy_prefix_agreement"] == 1.0 and mkl["first_logits_error_over_range"] < 1e-4
     lean = result["variants"]["uncompiled_step"]
     _positive_stages(lean["stages"], FAST_METRICS)
     assert lean["accuracy_vs_fp"]["greedy_prefix_agreement"] == 1.0
@@ -339,16 +347,18 @@ def test_decode_split_script_times_each_part_and_restores_the_step(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "decode_split.py"
     out = tmp_path / "split.json"
     command = [sys.executable, str(script), "tiny", "--threads", "1", "--rounds", "2",
-               "--tokens", "4", "--compiled", "--out", str(out)]  # fmt: skip
+               "--tokens", "4", "--compiled", "--compiled-linear", "inductor",
+               "--out", str(out)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
-    parts = ("step", "linears", "outside_linears", "outside_linears_no_attention", "compiled_step")
+    parts = ("step", "linears", "outside_linears", "outside_linears_no_attention",
+             "compiled_step", "compiled_linears")  # fmt: skip
     assert len(result["rounds"]) == 2
     for row in result["rounds"]:
         assert row["read_gb_s"] > 0 and all(row[p] > 0 for p in parts), row
         assert row["step_share_of_read"] > 0 and row["linears_share_of_read"] > 0
-        assert row["compiled_step_share_of_read"] > 0
+        assert row["compiled_step_share_of_read"] > 0 and row["compiled_linears_share_of_read"] > 0
     assert 0 <= result["compiled_max_abs_logit_diff"] < 1e-3
     sizes = result["bytes_per_token"]
     assert 0 < sizes["linear_weights"] <= sizes["weights"] and sizes["live_kv"] > 0

@@ -117,7 +117,7 @@ def test_launch_file_is_valid_python_with_the_documented_arguments():
         ("vision_backend", "trt", "one of 'torch', 'onnxruntime', 'tensorrt'"),
         ("decoder", "fast", "one of 'static', 'eager'"),
         ("quantize", "int3", "one of 'none', 'int8', 'int8_weight_only', 'int4_weight_only'"),
-        ("cpu_linear", "mkl", "one of 'auto', 'onednn', 'torch'"),
+        ("cpu_linear", "mkl", "one of 'auto', 'onednn', 'torch', 'inductor'"),
         ("model", "", "a non-empty string"),
         ("scene_prompt", "  ", "a non-empty string"),
         ("cameras", [], "a non-empty list of distinct topic names"),

@@ -10,6 +10,7 @@ import torch
 from tiny_models import FAMILIES, tiny_checkpoint
 
 from vlm_ros.config import RuntimeConfig
+from vlm_ros.engines import cpu_kernels
 from vlm_ros.errors import ContextOverflowError
 from vlm_ros.infer.pipeline import Assistant
 from vlm_ros.infer.static_decode import StaticDecoder
@@ -182,10 +183,11 @@ def test_decode_step_traces_as_one_graph():
 
 
 def test_compiled_decode_on_cpu_with_the_default_linear_kernels():
-    """compile_decode on CPU with cpu_linear left at auto: inductor cannot lower the oneDNN
-    Linear the uncompiled path swaps in (it crashed at the first answer), so compiled it keeps
-    torch's Linear for inductor to lower; tokens as the uncompiled static decoder's. The step
-    is compiled at load: answering afterwards compiles no frame."""
+    """compile_decode on CPU with cpu_linear left at auto (once it crashed at the first answer:
+    inductor could not lower the oneDNN Linear the uncompiled path swaps in): on an AMD CPU
+    the step's GEMVs are inductor's own (InductorGemvLinear), elsewhere torch's Linear for
+    inductor to lower; tokens as the uncompiled static decoder's. The step is compiled at
+    load: answering afterwards compiles no frame."""
     path = str(tiny_checkpoint("llava_phi"))
     image = _images(1)[0]
     runtime = RuntimeConfig(decoder="static", max_seq_len=256)
@@ -193,7 +195,9 @@ def test_compiled_decode_on_cpu_with_the_default_linear_kernels():
         reference = plain.answer(image, QUESTIONS[0], 6).token_ids
     runtime = RuntimeConfig(decoder="static", compile_decode=True, max_seq_len=256)
     with Assistant.load(path, runtime=runtime) as compiled:
-        assert not any("OneDnn" in type(m).__name__ for m in compiled.decoder.lm.modules())
+        kinds = {type(m).__name__ for m in compiled.decoder.lm.modules()}
+        amd = cpu_kernels.cpu_vendor() in cpu_kernels.AMD_VENDORS
+        assert ("InductorGemvLinear" in kinds) == amd and "OneDnnLinear" not in kinds, kinds
         # compiled at load (StaticDecoder.warm_up), so the first answer compiles nothing
         frames = dict(torch._dynamo.utils.counters["frames"])
         assert frames.get("ok", 0) >= 1, frames
@@ -201,6 +205,27 @@ def test_compiled_decode_on_cpu_with_the_default_linear_kernels():
         assert compiled.decoder.length == 0 and compiled.decoder.forward_calls == 0
         assert compiled.answer(image, QUESTIONS[0], 6).token_ids == reference
         assert dict(torch._dynamo.utils.counters["frames"]) == frames
+
+
+@pytest.mark.parametrize("cpu_linear", ["inductor", "onednn"])
+def test_compiled_decode_on_the_other_linear_kernels(cpu_linear):
+    """Compiled with cpu_linear 'inductor' (the step's GEMVs written by inductor, on any CPU)
+    or 'onednn' (oneDNN through an opaque op; x86 only), the step passes its load check and
+    answers with the uncompiled decoder's tokens; the model's own modules stay as loaded."""
+    if cpu_linear == "onednn" and not cpu_kernels.onednn_linear_available():
+        pytest.skip("oneDNN's linear exists on x86-64 builds of torch only")
+    path = str(tiny_checkpoint("llava_phi"))
+    image = _images(1)[0]
+    with Assistant.load(path, runtime=RuntimeConfig(max_seq_len=256)) as plain:
+        reference = plain.answer(image, QUESTIONS[0], 6).token_ids
+    runtime = RuntimeConfig(compile_decode=True, max_seq_len=256, cpu_linear=cpu_linear)
+    with Assistant.load(path, runtime=runtime) as compiled:
+        decoder = compiled.decoder
+        expected = {"inductor": "InductorGemvLinear", "onednn": "OneDnnLinear"}[cpu_linear]
+        assert any(type(m).__name__ == expected for m in decoder.lm.modules())
+        assert not any(type(m).__name__ == expected for m in compiled.model.modules())
+        assert decoder.compiled and decoder.compile_refused is None
+        assert compiled.answer(image, QUESTIONS[0], 6).token_ids == reference
 
 
 @pytest.mark.parametrize("wrong", ["off", "nan", "fails"])

@@ -14,7 +14,7 @@ from vlm_ros.errors import InputError
 # nothing downstream checks them again.
 DecoderKind = Literal["static", "eager"]
 QuantizeMode = Literal["none", "int8", "int8_weight_only", "int4_weight_only"]
-CpuLinearMode = Literal["auto", "onednn", "torch"]
+CpuLinearMode = Literal["auto", "onednn", "torch", "inductor"]
 VisionBackend = Literal["torch", "onnxruntime", "tensorrt"]
 DTypeName = Literal["float32", "bfloat16", "float16"]  # torch.<name>; checkpoint.to_dtype
 Backend = Literal["local", "remote"]  # the model in this process, or an HTTP server's
@@ -106,9 +106,12 @@ class RuntimeConfig:
     "int4_weight_only" (static decoder; CPU with float32/bfloat16, CUDA with bfloat16: 4-bit
     weights in groups of 32 with a scale and zero each, PyTorch's int4 kernels; opt-in, lossy).
     cpu_linear: "auto" (float32 on an AMD x86 CPU: the static decoder's and the torch vision
-    stage's Linear layers through oneDNN, ~2x MKL there, same arithmetic; on Intel CPUs MKL,
+    stage's Linear layers through oneDNN, ~2x MKL there, same arithmetic, and with
+    compile_decode the decode step's GEMVs written by inductor, 1.8x again; on Intel CPUs MKL,
     torch's default, is the faster and is kept), "onednn" (oneDNN on any x86 CPU, warning
-    where unavailable) or "torch" (plain F.linear everywhere).
+    where unavailable), "torch" (plain F.linear everywhere) or "inductor" (needs
+    compile_decode: the compiled step's GEMVs written by inductor on any CPU, the rest as
+    "auto"; measured on AMD only).
     board: the memory plan's device (model/memory_plan.py), checked before any weight is read:
     "auto" (this Jetson Orin from its device tree, else the CUDA GPU's free memory or the
     host's available memory), a board name (orin-nano-8gb, orin-nx-8gb, orin-nx-16gb,

@@ -17,7 +17,9 @@ the kernel library, and the choice itself, are measured, not guessed; and
 uncompiled, the same decoder and kernels with transformers' forward for each decode step
 (variant ``transformers_step``), the part that is infer/phi_step.py's lean step; compiled
 (``--compile``) on CPU, that lean uncompiled step beside the compiled one (variant
-``uncompiled_step``), so what compiling gains is measured in the same run.
+``uncompiled_step``), so what compiling gains is measured in the same run, and where the
+compiled step's GEMVs are inductor's (AMD CPUs), the compiled step on MKL's (variant
+``compiled_mkl_linear``).
 
 Presets are built from configs with random weights (nothing downloaded) and prompts are token
 ids (no tokenizer): the work per request is what a real checkpoint does, the text is not. Answers
@@ -54,7 +56,11 @@ from vlm_ros.config import (
     VisionBackend,
 )
 from vlm_ros.engines.build import build_for_model
-from vlm_ros.engines.cpu_kernels import OneDnnLinear, onednn_linear_available
+from vlm_ros.engines.cpu_kernels import (
+    InductorGemvLinear,
+    OneDnnLinear,
+    onednn_linear_available,
+)
 from vlm_ros.infer import decode, fidelity, ranking
 from vlm_ros.infer.decode import make_decoder
 from vlm_ros.infer.static_decode import StaticDecoder
@@ -638,6 +644,18 @@ def _uses_onednn(fast: FastPath) -> bool:
     return any(isinstance(m, OneDnnLinear) for m in fast.decoder.lm.modules())
 
 
+def _uses_inductor_gemv(fast: FastPath) -> bool:
+    return any(isinstance(m, InductorGemvLinear) for m in fast.decoder.lm.modules())
+
+
+def _linear_kernels(fast: FastPath) -> str:
+    """The decoder's float32 Linear kernels, as the JSON and the Markdown name them."""
+    gemv = [m for m in fast.decoder.lm.modules() if isinstance(m, InductorGemvLinear)]
+    if gemv:  # the compiled step's GEMVs; its other calls (prefill) on the eager kernels
+        return "inductor GEMVs, prefill " + ("onednn" if gemv[0].onednn else "torch")
+    return "onednn" if _uses_onednn(fast) else "torch"
+
+
 def _other_kernels(fast: FastPath, options: BenchOptions) -> tuple[str, CpuLinearMode] | None:
     """The variant with the float32 Linear kernels ``cpu_linear: auto`` did not pick (x86 CPU,
     float32 model, oneDNN's op present, not compiled: inductor lowers Linear itself):
@@ -678,8 +696,11 @@ def make_paths(work: Workload, options: BenchOptions) -> dict[str, Baseline | Fa
         )
         paths["transformers_step"] = FastPath(model, ids, fast.encoder, reference)
     elif torch.device(device).type == "cpu":  # what compiling gains over the lean step
-        lean = StaticDecoder(fast.decoder.lm, work.max_seq, cpu_linear="torch")
+        lean = StaticDecoder(model.language_model, work.max_seq)  # on auto's eager kernels
         paths["uncompiled_step"] = FastPath(model, ids, fast.encoder, lean)
+        if _uses_inductor_gemv(fast):  # and over a compiled step on MKL's GEMVs
+            mkl = StaticDecoder(model.language_model, work.max_seq, True, cpu_linear="torch")
+            paths["compiled_mkl_linear"] = FastPath(model, ids, fast.encoder, mkl)
     if options.int8:  # the same encoder, a dynamic-int8 copy of the decoder
         runtime = RuntimeConfig(device, max_seq_len=work.max_seq, quantize="int8")
         int8 = _static(make_decoder(copy.deepcopy(model.language_model), runtime))
@@ -749,6 +770,7 @@ def measure_variants(
 VARIANTS = (
     "transformers_step",
     "uncompiled_step",
+    "compiled_mkl_linear",
     "mkl_linear",
     "onednn_linear",
     "int8",
@@ -760,6 +782,7 @@ VARIANTS = (
 VARIANT_RUNTIMES = {
     "transformers_step": RuntimeConfig(),
     "uncompiled_step": RuntimeConfig(),
+    "compiled_mkl_linear": RuntimeConfig(cpu_linear="torch", compile_decode=True),
     "mkl_linear": RuntimeConfig(cpu_linear="torch"),
     "onednn_linear": RuntimeConfig(cpu_linear="onednn"),
     "int8": RuntimeConfig(quantize="int8"),
@@ -829,7 +852,7 @@ def _result_header(options: BenchOptions, work: Workload, measured: dict, varian
 
 
 def _fast_path_facts(fast: FastPath, options: BenchOptions) -> dict:
-    facts: dict = {"cpu_linear": "onednn" if _uses_onednn(fast) else "torch"}
+    facts: dict = {"cpu_linear": _linear_kernels(fast)}
     if fast.vision_export is not None:
         facts["vision_onnx"] = fast.vision_export
     if options.compile_decode:

@@ -102,6 +102,7 @@ def make_decoder(lm: PhiForCausalLM, runtime: RuntimeConfig) -> Decoder:
     if runtime.decoder == "eager":
         asked = [f"quantize={runtime.quantize!r}"] if runtime.quantize != "none" else []
         asked += ["compile_decode=True"] if runtime.compile_decode else []
+        asked += ["cpu_linear='inductor'"] if runtime.cpu_linear == "inductor" else []
         if asked:
             raise InputError(
                 f"{' and '.join(asked)} need decoder 'static'; the 'eager' decoder is the "

@@ -124,6 +124,7 @@ def with_kernels(
     shares the weights, the model's own modules untouched) or as it is."""
     param = next(lm.parameters())
     check_quantize(quantize, param.device, param.dtype)
+    check_cpu_linear(cpu_linear, compile)
     if quantize == "int8":
         return quantize_int8(lm)
     if quantize == "int8_weight_only":
@@ -132,13 +133,19 @@ def with_kernels(
     if quantize == "int4_weight_only":
         weight_int4.quantize_weights(lm)  # in place; refuses device/dtype/shapes it cannot serve
         return lm
-    if not compile:
-        return cpu_kernels.with_onednn_linear(lm, cpu_linear)
-    if cpu_linear == "onednn" and cpu_kernels.wants_onednn(cpu_linear, param.device, param.dtype):
-        # Compiled, the step's Linear layers are inductor's (its own mkldnn lowering on
-        # CPU): inductor cannot lower the prepacked oneDNN op (LoweringException, 2.13).
-        _log.warning("cpu_linear='onednn' is not used with compile_decode (inductor's own)")
-    return lm
+    if compile and cpu_kernels.wants_inductor_gemv(cpu_linear, param.device, param.dtype):
+        return cpu_kernels.with_inductor_gemv(lm, cpu_linear)
+    return cpu_kernels.with_onednn_linear(lm, cpu_linear)  # compiled: oneDNN as an opaque op
+
+
+def check_cpu_linear(cpu_linear: CpuLinearMode, compile: bool) -> None:
+    """``cpu_linear: inductor`` writes the compiled step's GEMVs: without a compiled step it
+    would do nothing, so it is refused rather than ignored."""
+    if cpu_linear == "inductor" and not compile:
+        raise InputError(
+            "cpu_linear='inductor' has inductor write the compiled decode step's Linear "
+            "layers: it needs compile_decode: true (or use cpu_linear auto, onednn or torch)"
+        )
 
 
 def compile_step(step: Callable, device: torch.device) -> Callable:
