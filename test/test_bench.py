@@ -308,8 +308,15 @@ def test_compiled_bench_on_cpu_measures_the_uncompiled_step_beside_it(tmp_path):
     in the same run with its own read-bandwidth share; compiling loses nothing (same greedy
     tokens, logits within float32 rounding)."""
     out = tmp_path / "compiled.json"
-    assert main(["bench", "--preset", "tiny", "--iters", "1", "--compile", "--out", str(out)]) == 0
+    command = ["bench", "--preset", "tiny", "--iters", "1", "--compile", "--int8"]
+    assert main([*command, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
+    # with --int8: int8 weights, float32 activations, read in the compiled step's own loops
+    weight_only = result["variants"]["int8_weight_only"]
+    assert weight_only["compiled"] and weight_only["compile_refused"] is None
+    assert weight_only["accuracy_vs_fp"]["fidelity"]["passed"]
+    shares = result["decode_bandwidth"]
+    assert shares["int8_weight_only"]["weights"] < shares["fast"]["weights"] / 2
     assert result["compile_decode"] is True
     assert result["fast_path"]["compiled"] and result["fast_path"]["compile_refused"] is None
     assert "transformers_step" not in result["variants"]

@@ -6,6 +6,7 @@ little)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -52,8 +53,56 @@ def test_quantize_releases_float_weights_and_refuses_float32():
     assert quantize_weights(model) == 2
     assert not [p for p in model.parameters() if p.dtype != torch.bfloat16 or p.dim() > 1]
     assert all(isinstance(m, WeightOnlyInt8Linear) for m in (model[0], model[2]))
-    with pytest.raises(InputError, match="bfloat16 or float16.*float32"):
+    with pytest.raises(InputError, match="bfloat16 or float16.*float32.*compile_decode"):
         quantize_weights(nn.Sequential(nn.Linear(4, 4)))
+    assert quantize_weights(nn.Sequential(nn.Linear(4, 4)), compiled=True) == 1  # float32
+
+
+def test_float32_compiled_step_reads_int8_weights_in_its_own_loop():
+    """float32 with a compiled CPU step: traced with one row, the layer is one multiply-sum over
+    the int8 weight converted in the loop (no library GEMM, no dequantized copy of the weight),
+    within int8-weight rounding of the float32 Linear; with several rows (a prefill) it
+    dequantizes and multiplies."""
+    from test_cpu_kernels import _traced_ops
+
+    linear = nn.Linear(96, 160)
+    quantized = WeightOnlyInt8Linear(linear)
+    one = torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(7))
+    ops, got = _traced_ops(quantized, one)
+    assert not any(op.split(".")[1] in ("mm", "addmm", "bmm", "_weight_int8pack_mm") for op in ops)
+    assert {"aten.mul.Tensor", "aten.sum.dim_IntList"} <= ops, ops
+    with torch.inference_mode():
+        want = F.linear(one, linear.weight, linear.bias)
+        torch.testing.assert_close(got, quantized(one))  # uncompiled: dequantized, same maths
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()  # int8 weight rounding only
+    ops, _ = _traced_ops(quantized, torch.randn(1, 5, 96))
+    assert any(op.split(".")[1] in ("mm", "addmm", "bmm", "_weight_int8pack_mm") for op in ops)
+
+
+def test_float32_compiled_decoder_with_int8_weights():
+    """quantize int8_weight_only on a float32 model with compile_decode (CPU): loads (the blocks
+    quantized as they are read), the compiled step passes its load check, and answers within
+    the setting's fidelity threshold of the float32 reference on the tiny checkpoint."""
+    from tiny_models import tiny_checkpoint
+
+    from vlm_ros.infer import fidelity
+
+    path = str(tiny_checkpoint("llava_phi"))
+    image = np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    question = "Is the path ahead clear?"
+    with Assistant.load(path, runtime=RuntimeConfig(max_seq_len=256)) as plain:
+        reference = plain.trace(image, question, max_new_tokens=8)
+    runtime = RuntimeConfig(max_seq_len=256, quantize="int8_weight_only", compile_decode=True)
+    with Assistant.load(path, runtime=runtime) as int8:
+        decoder = int8.decoder
+        assert decoder.compiled and decoder.compile_refused is None
+        assert not any(isinstance(m, nn.Linear) for m in decoder.lm.modules())
+        trace = int8.trace(image, question, max_new_tokens=8)
+    result = fidelity.compare(
+        list(reference.answer.token_ids), reference.step_logits,
+        list(trace.answer.token_ids), trace.step_logits, fidelity.threshold_for(runtime),
+    )  # fmt: skip
+    assert result.passed, result.as_dict()
 
 
 def test_demo_model_answers_as_in_bf16():

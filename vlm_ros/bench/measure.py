@@ -17,7 +17,8 @@ the kernel library, and the choice itself, are measured, not guessed; and
 uncompiled, the same decoder and kernels with transformers' forward for each decode step
 (variant ``transformers_step``), the part that is infer/phi_step.py's lean step; compiled
 (``--compile``) on CPU, that lean uncompiled step beside the compiled one (variant
-``uncompiled_step``), so what compiling gains is measured in the same run, and where the
+``uncompiled_step``), so what compiling gains is measured in the same run (with ``--int8``
+also a compiled float32 model with int8 weights, variant ``int8_weight_only``), and where the
 compiled step's GEMVs are inductor's (AMD CPUs), the compiled step on MKL's (variant
 ``compiled_mkl_linear``).
 
@@ -705,6 +706,13 @@ def make_paths(work: Workload, options: BenchOptions) -> dict[str, Baseline | Fa
         runtime = RuntimeConfig(device, max_seq_len=work.max_seq, quantize="int8")
         int8 = _static(make_decoder(copy.deepcopy(model.language_model), runtime))
         paths["int8"] = FastPath(model, ids, fast.encoder, int8)
+    if options.int8 and options.compile_decode and torch.device(device).type == "cpu":
+        # float32 activations, int8 weights read in the compiled step's own GEMV loops
+        runtime = RuntimeConfig(
+            device, max_seq_len=work.max_seq, quantize="int8_weight_only", compile_decode=True
+        )
+        weight_only = _static(make_decoder(copy.deepcopy(model.language_model), runtime))
+        paths["int8_weight_only"] = FastPath(model, ids, fast.encoder, weight_only)
     if options.int4:  # the same encoder, int4 weights in the model's own dtype
         runtime = RuntimeConfig(device, max_seq_len=work.max_seq, quantize="int4_weight_only")
         int4 = _static(make_decoder(copy.deepcopy(model.language_model), runtime))
@@ -759,6 +767,11 @@ def measure_variants(
                     fast, variant, pixels, 16, fidelity.threshold_for(VARIANT_RUNTIMES[name])
                 ),
             }
+            decoder = variant.decoder
+            if isinstance(decoder, StaticDecoder) and VARIANT_RUNTIMES[name].compile_decode:
+                # a compiled variant's load check may refuse it too: say what was timed
+                variants[name]["compiled"] = decoder.compiled
+                variants[name]["compile_refused"] = decoder.compile_refused
             if name.startswith("bf16"):
                 variants[name]["baseline_same_dtype"] = measured["baseline_bf16"]
                 variants[name]["speedup_vs_same_dtype_baseline"] = _speedups(
@@ -774,6 +787,7 @@ VARIANTS = (
     "mkl_linear",
     "onednn_linear",
     "int8",
+    "int8_weight_only",
     "int4_weight_only",
     "bf16",
     "bf16_int8_weight_only",
@@ -786,6 +800,7 @@ VARIANT_RUNTIMES = {
     "mkl_linear": RuntimeConfig(cpu_linear="torch"),
     "onednn_linear": RuntimeConfig(cpu_linear="onednn"),
     "int8": RuntimeConfig(quantize="int8"),
+    "int8_weight_only": RuntimeConfig(quantize="int8_weight_only", compile_decode=True),
     "int4_weight_only": RuntimeConfig(quantize="int4_weight_only"),
     "bf16": RuntimeConfig(dtype="bfloat16"),
     "bf16_int8_weight_only": RuntimeConfig(dtype="bfloat16", quantize="int8_weight_only"),
@@ -1112,6 +1127,8 @@ def _variant_lines(result: dict) -> list[str]:
                 f" ({same['image_to_16_tokens']:.2f}x / {same['image_to_64_tokens']:.2f}x vs "
                 "generate() in bf16)"
             )
+        if variant.get("compile_refused"):
+            versus += " (**its compiled step was refused at load**: it ran uncompiled)"
         lines.append(
             f"- {name}: image->16 {s['image_to_16_tokens']:.2f}x, image->64 "
             f"{s['image_to_64_tokens']:.2f}x vs baseline{versus}; greedy agreement with the fp "

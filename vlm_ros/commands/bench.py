@@ -31,7 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "run, in a temporary directory)",
     )
     parser.add_argument(
-        "--int8", action="store_true", help="also measure the lossy int8 decoder (CPU)"
+        "--int8",
+        action="store_true",
+        help="also measure the lossy int8 decoder (CPU); with --compile also int8 weights "
+        "with float32 activations in the compiled step (int8_weight_only)",
     )
     parser.add_argument(
         "--int4",

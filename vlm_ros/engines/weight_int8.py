@@ -15,8 +15,15 @@ compute-bound, and the int8 kernel is slower there). On CUDA the same dequantizi
 ``F.linear(x, w.to(dtype)) * scale`` is what torch.compile fuses into one kernel (gpt-fast);
 eager it is correct but not faster. Not run on a GPU here.
 
-Half precision only: ATen's int8 kernel for float32 activations is a slow reference kernel, and
-a float32 model gains more from ``dtype: bfloat16`` first.
+Half precision, or float32 with a compiled CPU decode step (``compile_decode: true``): there
+the step's GEMVs are written by inductor as one loop that converts each int8 weight as it is
+read (the form of cpu_kernels.InductorGemvLinear), so a float32 model reads a quarter of its
+Linear bytes per token with float32 activations, the least lossy 8-bit setting; its prefill
+dequantizes as above. Uncompiled, ATen's int8 kernel for float32 activations is a slow
+reference kernel, so float32 without a compiled step is refused (a float32 model gains more
+from ``dtype: bfloat16`` first there), and a float32 model's uncompiled calls (the prefill, an
+action hint's branches) take the dequantizing form: in one measurement on the AMD host, the
+51200x800 head on 10 rows took 254 ms in ATen's float32 int8 kernel and 74 ms dequantizing.
 """
 
 from __future__ import annotations
@@ -63,7 +70,12 @@ class WeightOnlyInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1]  # [..., in] -> [..., out]
-        if HAS_PACKED_KERNEL and x.device.type == "cpu" and rows.numel() <= PACKED_ROWS:
+        cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
+        if cpu_fp32 and torch.compiler.is_compiling() and rows.numel() == 1:
+            # a compiled CPU decode step: inductor fuses the int8 -> float conversion into the
+            # GEMV's loop (cpu_kernels.InductorGemvLinear), reading 1 byte per weight
+            out = (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales
+        elif self._packed_kernel(x):
             flat = x.reshape(-1, self.in_features).contiguous()
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
             out = out.reshape(*rows, self.out_features)
@@ -71,18 +83,34 @@ class WeightOnlyInt8Linear(nn.Module):
             out = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return out if self.bias is None else out + self.bias
 
+    @staticmethod
+    def _packed_kernel(x: torch.Tensor) -> bool:
+        """ATen's int8 kernel for a CPU call of a few rows in half precision (its float32
+        one is a slow reference kernel: 3.4x the dequantizing form, module docstring)."""
+        few = x.shape[:-1].numel() <= PACKED_ROWS
+        return HAS_PACKED_KERNEL and x.device.type == "cpu" and few and x.dtype in HALF
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
-def quantize_weights(module: nn.Module) -> int:
+def check_dtype(dtype: torch.dtype, device: torch.device | str, compiled: bool) -> None:
+    """The activation dtypes the kernels serve: bfloat16/float16, or float32 on a CPU whose
+    decode step is compiled (inductor's int8 GEMVs; see the module docstring)."""
+    on_cpu = torch.device(device).type == "cpu"
+    if dtype in HALF or (dtype == torch.float32 and compiled and on_cpu):
+        return
+    raise InputError(
+        f"quantize='int8_weight_only' needs dtype bfloat16 or float16 (the model is "
+        f"{dtype_name(dtype)}): its kernels take half-precision activations; float32 only "
+        "with compile_decode: true on a CPU"
+    )
+
+
+def quantize_weights(module: nn.Module, compiled: bool = False) -> int:
     """Replace every nn.Linear under ``module`` by WeightOnlyInt8Linear, in place (the float
-    weights are released); returns how many. The module must be in bfloat16 or float16."""
+    weights are released); returns how many. The module must be in bfloat16 or float16, or
+    float32 on a CPU with ``compiled`` (its decode step compiled)."""
     param = next(module.parameters())
-    if param.dtype not in HALF:
-        raise InputError(
-            f"quantize='int8_weight_only' needs dtype bfloat16 or float16 (the model is "
-            f"{dtype_name(param.dtype)}): its kernels take half-precision "
-            "activations"
-        )
+    check_dtype(param.dtype, param.device, compiled)
     return replace_linears(module, WeightOnlyInt8Linear)

@@ -128,7 +128,7 @@ def with_kernels(
     if quantize == "int8":
         return quantize_int8(lm)
     if quantize == "int8_weight_only":
-        weight_int8.quantize_weights(lm)  # in place: the half-precision weights are freed
+        weight_int8.quantize_weights(lm, compile)  # in place: the float weights are freed
         return lm
     if quantize == "int4_weight_only":
         weight_int4.quantize_weights(lm)  # in place; refuses device/dtype/shapes it cannot serve
