@@ -25,6 +25,11 @@ Accuracy is every path's first-step logits and greedy tokens against our float32
     .venv/bin/python scripts/full_size_llamacpp.py llava-phi-full --threads 2 \\
         --out bench/results/cpu-llava-phi-full-llamacpp.json
 
+``--compile`` adds our compiled CPU step (``compile_decode: true``, compiled at load, which the
+phase's build time includes): float32 after our fp32 phase, and int8 weights with float32
+activations (``int8_weight_only``) after the bf16 one, each paired with llama.cpp's type of its
+width.
+
 Random weights: speed does not depend on their values, but their near-flat logits exaggerate
 quantization noise in the accuracy figures.
 """
@@ -61,7 +66,11 @@ OURS = {  # our path -> its settings (dtype None: float32), as the bench's varia
     "int8": RuntimeConfig(quantize="int8"),
     "bf16_int8_weight_only": RuntimeConfig(dtype="bfloat16", quantize="int8_weight_only"),
     "int4_weight_only": RuntimeConfig(quantize="int4_weight_only"),
+    # --compile: the compiled CPU step (on AMD CPUs its GEMVs are inductor's: cpu_kernels.py)
+    "fp32_compiled": RuntimeConfig(compile_decode=True),
+    "int8_weight_only_compiled": RuntimeConfig(quantize="int8_weight_only", compile_decode=True),
 }
+COMPILED = ("ours:fp32_compiled", "ours:int8_weight_only_compiled")  # with --compile only
 # The order of the phases: each of ours next to llama.cpp's type of the same width
 ORDER = (
     "ours:fp32",
@@ -73,10 +82,20 @@ ORDER = (
     "llama:q4_0",
 )
 PAIRS = {  # llama.cpp type -> our paths at the same weight width
-    "f32": ("fp32",),
-    "q8_0": ("int8", "bf16_int8_weight_only"),
+    "f32": ("fp32", "fp32_compiled"),
+    "q8_0": ("int8", "bf16_int8_weight_only", "int8_weight_only_compiled"),
     "q4_0": ("int4_weight_only",),
 }
+
+
+def phase_order(compiled: bool) -> tuple[str, ...]:
+    """ORDER, with --compile each compiled path right after its uncompiled one."""
+    if not compiled:
+        return ORDER
+    after = {"ours:fp32": COMPILED[0], "ours:bf16_int8_weight_only": COMPILED[1]}
+    return tuple(p for phase in ORDER for p in (phase, after.get(phase)) if p is not None)
+
+
 ACCURACY_TOKENS = 16
 
 
@@ -133,7 +152,7 @@ def run_ours(name: str, args, work_dir: Path) -> dict:
     runtime = replace(runtime, max_seq_len=work.prompt_len + args.steps + 8)
     decoder = make_decoder(work.model.language_model, runtime)
     assert isinstance(decoder, StaticDecoder), type(decoder)  # the default decoder: static
-    build_s = time.perf_counter() - start
+    build_s = time.perf_counter() - start  # compiling included (at load, StaticDecoder)
     embeds = torch.from_numpy(np.load(work_dir / "embeds.npy"))[None].to(decoder.dtype)
     loaded = resident_mib()
 
@@ -164,6 +183,8 @@ def run_ours(name: str, args, work_dir: Path) -> dict:
              first_logits=first.step_logits[0].float().numpy().reshape(-1))  # fmt: skip
     return _times(prefill, per_token) | {
         "build_and_quantize_s": build_s,
+        "compiled": decoder.compiled,
+        "compile_refused": decoder.compile_refused,
         "decode_bytes_per_token": {
             "weights": measure.stored_weight_bytes(decoder.lm),
             "live_kv": measure.live_kv_bytes(
@@ -257,9 +278,9 @@ def add_bandwidth(entry: dict, step_bytes: dict) -> None:
     entry["fraction_of_read"] = gb_s / read
 
 
-def collect(work_dir: Path, prepared: dict) -> dict:
+def collect(work_dir: Path, prepared: dict, order: tuple[str, ...]) -> dict:
     paths: dict[str, dict] = {}
-    for phase in ORDER:
+    for phase in order:
         side, name = phase.split(":")
         entry = json.loads((work_dir / f"{side}-{name}.json").read_text())
         if side == "llama":
@@ -280,7 +301,9 @@ def versus(paths: dict) -> dict:
     for kind, ours in PAIRS.items():
         theirs = paths[f"llama.cpp {kind}"]
         for name in ours:
-            mine = paths[f"vlm_ros {name}"]
+            mine = paths.get(f"vlm_ros {name}")
+            if mine is None:  # a compiled path without --compile
+                continue
             out[f"{name} vs {kind}"] = {
                 stage: theirs[stage]["p50"] / mine[stage]["p50"]
                 for stage in ("prefill_ms", "decode_ms_per_token")
@@ -292,8 +315,9 @@ def run_all(args) -> dict:
     load = os.getloadavg()[0]
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     peak_child = 0.0
+    order = phase_order(args.compile)
     with tempfile.TemporaryDirectory(prefix="vlm_ros_full_peer_", dir=args.tmp) as tmp:
-        for phase in ("prepare", *ORDER):
+        for phase in ("prepare", *order):
             command = [sys.executable, __file__, args.preset, "--phase", phase,
                        "--work-dir", tmp, "--threads", str(args.threads),
                        "--iters", str(args.iters), "--steps", str(args.steps)]  # fmt: skip
@@ -302,12 +326,12 @@ def run_all(args) -> dict:
             peak_child = max(peak_child, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
         work_dir = Path(tmp)
         prepared = json.loads((work_dir / "prepare.json").read_text())
-        paths = collect(work_dir, prepared)
+        paths = collect(work_dir, prepared, order)
     return {
         "preset": args.preset,
         "started_utc": started,
         "how": "one process per phase, one model in memory at a time, phases in this order: "
-        + ", ".join(ORDER),
+        + ", ".join(order),
         "threads": args.threads,
         "iterations": args.iters,
         "decode_steps": args.steps,
@@ -331,6 +355,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per iteration")
     parser.add_argument("--out")
     parser.add_argument("--tmp", help="where the GGUF files go (23 GB for llava-phi-full)")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="also our compiled CPU step: float32, and int8 weights with float32 activations",
+    )  # fmt: skip
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: one phase, in a child
     parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -278,11 +278,13 @@ def test_full_size_script_runs_every_phase_one_model_at_a_time(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "full_size_llamacpp.py"
     out = tmp_path / "full.json"
     command = [sys.executable, str(script), "tiny", "--iters", "1", "--steps", "4",
-               "--threads", "1", "--tmp", str(tmp_path), "--out", str(out)]  # fmt: skip
+               "--threads", "1", "--tmp", str(tmp_path), "--compile",
+               "--out", str(out)]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
     paths = result["paths"]
-    ours = ["fp32", "int8", "bf16_int8_weight_only", "int4_weight_only"]
+    ours = ["fp32", "int8", "bf16_int8_weight_only", "int4_weight_only", "fp32_compiled",
+            "int8_weight_only_compiled"]  # fmt: skip
     names = [f"vlm_ros {n}" for n in ours] + [f"llama.cpp {k}" for k in ("f32", "q8_0", "q4_0")]
     assert sorted(paths) == sorted(names)
     assert paths["vlm_ros fp32"]["accuracy_vs_our_fp32"]["first_logits_max_abs_error"] == 0.0
@@ -297,8 +299,14 @@ def test_full_size_script_runs_every_phase_one_model_at_a_time(tmp_path):
     assert weights["llama.cpp q4_0"] < weights["llama.cpp q8_0"] < weights["llama.cpp f32"]
     assert weights["vlm_ros int4_weight_only"] < weights["vlm_ros int8"] < weights["vlm_ros fp32"]
     assert set(result["ours_faster_by"]) == {
-        "fp32 vs f32", "int8 vs q8_0", "bf16_int8_weight_only vs q8_0", "int4_weight_only vs q4_0"
+        "fp32 vs f32", "int8 vs q8_0", "bf16_int8_weight_only vs q8_0", "int4_weight_only vs q4_0",
+        "fp32_compiled vs f32", "int8_weight_only_compiled vs q8_0",
     }  # fmt: skip
+    for name in ("fp32_compiled", "int8_weight_only_compiled"):  # compiled at load, checked
+        entry = paths[f"vlm_ros {name}"]
+        assert entry["compiled"] and entry["compile_refused"] is None, entry
+    assert paths["vlm_ros fp32_compiled"]["accuracy_vs_our_fp32"]["greedy_prefix_agreement"] == 1
+    assert weights["vlm_ros int8_weight_only_compiled"] < weights["vlm_ros fp32"] / 2
     assert not list(tmp_path.glob("vlm_ros_full_peer_*")), "the GGUF files are removed"
 
 

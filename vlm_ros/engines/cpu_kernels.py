@@ -58,9 +58,7 @@ def onednn_linear_available() -> bool:
     return bool((got - want).abs().max() <= _PROBE_RTOL * want.abs().max())
 
 
-def _onednn_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
@@ -74,7 +72,7 @@ def _onednn_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 # with its schema spelled out: inferring it from postponed annotations is version-dependent.
 onednn_linear_op = torch.library.custom_op(
     "vlm_ros::onednn_linear",
-    _onednn_linear,
+    onednn_linear,
     mutates_args=(),
     schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
 )
@@ -95,7 +93,7 @@ class OneDnnLinear(nn.Module):
         if x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.dtype == x.dtype:
             if torch.compiler.is_compiling():  # traced: the opaque op (see onednn_linear_op)
                 return onednn_linear_op(x, self.weight, self.bias)
-            return _onednn_linear(x, self.weight, self.bias)
+            return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -129,7 +127,7 @@ class InductorGemvLinear(nn.Module):
             if self.onednn:
                 if torch.compiler.is_compiling():
                     return onednn_linear_op(x, self.weight, self.bias)
-                return _onednn_linear(x, self.weight, self.bias)
+                return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

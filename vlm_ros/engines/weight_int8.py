@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlm_ros.config import dtype_name
+from vlm_ros.engines import cpu_kernels
 from vlm_ros.engines.cpu_kernels import replace_linears
 from vlm_ros.errors import InputError
 
@@ -79,6 +80,11 @@ class WeightOnlyInt8Linear(nn.Module):
             flat = x.reshape(-1, self.in_features).contiguous()
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
             out = out.reshape(*rows, self.out_features)
+        elif cpu_fp32 and cpu_kernels.wants_onednn("auto", x.device, x.dtype):
+            # a float32 prefill on an AMD CPU: the dequantized GEMM on oneDNN, ~2x MKL there
+            compiling = torch.compiler.is_compiling()  # traced: the opaque op (cpu_kernels)
+            gemm = cpu_kernels.onednn_linear_op if compiling else cpu_kernels.onednn_linear
+            out = gemm(x, self.weight.to(x.dtype), None) * self.scales
         else:
             out = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return out if self.bias is None else out + self.bias
