@@ -109,7 +109,7 @@ class RuntimeConfig:
     weights in groups of 32 with a scale and zero each, PyTorch's int4 kernels; opt-in, lossy).
     cpu_linear: "auto" (float32 on an AMD x86 CPU: the static decoder's and the torch vision
     stage's Linear layers through oneDNN, ~2x MKL there, same arithmetic, and with
-    compile_decode the decode step's GEMVs written by inductor, 1.8x again; on Intel CPUs MKL,
+    compile_decode the decode step's GEMVs written by inductor, 1.4-1.8x again; on Intel CPUs MKL,
     torch's default, is the faster and is kept), "onednn" (oneDNN on any x86 CPU, warning
     where unavailable), "torch" (plain F.linear everywhere) or "inductor" (needs
     compile_decode: the compiled step's GEMVs written by inductor on any CPU, the rest as

@@ -212,8 +212,8 @@ def wants_onednn(mode: str, device: torch.device | str, dtype: torch.dtype) -> b
 
 def wants_inductor_gemv(mode: str, device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether a compiled decode step on device/dtype has inductor write its float32 GEMVs
-    (InductorGemvLinear): "inductor" on any CPU, "auto" on an AMD CPU (measured there: 1.8x
-    the uncompiled step, 2.3x the compiled step on MKL). On Intel CPUs "auto" keeps MKL, whose
+    (InductorGemvLinear): "inductor" on any CPU, "auto" on an AMD CPU (measured there: 1.4-1.8x
+    the uncompiled step, 2.0-2.3x the compiled step on MKL). On Intel CPUs "auto" keeps MKL, whose
     compiled step was measured (89% of the read bandwidth); inductor's GEMVs were not."""
     check_choice("cpu_linear", mode, CPU_LINEAR_MODES)
     if torch.device(device).type != "cpu" or dtype != torch.float32:

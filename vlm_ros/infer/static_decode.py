@@ -26,15 +26,17 @@ in torch.cat copies on the ``small`` preset. Where the cache lacks room for the 
 it falls back to that expanded form.
 
 On an AMD CPU in float32 the decoder's Linear layers run through oneDNN (``cpu_linear="auto"``,
-engines/cpu_kernels.py; not with ``compile``, whose inductor lowers Linear itself): ~2x MKL's
-speed on the AMD hosts measured, same float32 arithmetic (on Intel CPUs MKL is the faster).
-They are swapped in a copy of ``lm``'s module tree that shares its weights, so the model's own
-modules (and the eager reference) are untouched.
+engines/cpu_kernels.py): ~2x MKL's speed on the AMD hosts measured, same float32 arithmetic
+(on Intel CPUs MKL is the faster). Compiled there, the step's GEMVs are written by inductor
+(cpu_kernels.InductorGemvLinear: 1.4-1.8x the uncompiled step on the AMD host). Either is swapped
+in a copy of ``lm``'s module tree that shares its weights, so the model's own modules (and the
+eager reference) are untouched.
 
 Optional ``quantize="int8"``: dynamic int8 quantization (torch.ao, fbgemm/x86) of the decoder's
 Linear layers, CPU only, lossy and opt-in; its greedy agreement and logit error are measured by
 the benchmark (see docs/performance.md). ``quantize="int8_weight_only"``: int8 weights with
-per-channel scales, bf16/fp16 activations (engines/weight_int8.py), much less loss.
+per-channel scales, bf16/fp16 activations, or float32 ones with a compiled CPU step
+(engines/weight_int8.py), much less loss.
 ``quantize="int4_weight_only"``: 4-bit weights, a scale and zero per 32 input channels, torch's
 int4 kernels (engines/weight_int4.py). Each replaces the Linear modules of ``lm`` in place.
 """

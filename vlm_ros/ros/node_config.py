@@ -102,7 +102,7 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "auto",
         "float32 on x86 CPUs, static decoder and torch vision stage: auto = Linear layers "
         "through oneDNN on AMD CPUs (~2x MKL there), torch's MKL on Intel's (the faster one "
-        "there), and on AMD with compile_decode the step's GEMVs written by inductor (1.8x "
+        "there), and on AMD with compile_decode the step's GEMVs written by inductor (1.4-1.8x "
         "again); onednn = oneDNN on any x86 CPU; torch = plain F.linear; inductor = the "
         "compiled step's GEMVs by inductor on any CPU (needs compile_decode; measured on AMD "
         "only)",
