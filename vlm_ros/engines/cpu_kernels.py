@@ -70,13 +70,25 @@ def _onednn_linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 # it did not pack itself (AssertionError, torch 2.13), and its own float32 Linear on x86 is
 # MKL's (extern addmm, or MKL's packed GEMM when freezing), the slow one on AMD. Registered
 # with its schema spelled out: inferring it from postponed annotations is version-dependent.
-onednn_linear_op = torch.library.custom_op(
-    "vlm_ros::onednn_linear",
-    onednn_linear,
-    mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
-)
-onednn_linear_op.register_fake(_onednn_linear_shape)
+# torch < 2.4 has no custom_op: there the plain call is traced, and where inductor refuses it
+# the decoder's load-time check serves the step uncompiled (static_decode.py).
+onednn_linear_op: Callable[..., torch.Tensor] = onednn_linear
+if hasattr(torch.library, "custom_op"):
+    _op = torch.library.custom_op(
+        "vlm_ros::onednn_linear",
+        onednn_linear,
+        mutates_args=(),
+        schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+    )
+    _op.register_fake(_onednn_linear_shape)
+    onednn_linear_op = _op
+
+
+def compiling() -> bool:
+    """Whether torch.compile is tracing this call (False on a torch without
+    torch.compiler.is_compiling, < 2.3: its modules then trace their uncompiled form)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
 
 
 class OneDnnLinear(nn.Module):
@@ -91,7 +103,7 @@ class OneDnnLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.dtype == x.dtype:
-            if torch.compiler.is_compiling():  # traced: the opaque op (see onednn_linear_op)
+            if compiling():  # traced: the opaque op (see onednn_linear_op)
                 return onednn_linear_op(x, self.weight, self.bias)
             return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -121,11 +133,11 @@ class InductorGemvLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cpu_fp32 = x.dtype == torch.float32 and x.device.type == "cpu"
         if cpu_fp32 and self.weight.dtype == x.dtype:
-            if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+            if compiling() and x.shape[:-1].numel() == 1:
                 y = (x.unsqueeze(-2) * self.weight).sum(-1)  # [.., 1, in] * [out, in] -> [.., out]
                 return y if self.bias is None else y + self.bias
             if self.onednn:
-                if torch.compiler.is_compiling():
+                if compiling():
                     return onednn_linear_op(x, self.weight, self.bias)
                 return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -72,7 +72,7 @@ class WeightOnlyInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1]  # [..., in] -> [..., out]
         cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
-        if cpu_fp32 and torch.compiler.is_compiling() and rows.numel() == 1:
+        if cpu_fp32 and cpu_kernels.compiling() and rows.numel() == 1:
             # a compiled CPU decode step: inductor fuses the int8 -> float conversion into the
             # GEMV's loop (cpu_kernels.InductorGemvLinear), reading 1 byte per weight
             out = (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales
@@ -82,7 +82,7 @@ class WeightOnlyInt8Linear(nn.Module):
             out = out.reshape(*rows, self.out_features)
         elif cpu_fp32 and cpu_kernels.wants_onednn("auto", x.device, x.dtype):
             # a float32 prefill on an AMD CPU: the dequantized GEMM on oneDNN, ~2x MKL there
-            compiling = torch.compiler.is_compiling()  # traced: the opaque op (cpu_kernels)
+            compiling = cpu_kernels.compiling()  # traced: the opaque op (cpu_kernels)
             gemm = cpu_kernels.onednn_linear_op if compiling else cpu_kernels.onednn_linear
             out = gemm(x, self.weight.to(x.dtype), None) * self.scales
         else:
