@@ -659,7 +659,7 @@ def _linear_kernels(fast: FastPath) -> str:
 
 def _other_kernels(fast: FastPath, options: BenchOptions) -> tuple[str, CpuLinearMode] | None:
     """The variant with the float32 Linear kernels ``cpu_linear: auto`` did not pick (x86 CPU,
-    float32 model, oneDNN's op present, not compiled: inductor lowers Linear itself):
+    float32 model, oneDNN's op present, not compiled: compiled, ``compiled_mkl_linear`` is it):
     (variant name, cpu_linear), or None."""
     if _uses_onednn(fast):
         return "mkl_linear", "torch"
