@@ -122,6 +122,22 @@ def test_demo_model_answers_as_in_bf16():
     int8.close()
 
 
+def test_eval_demo_float32_int8_weights_compiled(tmp_path):
+    """`vlm-ros eval-demo --quantize int8_weight_only --compile` on a float32 trained demo
+    model: every question type of the first test scenes right, as the float32 model gets them
+    (eval-demo over all 500 is docs/performance.md's run)."""
+    import json
+
+    from vlm_ros.cli import main
+
+    out = tmp_path / "eval.json"
+    argv = ["eval-demo", "--n", "6", "--threads", "2", "--quantize", "int8_weight_only",
+            "--compile", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    accuracy = json.loads(out.read_text())["accuracy"]
+    assert accuracy and min(accuracy.values()) >= 0.9, accuracy
+
+
 def test_float32_model_is_refused_with_the_setting_named():
     with pytest.raises(InputError, match="int8_weight_only.*bfloat16"):
         Assistant.load("demo", runtime=RuntimeConfig(quantize="int8_weight_only"))

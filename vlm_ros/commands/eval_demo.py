@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=QUANTIZE_MODES,
         default="none",
         help="int8: the opt-in lossy dynamic int8 decoder (CPU); int8_weight_only: int8 "
-        "weights (with --dtype bfloat16/float16); int4_weight_only: 4-bit weights (float32 or "
+        "weights (with --dtype bfloat16/float16, or float32 with --compile); "
+        "int4_weight_only: 4-bit weights (float32 or "
         "bfloat16 on CPU); to measure what they cost in accuracy on a "
         "trained model",
     )
@@ -29,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "faster bf16 path costs in accuracy",
     )
 
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step (compile_decode: true), as the node would run it",
+    )
+
 
 def run(args: argparse.Namespace) -> int:
     from vlm_ros.demo.evaluate import (  # torch: loaded when the command runs, not for --help
@@ -37,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     )
     from vlm_ros.infer.pipeline import Assistant
 
-    runtime = RuntimeConfig(threads=args.threads, quantize=args.quantize, dtype=args.dtype)
+    runtime = RuntimeConfig(
+        threads=args.threads, quantize=args.quantize, dtype=args.dtype,
+        compile_decode=args.compile,
+    )  # fmt: skip
     assistant = Assistant.load(args.model, runtime=runtime)
     report = evaluate(assistant, args.n, progress=True, captions=True)
     print(report.table())
