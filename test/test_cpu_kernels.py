@@ -9,9 +9,9 @@ import platform
 
 import pytest
 import torch
+from compile_helpers import traced_ops
 from tiny_models import tiny_checkpoint
 from torch import nn
-from torch._dynamo.backends.common import aot_autograd
 from torch.nn import functional as F
 
 from vlm_ros.config import RuntimeConfig
@@ -149,24 +149,6 @@ def test_torch_vision_backend_kernels(family):
 # ---- the compiled decode step's Linear layers ----------------------------------------------
 
 
-def _traced_ops(module: nn.Module, x: torch.Tensor) -> tuple[set, torch.Tensor]:
-    """The aten ops torch.compile hands its backend for ``module(x)`` (the graph inductor would
-    get, recorded rather than compiled: no C++ compiler needed), and the result."""
-    seen: set = set()
-
-    def record(gm, example_inputs):
-        def backend(graph, inputs):
-            seen.update(str(n.target) for n in graph.graph.nodes if n.op == "call_function")
-            return graph
-
-        return aot_autograd(fw_compiler=backend)(gm, example_inputs)
-
-    torch._dynamo.reset()
-    with torch.inference_mode():
-        out = torch.compile(module, backend=record, dynamic=False)(x)
-    return seen, out
-
-
 @pytest.mark.parametrize("bias", [True, False])
 def test_compiled_one_row_linear_is_a_reduction_not_a_library_call(bias):
     """InductorGemvLinear traced with a one-row float32 input is a multiply and a sum, which
@@ -178,7 +160,7 @@ def test_compiled_one_row_linear_is_a_reduction_not_a_library_call(bias):
     assert list(gemv.state_dict()) == list(linear.state_dict())
     assert gemv.weight is linear.weight
     one = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3))
-    ops, got = _traced_ops(gemv, one)
+    ops, got = traced_ops(gemv, one)
     assert not any(name.split(".")[1] in ("mm", "addmm", "bmm", "linear") for name in ops), ops
     assert {"aten.mul.Tensor", "aten.sum.dim_IntList"} <= ops, ops
     with torch.inference_mode():
@@ -186,7 +168,7 @@ def test_compiled_one_row_linear_is_a_reduction_not_a_library_call(bias):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert torch.equal(gemv(one), want)  # uncompiled: the library call
     many = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(4))
-    ops, got = _traced_ops(gemv, many)
+    ops, got = traced_ops(gemv, many)
     assert any(name.split(".")[1] in ("mm", "addmm", "bmm") for name in ops), ops
     with torch.inference_mode():
         torch.testing.assert_close(got, F.linear(many, linear.weight, linear.bias))
@@ -200,7 +182,7 @@ def test_compiled_onednn_linear_is_one_opaque_call():
     linear = nn.Linear(64, 96)
     x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(5))
     for module in (OneDnnLinear(linear), cpu_kernels.InductorGemvLinear(linear, onednn=True)):
-        ops, got = _traced_ops(module, x)
+        ops, got = traced_ops(module, x)
         assert "vlm_ros.onednn_linear.default" in ops, ops
         with torch.inference_mode():
             torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias))

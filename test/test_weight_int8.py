@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from compile_helpers import traced_ops
 from torch import nn
 from torch.nn import functional as F
 
@@ -63,19 +64,17 @@ def test_float32_compiled_step_reads_int8_weights_in_its_own_loop():
     the int8 weight converted in the loop (no library GEMM, no dequantized copy of the weight),
     within int8-weight rounding of the float32 Linear; with several rows (a prefill) it
     dequantizes and multiplies."""
-    from test_cpu_kernels import _traced_ops
-
     linear = nn.Linear(96, 160)
     quantized = WeightOnlyInt8Linear(linear)
     one = torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(7))
-    ops, got = _traced_ops(quantized, one)
+    ops, got = traced_ops(quantized, one)
     assert not any(op.split(".")[1] in ("mm", "addmm", "bmm", "_weight_int8pack_mm") for op in ops)
     assert {"aten.mul.Tensor", "aten.sum.dim_IntList"} <= ops, ops
     with torch.inference_mode():
         want = F.linear(one, linear.weight, linear.bias)
         torch.testing.assert_close(got, quantized(one))  # uncompiled: dequantized, same maths
     assert (got - want).abs().max() <= 1e-2 * want.abs().max()  # int8 weight rounding only
-    ops, _ = _traced_ops(quantized, torch.randn(1, 5, 96))  # a GEMM: torch's, or oneDNN's
+    ops, _ = traced_ops(quantized, torch.randn(1, 5, 96))  # a GEMM: torch's, or oneDNN's
     gemms = ("mm", "addmm", "bmm", "onednn_linear")
     assert any(op.split(".")[1] in gemms for op in ops), ops
 

@@ -84,11 +84,21 @@ if hasattr(torch.library, "custom_op"):
     onednn_linear_op = _op
 
 
-def compiling() -> bool:
-    """Whether torch.compile is tracing this call (False on a torch without
-    torch.compiler.is_compiling, < 2.3: its modules then trace their uncompiled form)."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling is not None and is_compiling())
+# Whether torch.compile is tracing this call; resolved once (the eager Linear calls ask it on
+# every token). A torch without it (< 2.3) traces the modules' uncompiled form.
+compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
+def linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """oneDNN's float32 Linear: the direct call, or the opaque op while torch.compile traces."""
+    return (onednn_linear_op if compiling() else onednn_linear)(x, weight, bias)
+
+
+def gemv_by_reduction(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for one row written as a multiply-sum, [.., 1, in] * [out, in] ->
+    [.., out]: traced, inductor makes it one fused loop that reads ``weight`` once (converting
+    it on the way where it is int8: weight_int8.py)."""
+    return (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)
 
 
 class OneDnnLinear(nn.Module):
@@ -103,9 +113,7 @@ class OneDnnLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.dtype == x.dtype:
-            if compiling():  # traced: the opaque op (see onednn_linear_op)
-                return onednn_linear_op(x, self.weight, self.bias)
-            return onednn_linear(x, self.weight, self.bias)
+            return linear_onednn(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -134,12 +142,10 @@ class InductorGemvLinear(nn.Module):
         cpu_fp32 = x.dtype == torch.float32 and x.device.type == "cpu"
         if cpu_fp32 and self.weight.dtype == x.dtype:
             if compiling() and x.shape[:-1].numel() == 1:
-                y = (x.unsqueeze(-2) * self.weight).sum(-1)  # [.., 1, in] * [out, in] -> [.., out]
+                y = gemv_by_reduction(x, self.weight)
                 return y if self.bias is None else y + self.bias
             if self.onednn:
-                if compiling():
-                    return onednn_linear_op(x, self.weight, self.bias)
-                return onednn_linear(x, self.weight, self.bias)
+                return linear_onednn(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

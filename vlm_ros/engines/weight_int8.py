@@ -68,23 +68,22 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("weight", quantized)
         self.register_buffer("scales", scales)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
+        # a float32 model's dequantized GEMMs (prefill) on oneDNN where auto picks it (AMD)
+        self.onednn = cpu_kernels.wants_onednn("auto", weight.device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1]  # [..., in] -> [..., out]
         cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
         if cpu_fp32 and cpu_kernels.compiling() and rows.numel() == 1:
             # a compiled CPU decode step: inductor fuses the int8 -> float conversion into the
-            # GEMV's loop (cpu_kernels.InductorGemvLinear), reading 1 byte per weight
-            out = (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales
+            # GEMV's loop, reading 1 byte per weight
+            out = cpu_kernels.gemv_by_reduction(x, self.weight) * self.scales
         elif self._packed_kernel(x):
             flat = x.reshape(-1, self.in_features).contiguous()
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
             out = out.reshape(*rows, self.out_features)
-        elif cpu_fp32 and cpu_kernels.wants_onednn("auto", x.device, x.dtype):
-            # a float32 prefill on an AMD CPU: the dequantized GEMM on oneDNN, ~2x MKL there
-            compiling = cpu_kernels.compiling()  # traced: the opaque op (cpu_kernels)
-            gemm = cpu_kernels.onednn_linear_op if compiling else cpu_kernels.onednn_linear
-            out = gemm(x, self.weight.to(x.dtype), None) * self.scales
+        elif cpu_fp32 and self.onednn:  # the dequantized GEMM on oneDNN, ~2x MKL on AMD
+            out = cpu_kernels.linear_onednn(x, self.weight.to(x.dtype), None) * self.scales
         else:
             out = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return out if self.bias is None else out + self.bias
