@@ -21,6 +21,15 @@ Per round (same seeded weights, the product's StaticDecoder and its lean step, f
   its GEMVs are inductor's (an AMD CPU), also ``compiled_linears``: those GEMVs alone, the 73
   of a token compiled as one graph, as ``linears`` times the library's.
 
+``--huge-pages-ab`` adds ``step_4k_pages`` (and ``compiled_step_4k_pages`` with
+``--compiled``): the same step on a copy of the weights and cache left on torch's own 4 KiB-page
+allocation (``huge_pages: false``), where the product's decoders place theirs on transparent
+huge pages (engines/huge_pages.py).
+
+Each round's ``read_gb_s`` is the host's read over 4 KiB pages (what the files committed before
+huge pages measured) and ``read_huge_pages_gb_s`` over huge pages; the ``*_share_of_read``
+figures are against the larger of the two, the best read this host gives.
+
 ``--cpu-linear`` picks the lean step's and ``linears``' kernels (default ``torch``: MKL on x86,
 as the earlier committed files ran; ``auto``: what the product picks on this host, oneDNN on
 an AMD CPU); ``--compiled-linear`` the compiled step's (default ``auto``; ``inductor``: its
@@ -45,7 +54,7 @@ import torch
 from torch import nn
 
 from vlm_ros.bench import measure
-from vlm_ros.engines.cpu_kernels import InductorGemvLinear, OneDnnLinear
+from vlm_ros.engines.cpu_kernels import InductorGemvLinear, OneDnnLinear, copy_structure
 from vlm_ros.infer import phi_step
 from vlm_ros.infer.static_decode import StaticDecoder, compile_step, compiled_step_problem
 
@@ -76,6 +85,7 @@ def main() -> None:
     parser.add_argument(
         "--compiled-linear", default="auto", choices=["auto", "inductor", "torch", "onednn"]
     )
+    parser.add_argument("--huge-pages-ab", action="store_true", help="also on 4 KiB pages")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,7 +96,7 @@ def main() -> None:
     embeds = torch.randn(1, prompt, lm.config.hidden_size, generator=generator)
     result: dict = {"preset": args.preset, "threads": args.threads, "tokens": args.tokens,
                     "prompt": prompt, "cpu_linear": args.cpu_linear,
-                    "compiled_linear": args.compiled_linear,
+                    "compiled_linear": args.compiled_linear, "huge_pages_ab": args.huge_pages_ab,
                     "load_average_start": os.getloadavg()[0]}  # fmt: skip
     with torch.inference_mode():
         decoder = StaticDecoder(lm, prompt + args.tokens + 8, cpu_linear=args.cpu_linear)
@@ -97,6 +107,8 @@ def main() -> None:
             )
             if not compiled.compiled:  # its load-time check failed: nothing compiled to time
                 raise SystemExit(f"the compiled step was refused: {compiled.compile_refused}")
+        plain_lm = copy_structure(lm, lambda t: t.clone()) if args.huge_pages_ab else None
+        result["huge_pages"] = decoder.huge_pages.summary() if decoder.huge_pages else "off"
         step = decoder._fast
         assert step is not None, "the preset's decoder has no lean step"
         real_layers, real_head = step.layers, step.head
@@ -147,6 +159,18 @@ def main() -> None:
             return decoder.decode_one_token(torch.tensor([[11]])).clone()
 
         before = first_logits()
+        if plain_lm is not None:
+            plain = StaticDecoder(plain_lm, prompt + args.tokens + 8, cpu_linear=args.cpu_linear,
+                                  huge_pages=False)  # fmt: skip
+            assert torch.equal(first_logits(plain), before), "4 KiB pages changed the logits"
+            runs["step_4k_pages"] = lambda: decode(plain)
+            if compiled is not None:
+                plain_compiled = StaticDecoder(
+                    plain_lm, prompt + args.tokens + 8, compile=True,
+                    cpu_linear=args.compiled_linear, huge_pages=False,
+                )  # fmt: skip
+                assert plain_compiled.compiled, plain_compiled.compile_refused
+                runs["compiled_step_4k_pages"] = lambda: decode(plain_compiled)
         if compiled is not None:
             runs["compiled_step"] = lambda: decode(compiled)
             gemvs = [m for m in compiled.lm.modules() if isinstance(m, InductorGemvLinear)]
@@ -171,17 +195,17 @@ def main() -> None:
         rounds = []
         for _ in range(args.rounds):
             row = {"read_gb_s": measure.read_bandwidth(iters=5)["best"]}
+            huge = measure.read_bandwidth(iters=5, huge_pages=True)
+            row |= {"read_huge_pages_gb_s": huge["best"]} if huge else {}
             row.update({name: run() for name, run in runs.items()})
-            row["step_share_of_read"] = (weights + kv) / row["step"] / 1e6 / row["read_gb_s"]
-            row["linears_share_of_read"] = linear_bytes / row["linears"] / 1e6 / row["read_gb_s"]
-            if compiled is not None:
-                row["compiled_step_share_of_read"] = (
-                    (weights + kv) / row["compiled_step"] / 1e6 / row["read_gb_s"]
-                )
-            if "compiled_linears" in row:
-                row["compiled_linears_share_of_read"] = (
-                    linear_bytes / row["compiled_linears"] / 1e6 / row["read_gb_s"]
-                )
+            best = max(row["read_gb_s"], row.get("read_huge_pages_gb_s", 0.0))
+            for name, nbytes in (("step", weights + kv), ("linears", linear_bytes),
+                                 ("compiled_step", weights + kv),
+                                 ("compiled_linears", linear_bytes),
+                                 ("step_4k_pages", weights + kv),
+                                 ("compiled_step_4k_pages", weights + kv)):  # fmt: skip
+                if name in row:
+                    row[f"{name}_share_of_read"] = nbytes / row[name] / 1e6 / best
             rounds.append(row)
             print(json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
         # the product's modules are back: the step computes what it did before the hollowing

@@ -69,6 +69,9 @@ OURS = {  # our path -> its settings (dtype None: float32), as the bench's varia
     # --compile: the compiled CPU step (on AMD CPUs its GEMVs are inductor's: cpu_kernels.py)
     "fp32_compiled": RuntimeConfig(compile_decode=True),
     "int8_weight_only_compiled": RuntimeConfig(quantize="int8_weight_only", compile_decode=True),
+    # --huge-pages-ab: float32 on torch's own 4 KiB-page allocation (huge_pages: false)
+    "fp32_4k_pages": RuntimeConfig(huge_pages=False),
+    "fp32_compiled_4k_pages": RuntimeConfig(compile_decode=True, huge_pages=False),
 }
 COMPILED = ("ours:fp32_compiled", "ours:int8_weight_only_compiled")  # with --compile only
 # The order of the phases: each of ours next to llama.cpp's type of the same width
@@ -82,18 +85,26 @@ ORDER = (
     "llama:q4_0",
 )
 PAIRS = {  # llama.cpp type -> our paths at the same weight width
-    "f32": ("fp32", "fp32_compiled"),
+    "f32": ("fp32", "fp32_compiled", "fp32_4k_pages", "fp32_compiled_4k_pages"),
     "q8_0": ("int8", "bf16_int8_weight_only", "int8_weight_only_compiled"),
     "q4_0": ("int4_weight_only",),
 }
 
 
-def phase_order(compiled: bool) -> tuple[str, ...]:
-    """ORDER, with --compile each compiled path right after its uncompiled one."""
-    if not compiled:
-        return ORDER
-    after = {"ours:fp32": COMPILED[0], "ours:bf16_int8_weight_only": COMPILED[1]}
-    return tuple(p for phase in ORDER for p in (phase, after.get(phase)) if p is not None)
+def phase_order(compiled: bool, huge_pages_ab: bool = False, widths=tuple(PAIRS)) -> tuple:
+    """ORDER, with --compile each compiled path right after its uncompiled one, with
+    --huge-pages-ab each float32 path's 4 KiB-page twin next to it, and only the llama.cpp
+    types in ``widths`` with our paths of their width."""
+    after: dict[str, list[str]] = {"ours:fp32": [], "ours:bf16_int8_weight_only": []}
+    if compiled:
+        after["ours:fp32"].append(COMPILED[0])
+        after["ours:bf16_int8_weight_only"].append(COMPILED[1])
+    if huge_pages_ab:
+        after["ours:fp32"] += ["ours:fp32_compiled_4k_pages"] if compiled else []
+    before = {"ours:fp32": ["ours:fp32_4k_pages"]} if huge_pages_ab else {}
+    order = [p for phase in ORDER for p in (*before.get(phase, ()), phase, *after.get(phase, ()))]
+    kept = {f"llama:{kind}" for kind in widths} | {f"ours:{n}" for k in widths for n in PAIRS[k]}
+    return tuple(p for p in order if p in kept)
 
 
 ACCURACY_TOKENS = 16
@@ -130,7 +141,7 @@ def prepare(args, work_dir: Path) -> dict:
     del work, model, lm, image, spliced  # the quantizer reads the file, not the model
     gc.collect()
     files = {"f32": source}
-    for kind in ("q8_0", "q4_0"):
+    for kind in [k for k in args.widths if k != "f32"]:
         target = work_dir / f"decoder-{kind}.gguf"
         files[kind] = llamacpp.quantize(source, target, kind, args.threads)
     out["gguf"] = {kind: llamacpp.gguf_bytes(path) for kind, path in files.items()}
@@ -167,7 +178,7 @@ def run_ours(name: str, args, work_dir: Path) -> dict:
         return gen
 
     answer(4, StageTimer("cpu"))  # warm-up
-    before = measure.read_bandwidth()
+    before = read_bandwidths()
     prefill, per_token, first = [], [], None
     for _ in range(args.iters):
         timer = StageTimer("cpu")
@@ -176,7 +187,7 @@ def run_ours(name: str, args, work_dir: Path) -> dict:
         prefill.append(ms["prefill"])
         per_token.append(ms["decode"] / args.steps)
         first = first or gen
-    after = measure.read_bandwidth()
+    after = read_bandwidths()
     assert first is not None
     tokens = first.token_ids[:ACCURACY_TOKENS]
     np.savez(work_dir / f"ours-{name}.npz", tokens=np.array(tokens),
@@ -191,10 +202,28 @@ def run_ours(name: str, args, work_dir: Path) -> dict:
                 work.model, work.prompt_len + args.steps // 2, decoder.dtype.itemsize
             ),
         },
-        "read_bandwidth_gb_s": {"before": before["best"], "after": after["best"]},
+        "read_bandwidth_gb_s": bandwidth_entry(before, after),
+        "huge_pages": decoder.huge_pages.summary() if decoder.huge_pages else "off",
         "resident_after_load_mib": loaded,
         "peak_host_rss_mib": measure.peak_memory("cpu")["peak_host_rss_mib"],
     }
+
+
+def read_bandwidths() -> dict[str, float]:
+    """The host's read GB/s now, over 4 KiB pages and over huge pages (where it has them)."""
+    out = {"4k_pages": measure.read_bandwidth()["best"]}
+    huge = measure.read_bandwidth(huge_pages=True)
+    return out | ({"huge_pages": huge["best"]} if huge else {})
+
+
+def bandwidth_entry(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """{"before": .., "after": ..} over 4 KiB pages (as committed files before huge pages
+    had), and the same over huge pages; the phase's bandwidth is the largest of them."""
+    out = {"before": before["4k_pages"], "after": after["4k_pages"]}
+    for key, value in (("before", before), ("after", after)):
+        if "huge_pages" in value:
+            out[f"{key}_huge_pages"] = value["huge_pages"]
+    return out
 
 
 def run_llama(kind: str, args, work_dir: Path, prompt_len: int) -> dict:
@@ -211,14 +240,14 @@ def run_llama(kind: str, args, work_dir: Path, prompt_len: int) -> dict:
     embeds = np.load(work_dir / "embeds.npy")
     try:
         peer.greedy(embeds, 4)  # warm-up
-        before = measure.read_bandwidth()
+        before = read_bandwidths()
         prefill, per_token, first = [], [], None
         for _ in range(args.iters):
             tokens, steps = peer.greedy(embeds, args.steps + 1)
             prefill.append(steps[0].ms)
             per_token.append(sum(s.ms for s in steps[1:]) / args.steps)
             first = first or (tokens, steps)
-        after = measure.read_bandwidth()
+        after = read_bandwidths()
         info = llamacpp.system_info()
     finally:
         peer.close()
@@ -227,7 +256,7 @@ def run_llama(kind: str, args, work_dir: Path, prompt_len: int) -> dict:
              first_logits=first[1][0].logits)  # fmt: skip
     return _times(prefill, per_token) | {
         "load_s": load_s,
-        "read_bandwidth_gb_s": {"before": before["best"], "after": after["best"]},
+        "read_bandwidth_gb_s": bandwidth_entry(before, after),
         "resident_after_load_mib": loaded,
         "peak_host_rss_mib": measure.peak_memory("cpu")["peak_host_rss_mib"],
         "system_info": info,
@@ -299,10 +328,12 @@ def versus(paths: dict) -> dict:
     """Ours over llama.cpp at the same width: how many times faster (>1: ours faster)."""
     out = {}
     for kind, ours in PAIRS.items():
-        theirs = paths[f"llama.cpp {kind}"]
+        theirs = paths.get(f"llama.cpp {kind}")
+        if theirs is None:  # a type left out by --widths
+            continue
         for name in ours:
             mine = paths.get(f"vlm_ros {name}")
-            if mine is None:  # a compiled path without --compile
+            if mine is None:  # a compiled or 4 KiB-page path not asked for
                 continue
             out[f"{name} vs {kind}"] = {
                 stage: theirs[stage]["p50"] / mine[stage]["p50"]
@@ -315,12 +346,13 @@ def run_all(args) -> dict:
     load = os.getloadavg()[0]
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     peak_child = 0.0
-    order = phase_order(args.compile)
+    order = phase_order(args.compile, args.huge_pages_ab, args.widths)
     with tempfile.TemporaryDirectory(prefix="vlm_ros_full_peer_", dir=args.tmp) as tmp:
         for phase in ("prepare", *order):
             command = [sys.executable, __file__, args.preset, "--phase", phase,
                        "--work-dir", tmp, "--threads", str(args.threads),
-                       "--iters", str(args.iters), "--steps", str(args.steps)]  # fmt: skip
+                       "--iters", str(args.iters), "--steps", str(args.steps),
+                       "--widths", *args.widths]  # fmt: skip
             print(f"{time.strftime('%H:%M:%S')} {phase}", file=sys.stderr, flush=True)
             subprocess.run(command, check=True)
             peak_child = max(peak_child, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
@@ -333,6 +365,7 @@ def run_all(args) -> dict:
         "how": "one process per phase, one model in memory at a time, phases in this order: "
         + ", ".join(order),
         "threads": args.threads,
+        "widths": args.widths,
         "iterations": args.iters,
         "decode_steps": args.steps,
         "prepare": prepared,
@@ -359,9 +392,19 @@ def main() -> None:
         "--compile", action="store_true",
         help="also our compiled CPU step: float32, and int8 weights with float32 activations",
     )  # fmt: skip
+    parser.add_argument(
+        "--huge-pages-ab", action="store_true",
+        help="also float32 on torch's own 4 KiB pages (huge_pages: false) next to each fp32 path",
+    )  # fmt: skip
+    parser.add_argument(
+        "--widths", nargs="+", default=list(PAIRS), choices=list(PAIRS),
+        help="llama.cpp types to run, each with our paths of its width (default: all)",
+    )  # fmt: skip
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: one phase, in a child
     parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if "f32" not in args.widths:
+        parser.error("--widths needs f32: our float32 phase is every path's accuracy reference")
     if args.phase:
         run_phase(args)
         return

@@ -230,6 +230,10 @@ def test_llamacpp_peer_runs_the_same_model(tmp_path):
     assert peer["extra_buffer_types"] is not amx
     band = result["decode_bandwidth"]
     assert band["read_bandwidth_gb_s"] > 0 and band["fast"]["gb_s"] > 0
+    # the host's best read: over 4 KiB pages or over huge pages, where the decoder's weights are
+    reads = (band["read_bandwidth_4k_pages_gb_s"], band["read_bandwidth_huge_pages_gb_s"] or 0)
+    assert min(reads[0], band["read_bandwidth_gb_s"]) > 0
+    assert band["read_bandwidth_gb_s"] == max(reads)
     f32, q8, q4 = (peer["types"][k] for k in ("f32", "q8_0", "q4_0"))
     assert f32["accuracy_vs_fp32"]["first_logits_error_over_range"] < 1e-3
     assert f32["accuracy_vs_fp32"]["greedy_prefix_agreement"] == 1.0
@@ -278,13 +282,13 @@ def test_full_size_script_runs_every_phase_one_model_at_a_time(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "full_size_llamacpp.py"
     out = tmp_path / "full.json"
     command = [sys.executable, str(script), "tiny", "--iters", "1", "--steps", "4",
-               "--threads", "1", "--tmp", str(tmp_path), "--compile",
+               "--threads", "1", "--tmp", str(tmp_path), "--compile", "--huge-pages-ab",
                "--out", str(out)]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
     paths = result["paths"]
     ours = ["fp32", "int8", "bf16_int8_weight_only", "int4_weight_only", "fp32_compiled",
-            "int8_weight_only_compiled"]  # fmt: skip
+            "int8_weight_only_compiled", "fp32_4k_pages", "fp32_compiled_4k_pages"]  # fmt: skip
     names = [f"vlm_ros {n}" for n in ours] + [f"llama.cpp {k}" for k in ("f32", "q8_0", "q4_0")]
     assert sorted(paths) == sorted(names)
     assert paths["vlm_ros fp32"]["accuracy_vs_our_fp32"]["first_logits_max_abs_error"] == 0.0
@@ -300,8 +304,15 @@ def test_full_size_script_runs_every_phase_one_model_at_a_time(tmp_path):
     assert weights["vlm_ros int4_weight_only"] < weights["vlm_ros int8"] < weights["vlm_ros fp32"]
     assert set(result["ours_faster_by"]) == {
         "fp32 vs f32", "int8 vs q8_0", "bf16_int8_weight_only vs q8_0", "int4_weight_only vs q4_0",
-        "fp32_compiled vs f32", "int8_weight_only_compiled vs q8_0",
+        "fp32_compiled vs f32", "int8_weight_only_compiled vs q8_0", "fp32_4k_pages vs f32",
+        "fp32_compiled_4k_pages vs f32",
     }  # fmt: skip
+    # --huge-pages-ab: the same float32 decoder with huge pages off, the same tokens
+    for name in ("fp32_4k_pages", "fp32_compiled_4k_pages"):
+        entry = paths[f"vlm_ros {name}"]
+        assert entry["huge_pages"] == "off", name
+        assert entry["accuracy_vs_our_fp32"]["greedy_prefix_agreement"] == 1, name
+    assert paths["vlm_ros fp32"]["huge_pages"].startswith("0 tensors")  # tiny: all below 2 MiB
     for name in ("fp32_compiled", "int8_weight_only_compiled"):  # compiled at load, checked
         entry = paths[f"vlm_ros {name}"]
         assert entry["compiled"] and entry["compile_refused"] is None, entry
@@ -327,6 +338,7 @@ def test_compiled_bench_on_cpu_measures_the_uncompiled_step_beside_it(tmp_path):
     assert shares["int8_weight_only"]["weights"] < shares["fast"]["weights"] / 2
     assert result["compile_decode"] is True
     assert result["fast_path"]["compiled"] and result["fast_path"]["compile_refused"] is None
+    assert "placed on huge-page mappings" in result["fast_path"]["huge_pages"]  # tiny: 0 moved
     assert "transformers_step" not in result["variants"]
     # on an AMD CPU the compiled step's GEMVs are inductor's, and MKL's compiled step beside it
     amd = cpu_kernels.cpu_vendor() in cpu_kernels.AMD_VENDORS
@@ -363,21 +375,66 @@ def test_decode_split_script_times_each_part_and_restores_the_step(tmp_path):
     out = tmp_path / "split.json"
     command = [sys.executable, str(script), "tiny", "--threads", "1", "--rounds", "2",
                "--tokens", "4", "--compiled", "--compiled-linear", "inductor",
-               "--out", str(out)]  # fmt: skip
+               "--huge-pages-ab", "--out", str(out)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     parts = ("step", "linears", "outside_linears", "outside_linears_no_attention",
-             "compiled_step", "compiled_linears")  # fmt: skip
+             "compiled_step", "compiled_linears", "step_4k_pages",
+             "compiled_step_4k_pages")  # fmt: skip
     assert len(result["rounds"]) == 2
     for row in result["rounds"]:
         assert row["read_gb_s"] > 0 and all(row[p] > 0 for p in parts), row
-        assert row["step_share_of_read"] > 0 and row["linears_share_of_read"] > 0
-        assert row["compiled_step_share_of_read"] > 0 and row["compiled_linears_share_of_read"] > 0
+        assert row["read_huge_pages_gb_s"] > 0
+        for part in ("step", "linears", "compiled_step", "compiled_linears", "step_4k_pages"):
+            assert row[f"{part}_share_of_read"] > 0, part
     assert 0 <= result["compiled_max_abs_logit_diff"] < 1e-3
     sizes = result["bytes_per_token"]
     assert 0 < sizes["linear_weights"] <= sizes["weights"] and sizes["live_kv"] > 0
     assert set(parts) | {"attention"} <= set(result["median"])
+
+
+def test_gemv_layouts_script_measures_every_kernel_and_checks_them(tmp_path):
+    """scripts/gemv_layouts.py (page size and weight layout under a GEMV, against a plain read
+    of the same bytes) on one layer of Phi-2's shapes: every kernel's GB/s per round, the
+    ratios the docs quote, and (asserted by the script) each kernel's output against F.linear."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gemv_layouts.py"
+    out = tmp_path / "layouts.json"
+    command = [sys.executable, str(script), "--layers", "1", "--rounds", "1", "--threads", "1",
+               "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    kernels = {"sum_4k", "sum_huge", "onednn_4k", "onednn_huge", "inductor_4k", "inductor_huge",
+               "inductor_blocked_huge"}  # fmt: skip
+    assert set(result["rounds"][0]) == kernels and all(v > 0 for v in result["median"].values())
+    assert result["weight_bytes_per_set"] == 4 * (2 * 10240 * 2560 + 4 * 2560 * 2560)
+    assert set(result["median_ratios"]["huge_over_4k"]) == {"sum", "onednn", "inductor"}
+
+
+def test_full_size_phase_order_pairs_each_path_with_its_width():
+    """full_size_llamacpp.py's phases: --compile and --huge-pages-ab put each extra float32
+    path next to the one it is compared with; --widths keeps llama.cpp's types asked for and
+    our paths of their width only."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "full_size_llamacpp.py"
+    spec = importlib.util.spec_from_file_location("full_size_llamacpp", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.phase_order(False) == module.ORDER
+    assert module.phase_order(True, True, ["f32"]) == (
+        "ours:fp32_4k_pages", "ours:fp32", "ours:fp32_compiled", "ours:fp32_compiled_4k_pages",
+        "llama:f32",
+    )  # fmt: skip
+    assert module.phase_order(False, True, ["f32", "q4_0"]) == (
+        "ours:fp32_4k_pages", "ours:fp32", "llama:f32", "ours:int4_weight_only", "llama:q4_0",
+    )  # fmt: skip
 
 
 def test_stored_weight_bytes_count_quantized_weights_once():

@@ -218,3 +218,83 @@ def test_inductor_mode_without_a_compiled_step_is_refused():
         runtime = RuntimeConfig(decoder=decoder, cpu_linear="inductor", max_seq_len=64)
         with pytest.raises(InputError, match="cpu_linear='inductor'"):
             make_decoder(lm, runtime)
+
+
+class _Attention(nn.Module):
+    """What reduction_attention reads from transformers' attention module: nothing but this."""
+
+    num_key_value_groups = 1
+    is_causal = True
+    training = False
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # grouped-query heads read their keys in place
+@pytest.mark.parametrize("mask", ["none", "bool", "additive"])
+def test_reduction_attention_traced_is_sdpa_without_the_library_call(kv_heads, mask):
+    """The compiled decode step's attention on a CPU (cpu_kernels.reduction_attention): traced
+    for one query it is multiplies, sums and a softmax, no SDPA kernel, and computes what
+    transformers' SDPA computes, masked slots of the static cache included; a prefill's
+    several queries and uncompiled calls are SDPA itself."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    generator = torch.Generator().manual_seed(6)
+    module = _Attention()
+    module.num_key_value_groups = 4 // kv_heads
+    query = torch.randn(1, 4, 1, 16, generator=generator)
+    key = torch.randn(1, kv_heads, 24, 16, generator=generator)
+    value = torch.randn(1, kv_heads, 24, 16, generator=generator)
+    seen = torch.arange(24) < 17  # the live slots of a longer static cache
+    masks = {"none": None, "bool": seen.view(1, 1, 1, 24),
+             "additive": torch.where(seen, 0.0, float("-inf")).view(1, 1, 1, 24)}  # fmt: skip
+    attention_mask = masks[mask]
+
+    class Step(nn.Module):
+        def forward(self, q):
+            out, _ = cpu_kernels.reduction_attention(
+                module, q, key, value, attention_mask, scaling=0.25
+            )
+            return out
+
+    ops, got = traced_ops(Step(), query)
+    assert not any("scaled_dot_product" in name for name in ops), ops
+    assert {"aten.mul.Tensor", "aten.sum.dim_IntList"} <= ops, ops
+    with torch.inference_mode():
+        want, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=0.25)
+        assert got.shape == want.shape == (1, 1, 4, 16)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        uncompiled, _ = cpu_kernels.reduction_attention(module, query, key, value, attention_mask,
+                                                        scaling=0.25)  # fmt: skip
+        assert torch.equal(uncompiled, want)
+    prefill = torch.randn(1, 4, 3, 16, generator=generator)
+    ops, _ = traced_ops(Step(), prefill)  # several queries: SDPA
+    assert any("scaled_dot_product" in name for name in ops), ops
+
+
+def test_compiled_cpu_step_uses_the_reduction_attention_and_matches_the_uncompiled_one():
+    """A compiled CPU decoder points its copy of the model at reduction_attention (the model's
+    own modules keep SDPA) and, on grouped-query heads with cache slots past the live ones,
+    decodes the uncompiled step's greedy tokens with logits within float32 rounding."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    config = PhiConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.4,
+                       max_position_embeddings=64)  # fmt: skip
+    lm = PhiForCausalLM(config).eval()
+    embeds = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        compiled = StaticDecoder(lm, 40, compile=True, cpu_linear="inductor")
+        assert compiled.compiled, compiled.compile_refused
+        assert compiled.lm.config._attn_implementation == cpu_kernels.REDUCTION_ATTENTION
+        assert lm.config._attn_implementation == "sdpa"
+        plain = StaticDecoder(lm, 40)
+        runs = []
+        for decoder in (compiled, plain):
+            logits, tokens, kept = decoder.prefill(embeds), [], []
+            for _ in range(12):
+                tokens.append(int(logits.argmax(-1)))
+                logits = decoder.decode_one_token(torch.tensor([[tokens[-1]]]))
+                kept.append(logits.clone())
+            runs.append((tokens, torch.cat(kept)))
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-4, rtol=0)

@@ -114,6 +114,9 @@ class RuntimeConfig:
     where unavailable), "torch" (plain F.linear everywhere) or "inductor" (needs
     compile_decode: the compiled step's GEMVs written by inductor on any CPU, the rest as
     "auto"; measured on AMD only).
+    huge_pages: on CPU, the static decoder's weights and KV cache copied onto transparent huge
+    pages (Linux, THP not "never"; engines/huge_pages.py): fewer TLB misses in the per-token
+    stream of every weight. Same values; off keeps torch's allocation.
     board: the memory plan's device (model/memory_plan.py), checked before any weight is read:
     "auto" (this Jetson Orin from its device tree, else the CUDA GPU's free memory or the
     host's available memory), a board name (orin-nano-8gb, orin-nx-8gb, orin-nx-16gb,
@@ -132,6 +135,7 @@ class RuntimeConfig:
     compile_decode: bool = False
     quantize: QuantizeMode = "none"
     cpu_linear: CpuLinearMode = "auto"
+    huge_pages: bool = True
     drop_first_patch: bool | None = None  # None: family default (Factory TinyLLaVA drops it)
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
     board: str = "auto"

@@ -256,3 +256,63 @@ def copy_structure(module: nn.Module, tensor_fn: Callable[[torch.Tensor], torch.
             new = nn.Parameter(new, requires_grad=False)
         memo[id(tensor)] = new
     return copy.deepcopy(module, memo)
+
+
+# ---- attention of a compiled CPU decode step --------------------------------------------------
+
+REDUCTION_ATTENTION = "vlm_ros_reduction"  # the name registered with transformers
+
+
+def reduction_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: one query over the cache written as
+    reductions, ``softmax((q * K).sum(-1)) * V`` summed over positions, when torch.compile
+    traces a float32 CPU decode step; everything else (prefill, the action-hint branches,
+    uncompiled calls, other devices) is transformers' SDPA, unchanged.
+
+    Why: in the compiled `small` step ATen's flash-attention kernel for a single query read
+    the live KV at ~11 GB/s (2.2 ms of a 21 ms token, profiled); inductor's fused reductions
+    read it at ~18 GB/s (1.3 ms), and at full size 24 against 36 ms a token (docs/performance.md,
+    "The compiled step's attention"). Grouped-query heads read their shared keys in place."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not (compiling() and query.shape[2] == 1 and query.device.type == "cpu"):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    batch, heads, _, dim = query.shape
+    kv_heads, positions = key.shape[1], key.shape[2]
+    scale = dim**-0.5 if scaling is None else scaling
+    q = query.reshape(batch, kv_heads, heads // kv_heads, 1, dim)  # [B, KV, G, 1, D]
+    scores = (q * key.unsqueeze(2)).sum(-1) * scale  # [B, KV, G, S]
+    if attention_mask is not None:  # [B, 1, 1, >=S]: True / 0 where a position is seen
+        mask = attention_mask[..., :positions].reshape(batch, 1, 1, positions)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    weights = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+    out = (weights.unsqueeze(-1) * value.unsqueeze(2)).sum(-2)  # [B, KV, G, D]
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None  # [B, 1, H, D], as SDPA's
+
+
+def use_reduction_attention(lm: nn.Module) -> bool:
+    """Point ``lm``'s attention at ``reduction_attention`` (registered with transformers once,
+    its masks built as SDPA's); False where this transformers has no such registry."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:
+        return False
+    AttentionInterface.register(REDUCTION_ATTENTION, reduction_attention)
+    AttentionMaskInterface.register(REDUCTION_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    lm.config._attn_implementation = REDUCTION_ATTENTION
+    return lm.config._attn_implementation == REDUCTION_ATTENTION

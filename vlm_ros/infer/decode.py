@@ -110,8 +110,9 @@ def make_decoder(lm: PhiForCausalLM, runtime: RuntimeConfig) -> Decoder:
             )
         return EagerDecoder(lm)
     return StaticDecoder(
-        lm, runtime.max_seq_len, runtime.compile_decode, runtime.quantize, runtime.cpu_linear
-    )
+        lm, runtime.max_seq_len, runtime.compile_decode, runtime.quantize, runtime.cpu_linear,
+        huge_pages=runtime.huge_pages,
+    )  # fmt: skip
 
 
 def splice_image(

@@ -55,6 +55,7 @@ from transformers import Cache, DynamicCache, PhiForCausalLM, StaticCache
 
 from vlm_ros.config import CpuLinearMode, QuantizeMode, dtype_name
 from vlm_ros.engines import cpu_kernels, weight_int4, weight_int8
+from vlm_ros.engines import huge_pages as thp
 from vlm_ros.errors import ContextOverflowError, InputError
 from vlm_ros.infer.phi_step import PhiDecodeStep
 from vlm_ros.model.compat import cache_kwarg
@@ -197,6 +198,7 @@ class StaticDecoder:
         quantize: QuantizeMode = "none",
         cpu_linear: CpuLinearMode = "auto",
         fast_step: bool = True,
+        huge_pages: bool = True,
     ):
         param = next(lm.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -204,6 +206,7 @@ class StaticDecoder:
         self.config = lm.config
         self.max_seq_len = int(max_seq_len)
         self.cache = self._allocate_cache()
+        self.huge_pages = self._place_on_huge_pages() if huge_pages else None
         self.length = 0  # positions held in the cache
         self.forward_calls = 0
         # [1] the next cache slot, advanced in place every step (gpt-fast's input_pos): the
@@ -226,6 +229,18 @@ class StaticDecoder:
         if fast_step and not self.compiled and PhiDecodeStep.supports(self.lm):
             self._fast = PhiDecodeStep(self.lm, self.cache, self.max_seq_len)
 
+    def _place_on_huge_pages(self) -> thp.Placement | None:
+        """CPU: the weights (as the kernels chosen above store them) and the KV cache on huge
+        pages (engines/huge_pages.py), before a compiled step binds their addresses. The
+        tensors are moved in place, so the model's own modules, which share them, see the
+        same memory and nothing is held twice."""
+        if self.device.type != "cpu":
+            return None
+        cache = [t for layer in self.cache.layers for t in (layer.keys, layer.values)]
+        placement = thp.place([*thp.module_tensors(self.lm), *cache])
+        _log.info("static decoder: %s", placement.summary())
+        return placement
+
     def _compile(self) -> None:
         """Compile the step and check it against the uncompiled one; where compiling fails or
         they disagree, keep the uncompiled step and say why (``compile_refused``, a warning).
@@ -233,6 +248,8 @@ class StaticDecoder:
         an AVX2-only CPU gets) returned wrong logits or NaN for the `small` decoder at two
         threads and some cache lengths (336, 352, 376), right ones at others (328, 344, 400):
         a robot must not get a fast wrong answer."""
+        if self.device.type == "cpu":  # the step's attention as inductor's own reductions
+            cpu_kernels.use_reduction_attention(self.lm)
         step = compile_step(self._decode_step, self.device)
         problem = self._compiled_step_check(step)
         if problem is None:
