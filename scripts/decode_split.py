@@ -194,9 +194,9 @@ def main() -> None:
             run()  # warm-up
         rounds = []
         for _ in range(args.rounds):
-            row = {"read_gb_s": measure.read_bandwidth(iters=5)["best"]}
-            huge = measure.read_bandwidth(iters=5, huge_pages=True)
-            row |= {"read_huge_pages_gb_s": huge["best"]} if huge else {}
+            reads = measure.read_bandwidths(iters=5)
+            row = {"read_gb_s": reads["4k_pages"]}
+            row |= {"read_huge_pages_gb_s": reads["huge_pages"]} if "huge_pages" in reads else {}
             row.update({name: run() for name, run in runs.items()})
             best = max(row["read_gb_s"], row.get("read_huge_pages_gb_s", 0.0))
             for name, nbytes in (("step", weights + kv), ("linears", linear_bytes),

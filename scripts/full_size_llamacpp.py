@@ -178,7 +178,7 @@ def run_ours(name: str, args, work_dir: Path) -> dict:
         return gen
 
     answer(4, StageTimer("cpu"))  # warm-up
-    before = read_bandwidths()
+    before = measure.read_bandwidths()
     prefill, per_token, first = [], [], None
     for _ in range(args.iters):
         timer = StageTimer("cpu")
@@ -187,7 +187,7 @@ def run_ours(name: str, args, work_dir: Path) -> dict:
         prefill.append(ms["prefill"])
         per_token.append(ms["decode"] / args.steps)
         first = first or gen
-    after = read_bandwidths()
+    after = measure.read_bandwidths()
     assert first is not None
     tokens = first.token_ids[:ACCURACY_TOKENS]
     np.savez(work_dir / f"ours-{name}.npz", tokens=np.array(tokens),
@@ -207,13 +207,6 @@ def run_ours(name: str, args, work_dir: Path) -> dict:
         "resident_after_load_mib": loaded,
         "peak_host_rss_mib": measure.peak_memory("cpu")["peak_host_rss_mib"],
     }
-
-
-def read_bandwidths() -> dict[str, float]:
-    """The host's read GB/s now, over 4 KiB pages and over huge pages (where it has them)."""
-    out = {"4k_pages": measure.read_bandwidth()["best"]}
-    huge = measure.read_bandwidth(huge_pages=True)
-    return out | ({"huge_pages": huge["best"]} if huge else {})
 
 
 def bandwidth_entry(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -240,14 +233,14 @@ def run_llama(kind: str, args, work_dir: Path, prompt_len: int) -> dict:
     embeds = np.load(work_dir / "embeds.npy")
     try:
         peer.greedy(embeds, 4)  # warm-up
-        before = read_bandwidths()
+        before = measure.read_bandwidths()
         prefill, per_token, first = [], [], None
         for _ in range(args.iters):
             tokens, steps = peer.greedy(embeds, args.steps + 1)
             prefill.append(steps[0].ms)
             per_token.append(sum(s.ms for s in steps[1:]) / args.steps)
             first = first or (tokens, steps)
-        after = read_bandwidths()
+        after = measure.read_bandwidths()
         info = llamacpp.system_info()
     finally:
         peer.close()

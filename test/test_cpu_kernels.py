@@ -10,6 +10,7 @@ import platform
 import pytest
 import torch
 from compile_helpers import traced_ops
+from decode_helpers import greedy, tiny_phi
 from tiny_models import tiny_checkpoint
 from torch import nn
 from torch.nn import functional as F
@@ -274,13 +275,7 @@ def test_compiled_cpu_step_uses_the_reduction_attention_and_matches_the_uncompil
     """A compiled CPU decoder points its copy of the model at reduction_attention (the model's
     own modules keep SDPA) and, on grouped-query heads with cache slots past the live ones,
     decodes the uncompiled step's greedy tokens with logits within float32 rounding."""
-    from transformers import PhiConfig, PhiForCausalLM
-
-    torch.manual_seed(0)
-    config = PhiConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.4,
-                       max_position_embeddings=64)  # fmt: skip
-    lm = PhiForCausalLM(config).eval()
+    lm = tiny_phi(num_key_value_heads=2)
     embeds = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         compiled = StaticDecoder(lm, 40, compile=True, cpu_linear="inductor")
@@ -288,13 +283,6 @@ def test_compiled_cpu_step_uses_the_reduction_attention_and_matches_the_uncompil
         assert compiled.lm.config._attn_implementation == cpu_kernels.REDUCTION_ATTENTION
         assert lm.config._attn_implementation == "sdpa"
         plain = StaticDecoder(lm, 40)
-        runs = []
-        for decoder in (compiled, plain):
-            logits, tokens, kept = decoder.prefill(embeds), [], []
-            for _ in range(12):
-                tokens.append(int(logits.argmax(-1)))
-                logits = decoder.decode_one_token(torch.tensor([[tokens[-1]]]))
-                kept.append(logits.clone())
-            runs.append((tokens, torch.cat(kept)))
+        runs = [greedy(decoder, embeds, 12) for decoder in (compiled, plain)]
     assert runs[0][0] == runs[1][0]
     torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-4, rtol=0)

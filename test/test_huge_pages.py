@@ -11,8 +11,9 @@ import copy
 
 import pytest
 import torch
+from decode_helpers import greedy, tiny_phi
 from torch import nn
-from transformers import PhiConfig, PhiForCausalLM
+from transformers import PhiForCausalLM
 
 from vlm_ros.config import RuntimeConfig
 from vlm_ros.engines import cpu_kernels
@@ -44,20 +45,8 @@ def vm_flags(address: int) -> list[str]:
 def phi_with_big_tensors() -> PhiForCausalLM:
     """A 2-layer Phi whose fc1/fc2 (4 MiB) and embedding/head (2.5 MiB) are big enough to move
     and whose attention projections (1 MiB) are not."""
-    torch.manual_seed(0)
-    config = PhiConfig(vocab_size=1280, hidden_size=512, intermediate_size=2048,
-                       num_hidden_layers=2, num_attention_heads=8,
-                       max_position_embeddings=64)  # fmt: skip
-    return PhiForCausalLM(config).eval()
-
-
-def greedy(decoder: StaticDecoder, embeds: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-    logits, tokens, kept = decoder.prefill(embeds), [], []
-    for _ in range(STEPS):
-        tokens.append(int(logits.argmax(-1)))
-        logits = decoder.decode_one_token(torch.tensor([[tokens[-1]]]))
-        kept.append(logits.clone())
-    return tokens, torch.cat(kept)
+    return tiny_phi(vocab_size=1280, hidden_size=512, intermediate_size=2048,
+                    num_attention_heads=8, partial_rotary_factor=0.5)  # fmt: skip
 
 
 @needs_thp
@@ -125,8 +114,8 @@ def test_decoder_on_huge_pages_computes_what_torch_allocation_computes():
     assert fc1.data_ptr() % thp.HUGE_PAGE == 0  # the model's own module: moved, not copied
     assert huge.lm.model.layers[0].mlp.fc1.weight.data_ptr() == fc1.data_ptr()
     assert plain_lm.model.layers[0].mlp.fc1.weight.data_ptr() % thp.HUGE_PAGE != 0
-    tokens, logits = greedy(huge, embeds)
-    plain_tokens, plain_logits = greedy(plain, embeds)
+    tokens, logits = greedy(huge, embeds, STEPS)
+    plain_tokens, plain_logits = greedy(plain, embeds, STEPS)
     assert tokens == plain_tokens and torch.equal(logits, plain_logits)
 
 
@@ -145,8 +134,8 @@ def test_compiled_step_on_huge_pages_and_the_cache_moved():
     assert all(t.data_ptr() % thp.HUGE_PAGE == 0
                for layer in compiled.cache.layers for t in (layer.keys, layer.values))  # fmt: skip
     plain = StaticDecoder(plain_lm, long, fast_step=False, huge_pages=False)
-    tokens, logits = greedy(compiled, embeds)
-    plain_tokens, plain_logits = greedy(plain, embeds)
+    tokens, logits = greedy(compiled, embeds, STEPS)
+    plain_tokens, plain_logits = greedy(plain, embeds, STEPS)
     assert tokens == plain_tokens
     torch.testing.assert_close(logits, plain_logits, rtol=0, atol=1e-4)
 

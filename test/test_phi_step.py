@@ -12,7 +12,8 @@ import copy
 
 import pytest
 import torch
-from transformers import PhiConfig, PhiForCausalLM
+from decode_helpers import greedy, tiny_phi
+from transformers import PhiForCausalLM
 
 from vlm_ros.infer.static_decode import StaticDecoder
 
@@ -25,24 +26,6 @@ VARIANTS = {
     "grouped-query": {"num_key_value_heads": 2},
     "rotary-half": {"partial_rotary_factor": 0.5},
 }
-
-
-def tiny_phi(**overrides) -> PhiForCausalLM:
-    config = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, partial_rotary_factor=0.4,
-                  max_position_embeddings=64)  # fmt: skip
-    torch.manual_seed(0)
-    return PhiForCausalLM(PhiConfig(**{**config, **overrides})).eval()
-
-
-def greedy(decoder: StaticDecoder, embeds: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-    """Prefill then STEPS greedy decode steps: the tokens and every step's logits [STEPS, V]."""
-    logits, tokens, kept = decoder.prefill(embeds), [], []
-    for _ in range(STEPS):
-        tokens.append(int(logits.argmax(-1)))
-        logits = decoder.decode_one_token(torch.tensor([[tokens[-1]]]))
-        kept.append(logits.clone())
-    return tokens, torch.cat(kept)
 
 
 def pair(lm: PhiForCausalLM, **kwargs) -> tuple[StaticDecoder, StaticDecoder]:
@@ -63,8 +46,8 @@ def test_fast_step_equals_transformers_step(variant):
     fast, reference = pair(lm, cpu_linear="torch")
     assert fast._fast is not None and reference._fast is None
     embeds = prompt(lm)
-    want_tokens, want = greedy(reference, embeds)
-    got_tokens, got = greedy(fast, embeds)
+    want_tokens, want = greedy(reference, embeds, STEPS)
+    got_tokens, got = greedy(fast, embeds, STEPS)
     assert got_tokens == want_tokens
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     for mine, theirs in zip(fast.cache.layers, reference.cache.layers, strict=True):
@@ -81,7 +64,7 @@ def test_branch_pass_after_fast_steps_matches_the_reference():
     lm = tiny_phi()
     fast, reference = pair(lm, cpu_linear="torch")
     embeds = prompt(lm)
-    greedy(fast, embeds), greedy(reference, embeds)
+    greedy(fast, embeds, STEPS), greedy(reference, embeds, STEPS)
     tokens = torch.tensor([[3, 4, 5], [6, 7, 0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     got, want = fast.score_branches(tokens, mask), reference.score_branches(tokens, mask)
@@ -97,8 +80,8 @@ def test_negative_control_a_step_one_slot_off_is_caught():
     step = fast._fast
     fast._fast = lambda token, position: step(token, position + 1)
     embeds = prompt(lm)
-    _, want = greedy(reference, embeds)
-    _, got = greedy(fast, embeds)
+    _, want = greedy(reference, embeds, STEPS)
+    _, got = greedy(fast, embeds, STEPS)
     assert (got - want).abs().max() > 100 * ATOL
 
 
@@ -111,8 +94,8 @@ def test_fast_step_runs_the_quantized_layers(quantize):
     fast = StaticDecoder(copy.deepcopy(lm), MAX_SEQ, quantize=quantize)
     reference = StaticDecoder(copy.deepcopy(lm), MAX_SEQ, quantize=quantize, fast_step=False)
     embeds = prompt(lm)
-    want_tokens, want = greedy(reference, embeds)
-    got_tokens, got = greedy(fast, embeds)
+    want_tokens, want = greedy(reference, embeds, STEPS)
+    got_tokens, got = greedy(fast, embeds, STEPS)
     assert got_tokens == want_tokens
     spread = float(want.max() - want.min())
     assert float((got - want).abs().max()) < 0.05 * spread  # kernels' rounding, not a bug

@@ -429,6 +429,14 @@ def read_bandwidth(
     }
 
 
+def read_bandwidths(iters: int = 10) -> dict[str, float]:
+    """The host's best read GB/s now, over 4 KiB pages and, where this system has them, over
+    huge pages: {"4k_pages": .., "huge_pages": ..}."""
+    out = {"4k_pages": read_bandwidth(iters=iters)["best"]}
+    huge = read_bandwidth(iters=iters, huge_pages=True)
+    return out | ({"huge_pages": huge["best"]} if huge else {})
+
+
 def decode_bandwidth(paths: dict, measured: dict, work: Workload, options: BenchOptions) -> dict:
     """For the fast path and each variant: bytes one decode step reads (weights as stored +
     the live KV cache at the middle of a 64-token answer) over its decode time: the read
