@@ -72,6 +72,9 @@ OURS = {  # our path -> its settings (dtype None: float32), as the bench's varia
     # --huge-pages-ab: float32 on torch's own 4 KiB-page allocation (huge_pages: false)
     "fp32_4k_pages": RuntimeConfig(huge_pages=False),
     "fp32_compiled_4k_pages": RuntimeConfig(compile_decode=True, huge_pages=False),
+    # --onednn-ab: float32 uncompiled on oneDNN for every call (cpu_linear: onednn), where auto
+    # on an AMD CPU has the decode step's GEMVs compiled per shape (engines/eager_gemv.py)
+    "fp32_onednn": RuntimeConfig(cpu_linear="onednn"),
 }
 COMPILED = ("ours:fp32_compiled", "ours:int8_weight_only_compiled")  # with --compile only
 # The order of the phases: each of ours next to llama.cpp's type of the same width
@@ -85,17 +88,22 @@ ORDER = (
     "llama:q4_0",
 )
 PAIRS = {  # llama.cpp type -> our paths at the same weight width
-    "f32": ("fp32", "fp32_compiled", "fp32_4k_pages", "fp32_compiled_4k_pages"),
+    "f32": ("fp32", "fp32_compiled", "fp32_4k_pages", "fp32_compiled_4k_pages", "fp32_onednn"),
     "q8_0": ("int8", "bf16_int8_weight_only", "int8_weight_only_compiled"),
     "q4_0": ("int4_weight_only",),
 }
 
 
-def phase_order(compiled: bool, huge_pages_ab: bool = False, widths=tuple(PAIRS)) -> tuple:
+def phase_order(
+    compiled: bool, huge_pages_ab: bool = False, widths=tuple(PAIRS), onednn_ab: bool = False
+) -> tuple:
     """ORDER, with --compile each compiled path right after its uncompiled one, with
-    --huge-pages-ab each float32 path's 4 KiB-page twin next to it, and only the llama.cpp
-    types in ``widths`` with our paths of their width."""
+    --huge-pages-ab each float32 path's 4 KiB-page twin next to it, with --onednn-ab the
+    float32 path on oneDNN's GEMVs right after ours, and only the llama.cpp types in
+    ``widths`` with our paths of their width."""
     after: dict[str, list[str]] = {"ours:fp32": [], "ours:bf16_int8_weight_only": []}
+    if onednn_ab:
+        after["ours:fp32"].append("ours:fp32_onednn")
     if compiled:
         after["ours:fp32"].append(COMPILED[0])
         after["ours:bf16_int8_weight_only"].append(COMPILED[1])
@@ -204,6 +212,7 @@ def run_ours(name: str, args, work_dir: Path) -> dict:
         },
         "read_bandwidth_gb_s": bandwidth_entry(before, after),
         "huge_pages": decoder.huge_pages.summary() if decoder.huge_pages else "off",
+        "decode_gemvs": decoder.gemvs.summary() if decoder.gemvs else "library",
         "resident_after_load_mib": loaded,
         "peak_host_rss_mib": measure.peak_memory("cpu")["peak_host_rss_mib"],
     }
@@ -339,7 +348,7 @@ def run_all(args) -> dict:
     load = os.getloadavg()[0]
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     peak_child = 0.0
-    order = phase_order(args.compile, args.huge_pages_ab, args.widths)
+    order = phase_order(args.compile, args.huge_pages_ab, args.widths, args.onednn_ab)
     with tempfile.TemporaryDirectory(prefix="vlm_ros_full_peer_", dir=args.tmp) as tmp:
         for phase in ("prepare", *order):
             command = [sys.executable, __file__, args.preset, "--phase", phase,
@@ -388,6 +397,10 @@ def main() -> None:
     parser.add_argument(
         "--huge-pages-ab", action="store_true",
         help="also float32 on torch's own 4 KiB pages (huge_pages: false) next to each fp32 path",
+    )  # fmt: skip
+    parser.add_argument(
+        "--onednn-ab", action="store_true",
+        help="also float32 uncompiled on oneDNN's GEMVs (cpu_linear: onednn) next to ours",
     )  # fmt: skip
     parser.add_argument(
         "--widths", nargs="+", default=list(PAIRS), choices=list(PAIRS),

@@ -76,9 +76,16 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
     assert step["accuracy_vs_fp"]["greedy_prefix_agreement"] == 1.0
     assert step["accuracy_vs_fp"]["first_logits_error_over_range"] < 1e-4
     # x86: the fast path on the float32 kernels auto did not pick is measured too (lossless)
-    other = {"onednn": "mkl_linear", "torch": "onednn_linear"}[result["fast_path"]["cpu_linear"]]
-    if onednn_linear_available():
+    kernels, onednn = result["fast_path"]["cpu_linear"], onednn_linear_available()
+    if kernels.startswith("inductor GEMVs (uncompiled step)"):  # AMD: both libraries beside
+        assert result["fast_path"]["decode_gemvs"].startswith("inductor GEMVs: ")
+        others = ["onednn_linear"] * onednn + ["mkl_linear"]
+    else:
+        assert result["fast_path"]["decode_gemvs"] == "library"
+        others = [{"onednn": "mkl_linear", "torch": "onednn_linear"}[kernels]] * onednn
         assert "mkl_linear" not in result["variants"] or "onednn_linear" not in result["variants"]
+    assert cpu_kernels.wants_inductor_gemv("auto", "cpu", F32) == ("inductor" in kernels)
+    for other in others:
         plain = result["variants"][other]
         _positive_stages(plain["stages"], FAST_METRICS)
         assert plain["accuracy_vs_fp"]["first_logits_error_over_range"] < 1e-4
@@ -435,6 +442,10 @@ def test_full_size_phase_order_pairs_each_path_with_its_width():
     assert module.phase_order(False, True, ["f32", "q4_0"]) == (
         "ours:fp32_4k_pages", "ours:fp32", "llama:f32", "ours:int4_weight_only", "llama:q4_0",
     )  # fmt: skip
+    assert module.phase_order(False, widths=["f32"], onednn_ab=True) == (
+        "ours:fp32", "ours:fp32_onednn", "llama:f32",
+    )  # fmt: skip
+    assert module.OURS["fp32_onednn"].cpu_linear == "onednn"
 
 
 def test_stored_weight_bytes_count_quantized_weights_once():

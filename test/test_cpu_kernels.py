@@ -208,17 +208,20 @@ def test_who_gets_inductor_gemvs(monkeypatch, mode, vendor, expected):
     assert not cpu_kernels.wants_inductor_gemv(mode, "cuda", torch.float32)
 
 
-def test_inductor_mode_without_a_compiled_step_is_refused():
-    """cpu_linear='inductor' only shapes a compiled step: without one it is refused at load,
-    naming the setting it needs, not silently ignored."""
+def test_inductor_mode_needs_the_static_decoder():
+    """cpu_linear='inductor' shapes the static decoder's step (compiled, or its uncompiled
+    GEMVs: test_eager_gemv.py); the eager reference refuses it at load, naming the setting, not
+    silently ignoring it."""
     from vlm_ros.errors import InputError
     from vlm_ros.infer.decode import make_decoder
 
     lm = load_checkpoint(tiny_checkpoint("llava_phi")).model.language_model
-    for decoder in ("static", "eager"):
-        runtime = RuntimeConfig(decoder=decoder, cpu_linear="inductor", max_seq_len=64)
-        with pytest.raises(InputError, match="cpu_linear='inductor'"):
-            make_decoder(lm, runtime)
+    runtime = RuntimeConfig(decoder="eager", cpu_linear="inductor", max_seq_len=64)
+    with pytest.raises(InputError, match="cpu_linear='inductor'"):
+        make_decoder(lm, runtime)
+    runtime = RuntimeConfig(decoder="static", cpu_linear="inductor", max_seq_len=64)
+    decoder = make_decoder(lm, runtime)
+    assert decoder.gemvs is not None and decoder.gemvs.refused is None, decoder.gemvs
 
 
 class _Attention(nn.Module):

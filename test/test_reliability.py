@@ -52,12 +52,11 @@ def spawn(ros, role: str, *args: str, environ: dict | None = None) -> subprocess
 
 
 def collect(proc: subprocess.Popen, timeout: float) -> dict:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"client did not finish in {timeout} s:\n{err[-2000:]}") from None
+    from vlm_ros.ros import soak_clients
+
+    out, err, hung = soak_clients.finish(proc, timeout)
+    if hung:  # err ends with every thread's stack, where it hung
+        raise AssertionError(f"client did not finish in {timeout} s:\n{out[-1000:]}\n{err[-3000:]}")
     lines = out.strip().splitlines()
     assert lines, f"no output (exit {proc.returncode}):\n{err[-2000:]}"
     result = json.loads(lines[-1])

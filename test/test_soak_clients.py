@@ -58,3 +58,55 @@ def test_soak_sums_late_and_lost_per_kind():
         20, 3, 16, 1, 5)  # fmt: skip
     assert out["refused_by_reason"] == {"queue_full": 15, "bad_image": 1}
     assert out["client_errors"] == ["service not available"]
+    assert out["clients_hung_at_exit"] == []
+
+
+HANGS_AFTER_ITS_RESULT = """
+import faulthandler, json, sys, threading, time
+from vlm_ros.ros.soak_clients import STACKS_SIGNAL
+faulthandler.register(STACKS_SIGNAL, all_threads=True)
+print(json.dumps({"sent": 10, "answered": 10, "refused": 0, "lost": 0, "late": 0,
+                  "refused_by_reason": {}, "answer_ms": [], "refusal_ms": []}), flush=True)
+def stuck_in_teardown():
+    time.sleep(600)
+stuck_in_teardown()
+"""
+
+
+@pytest.mark.parametrize("prints_first", [True, False])
+def test_a_hung_client_gives_its_stacks_and_keeps_its_tally(tmp_path, prints_first):
+    """A client still running at the soak's end is asked for its threads' stacks, then killed;
+    a result it printed before hanging still counts, marked hung_at_exit (it hung in teardown,
+    after its requests); without one, every request of it counts as lost."""
+    import subprocess
+    import sys
+
+    from vlm_ros.ros import soak, soak_clients
+
+    script = HANGS_AFTER_ITS_RESULT if prints_first else HANGS_AFTER_ITS_RESULT.split("print(")[
+        0] + "time.sleep(600)\n"  # fmt: skip
+    stderr = open(tmp_path / "client.err", "w")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=stderr,
+                            text=True)  # fmt: skip
+    proc.stderr_path = stderr.name
+    time.sleep(3.0)  # imported, registered and (maybe) printed
+    start = time.monotonic()
+    result = soak.Soak._result(proc, timeout=1.0)
+    assert time.monotonic() - start < 10.0 and proc.poll() is not None  # killed, not waited on
+    stacks = (tmp_path / "client.err").read_text()
+    assert "most recent call first" in stacks, stacks  # faulthandler's dump: where it waits
+    assert ("stuck_in_teardown" in stacks) == prints_first, stacks
+    out = soak.requests([result], 10)
+    if prints_first:
+        assert result["hung_at_exit"] == stderr.name and "error" not in result
+        assert (out["sent"], out["answered"], out["lost"]) == (10, 10, 0)
+        assert out["clients_hung_at_exit"] == [stderr.name] and out["client_errors"] == []
+    else:
+        assert result["error"].startswith("did not finish") and stderr.name in result["error"]
+        assert out["client_errors"] == [result["error"]]
+    # the same wait, as the reliability tests use it: stdout kept, hung said
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('x', flush=True); "
+                             "time.sleep(600)"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    out_text, _, hung = soak_clients.finish(proc, 2.0)
+    assert hung and out_text.strip() == "x" and proc.poll() is not None

@@ -685,20 +685,31 @@ def _linear_kernels(fast: FastPath) -> str:
     gemv = [m for m in fast.decoder.lm.modules() if isinstance(m, InductorGemvLinear)]
     if gemv:  # the compiled step's GEMVs; its other calls (prefill) on the eager kernels
         return "inductor GEMVs, prefill " + ("onednn" if gemv[0].onednn else "torch")
-    return "onednn" if _uses_onednn(fast) else "torch"
+    library = "onednn" if _uses_onednn(fast) else "torch"
+    if _uses_eager_gemvs(fast):  # the uncompiled step's GEMVs compiled per shape
+        return f"inductor GEMVs (uncompiled step), prefill {library}"
+    return library
 
 
-def _other_kernels(fast: FastPath, options: BenchOptions) -> tuple[str, CpuLinearMode] | None:
-    """The variant with the float32 Linear kernels ``cpu_linear: auto`` did not pick (x86 CPU,
+def _uses_eager_gemvs(fast: FastPath) -> bool:
+    plan = getattr(fast.decoder, "gemvs", None)
+    return plan is not None and bool(plan.kernels)
+
+
+def _other_kernels(fast: FastPath, options: BenchOptions) -> list[tuple[str, CpuLinearMode]]:
+    """The variants on the float32 Linear kernels ``cpu_linear: auto`` did not pick (x86 CPU,
     float32 model, oneDNN's op present, not compiled: compiled, ``compiled_mkl_linear`` is it):
-    (variant name, cpu_linear), or None."""
+    (variant name, cpu_linear) each. Where auto took inductor's GEMVs for the uncompiled step
+    (AMD), both libraries' (oneDNN's was auto's choice before)."""
+    if _uses_eager_gemvs(fast):
+        return [("onednn_linear", "onednn")] * onednn_linear_available() + [("mkl_linear", "torch")]
     if _uses_onednn(fast):
-        return "mkl_linear", "torch"
+        return [("mkl_linear", "torch")]
     if options.compile_decode or torch.device(options.device).type != "cpu":
-        return None
+        return []
     if model_dtype(fast.model) != torch.float32:
-        return None
-    return ("onednn_linear", "onednn") if onednn_linear_available() else None
+        return []
+    return [("onednn_linear", "onednn")] if onednn_linear_available() else []
 
 
 def ratio(baseline: dict, fast: dict, key: str) -> float:
@@ -716,8 +727,7 @@ def make_paths(work: Workload, options: BenchOptions) -> dict[str, Baseline | Fa
     )
     fast = make_fast(model, ids, runtime)
     paths: dict[str, Baseline | FastPath] = {"baseline": Baseline(model, ids), "fast": fast}
-    other = _other_kernels(fast, options)
-    if other:  # the same fast path on the other float32 Linear kernels: the choice, measured
+    for other in _other_kernels(fast, options):  # on other float32 kernels: the choice, measured
         kernels = RuntimeConfig(device, max_seq_len=work.max_seq, cpu_linear=other[1])
         plain = make_fast(model, ids, kernels)
         encoder = plain.encoder if options.vision_backend == "torch" else fast.encoder
@@ -901,6 +911,8 @@ def _fast_path_facts(fast: FastPath, options: BenchOptions) -> dict:
     facts: dict = {"cpu_linear": _linear_kernels(fast)}
     placement = fast.decoder.huge_pages  # None: not a CPU decoder
     facts["huge_pages"] = placement.summary() if placement is not None else "off"
+    plan = getattr(fast.decoder, "gemvs", None)  # the uncompiled step's GEMVs (eager_gemv.py)
+    facts["decode_gemvs"] = plan.summary() if plan is not None else "library"
     if fast.vision_export is not None:
         facts["vision_onnx"] = fast.vision_export
     if options.compile_decode:

@@ -10,9 +10,10 @@ read 15-19 GB/s against oneDNN's 13-17, and the decode step took 39 against 44 m
 same float32 arithmetic in another summation order (differences ~1e-6 relative), so greedy
 tokens stay those of the reference; test/test_cpu_kernels.py and the parity tests check it.
 
-Compiled (``compile_decode: true``), the decode step's float32 GEMVs are better written by
-inductor itself on AMD CPUs (InductorGemvLinear: ``cpu_linear: auto`` there, ``inductor``
-anywhere); ``cpu_linear: onednn`` compiled calls oneDNN through an opaque op
+The decode step's float32 GEMVs are better written by inductor itself on AMD CPUs
+(``cpu_linear: auto`` there, ``inductor`` anywhere): compiled (``compile_decode: true``) as
+part of the step (InductorGemvLinear), uncompiled as one kernel per weight shape
+(eager_gemv.py); ``cpu_linear: onednn`` compiled calls oneDNN through an opaque op
 (onednn_linear_op).
 
 ``torch.ops.mkldnn._linear_pointwise`` is a private op (the one torch.compile's CPU freezing
@@ -229,10 +230,12 @@ def wants_onednn(mode: str, device: torch.device | str, dtype: torch.dtype) -> b
 
 
 def wants_inductor_gemv(mode: str, device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether a compiled decode step on device/dtype has inductor write its float32 GEMVs
-    (InductorGemvLinear): "inductor" on any CPU, "auto" on an AMD CPU (measured there: 1.4-1.8x
-    the uncompiled step, 2.0-2.3x the compiled step on MKL). On Intel CPUs "auto" keeps MKL, whose
-    compiled step was measured (89% of the read bandwidth); inductor's GEMVs were not."""
+    """Whether the decode step on device/dtype has inductor write its float32 GEMVs: compiled
+    (InductorGemvLinear) or not (eager_gemv.py). "inductor" on any CPU, "auto" on an AMD CPU
+    (measured there: the compiled step 1.4-1.8x the uncompiled one and 2.0-2.3x the compiled
+    step on MKL; uncompiled, 1.14x the step on oneDNN's GEMVs). On Intel CPUs "auto" keeps
+    MKL, whose compiled step was measured (89% of the read bandwidth); inductor's GEMVs were
+    not."""
     check_choice("cpu_linear", mode, CPU_LINEAR_MODES)
     if torch.device(device).type != "cpu" or dtype != torch.float32:
         return False

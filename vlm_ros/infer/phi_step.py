@@ -23,7 +23,7 @@ removes, and wants the fixed-shape form).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,19 @@ class PhiDecodeStep:
             mlp.fc1, mlp.activation_fn, mlp.fc2, cache_layer.keys, cache_layer.values,
             getattr(cache_layer, "cumulative_length", None),
         )  # fmt: skip
+
+    def linears(self) -> list:
+        """Every Linear layer the step calls, in order (the head last)."""
+        kinds = ("q", "k", "v", "dense", "fc1", "fc2")
+        return [getattr(layer, kind) for layer in self.layers for kind in kinds] + [self.head]
+
+    def swap_linears(self, swap) -> None:
+        """Call ``swap(linear)``'s result where the step called ``linear``: kernels for this
+        one-row step only (eager_gemv.py), the model's modules, which prefill calls, untouched."""
+        self.layers = [replace(layer, q=swap(layer.q), k=swap(layer.k), v=swap(layer.v),
+                               dense=swap(layer.dense), fc1=swap(layer.fc1),
+                               fc2=swap(layer.fc2)) for layer in self.layers]  # fmt: skip
+        self.head = swap(self.head)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Partial rotary embedding of x [1, heads, 1, head_dim] (transformers' arithmetic)."""

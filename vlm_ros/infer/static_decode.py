@@ -30,7 +30,10 @@ engines/cpu_kernels.py): ~2x MKL's speed on the AMD hosts measured, same float32
 (on Intel CPUs MKL is the faster). Compiled there, the step's GEMVs are written by inductor
 (cpu_kernels.InductorGemvLinear: 1.4-1.8x the uncompiled step on the AMD host). Either is swapped
 in a copy of ``lm``'s module tree that shares its weights, so the model's own modules (and the
-eager reference) are untouched.
+eager reference) are untouched. Uncompiled there, the lean step's GEMVs are inductor kernels
+compiled per weight shape at load (engines/eager_gemv.py, ``self.gemvs``: 1.14x the step on
+oneDNN's GEMVs on `small`), swapped into the step only, so prefill and branches keep the
+library's GEMMs.
 
 Optional ``quantize="int8"``: dynamic int8 quantization (torch.ao, fbgemm/x86) of the decoder's
 Linear layers, CPU only, lossy and opt-in; its greedy agreement and logit error are measured by
@@ -54,7 +57,7 @@ from torch import nn
 from transformers import Cache, DynamicCache, PhiForCausalLM, StaticCache
 
 from vlm_ros.config import CpuLinearMode, QuantizeMode, dtype_name
-from vlm_ros.engines import cpu_kernels, weight_int4, weight_int8
+from vlm_ros.engines import cpu_kernels, eager_gemv, weight_int4, weight_int8
 from vlm_ros.engines import huge_pages as thp
 from vlm_ros.errors import ContextOverflowError, InputError
 from vlm_ros.infer.phi_step import PhiDecodeStep
@@ -127,7 +130,6 @@ def with_kernels(
     shares the weights, the model's own modules untouched) or as it is."""
     param = next(lm.parameters())
     check_quantize(quantize, param.device, param.dtype)
-    check_cpu_linear(cpu_linear, compile)
     if quantize == "int8":
         return quantize_int8(lm)
     if quantize == "int8_weight_only":
@@ -139,16 +141,6 @@ def with_kernels(
     if compile and cpu_kernels.wants_inductor_gemv(cpu_linear, param.device, param.dtype):
         return cpu_kernels.with_inductor_gemv(lm, cpu_linear)
     return cpu_kernels.with_onednn_linear(lm, cpu_linear)  # compiled: oneDNN as an opaque op
-
-
-def check_cpu_linear(cpu_linear: CpuLinearMode, compile: bool) -> None:
-    """``cpu_linear: inductor`` writes the compiled step's GEMVs: without a compiled step it
-    would do nothing, so it is refused rather than ignored."""
-    if cpu_linear == "inductor" and not compile:
-        raise InputError(
-            "cpu_linear='inductor' has inductor write the compiled decode step's Linear "
-            "layers: it needs compile_decode: true (or use cpu_linear auto, onednn or torch)"
-        )
 
 
 def compile_step(step: Callable, device: torch.device) -> Callable:
@@ -228,6 +220,24 @@ class StaticDecoder:
         # transformers' forward, the reference it is tested against.
         if fast_step and not self.compiled and PhiDecodeStep.supports(self.lm):
             self._fast = PhiDecodeStep(self.lm, self.cache, self.max_seq_len)
+        # What the uncompiled step's float32 GEMVs run on (None: the library's, not asked).
+        self.gemvs: eager_gemv.GemvPlan | None = None
+        if self._fast is not None and cpu_kernels.wants_inductor_gemv(
+            cpu_linear, self.device, self.dtype
+        ):
+            self.gemvs = self._use_inductor_gemvs(self._fast)
+
+    @staticmethod
+    def _use_inductor_gemvs(step: PhiDecodeStep) -> eager_gemv.GemvPlan:
+        """The lean step's float32 GEMVs as inductor kernels compiled per shape, checked here
+        (eager_gemv.py); where that fails the library's stay, and a warning says why."""
+        plan = eager_gemv.compile_gemvs(step.linears())
+        if plan.kernels:
+            step.swap_linears(lambda module: plan.kernels.get(id(module), module))
+        elif plan.shapes:  # there was something to compile, and it could not serve
+            _log.warning("cpu_linear: %s; the decode step keeps the library's", plan.refused)
+        _log.info("static decoder: %s", plan.summary())
+        return plan
 
     def _place_on_huge_pages(self) -> thp.Placement | None:
         """CPU: the weights (as the kernels chosen above store them) and the KV cache on huge

@@ -212,15 +212,17 @@ class Soak:
 
     @staticmethod
     def _result(proc: subprocess.Popen, timeout: float) -> dict:
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return {"error": "did not finish"}
+        out, _, hung = soak_clients.finish(proc, timeout)
+        stderr = Path(getattr(proc, "stderr_path", "/dev/null"))
         lines = out.strip().splitlines()
-        if lines:
-            return json.loads(lines[-1])
-        err = Path(getattr(proc, "stderr_path", "/dev/null")).read_text().strip().splitlines()
+        if lines and lines[-1].startswith("{"):
+            result = json.loads(lines[-1])
+            if hung:  # its tally stands; the hang was after it (stacks in its stderr)
+                result["hung_at_exit"] = str(stderr)
+            return result
+        if hung:
+            return {"error": f"did not finish in {timeout:.0f} s (stacks: {stderr})"}
+        err = stderr.read_text().strip().splitlines() if stderr.is_file() else []
         return {"error": f"no output (exit {proc.returncode}): {err[-1] if err else ''}"}
 
     def latency_status(self):
@@ -293,7 +295,9 @@ COUNTER_PREFIXES = ("frames_", "periodic_skipped", "requests_refused", "failed",
 def requests(results: list[dict], per_burst: int) -> dict:
     """Sum the clients' tallies; a client that failed counts its requests as lost."""
     out = {"sent": 0, "answered": 0, "refused": 0, "lost": 0, "late": 0, "refused_by_reason": {},
-           "client_errors": [r["error"] for r in results if "error" in r]}  # fmt: skip
+           "client_errors": [r["error"] for r in results if "error" in r],
+           "clients_hung_at_exit": [r["hung_at_exit"] for r in results
+                                    if "hung_at_exit" in r]}  # fmt: skip
     for r in results:
         if "error" in r:
             continue

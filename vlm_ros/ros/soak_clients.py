@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -53,6 +55,25 @@ REASONS = (
 )
 BAD_FRAMES = ("truncated", "unknown_encoding", "zero_size")
 SETTLE_S = 1.0  # after the server is found, before the first request (see _settle)
+STACKS_SIGNAL = signal.SIGUSR1  # a client writes every thread's stack to stderr on it
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str | None, bool]:
+    """Wait for a client process: (stdout, stderr or None when not piped, hung). One still
+    running after ``timeout`` s is sent STACKS_SIGNAL first, so its stderr says where each of
+    its threads waits, then killed; what it printed before is kept (a client prints its result
+    before tearing rclpy down, so a hang in the teardown still gives its tally)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return out, err, False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(STACKS_SIGNAL)
+        try:
+            out, err = proc.communicate(timeout=2.0)  # it may exit on its own meanwhile
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        return out, err, True
 
 
 def reason(error_message: str) -> str:
@@ -293,6 +314,7 @@ ROLES = {"ask": ask_role, "describe": describe_role, "camera": camera_role}
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     faulthandler.enable()  # a native crash says where it happened (stderr: the tests show it)
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)  # a hang too (finish())
     rclpy.init()
     node = rclpy.create_node(args.name)
     executor = SingleThreadedExecutor()
