@@ -57,20 +57,65 @@ def test_a_call_in_another_grad_mode_compiles_nothing_again():
 
 
 @pytest.mark.parametrize(
-    ("mode", "vendor", "used"),
+    ("mode", "vendor", "planned"),
     [("auto", "AuthenticAMD", True), ("auto", "GenuineIntel", False), ("inductor", "", True),
      ("onednn", "AuthenticAMD", False), ("torch", "AuthenticAMD", False)],
 )  # fmt: skip
-def test_cpu_linear_decides_where_they_are_used(monkeypatch, mode, vendor, used):
-    """auto: on AMD CPUs (where the library GEMVs read below the memory's pace), not Intel's;
-    inductor: any CPU; onednn / torch: the library's, nothing compiled."""
+def test_cpu_linear_decides_where_they_are_used(monkeypatch, mode, vendor, planned):
+    """auto: on AMD CPUs (where the library GEMVs read below the memory's pace), not Intel's,
+    and there only the shapes measured faster (test below; this toy's are all under the floor:
+    nothing compiled); inductor: every shape on any CPU; onednn / torch: nothing planned."""
     monkeypatch.setattr(cpu_kernels, "cpu_vendor", lambda: vendor)
     monkeypatch.setattr(cpu_kernels, "onednn_linear_available", lambda: False)
     with torch.inference_mode():
         decoder = StaticDecoder(tiny_phi(), 40, cpu_linear=mode, huge_pages=False)
-    assert (decoder.gemvs is not None) == used
+    assert (decoder.gemvs is not None) == planned
     kinds = {type(m) for m in decoder._fast.linears()}
-    assert (kinds == {eager_gemv.CompiledGemv}) == used, kinds
+    assert (kinds == {eager_gemv.CompiledGemv}) == (mode == "inductor"), kinds
+    if mode == "auto" and planned:
+        assert decoder.gemvs.kernels == {} and decoder.gemvs.shapes == 0
+        assert "of 1 MiB or more" in decoder.gemvs.summary()
+
+
+def test_auto_keeps_a_compiled_shape_only_where_it_measured_faster(monkeypatch):
+    """cpu_linear auto times each compiled shape against the library's at load: a shape the
+    library runs as fast (within MIN_GAIN) keeps the library's; one it runs slower takes the
+    compiled GEMV. The times are in the plan, as the bench and the log show them."""
+    lm = tiny_phi(hidden_size=512, intermediate_size=1024, vocab_size=600)  # 1-2.4 MiB layers
+    times = {
+        (512, 512): (30.0, 29.0),
+        (1024, 512): (80.0, 40.0),
+        (512, 1024): (80.0, 40.0),
+        (600, 512): (50.0, 60.0),
+    }  # library µs, compiled µs per shape (out, in)
+
+    real_measure = eager_gemv.measure
+
+    def timed(modules, kernels):
+        assert all(isinstance(k, eager_gemv.CompiledGemv) for k in kernels)
+        shape = (modules[0].out_features, modules[0].in_features)
+        layers = {(512, 512): 8, (1024, 512): 2, (512, 1024): 2, (600, 512): 1}  # each in turn
+        assert len(modules) == len(kernels) == layers[shape]
+        return times[shape]
+
+    monkeypatch.setattr(eager_gemv, "measure", timed)
+    monkeypatch.setattr(eager_gemv, "MIN_WEIGHT_BYTES", 512 * 512 * 4)
+    with torch.inference_mode():
+        decoder = StaticDecoder(lm, 40, cpu_linear="auto", huge_pages=False)
+        plan = eager_gemv.compile_gemvs(decoder.lm.modules(), measured=True)  # the model's own
+    assert plan.timings == {f"{o}x{i}": t for (o, i), t in times.items()}
+    chosen = {(m.out_features, m.in_features) for m in decoder._fast.linears()
+              if isinstance(m, eager_gemv.CompiledGemv)}  # fmt: skip
+    if decoder.gemvs is not None:  # an AMD host: the decoder made the same choice at load
+        assert chosen == {(1024, 512), (512, 1024)}, decoder.gemvs.summary()
+        assert "1024x512 80 vs 40 us" in decoder.gemvs.summary()
+    used = {(k.out_features, k.in_features) for k in plan.kernels.values()}
+    assert used == {(1024, 512), (512, 1024)} and plan.shapes == 4
+    # the real timer, on a real shape: two positive figures
+    linear = nn.Linear(512, 1024)
+    kernel = eager_gemv.CompiledGemv(linear, eager_gemv.compiled_gemv((1024, 512, True)))
+    library_us, compiled_us = real_measure([linear], [kernel])
+    assert library_us > 0 and compiled_us > 0
 
 
 def _wrong(signature):
@@ -135,3 +180,12 @@ def test_each_shape_has_a_compiled_function_of_its_own():
     with torch.inference_mode():
         assert torch.allclose(a(x, weight, bias), x @ weight.T + bias, atol=1e-5)
         assert torch.allclose(c(x, weight, None), x @ weight.T, atol=1e-5)
+
+
+def test_a_timed_round_streams_enough_layers_to_miss_the_caches(monkeypatch):
+    """The timing calls as many layers of a shape as hold STREAM_BYTES of weights (all where
+    they hold less): read from memory as a token reads them, and bounded at full size."""
+    monkeypatch.setattr(eager_gemv, "STREAM_BYTES", 3 * 64 * 32 * 4)
+    layers = [nn.Linear(32, 64) for _ in range(5)]  # 8 KiB each
+    assert eager_gemv.streamed(layers) == layers[:3]
+    assert eager_gemv.streamed(layers[:2]) == layers[:2]

@@ -13,7 +13,12 @@ Only the lean decode step (phi_step.PhiDecodeStep) calls these, one row at a tim
 the action-hint branches keep the model's modules and their library kernels (a GEMM, which
 these loops are not). Where this is used is ``cpu_linear``'s call (cpu_kernels.wants_inductor_gemv's
 vendor rule): ``auto`` on an AMD CPU, ``inductor`` on any CPU; float32 weights only (quantized
-layers keep their own kernels).
+layers keep their own kernels). ``auto`` measures rather than assumes: a call from Python
+costs the compiled GEMV ~22 µs against ~3 µs for a library call, which the `small` decoder's
+matrices (2.5-164 MB) pay back and a toy model's (the demo's, under 1 MiB) cannot, while on
+Phi-2's (26-524 MB) oneDNN and inductor read at the same pace. So under MIN_WEIGHT_BYTES
+nothing is compiled, and each compiled shape is timed against the library's at load and kept
+only where it is MIN_GAIN faster; ``inductor`` takes every shape.
 
 Every shape is compiled and checked at load against the library's Linear on a seeded row
 (float32 rounding: ~1e-6 relative, allowed 1e-4); a failure to compile (no C++ compiler on the
@@ -26,10 +31,12 @@ with an input that never requires grad (another of those guards).
 
 from __future__ import annotations
 
+import functools
+import statistics
 import time
 import types
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,6 +45,11 @@ from torch.nn import functional as F
 from vlm_ros.engines.cpu_kernels import InductorGemvLinear, OneDnnLinear, gemv_by_reduction
 
 _CHECK_RTOL = 1e-4  # max |gemv - F.linear| / max |F.linear| on a seeded row
+# measured choice (cpu_linear auto): a weight read in less than ~35 µs at these hosts' ~30 GB/s
+# cannot pay back a compiled call's own ~22 µs (docs/performance.md), so it is not compiled
+MIN_WEIGHT_BYTES = 1 << 20
+STREAM_BYTES = 256 << 20  # what a timed round reads per call of every layer: past any L3
+MIN_GAIN = 1.05  # a compiled GEMV is kept where the library's takes this many times as long
 LIBRARY_LINEARS = (nn.Linear, OneDnnLinear, InductorGemvLinear)  # float32 weight + bias
 
 
@@ -85,19 +97,26 @@ class CompiledGemv:
 
 @dataclass(frozen=True)
 class GemvPlan:
-    """What ``compile_gemvs`` did: the kernels by module id (empty when refused), the shapes
-    compiled, the seconds it took, and why nothing is used (None when used)."""
+    """What ``compile_gemvs`` did: the kernels by module id (empty when none is used), the
+    shapes compiled, the seconds it took, why nothing is used where it failed (None otherwise),
+    and with ``measured`` each shape's time per call, library against compiled, in µs."""
 
     kernels: dict[int, CompiledGemv]
     shapes: int
     seconds: float
     refused: str | None
+    timings: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def summary(self) -> str:
         if self.refused:
             return f"library GEMVs ({self.refused})"
+        timed = "; ".join(f"{shape} {lib:.0f} vs {ours:.0f} us"
+                          for shape, (lib, ours) in self.timings.items())  # fmt: skip
+        timed = f" (library vs compiled per call: {timed})" if timed else ""
+        if not self.kernels:
+            return f"library GEMVs: no shape faster compiled{timed}"
         return (f"inductor GEMVs: {len(self.kernels)} layers, {self.shapes} shapes compiled "
-                f"in {self.seconds:.1f} s")  # fmt: skip
+                f"in {self.seconds:.1f} s{timed}")  # fmt: skip
 
 
 def eligible(module: object) -> bool:
@@ -128,17 +147,72 @@ def check(fn: Callable, module: nn.Module) -> str | None:
     return None
 
 
+def time_per_call_us(calls: list[Callable[[], object]]) -> float:
+    """Median µs per call over 5 rounds, a round running every one of ``calls`` in turn (as
+    many turns as fill ~1 ms, at least one)."""
+    for call in calls:
+        call()
+    start = time.perf_counter()
+    for call in calls:
+        call()
+    turns = max(1, min(200, int(1e-3 / max(time.perf_counter() - start, 1e-7))))
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(turns):
+            for call in calls:
+                call()
+        rounds.append((time.perf_counter() - start) / (turns * len(calls)) * 1e6)
+    return statistics.median(rounds)
+
+
+def streamed(modules: list[nn.Module]) -> list[nn.Module]:
+    """The first of ``modules`` whose weights add up to STREAM_BYTES (all, if they do not):
+    enough that calling them in turn reads from memory on any CPU cache, few enough that
+    timing a full-size model's 128 layers of a shape takes milliseconds, not seconds."""
+    total = 0
+    for count, module in enumerate(modules, 1):
+        total += module.weight.numel() * module.weight.element_size()
+        if total >= STREAM_BYTES:
+            return modules[:count]
+    return modules
+
+
+def measure(modules: list[nn.Module], kernels: list[CompiledGemv]) -> tuple[float, float]:
+    """µs per call of the library's Linear and of the compiled GEMV for one shape, each layer
+    of that shape called in turn, as a token calls them: every weight streams from memory, not
+    from a cache that a loop over one weight would keep warm (a `small` layer is 2.5-10 MB).
+    Alternated, the library first and last, so both see the same moment of a drifting host."""
+    x = torch.randn(1, 1, modules[0].in_features, generator=torch.Generator().manual_seed(1))
+    library = [functools.partial(m, x) for m in modules]
+    ours = [functools.partial(k, x) for k in kernels]
+    with torch.inference_mode():
+        first = time_per_call_us(library)
+        compiled = time_per_call_us(ours)
+        last = time_per_call_us(library)
+    return min(first, last), compiled
+
+
 def compile_gemvs(
-    modules: Iterable[nn.Module], make: Callable[[tuple[int, int, bool]], Callable] | None = None
+    modules: Iterable[nn.Module],
+    make: Callable[[tuple[int, int, bool]], Callable] | None = None,
+    measured: bool = False,
 ) -> GemvPlan:
-    """Compile and check one GEMV per distinct shape of the eligible ``modules``; all or none.
-    ``make(signature)`` gives the function for a shape (default ``compiled_gemv``)."""
+    """Compile and check one GEMV per distinct shape of the eligible ``modules``; a failure
+    anywhere keeps the library's everywhere. ``make(signature)`` gives the function for a shape
+    (default ``compiled_gemv``). ``measured`` (cpu_linear auto): shapes under MIN_WEIGHT_BYTES
+    are not compiled, and a compiled shape is used only where it measured MIN_GAIN faster than
+    the library here, now; else (cpu_linear inductor, asked for) every shape is used."""
     make = make or compiled_gemv
     targets = [m for m in modules if eligible(m)]
+    if measured:
+        targets = [m for m in targets if m.weight.numel() * 4 >= MIN_WEIGHT_BYTES]
     start = time.perf_counter()
     if not targets:
-        return GemvPlan({}, 0, 0.0, "no float32 Linear layers")
+        reason = "no float32 Linear layers" + (" of 1 MiB or more" if measured else "")
+        return GemvPlan({}, 0, 0.0, reason)
     fns: dict[tuple[int, int, bool], Callable] = {}
+    timings: dict[tuple[int, int, bool], tuple[float, float]] = {}
     for module in targets:
         signature = _signature(module)
         if signature in fns:
@@ -152,5 +226,11 @@ def compile_gemvs(
         if problem:
             return GemvPlan({}, len(fns) + (signature not in fns), time.perf_counter() - start,
                             problem)  # fmt: skip
-    kernels = {id(m): CompiledGemv(m, fns[_signature(m)]) for m in targets}
-    return GemvPlan(kernels, len(fns), time.perf_counter() - start, None)
+        if measured:
+            same = streamed([m for m in targets if _signature(m) == signature])
+            timings[signature] = measure(same, [CompiledGemv(m, fns[signature]) for m in same])
+    used = {sig for sig in fns if not measured or timings[sig][0] >= MIN_GAIN * timings[sig][1]}
+    kernels = {id(m): CompiledGemv(m, fns[_signature(m)]) for m in targets
+               if _signature(m) in used}  # fmt: skip
+    shown = {f"{out}x{inp}": times for (out, inp, _), times in timings.items()}
+    return GemvPlan(kernels, len(fns), time.perf_counter() - start, None, shown)

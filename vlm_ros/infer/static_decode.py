@@ -225,16 +225,18 @@ class StaticDecoder:
         if self._fast is not None and cpu_kernels.wants_inductor_gemv(
             cpu_linear, self.device, self.dtype
         ):
-            self.gemvs = self._use_inductor_gemvs(self._fast)
+            self.gemvs = self._use_inductor_gemvs(self._fast, measured=cpu_linear == "auto")
 
     @staticmethod
-    def _use_inductor_gemvs(step: PhiDecodeStep) -> eager_gemv.GemvPlan:
+    def _use_inductor_gemvs(step: PhiDecodeStep, measured: bool) -> eager_gemv.GemvPlan:
         """The lean step's float32 GEMVs as inductor kernels compiled per shape, checked here
-        (eager_gemv.py); where that fails the library's stay, and a warning says why."""
-        plan = eager_gemv.compile_gemvs(step.linears())
+        (eager_gemv.py): with ``measured`` (auto) only the shapes that are faster so on this
+        machine, timed here; else all. Where that fails the library's stay, and a warning
+        says why."""
+        plan = eager_gemv.compile_gemvs(step.linears(), measured=measured)
         if plan.kernels:
             step.swap_linears(lambda module: plan.kernels.get(id(module), module))
-        elif plan.shapes:  # there was something to compile, and it could not serve
+        elif plan.refused and plan.shapes:  # something to compile, and it could not serve
             _log.warning("cpu_linear: %s; the decode step keeps the library's", plan.refused)
         _log.info("static decoder: %s", plan.summary())
         return plan

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 from pathlib import Path
+from xml.etree import ElementTree
 
 PROFILE_NAME = "fastdds_large_frames.xml"
 PROFILE_VARIABLE = "FASTDDS_DEFAULT_PROFILES_FILE"
@@ -54,7 +55,25 @@ def use_large_frame_profile(env: MutableMapping[str, str] | None = None) -> str:
     if path is None:
         return f"DDS transport: Fast DDS defaults ({PROFILE_NAME} not found; see docs/NODE.md)"
     env[PROFILE_VARIABLE] = str(path)
-    return (
-        f"DDS transport: {PROFILE_VARIABLE}={path} "
-        "(64 MB shared memory for camera frames, 1 s for a service reply to match)"
-    )
+    return f"DDS transport: {PROFILE_VARIABLE}={path} ({profile_summary(path)})"
+
+
+def profile_summary(path: Path) -> str:
+    """What the profile at ``path`` sets, read from it (so the log says what the file says,
+    not what it said when this line was written): the shared-memory segment and the service
+    reply writer's wait for a match."""
+    ns = {"dds": "http://www.eprosima.com"}
+    try:
+        root = ElementTree.parse(path).getroot()
+        segment = root.findtext(".//dds:transport_descriptor/dds:segment_size", None, ns)
+        wait = root.find(".//dds:data_writer[@profile_name='service']//dds:max_blocking_time", ns)
+        parts = []
+        if segment:
+            parts.append(f"{int(segment) / 2**20:g} MB shared memory for camera frames")
+        if wait is not None:
+            seconds = int(wait.findtext("dds:sec", "0", ns))
+            seconds += int(wait.findtext("dds:nanosec", "0", ns)) / 1e9
+            parts.append(f"{seconds:g} s for a service reply to match")
+        return ", ".join(parts) or "no segment size or reply wait in it"
+    except (ElementTree.ParseError, OSError, ValueError) as error:
+        return f"unreadable: {error}"
