@@ -112,7 +112,7 @@ class RuntimeConfig:
     step's GEMVs written by inductor: with compile_decode inside the compiled step, 1.4-1.8x
     again, without it one kernel per weight shape of 1 MiB or more compiled at load and kept
     where it is timed faster than the library's there (engines/eager_gemv.py), 1.14x the step
-    on oneDNN's GEMVs on `small`, no gain at full size; on Intel CPUs MKL, torch's default,
+    on oneDNN's GEMVs on `small`, 0.98-1.08x at full size; on Intel CPUs MKL, torch's default,
     is the faster and is kept),
     "onednn" (oneDNN on any x86 CPU, warning where unavailable; nothing compiled), "torch"
     (plain F.linear everywhere) or "inductor" (the decode step's GEMVs written by inductor on

@@ -16,9 +16,9 @@ vendor rule): ``auto`` on an AMD CPU, ``inductor`` on any CPU; float32 weights o
 layers keep their own kernels). ``auto`` measures rather than assumes: a call from Python
 costs the compiled GEMV ~22 µs against ~3 µs for a library call, which the `small` decoder's
 matrices (2.5-164 MB) pay back and a toy model's (the demo's, under 1 MiB) cannot, while on
-Phi-2's (26-524 MB) oneDNN and inductor read at the same pace. So under MIN_WEIGHT_BYTES
-nothing is compiled, and each compiled shape is timed against the library's at load and kept
-only where it is MIN_GAIN faster; ``inductor`` takes every shape.
+Phi-2's (26-524 MB) the winner changed with the host's state (0.98x and 1.08x in two runs).
+So under MIN_WEIGHT_BYTES nothing is compiled, and each compiled shape is timed against the
+library's at load and kept only where it is MIN_GAIN faster; ``inductor`` takes every shape.
 
 Every shape is compiled and checked at load against the library's Linear on a seeded row
 (float32 rounding: ~1e-6 relative, allowed 1e-4); a failure to compile (no C++ compiler on the

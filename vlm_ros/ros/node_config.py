@@ -105,7 +105,7 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "there), and on AMD the decode step's GEMVs written by inductor (compile_decode: in "
         "the compiled step, 1.4-1.8x again; else one kernel per weight shape of 1 MiB or more "
         "compiled at configure, kept where timed faster there: 1.14x the step on oneDNN's "
-        "GEMVs at small size, none at full size); "
+        "GEMVs at small size, 0.98-1.08x at full size); "
         "onednn = oneDNN on any x86 CPU, nothing compiled; torch = plain F.linear; inductor = "
         "the decode step's GEMVs by inductor on any CPU, every shape (measured on AMD only)",
     ),
