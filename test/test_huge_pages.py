@@ -107,8 +107,9 @@ def test_decoder_on_huge_pages_computes_what_torch_allocation_computes():
     plain_lm = cpu_kernels.copy_structure(lm, lambda t: t.clone())  # torch's own allocation
     embeds = torch.randn(1, PROMPT, 512, generator=torch.Generator().manual_seed(1))
     fc1 = lm.model.layers[0].mlp.fc1.weight
-    huge = StaticDecoder(lm, MAX_SEQ)
-    plain = StaticDecoder(plain_lm, MAX_SEQ, huge_pages=False)
+    # the same kernels in both: auto times its GEMVs per load and may pick differently
+    huge = StaticDecoder(lm, MAX_SEQ, cpu_linear="inductor")
+    plain = StaticDecoder(plain_lm, MAX_SEQ, huge_pages=False, cpu_linear="inductor")
     # fc1, fc2 per layer, embedding, head; the KV cache (2x2 x 32 KiB) is too small to move
     assert huge.huge_pages.tensors == 6 and plain.huge_pages is None
     assert fc1.data_ptr() % thp.HUGE_PAGE == 0  # the model's own module: moved, not copied

@@ -223,7 +223,8 @@ class Soak:
         if hung:
             return {"error": f"did not finish in {timeout:.0f} s (stacks: {stderr})"}
         err = stderr.read_text().strip().splitlines() if stderr.is_file() else []
-        return {"error": f"no output (exit {proc.returncode}): {err[-1] if err else ''}"}
+        said = "no result line" if lines else "no output"  # e.g. a crash before the tally
+        return {"error": f"{said} (exit {proc.returncode}): {err[-1] if err else ''}"}
 
     def latency_status(self):
         for array in reversed(self.diagnostics):
