@@ -692,7 +692,7 @@ def _linear_kernels(fast: FastPath) -> str:
 
 
 def _uses_eager_gemvs(fast: FastPath) -> bool:
-    plan = getattr(fast.decoder, "gemvs", None)
+    plan = fast.decoder.gemvs
     return plan is not None and bool(plan.kernels)
 
 
@@ -911,7 +911,7 @@ def _fast_path_facts(fast: FastPath, options: BenchOptions) -> dict:
     facts: dict = {"cpu_linear": _linear_kernels(fast)}
     placement = fast.decoder.huge_pages  # None: not a CPU decoder
     facts["huge_pages"] = placement.summary() if placement is not None else "off"
-    plan = getattr(fast.decoder, "gemvs", None)  # the uncompiled step's GEMVs (eager_gemv.py)
+    plan = fast.decoder.gemvs  # the uncompiled step's GEMVs (eager_gemv.py)
     facts["decode_gemvs"] = plan.summary() if plan is not None else "library"
     if fast.vision_export is not None:
         facts["vision_onnx"] = fast.vision_export

@@ -85,11 +85,11 @@ class CompiledGemv:
         self.in_features, self.out_features = int(linear.in_features), int(linear.out_features)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_inference_mode_enabled():  # entered only when needed: this is per token
+            with torch.inference_mode():
+                return self(x)
         row = x.detach().reshape(1, self.in_features)  # never one that requires grad: a guard
-        if torch.is_inference_mode_enabled():
-            return self.fn(row, self.weight, self.bias).view(1, 1, self.out_features)
-        with torch.inference_mode():
-            return self.fn(row, self.weight, self.bias).view(1, 1, self.out_features)
+        return self.fn(row, self.weight, self.bias).view(1, 1, self.out_features)
 
     def __repr__(self) -> str:
         return f"CompiledGemv(in={self.in_features}, out={self.out_features})"
@@ -129,6 +129,10 @@ def eligible(module: object) -> bool:
 
 def _signature(module: nn.Module) -> tuple[int, int, bool]:
     return (module.out_features, module.in_features, module.bias is not None)
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    return module.weight.numel() * module.weight.element_size()
 
 
 def check(fn: Callable, module: nn.Module) -> str | None:
@@ -172,7 +176,7 @@ def streamed(modules: list[nn.Module]) -> list[nn.Module]:
     timing a full-size model's 128 layers of a shape takes milliseconds, not seconds."""
     total = 0
     for count, module in enumerate(modules, 1):
-        total += module.weight.numel() * module.weight.element_size()
+        total += _weight_bytes(module)
         if total >= STREAM_BYTES:
             return modules[:count]
     return modules
@@ -206,31 +210,29 @@ def compile_gemvs(
     make = make or compiled_gemv
     targets = [m for m in modules if eligible(m)]
     if measured:
-        targets = [m for m in targets if m.weight.numel() * 4 >= MIN_WEIGHT_BYTES]
+        targets = [m for m in targets if _weight_bytes(m) >= MIN_WEIGHT_BYTES]
     start = time.perf_counter()
     if not targets:
         reason = "no float32 Linear layers" + (" of 1 MiB or more" if measured else "")
         return GemvPlan({}, 0, 0.0, reason)
+    shapes: dict[tuple[int, int, bool], list[nn.Module]] = {}
+    for module in targets:
+        shapes.setdefault(_signature(module), []).append(module)
     fns: dict[tuple[int, int, bool], Callable] = {}
     timings: dict[tuple[int, int, bool], tuple[float, float]] = {}
-    for module in targets:
-        signature = _signature(module)
-        if signature in fns:
-            continue
+    for tried, (signature, same) in enumerate(shapes.items(), 1):
         try:
             fns[signature] = make(signature)
-            problem = check(fns[signature], module)
+            problem = check(fns[signature], same[0])
         except Exception as error:  # inductor's own failure: no C++ compiler, a lowering...
             line = (str(error).strip().splitlines() or [""])[0][:300]
             problem = f"compiling a GEMV failed: {type(error).__name__}: {line}"
         if problem:
-            return GemvPlan({}, len(fns) + (signature not in fns), time.perf_counter() - start,
-                            problem)  # fmt: skip
+            return GemvPlan({}, tried, time.perf_counter() - start, problem)
         if measured:
-            same = streamed([m for m in targets if _signature(m) == signature])
-            timings[signature] = measure(same, [CompiledGemv(m, fns[signature]) for m in same])
+            timed = streamed(same)
+            timings[signature] = measure(timed, [CompiledGemv(m, fns[signature]) for m in timed])
     used = {sig for sig in fns if not measured or timings[sig][0] >= MIN_GAIN * timings[sig][1]}
-    kernels = {id(m): CompiledGemv(m, fns[_signature(m)]) for m in targets
-               if _signature(m) in used}  # fmt: skip
+    kernels = {id(m): CompiledGemv(m, fns[sig]) for sig in used for m in shapes[sig]}
     shown = {f"{out}x{inp}": times for (out, inp, _), times in timings.items()}
     return GemvPlan(kernels, len(fns), time.perf_counter() - start, None, shown)
