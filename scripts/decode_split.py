@@ -33,7 +33,11 @@ figures are against the larger of the two, the best read this host gives.
 ``--cpu-linear`` picks the lean step's and ``linears``' kernels (default ``torch``: MKL on x86,
 as the earlier committed files ran; ``auto``: what the product picks on this host, oneDNN on
 an AMD CPU); ``--compiled-linear`` the compiled step's (default ``auto``; ``inductor``: its
-GEMVs written by inductor on any CPU, as auto does on AMD).
+GEMVs written by inductor on any CPU, as auto does on AMD). The lean step is always the
+PhiDecodeStep (``regional=False``): its parts are what this splits; with ``auto`` on an AMD
+CPU its GEMVs are then compiled per shape (engines/eager_gemv.py). The product's step there
+runs as compiled regions (engines/regional_step.py), measured against this one by the bench's
+``per_shape_gemvs`` variant.
 
 Replacing modules is for this measurement only; the shapes, the cache and the step's code
 are the product's.
@@ -99,7 +103,9 @@ def main() -> None:
                     "compiled_linear": args.compiled_linear, "huge_pages_ab": args.huge_pages_ab,
                     "load_average_start": os.getloadavg()[0]}  # fmt: skip
     with torch.inference_mode():
-        decoder = StaticDecoder(lm, prompt + args.tokens + 8, cpu_linear=args.cpu_linear)
+        decoder = StaticDecoder(
+            lm, prompt + args.tokens + 8, cpu_linear=args.cpu_linear, regional=False
+        )
         compiled = None
         if args.compiled:  # compiles here, at load (StaticDecoder.warm_up)
             compiled = StaticDecoder(
@@ -161,7 +167,7 @@ def main() -> None:
         before = first_logits()
         if plain_lm is not None:
             plain = StaticDecoder(plain_lm, prompt + args.tokens + 8, cpu_linear=args.cpu_linear,
-                                  huge_pages=False)  # fmt: skip
+                                  huge_pages=False, regional=False)  # fmt: skip
             assert torch.equal(first_logits(plain), before), "4 KiB pages changed the logits"
             runs["step_4k_pages"] = lambda: decode(plain)
             if compiled is not None:

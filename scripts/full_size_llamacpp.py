@@ -75,7 +75,11 @@ OURS = {  # our path -> its settings (dtype None: float32), as the bench's varia
     # --onednn-ab: float32 uncompiled on oneDNN for every call (cpu_linear: onednn), where auto
     # on an AMD CPU has the decode step's GEMVs compiled per shape (engines/eager_gemv.py)
     "fp32_onednn": RuntimeConfig(cpu_linear="onednn"),
+    # and the step with each GEMV compiled alone (engines/eager_gemv.py), where auto has it run
+    # as compiled regions (engines/regional_step.py): StaticDecoder(regional=False)
+    "fp32_per_shape": RuntimeConfig(),
 }
+PER_SHAPE = ("fp32_per_shape",)  # built with regional=False
 COMPILED = ("ours:fp32_compiled", "ours:int8_weight_only_compiled")  # with --compile only
 # The order of the phases: each of ours next to llama.cpp's type of the same width
 ORDER = (
@@ -88,10 +92,11 @@ ORDER = (
     "llama:q4_0",
 )
 PAIRS = {  # llama.cpp type -> our paths at the same weight width
-    "f32": ("fp32", "fp32_compiled", "fp32_4k_pages", "fp32_compiled_4k_pages", "fp32_onednn"),
+    "f32": ("fp32", "fp32_compiled", "fp32_4k_pages", "fp32_compiled_4k_pages", "fp32_onednn",
+            "fp32_per_shape"),
     "q8_0": ("int8", "bf16_int8_weight_only", "int8_weight_only_compiled"),
     "q4_0": ("int4_weight_only",),
-}
+}  # fmt: skip
 
 
 def phase_order(
@@ -99,11 +104,11 @@ def phase_order(
 ) -> tuple:
     """ORDER, with --compile each compiled path right after its uncompiled one, with
     --huge-pages-ab each float32 path's 4 KiB-page twin next to it, with --onednn-ab the
-    float32 path on oneDNN's GEMVs right after ours, and only the llama.cpp types in
-    ``widths`` with our paths of their width."""
+    float32 path on oneDNN's GEMVs and on per-shape compiled GEMVs right after ours, and only
+    the llama.cpp types in ``widths`` with our paths of their width."""
     after: dict[str, list[str]] = {"ours:fp32": [], "ours:bf16_int8_weight_only": []}
     if onednn_ab:
-        after["ours:fp32"].append("ours:fp32_onednn")
+        after["ours:fp32"] += ["ours:fp32_onednn", "ours:fp32_per_shape"]
     if compiled:
         after["ours:fp32"].append(COMPILED[0])
         after["ours:bf16_int8_weight_only"].append(COMPILED[1])
@@ -169,7 +174,10 @@ def run_ours(name: str, args, work_dir: Path) -> dict:
     start = time.perf_counter()
     work = measure.make_workload(measure.BenchOptions(args.preset, "cpu", runtime.dtype))
     runtime = replace(runtime, max_seq_len=work.prompt_len + args.steps + 8)
-    decoder = make_decoder(work.model.language_model, runtime)
+    if name in PER_SHAPE:
+        decoder = StaticDecoder(work.model.language_model, runtime.max_seq_len, regional=False)
+    else:
+        decoder = make_decoder(work.model.language_model, runtime)
     assert isinstance(decoder, StaticDecoder), type(decoder)  # the default decoder: static
     build_s = time.perf_counter() - start  # compiling included (at load, StaticDecoder)
     embeds = torch.from_numpy(np.load(work_dir / "embeds.npy"))[None].to(decoder.dtype)
@@ -212,6 +220,7 @@ def run_ours(name: str, args, work_dir: Path) -> dict:
         },
         "read_bandwidth_gb_s": bandwidth_entry(before, after),
         "huge_pages": decoder.huge_pages.summary() if decoder.huge_pages else "off",
+        "decode_regions": decoder.regions.summary() if decoder.regions else "not asked",
         "decode_gemvs": decoder.gemvs.summary() if decoder.gemvs else "library",
         "resident_after_load_mib": loaded,
         "peak_host_rss_mib": measure.peak_memory("cpu")["peak_host_rss_mib"],
@@ -400,7 +409,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--onednn-ab", action="store_true",
-        help="also float32 uncompiled on oneDNN's GEMVs (cpu_linear: onednn) next to ours",
+        help="also float32 uncompiled on oneDNN's GEMVs (cpu_linear: onednn) and with each GEMV "
+        "compiled alone (per shape, not as regions) next to ours",
     )  # fmt: skip
     parser.add_argument(
         "--widths", nargs="+", default=list(PAIRS), choices=list(PAIRS),

@@ -77,11 +77,19 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
     assert step["accuracy_vs_fp"]["first_logits_error_over_range"] < 1e-4
     # x86: the fast path on the float32 kernels auto did not pick is measured too (lossless)
     kernels, onednn = result["fast_path"]["cpu_linear"], onednn_linear_available()
-    if kernels.startswith("inductor GEMVs (uncompiled step)"):  # AMD: both libraries beside
+    regions = result["fast_path"]["decode_regions"]
+    if kernels.startswith("inductor regions (uncompiled step)"):  # AMD: per shape, libraries
+        assert regions.startswith("decode step as compiled regions")
+        others = ["per_shape_gemvs"] + ["onednn_linear"] * onednn + ["mkl_linear"]
+        assert cpu_kernels.wants_inductor_gemv("auto", "cpu", F32)  # an AMD CPU
+    elif kernels.startswith("inductor GEMVs (uncompiled step)"):  # AMD: both libraries beside
         assert result["fast_path"]["decode_gemvs"].startswith("inductor GEMVs: ")
         others = ["onednn_linear"] * onednn + ["mkl_linear"]
         assert cpu_kernels.wants_inductor_gemv("auto", "cpu", F32)  # an AMD CPU
     else:  # Intel's, or the tiny preset's matrices, all under eager_gemv.MIN_WEIGHT_BYTES
+        amd = cpu_kernels.wants_inductor_gemv("auto", "cpu", F32)
+        want = "no compiled regions: every weight is under 1 MiB" if amd else "not asked"
+        assert regions == want
         assert result["fast_path"]["decode_gemvs"].startswith("library")
         others = [{"onednn": "mkl_linear", "torch": "onednn_linear"}[kernels]] * onednn
         assert "mkl_linear" not in result["variants"] or "onednn_linear" not in result["variants"]
@@ -443,9 +451,11 @@ def test_full_size_phase_order_pairs_each_path_with_its_width():
         "ours:fp32_4k_pages", "ours:fp32", "llama:f32", "ours:int4_weight_only", "llama:q4_0",
     )  # fmt: skip
     assert module.phase_order(False, widths=["f32"], onednn_ab=True) == (
-        "ours:fp32", "ours:fp32_onednn", "llama:f32",
+        "ours:fp32", "ours:fp32_onednn", "ours:fp32_per_shape", "llama:f32",
     )  # fmt: skip
     assert module.OURS["fp32_onednn"].cpu_linear == "onednn"
+    assert module.PER_SHAPE == ("fp32_per_shape",)
+    assert module.OURS["fp32_per_shape"].cpu_linear == "auto"
 
 
 def test_stored_weight_bytes_count_quantized_weights_once():

@@ -209,8 +209,9 @@ def test_who_gets_inductor_gemvs(monkeypatch, mode, vendor, expected):
 
 
 def test_inductor_mode_needs_the_static_decoder():
-    """cpu_linear='inductor' shapes the static decoder's step (compiled, or its uncompiled
-    GEMVs: test_eager_gemv.py); the eager reference refuses it at load, naming the setting, not
+    """cpu_linear='inductor' shapes the static decoder's step (compiled, or uncompiled as
+    compiled regions or per-shape GEMVs: test_regional_step.py, test_eager_gemv.py); the eager
+    reference refuses it at load, naming the setting, not
     silently ignoring it."""
     from vlm_ros.errors import InputError
     from vlm_ros.infer.decode import make_decoder
@@ -221,7 +222,7 @@ def test_inductor_mode_needs_the_static_decoder():
         make_decoder(lm, runtime)
     runtime = RuntimeConfig(decoder="static", cpu_linear="inductor", max_seq_len=64)
     decoder = make_decoder(lm, runtime)
-    assert decoder.gemvs is not None and decoder.gemvs.refused is None, decoder.gemvs
+    assert decoder.regions is not None and decoder.regions.refused is None, decoder.regions
 
 
 class _Attention(nn.Module):

@@ -1,6 +1,8 @@
 """The uncompiled decode step's float32 GEMVs as inductor kernels compiled per shape
 (engines/eager_gemv.py): same tokens as the library's, used where cpu_linear says, checked at
-load (a wrong or failing kernel keeps the library's and says why), one compile per shape."""
+load (a wrong or failing kernel keeps the library's and says why), one compile per shape.
+These decoders pass ``regional=False``: where the decoder's structure allows, the step runs as
+compiled regions instead (test_regional_step.py), and the per-shape GEMVs are its fallback."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def test_the_step_on_inductor_gemvs_decodes_what_the_library_decodes():
     lm = tiny_phi()
     with torch.inference_mode():
         library = StaticDecoder(lm, 40, cpu_linear="torch", huge_pages=False)
-        ours = StaticDecoder(lm, 40, cpu_linear="inductor", huge_pages=False)
+        ours = StaticDecoder(lm, 40, cpu_linear="inductor", huge_pages=False, regional=False)
         assert library.gemvs is None and ours.gemvs is not None
         plan = ours.gemvs
         assert plan.refused is None and plan.shapes == 4, plan
@@ -48,7 +50,7 @@ def test_a_call_in_another_grad_mode_compiles_nothing_again():
     reuses the kernels compiled at load (a recompile per shape and mode would add seconds
     per request and, past dynamo's limit, run the GEMV as Python)."""
     lm = tiny_phi(hidden_size=48, intermediate_size=96)
-    decoder = StaticDecoder(lm, 40, cpu_linear="inductor", huge_pages=False)
+    decoder = StaticDecoder(lm, 40, cpu_linear="inductor", huge_pages=False, regional=False)
     compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch.no_grad():
         greedy(decoder, _embeds(lm), 3)
@@ -68,7 +70,7 @@ def test_cpu_linear_decides_where_they_are_used(monkeypatch, mode, vendor, plann
     monkeypatch.setattr(cpu_kernels, "cpu_vendor", lambda: vendor)
     monkeypatch.setattr(cpu_kernels, "onednn_linear_available", lambda: False)
     with torch.inference_mode():
-        decoder = StaticDecoder(tiny_phi(), 40, cpu_linear=mode, huge_pages=False)
+        decoder = StaticDecoder(tiny_phi(), 40, cpu_linear=mode, huge_pages=False, regional=False)
     assert (decoder.gemvs is not None) == planned
     kinds = {type(m) for m in decoder._fast.linears()}
     assert (kinds == {eager_gemv.CompiledGemv}) == (mode == "inductor"), kinds
@@ -101,7 +103,7 @@ def test_auto_keeps_a_compiled_shape_only_where_it_measured_faster(monkeypatch):
     monkeypatch.setattr(eager_gemv, "measure", timed)
     monkeypatch.setattr(eager_gemv, "MIN_WEIGHT_BYTES", 512 * 512 * 4)
     with torch.inference_mode():
-        decoder = StaticDecoder(lm, 40, cpu_linear="auto", huge_pages=False)
+        decoder = StaticDecoder(lm, 40, cpu_linear="auto", huge_pages=False, regional=False)
         plan = eager_gemv.compile_gemvs(decoder.lm.modules(), measured=True)  # the model's own
     assert plan.timings == {f"{o}x{i}": t for (o, i), t in times.items()}
     chosen = {(m.out_features, m.in_features) for m in decoder._fast.linears()
@@ -144,7 +146,7 @@ def test_a_gemv_that_fails_its_check_keeps_the_library_and_says_why(
     monkeypatch.setattr(eager_gemv, "compiled_gemv", make)
     lm = tiny_phi()
     with caplog.at_level(logging.WARNING), torch.inference_mode():
-        decoder = StaticDecoder(lm, 40, cpu_linear="inductor", huge_pages=False)
+        decoder = StaticDecoder(lm, 40, cpu_linear="inductor", huge_pages=False, regional=False)
         library = StaticDecoder(lm, 40, cpu_linear="torch", huge_pages=False)
         tokens, _ = greedy(decoder, _embeds(lm), 4)
         want, _ = greedy(library, _embeds(lm), 4)

@@ -110,14 +110,16 @@ class RuntimeConfig:
     cpu_linear: "auto" (float32 on an AMD x86 CPU: the static decoder's and the torch vision
     stage's Linear layers through oneDNN, ~2x MKL there, same arithmetic, and the decode
     step's GEMVs written by inductor: with compile_decode inside the compiled step, 1.4-1.8x
-    again, without it one kernel per weight shape of 1 MiB or more compiled at load and kept
-    where it is timed faster than the library's there (engines/eager_gemv.py), 1.14x the step
-    on oneDNN's GEMVs on `small`, 0.98-1.08x at full size; on Intel CPUs MKL, torch's default,
-    is the faster and is kept),
+    again; without it, for a decoder with a weight of 1 MiB or more, the step as three
+    compiled regions shared by every layer (engines/regional_step.py), checked and timed
+    against the library step at load and kept where 5% faster (1.25x the step on oneDNN's
+    GEMVs on `small`), or where a decoder's structure is not covered one GEMV kernel per
+    weight shape (engines/eager_gemv.py); on Intel CPUs MKL, torch's default, is the faster
+    and is kept),
     "onednn" (oneDNN on any x86 CPU, warning where unavailable; nothing compiled), "torch"
     (plain F.linear everywhere) or "inductor" (the decode step's GEMVs written by inductor on
-    any CPU, compiled step or not, every shape, untimed; the rest as "auto"; measured on AMD
-    only).
+    any CPU, compiled step or not, as regions or every shape, untimed; the rest as "auto";
+    measured on AMD only).
     huge_pages: on CPU, the static decoder's weights and KV cache copied onto transparent huge
     pages (Linux, THP not "never"; engines/huge_pages.py): fewer TLB misses in the per-token
     stream of every weight. Same values; off keeps torch's allocation.

@@ -13,7 +13,9 @@ latter two also against a bf16 baseline so their gain over a user who simply loa
 stated too. On x86 CPUs in float32 the fast path is also measured on the Linear kernels
 ``cpu_linear: auto`` did not pick (oneDNN on AMD CPUs: variant ``mkl_linear``, torch's default;
 MKL on Intel's: variant ``onednn_linear``; both lossless), so the part of the speed that is
-the kernel library, and the choice itself, are measured, not guessed; and
+the kernel library, and the choice itself, are measured, not guessed; where the uncompiled
+step runs as compiled regions (engines/regional_step.py, AMD CPUs), that step with each GEMV
+compiled alone instead (variant ``per_shape_gemvs``, engines/eager_gemv.py); and
 uncompiled, the same decoder and kernels with transformers' forward for each decode step
 (variant ``transformers_step``), the part that is infer/phi_step.py's lean step; compiled
 (``--compile``) on CPU, that lean uncompiled step beside the compiled one (variant
@@ -686,6 +688,8 @@ def _linear_kernels(fast: FastPath) -> str:
     if gemv:  # the compiled step's GEMVs; its other calls (prefill) on the eager kernels
         return "inductor GEMVs, prefill " + ("onednn" if gemv[0].onednn else "torch")
     library = "onednn" if _uses_onednn(fast) else "torch"
+    if _uses_regions(fast):  # the uncompiled step as compiled regions
+        return f"inductor regions (uncompiled step), prefill {library}"
     if _uses_eager_gemvs(fast):  # the uncompiled step's GEMVs compiled per shape
         return f"inductor GEMVs (uncompiled step), prefill {library}"
     return library
@@ -696,12 +700,17 @@ def _uses_eager_gemvs(fast: FastPath) -> bool:
     return plan is not None and bool(plan.kernels)
 
 
+def _uses_regions(fast: FastPath) -> bool:
+    plan = fast.decoder.regions
+    return plan is not None and plan.step is not None
+
+
 def _other_kernels(fast: FastPath, options: BenchOptions) -> list[tuple[str, CpuLinearMode]]:
     """The variants on the float32 Linear kernels ``cpu_linear: auto`` did not pick (x86 CPU,
     float32 model, oneDNN's op present, not compiled: compiled, ``compiled_mkl_linear`` is it):
     (variant name, cpu_linear) each. Where auto took inductor's GEMVs for the uncompiled step
     (AMD), both libraries' (oneDNN's was auto's choice before)."""
-    if _uses_eager_gemvs(fast):
+    if _uses_eager_gemvs(fast) or _uses_regions(fast):
         return [("onednn_linear", "onednn")] * onednn_linear_available() + [("mkl_linear", "torch")]
     if _uses_onednn(fast):
         return [("mkl_linear", "torch")]
@@ -732,6 +741,9 @@ def make_paths(work: Workload, options: BenchOptions) -> dict[str, Baseline | Fa
         plain = make_fast(model, ids, kernels)
         encoder = plain.encoder if options.vision_backend == "torch" else fast.encoder
         paths[other[0]] = FastPath(model, ids, encoder, plain.decoder)  # ORT: shared
+    if _uses_regions(fast):  # what the regions gain over each GEMV compiled alone
+        per_shape = StaticDecoder(model.language_model, work.max_seq, regional=False)
+        paths["per_shape_gemvs"] = FastPath(model, ids, fast.encoder, per_shape)
     if not options.compile_decode:  # the same kernels through transformers' forward per token
         reference = StaticDecoder(
             fast.decoder.lm, work.max_seq, cpu_linear="torch", fast_step=False
@@ -822,6 +834,7 @@ def measure_variants(
 
 
 VARIANTS = (
+    "per_shape_gemvs",
     "transformers_step",
     "uncompiled_step",
     "compiled_mkl_linear",
@@ -835,6 +848,7 @@ VARIANTS = (
 )
 # What each variant sets, for its fidelity threshold (infer/fidelity.py, as the tests use)
 VARIANT_RUNTIMES = {
+    "per_shape_gemvs": RuntimeConfig(),
     "transformers_step": RuntimeConfig(),
     "uncompiled_step": RuntimeConfig(),
     "compiled_mkl_linear": RuntimeConfig(cpu_linear="torch", compile_decode=True),
@@ -911,7 +925,9 @@ def _fast_path_facts(fast: FastPath, options: BenchOptions) -> dict:
     facts: dict = {"cpu_linear": _linear_kernels(fast)}
     placement = fast.decoder.huge_pages  # None: not a CPU decoder
     facts["huge_pages"] = placement.summary() if placement is not None else "off"
-    plan = fast.decoder.gemvs  # the uncompiled step's GEMVs (eager_gemv.py)
+    regions = fast.decoder.regions  # the uncompiled step as compiled regions (regional_step.py)
+    facts["decode_regions"] = regions.summary() if regions is not None else "not asked"
+    plan = fast.decoder.gemvs  # the uncompiled step's GEMVs per shape (eager_gemv.py)
     facts["decode_gemvs"] = plan.summary() if plan is not None else "library"
     if fast.vision_export is not None:
         facts["vision_onnx"] = fast.vision_export

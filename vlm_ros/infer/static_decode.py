@@ -30,9 +30,12 @@ engines/cpu_kernels.py): ~2x MKL's speed on the AMD hosts measured, same float32
 (on Intel CPUs MKL is the faster). Compiled there, the step's GEMVs are written by inductor
 (cpu_kernels.InductorGemvLinear: 1.4-1.8x the uncompiled step on the AMD host). Either is swapped
 in a copy of ``lm``'s module tree that shares its weights, so the model's own modules (and the
-eager reference) are untouched. Uncompiled there, the lean step's GEMVs are inductor kernels
-compiled per weight shape at load (engines/eager_gemv.py, ``self.gemvs``: 1.14x the step on
-oneDNN's GEMVs on `small`), swapped into the step only, so prefill and branches keep the
+eager reference) are untouched. Uncompiled there, the lean step runs as three compiled regions
+shared by every layer, the weights passed in (engines/regional_step.py, ``self.regions``:
+1.25x the step on oneDNN's GEMVs on `small`, 1.17x llama.cpp f32), checked against the lean
+step at load and, with ``auto``, timed against it there; where a decoder's structure is not
+covered, its GEMVs are inductor kernels compiled per weight shape (engines/eager_gemv.py,
+``self.gemvs``). Either serves the decode step only, so prefill and branches keep the
 library's GEMMs.
 
 Optional ``quantize="int8"``: dynamic int8 quantization (torch.ao, fbgemm/x86) of the decoder's
@@ -49,6 +52,7 @@ from __future__ import annotations
 import gc
 import logging
 import platform
+import time
 import warnings
 from collections.abc import Callable
 
@@ -57,7 +61,14 @@ from torch import nn
 from transformers import Cache, DynamicCache, PhiForCausalLM, StaticCache
 
 from vlm_ros.config import CpuLinearMode, QuantizeMode, dtype_name
-from vlm_ros.engines import cpu_kernels, eager_gemv, weight_int4, weight_int8
+from vlm_ros.engines import (
+    compile_cache,
+    cpu_kernels,
+    eager_gemv,
+    regional_step,
+    weight_int4,
+    weight_int8,
+)
 from vlm_ros.engines import huge_pages as thp
 from vlm_ros.errors import ContextOverflowError, InputError
 from vlm_ros.infer.phi_step import PhiDecodeStep
@@ -191,9 +202,11 @@ class StaticDecoder:
         cpu_linear: CpuLinearMode = "auto",
         fast_step: bool = True,
         huge_pages: bool = True,
+        regional: bool = True,
     ):
         param = next(lm.parameters())
         self.device, self.dtype = param.device, param.dtype
+        compile_cache.use_persistent_cache()  # before anything below compiles: kept across boots
         self.lm = with_kernels(lm, quantize, cpu_linear, compile)
         self.config = lm.config
         self.max_seq_len = int(max_seq_len)
@@ -207,7 +220,8 @@ class StaticDecoder:
         with torch.inference_mode(False):
             self._position = torch.zeros(1, dtype=torch.long, device=self.device)
         self._step: Callable = self._decode_step
-        self._fast: PhiDecodeStep | None = None
+        # the uncompiled step that serves: PhiDecodeStep, or its compiled regions
+        self._fast: PhiDecodeStep | regional_step.RegionalStep | None = None
         self.compiled = False  # the step runs compiled (compile asked and its check passed)
         self.compile_refused: str | None = None  # why an asked-for compiled step is not used
         # A CUDA graph replays into the same output buffer, so a step's logits are overwritten
@@ -218,14 +232,61 @@ class StaticDecoder:
         # Not compiled: the step written over the same modules and cache (phi_step.py), which
         # skips transformers' per-token mask, rotary and wrapping; fast_step=False keeps
         # transformers' forward, the reference it is tested against.
+        lean = None
         if fast_step and not self.compiled and PhiDecodeStep.supports(self.lm):
-            self._fast = PhiDecodeStep(self.lm, self.cache, self.max_seq_len)
-        # What the uncompiled step's float32 GEMVs run on (None: the library's, not asked).
+            self._fast = lean = PhiDecodeStep(self.lm, self.cache, self.max_seq_len)
+        # Where inductor writes the uncompiled step's float32 GEMVs (cpu_linear auto on AMD,
+        # inductor): the step as compiled regions (regional_step.py) where the decoder's
+        # structure allows, else each GEMV compiled per shape (eager_gemv.py). None: not asked.
+        self.regions: regional_step.RegionPlan | None = None
         self.gemvs: eager_gemv.GemvPlan | None = None
-        if self._fast is not None and cpu_kernels.wants_inductor_gemv(
+        if lean is not None and cpu_kernels.wants_inductor_gemv(
             cpu_linear, self.device, self.dtype
         ):
-            self.gemvs = self._use_inductor_gemvs(self._fast, measured=cpu_linear == "auto")
+            measured = cpu_linear == "auto"
+            self.regions = self._use_regions(lean, measured) if regional else None
+            if self.regions is None or not self.regions.compiled:
+                self.gemvs = self._use_inductor_gemvs(lean, measured)
+
+    def _use_regions(self, step: PhiDecodeStep, measured: bool) -> regional_step.RegionPlan:
+        """The lean step as compiled regions, checked (and with ``measured``, timed) here
+        against ``step``. Not tried (``compiled`` False) where they do not apply: a structure
+        they do not cover, or with ``measured`` a decoder whose every weight is under
+        eager_gemv.MIN_WEIGHT_BYTES (a toy's step takes a millisecond; compiling would take
+        seconds)."""
+        problem = regional_step.supports(step)
+        if problem is None and measured:
+            largest = max(m.weight.numel() * m.weight.element_size() for m in step.linears())
+            if largest < eager_gemv.MIN_WEIGHT_BYTES:
+                problem = "every weight is under 1 MiB"
+        if problem is not None:
+            return regional_step.RegionPlan(None, 0.0, problem, compiled=False)
+        plan = regional_step.plan(step, self._trial, measured)
+        if plan.step is not None:
+            self._fast = plan.step
+        elif plan.timings is None:  # failed or differed (not merely slower): say so
+            _log.warning("cpu_linear: %s; the decode step keeps the library's", plan.refused)
+        _log.info("static decoder: %s", plan.summary())
+        return plan
+
+    def _trial(self, step: Callable, tokens: int) -> tuple[torch.Tensor, float]:
+        """Run ``step`` (the lean step's contract) for up to ``tokens`` tokens after a seeded
+        one-token prefill, under inference mode as requests run: its last logits (a copy) and
+        seconds per token. Leaves the decoder empty, as warm_up does."""
+        generator = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            embeds = torch.randn(1, 1, self.config.hidden_size, generator=generator)
+            ids = torch.randint(self.config.vocab_size, (tokens, 1, 1), generator=generator)
+            ids = ids[: max(self.max_seq_len - 1, 0)].to(self.device)
+            logits = self.prefill(embeds.to(self.device))
+            start = time.perf_counter()
+            for position, token in enumerate(ids, 1):
+                logits = step(token, position)
+            seconds = (time.perf_counter() - start) / max(len(ids), 1)
+            logits = logits.clone()
+        self.reset()
+        self.forward_calls = 0
+        return logits, seconds
 
     @staticmethod
     def _use_inductor_gemvs(step: PhiDecodeStep, measured: bool) -> eager_gemv.GemvPlan:

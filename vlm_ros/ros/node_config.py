@@ -103,11 +103,11 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "float32 on x86 CPUs, static decoder and torch vision stage: auto = Linear layers "
         "through oneDNN on AMD CPUs (~2x MKL there), torch's MKL on Intel's (the faster one "
         "there), and on AMD the decode step's GEMVs written by inductor (compile_decode: in "
-        "the compiled step, 1.4-1.8x again; else one kernel per weight shape of 1 MiB or more "
-        "compiled at configure, kept where timed faster there: 1.14x the step on oneDNN's "
-        "GEMVs at small size, 0.98-1.08x at full size); "
+        "the compiled step, 1.4-1.8x again; else, for weights of 1 MiB or more, the step as "
+        "compiled regions shared by every layer, compiled at configure, kept where timed "
+        "faster there: 1.25x the step on oneDNN's GEMVs at small size); "
         "onednn = oneDNN on any x86 CPU, nothing compiled; torch = plain F.linear; inductor = "
-        "the decode step's GEMVs by inductor on any CPU, every shape (measured on AMD only)",
+        "the decode step's GEMVs by inductor on any CPU, untimed (measured on AMD only)",
     ),
     "huge_pages": (
         True,

@@ -1,0 +1,269 @@
+"""The uncompiled CPU decode step with each layer's two halves compiled once for every layer
+(regional compilation): the lean step (infer/phi_step.PhiDecodeStep) in 25 compiled calls a
+token on a 12-layer decoder instead of 73 GEMV calls and ~20 small ops per layer.
+
+Why: a `small` decode token on the AMD EPYC this is measured on cost 24-26 ms uncompiled with
+each GEMV compiled per shape (engines/eager_gemv.py) against llama.cpp f32's 23-25 ms. The gap
+was the calls, not the reads: a compiled call costs ~22 µs of Python and guards, a library
+call ~3, and the step made 73 of the first and ~20 of the second per layer. Compiling the whole
+step (``compile_decode: true``) removes them but compiles for minutes at full size. Here the
+same graph serves every layer, the layer's weights passed in as inputs, so a decoder of any
+depth compiles three small graphs in seconds (docs/performance.md, "Regional compilation").
+
+Per layer (Phi's parallel block: attention and MLP both read the normed input):
+- ``layer_in`` (compiled): LayerNorm, q/k/v as inductor's one-row reductions
+  (cpu_kernels.gemv_by_reduction), the partial rotary embedding at the token's slot;
+- eager: the new key and value written into the StaticCache's storage at that slot (and the
+  cache's length counter advanced, transformers 5.x), then SDPA over the live slots only, one
+  library call (a compiled attention over the live slots would need a dynamic length; over
+  the whole cache it would read the unused slots too: measured slower, 20.0 against 18.1 ms);
+- ``layer_out`` (compiled): the attention's dense, fc1, the activation, fc2 and both residual
+  adds.
+Then ``head`` (compiled): the final LayerNorm and the vocabulary GEMV.
+
+Each graph is compiled with inductor's C++ wrapper (static_decode.compile_step's reasoning: 18.1
+against 21.4 ms a `small` token with the Python one) and called under inference mode with
+inputs that never require grad, so no call compiles again. Each model shape gets functions of
+its own code objects (dynamo keeps at most 8 compiled entries per code object, and a process
+with many models, the test suite, would run the ninth as Python, whose multiply-sum GEMV
+allocates a weight-sized temporary).
+
+``supports`` says which decoders this covers (float32 CPU Linear layers, LayerNorms, no q/k
+norms, one stateless activation) and why not; the static decoder then keeps the per-shape
+GEMVs. The step is checked at load against the library step on the same input
+(static_decode.compiled_step_problem), as a compiled step is.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm_ros.engines import eager_gemv
+from vlm_ros.engines.cpu_kernels import gemv_by_reduction
+from vlm_ros.infer.phi_step import PhiDecodeStep
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = gemv_by_reduction(x, weight)  # [1, in] -> [1, out]
+    return y if bias is None else y + bias
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a compiled region depends on besides its tensor inputs: one set of functions per
+    distinct Shape in a process."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rotary: int
+    eps: float
+    activation: str  # repr of the activation module (its class and settings)
+
+    def name(self) -> str:
+        return f"{self.hidden}_{self.heads}x{self.head_dim}_{self.kv_heads}kv_r{self.rotary}"
+
+
+def _regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, Callable]:
+    """The three region functions for ``shape``; ``act`` the decoder's activation module
+    (stateless, one for every layer), called inside ``layer_out``."""
+    hidden, eps, rotary, half = shape.hidden, shape.eps, shape.rotary, shape.rotary // 2
+    q_shape = (1, shape.heads, 1, shape.head_dim)
+    kv_shape = (1, shape.kv_heads, 1, shape.head_dim)
+
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., :rotary], x[..., rotary:]  # transformers' partial rotary arithmetic
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+    def layer_in(h, norm_w, norm_b, wq, bq, wk, bk, wv, bv, cos_table, sin_table, position):
+        """h [1, D] -> the normed input [1, D], q [1, heads, 1, hd], k and v [1, kv, 1, hd]."""
+        x = F.layer_norm(h, (hidden,), norm_w, norm_b, eps)
+        cos, sin = cos_table[position], sin_table[position]  # [1, rotary], a tensor index
+        q = rope(_gemv(x, wq, bq).view(q_shape), cos, sin)
+        k = rope(_gemv(x, wk, bk).view(kv_shape), cos, sin)
+        return x, q, k, _gemv(x, wv, bv).view(kv_shape)
+
+    def layer_out(att, x, h, wd, bd, w1, b1, w2, b2):
+        """The attention's output [1, D], the normed input, the layer's input -> its output."""
+        return _gemv(att, wd, bd) + _gemv(act(_gemv(x, w1, b1)), w2, b2) + h
+
+    def head(h, norm_w, norm_b, w, b):
+        return _gemv(F.layer_norm(h, (hidden,), norm_w, norm_b, eps), w, b)
+
+    return layer_in, layer_out, head
+
+
+_compiled: dict[Shape, tuple[Callable, Callable, Callable]] = {}
+
+
+def _own(fn: Callable, name: str) -> Callable:
+    """``fn`` as a function of its own code object (dynamo's per-code-object entry limit)."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+def compiled_regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, Callable]:
+    """The compiled (layer_in, layer_out, head) for ``shape``, made once per process."""
+    regions = _compiled.get(shape)
+    if regions is None:
+        options = {"cpp_wrapper": True}
+        regions = _compiled[shape] = tuple(
+            torch.compile(_own(fn, f"{fn.__name__}_{shape.name()}"), fullgraph=True,
+                          dynamic=False, options=options)
+            for fn in _regions(shape, act)
+        )  # fmt: skip
+    return regions
+
+
+def supports(step: PhiDecodeStep) -> str | None:
+    """Why ``step``'s decoder cannot run as regions (None: it can): every Linear a float32 CPU
+    one (quantized layers keep their own kernels), LayerNorms with one eps, no q/k norms, and
+    one parameter-free activation class for every layer."""
+    layers = step.layers
+    if not all(eager_gemv.eligible(m) for m in step.linears()):
+        return "not every Linear layer is a float32 CPU one"
+    if any(layer.q_norm is not None for layer in layers):
+        return "the decoder has q/k LayerNorms"
+    norms = [layer.norm for layer in layers] + [step.final_norm]
+    if not all(type(n) is nn.LayerNorm and n.elementwise_affine for n in norms):
+        return "a norm is not an affine nn.LayerNorm"
+    if len({float(n.eps) for n in norms}) != 1:
+        return "the LayerNorms' eps differ"
+    acts = {repr(layer.act) for layer in layers}
+    if len(acts) != 1 or any(True for _ in layers[0].act.parameters()):
+        return "the layers' activations differ or hold parameters"
+    return None
+
+
+class RegionalStep:
+    """PhiDecodeStep's contract (token [1, 1] at cache slot ``position`` -> logits [1, V]
+    float32, the token's keys and values written into the cache), on ``step``'s modules,
+    weights, cache and rotary tables, through three compiled regions. Check ``supports``
+    first."""
+
+    def __init__(self, step: PhiDecodeStep):
+        first = step.layers[0]
+        self.shape = Shape(
+            hidden=int(first.norm.normalized_shape[0]), heads=step.heads,
+            kv_heads=step.kv_heads, head_dim=step.head_dim, rotary=step.rotary,
+            eps=float(first.norm.eps), activation=repr(first.act),
+        )  # fmt: skip
+        self.layer_in, self.layer_out, self.head = compiled_regions(self.shape, first.act)
+        self.gqa, self.embed, self.cos, self.sin = step.gqa, step.embed, step.cos, step.sin
+        self.layers = [
+            (
+                (layer.norm.weight, layer.norm.bias, layer.q.weight, layer.q.bias,
+                 layer.k.weight, layer.k.bias, layer.v.weight, layer.v.bias),
+                (layer.dense.weight, layer.dense.bias, layer.fc1.weight, layer.fc1.bias,
+                 layer.fc2.weight, layer.fc2.bias),
+                layer.keys, layer.values, layer.counter,
+            )
+            for layer in step.layers
+        ]  # fmt: skip
+        norm = step.final_norm
+        self.head_weights = (norm.weight, norm.bias, step.head.weight, step.head.bias)
+        with torch.inference_mode(False):  # advanced by callers in any mode
+            self.position = torch.zeros(1, dtype=torch.long, device=self.cos.device)
+
+    def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        if not torch.is_inference_mode_enabled():  # a guard of every region: enter it once
+            with torch.inference_mode():
+                return self(token, position)
+        self.position.fill_(position)
+        live, gqa, cos, sin, at = position + 1, self.gqa, self.cos, self.sin, self.position
+        h = self.embed(token.detach()).view(1, -1)  # [1, D]
+        for first_half, second_half, keys, values, counter in self.layers:
+            x, q, k, v = self.layer_in(h, *first_half, cos, sin, at)
+            keys[:, :, position] = k[:, :, 0]
+            values[:, :, position] = v[:, :, 0]
+            if counter is not None:
+                counter.add_(1)
+            att = F.scaled_dot_product_attention(
+                q, keys[:, :, :live], values[:, :, :live], enable_gqa=gqa
+            )  # [1, heads, 1, hd]: one query sees every earlier slot, no mask
+            h = self.layer_out(att.reshape(1, -1), x, h, *second_half)
+        return self.head(h, *self.head_weights).float()
+
+
+# A trial: run a step for N tokens after a seeded one-token prefill, leaving the decoder empty:
+# the last token's logits and the seconds per token.
+Trial = Callable[[Callable, int], tuple[torch.Tensor, float]]
+ROUND_SECONDS = 0.2  # a timed round's length at load: ~8 `small` tokens, 1 full-size one
+ROUNDS = 3  # per step, alternated, the library's first and last
+
+
+@dataclass(frozen=True)
+class RegionPlan:
+    """What ``plan`` did: the step to use (None: the library step stays), the seconds it took,
+    why the regions are not used (None where they are), and where timed, ms per token of the
+    library step and of the regions. ``compiled`` False: the regions did not apply (a
+    structure they do not cover, a toy's weights), nothing was tried."""
+
+    step: RegionalStep | None
+    seconds: float
+    refused: str | None
+    timings: tuple[float, float] | None = None
+    compiled: bool = True
+
+    def summary(self) -> str:
+        if not self.compiled:
+            return f"no compiled regions: {self.refused}"
+        timed = ""
+        if self.timings is not None:
+            library, ours = self.timings
+            timed = f" (ms a token, library step vs regions: {library:.2f} vs {ours:.2f})"
+        if self.step is None:
+            return f"library decode step: {self.refused}{timed}"
+        return f"decode step as compiled regions, built in {self.seconds:.1f} s{timed}"
+
+
+def _as_regions(problem: str) -> str:
+    """compiled_step_problem's words, for the regions."""
+    return problem.replace("compiled decode step's", "regions'").replace(
+        "compiled decode step", "regions"
+    )
+
+
+def plan(step: PhiDecodeStep, trial: Trial, measured: bool) -> RegionPlan:
+    """Compile ``step``'s regions and check them against ``step`` itself on the same seeded
+    input (float32 rounding allowed, static_decode.compiled_step_problem); with ``measured``
+    (cpu_linear auto) keep them only where they ran eager_gemv.MIN_GAIN faster than ``step``
+    here, timed in alternating rounds. A failure to compile (no C++ compiler) or a mismatch
+    keeps ``step``; ``refused`` says why. The caller checks ``supports`` first."""
+    from vlm_ros.infer.static_decode import compiled_step_problem  # the compiled step's rule
+
+    start = time.perf_counter()
+    try:
+        regions = RegionalStep(step)
+        got, _ = trial(regions, 2)  # compiles the three regions
+    except Exception as error:  # inductor's own failure: no C++ compiler, a lowering...
+        line = (str(error).strip().splitlines() or [""])[0][:300]
+        why = f"compiling the regions failed: {type(error).__name__}: {line}"
+        return RegionPlan(None, time.perf_counter() - start, why)
+    want, library_seconds = trial(step, 2)
+    problem = compiled_step_problem(got, want, torch.float32)
+    if problem is not None:
+        return RegionPlan(None, time.perf_counter() - start, _as_regions(problem))
+    if not measured:
+        return RegionPlan(regions, time.perf_counter() - start, None)
+    tokens = max(1, min(16, int(ROUND_SECONDS / max(library_seconds, 1e-4))))
+    library, ours = [], []
+    for _ in range(ROUNDS):
+        library.append(trial(step, tokens)[1])
+        ours.append(trial(regions, tokens)[1])
+    library.append(trial(step, tokens)[1])
+    timings = (statistics.median(library) * 1e3, statistics.median(ours) * 1e3)
+    seconds = time.perf_counter() - start
+    if timings[0] < eager_gemv.MIN_GAIN * timings[1]:
+        return RegionPlan(None, seconds, "the regions were not faster here", timings)
+    return RegionPlan(regions, seconds, None, timings)
