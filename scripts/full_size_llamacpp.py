@@ -65,6 +65,8 @@ OURS = {  # our path -> its settings (dtype None: float32), as the bench's varia
     "fp32": RuntimeConfig(),
     "int8": RuntimeConfig(quantize="int8"),
     "bf16_int8_weight_only": RuntimeConfig(dtype="bfloat16", quantize="int8_weight_only"),
+    # float32 activations, int8 weights read in the uncompiled step's compiled regions
+    "int8_weight_only": RuntimeConfig(quantize="int8_weight_only"),
     "int4_weight_only": RuntimeConfig(quantize="int4_weight_only"),
     # --compile: the compiled CPU step (on AMD CPUs its GEMVs are inductor's: cpu_kernels.py)
     "fp32_compiled": RuntimeConfig(compile_decode=True),
@@ -87,6 +89,7 @@ ORDER = (
     "llama:f32",
     "ours:int8",
     "ours:bf16_int8_weight_only",
+    "ours:int8_weight_only",
     "llama:q8_0",
     "ours:int4_weight_only",
     "llama:q4_0",
@@ -94,7 +97,7 @@ ORDER = (
 PAIRS = {  # llama.cpp type -> our paths at the same weight width
     "f32": ("fp32", "fp32_compiled", "fp32_4k_pages", "fp32_compiled_4k_pages", "fp32_onednn",
             "fp32_per_shape"),
-    "q8_0": ("int8", "bf16_int8_weight_only", "int8_weight_only_compiled"),
+    "q8_0": ("int8", "bf16_int8_weight_only", "int8_weight_only", "int8_weight_only_compiled"),
     "q4_0": ("int4_weight_only",),
 }  # fmt: skip
 

@@ -71,6 +71,9 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
     int8 = result["variants"]["int8"]
     _positive_stages(int8["stages"], FAST_METRICS)
     assert int8["accuracy_vs_fp"]["fidelity"]["max_logit_error"] == 0.3
+    weights8 = result["variants"]["int8_weight_only"]  # float32 int8 weights, uncompiled: regions
+    _positive_stages(weights8["stages"], FAST_METRICS)
+    assert 0 < weights8["accuracy_vs_fp"]["first_logits_error_over_range"] < 0.05
     step = result["variants"]["transformers_step"]  # the lean step's share, and it is lossless
     _positive_stages(step["stages"], FAST_METRICS)
     assert step["accuracy_vs_fp"]["greedy_prefix_agreement"] == 1.0
@@ -302,8 +305,9 @@ def test_full_size_script_runs_every_phase_one_model_at_a_time(tmp_path):
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
     paths = result["paths"]
-    ours = ["fp32", "int8", "bf16_int8_weight_only", "int4_weight_only", "fp32_compiled",
-            "int8_weight_only_compiled", "fp32_4k_pages", "fp32_compiled_4k_pages"]  # fmt: skip
+    ours = ["fp32", "int8", "bf16_int8_weight_only", "int8_weight_only", "int4_weight_only",
+            "fp32_compiled", "int8_weight_only_compiled", "fp32_4k_pages",
+            "fp32_compiled_4k_pages"]  # fmt: skip
     names = [f"vlm_ros {n}" for n in ours] + [f"llama.cpp {k}" for k in ("f32", "q8_0", "q4_0")]
     assert sorted(paths) == sorted(names)
     assert paths["vlm_ros fp32"]["accuracy_vs_our_fp32"]["first_logits_max_abs_error"] == 0.0
@@ -320,7 +324,7 @@ def test_full_size_script_runs_every_phase_one_model_at_a_time(tmp_path):
     assert set(result["ours_faster_by"]) == {
         "fp32 vs f32", "int8 vs q8_0", "bf16_int8_weight_only vs q8_0", "int4_weight_only vs q4_0",
         "fp32_compiled vs f32", "int8_weight_only_compiled vs q8_0", "fp32_4k_pages vs f32",
-        "fp32_compiled_4k_pages vs f32",
+        "fp32_compiled_4k_pages vs f32", "int8_weight_only vs q8_0",
     }  # fmt: skip
     # --huge-pages-ab: the same float32 decoder with huge pages off, the same tokens
     for name in ("fp32_4k_pages", "fp32_compiled_4k_pages"):

@@ -6,6 +6,7 @@ model shape, whatever the layer, the grad mode or the number of decoders."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -70,7 +71,15 @@ def test_one_compile_per_model_shape_in_any_grad_mode():
     other = StaticDecoder(tiny_phi(hidden_size=80), 40, cpu_linear="inductor", huge_pages=False)
     assert other._fast.layer_in is not first._fast.layer_in
     names = {step._fast.shape.name() for step in (first, other)}
-    assert names == {"48_4x12_4kv_r4", "80_4x20_4kv_r8"}, names
+    assert names == {"48_4x12_4kv_r4_96_96", "80_4x20_4kv_r8_128_96"}, names
+    # another cache length (max_seq_len) compiles nothing; another vocabulary gets its own
+    compiled = _graphs()
+    longer = StaticDecoder(lm, 64, cpu_linear="inductor", huge_pages=False)
+    greedy(longer, _embeds(lm), 3)
+    assert longer._fast.layer_in is first._fast.layer_in and _graphs() == compiled
+    wider = StaticDecoder(tiny_phi(hidden_size=48, intermediate_size=96, vocab_size=120), 40,
+                          cpu_linear="inductor", huge_pages=False)  # fmt: skip
+    assert wider._fast.layer_in is not first._fast.layer_in
 
 
 @pytest.mark.parametrize(
@@ -115,7 +124,7 @@ def test_quantized_layers_are_not_regions():
     """Dynamic int8 layers keep their own kernels: the regions do not take them."""
     with torch.inference_mode():
         decoder = StaticDecoder(tiny_phi(), 40, quantize="int8", huge_pages=False)
-    assert regional_step.supports(decoder._fast) == "not every Linear layer is a float32 CPU one"
+    assert regional_step.supports(decoder._fast).startswith("not every Linear layer is a float32")
 
 
 def _wrong_regions(shape, act):
@@ -201,3 +210,31 @@ def test_the_real_trial_on_a_model_over_the_floor(monkeypatch):
     assert isinstance(decoder._fast, regional_step.RegionalStep) == (plan.step is not None)
     assert tokens == want
     assert decoder.forward_calls > 0 and decoder.length == 5 + 6
+
+
+def test_a_float32_models_int8_weights_run_as_regions_on_any_cpu(monkeypatch, caplog):
+    """quantize int8_weight_only on float32: the regions read the int8 weights in their own
+    loops (scaled per channel after the sum), on any CPU vendor and any cpu_linear, untimed:
+    the library step would dequantize every weight per token. Same greedy tokens as that
+    step, logits within float32 rounding. Without the regions (regional=False) the decoder
+    still decodes, and a warning says it is slow and what serves it fast."""
+    monkeypatch.setattr(cpu_kernels, "cpu_vendor", lambda: "GenuineIntel")
+    lm = tiny_phi()
+    with torch.inference_mode():
+        ours = StaticDecoder(
+            copy.deepcopy(lm), 40, quantize="int8_weight_only", cpu_linear="torch",
+            huge_pages=False,
+        )  # fmt: skip
+        with caplog.at_level(logging.WARNING):
+            library = StaticDecoder(
+                copy.deepcopy(lm), 40, quantize="int8_weight_only", huge_pages=False,
+                regional=False,
+            )  # fmt: skip
+        assert isinstance(ours._fast, regional_step.RegionalStep) and ours._fast.shape.int8
+        assert ours.regions.timings is None and ours.gemvs is None
+        assert isinstance(library._fast, PhiDecodeStep) and library.regions is None
+        want_tokens, want = greedy(library, _embeds(lm), 12)
+        tokens, logits = greedy(ours, _embeds(lm), 12)
+    assert tokens == want_tokens
+    assert torch.allclose(logits, want, atol=1e-4, rtol=1e-4), (logits - want).abs().max()
+    assert "dequantizes every weight per token" in caplog.text

@@ -52,8 +52,6 @@ def _refusal(options: dict) -> str | None:
         return "need decoder 'static'"
     if options["quantize"] == "int8" and options["dtype"] != "float32":
         return "needs dtype float32"
-    if options["quantize"] == "int8_weight_only" and options["dtype"] == "float32":
-        return "needs dtype bfloat16 or float16"
     if options["quantize"] == "int4_weight_only" and options["dtype"] == "float16":
         return "on CPU needs dtype float32 or bfloat16"
     return None

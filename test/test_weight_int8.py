@@ -49,14 +49,16 @@ def test_without_the_packed_kernel_the_dequantizing_form_is_used(monkeypatch):
     torch.testing.assert_close(fallback, packed, atol=2e-2 * packed.abs().max().item(), rtol=0)
 
 
-def test_quantize_releases_float_weights_and_refuses_float32():
+def test_quantize_releases_float_weights_and_refuses_float32_off_a_cpu():
+    """bfloat16 anywhere; float32 on a CPU only (its decode step reads the int8 weights in
+    inductor's loops, compiled step or compiled regions); float32 elsewhere is refused."""
     model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 4)).to(torch.bfloat16)
     assert quantize_weights(model) == 2
     assert not [p for p in model.parameters() if p.dtype != torch.bfloat16 or p.dim() > 1]
     assert all(isinstance(m, WeightOnlyInt8Linear) for m in (model[0], model[2]))
-    with pytest.raises(InputError, match="bfloat16 or float16.*float32.*compile_decode"):
-        quantize_weights(nn.Sequential(nn.Linear(4, 4)))
-    assert quantize_weights(nn.Sequential(nn.Linear(4, 4)), compiled=True) == 1  # float32
+    assert quantize_weights(nn.Sequential(nn.Linear(4, 4))) == 1  # float32 on a CPU
+    with pytest.raises(InputError, match="bfloat16 or float16.*float32 on meta.*only on a CPU"):
+        quantize_weights(nn.Sequential(nn.Linear(4, 4, device="meta")))
 
 
 def test_float32_compiled_step_reads_int8_weights_in_its_own_loop():
@@ -79,12 +81,16 @@ def test_float32_compiled_step_reads_int8_weights_in_its_own_loop():
     assert any(op.split(".")[1] in gemms for op in ops), ops
 
 
-def test_float32_compiled_decoder_with_int8_weights():
-    """quantize int8_weight_only on a float32 model with compile_decode (CPU): loads (the blocks
-    quantized as they are read), the compiled step passes its load check, and answers within
-    the setting's fidelity threshold of the float32 reference on the tiny checkpoint."""
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled_step", "regions"])
+def test_float32_decoder_with_int8_weights(compiled):
+    """quantize int8_weight_only on a float32 model (CPU): loads (the blocks quantized as they
+    are read); compiled, the step passes its load check; uncompiled, the step runs as compiled
+    regions reading the int8 weights (regional_step.py), never the per-token dequantizing
+    form; either answers within the setting's fidelity threshold of the float32 reference on
+    the tiny checkpoint."""
     from tiny_models import tiny_checkpoint
 
+    from vlm_ros.engines import regional_step
     from vlm_ros.infer import fidelity
 
     path = str(tiny_checkpoint("llava_phi"))
@@ -92,10 +98,14 @@ def test_float32_compiled_decoder_with_int8_weights():
     question = "Is the path ahead clear?"
     with Assistant.load(path, runtime=RuntimeConfig(max_seq_len=256)) as plain:
         reference = plain.trace(image, question, max_new_tokens=8)
-    runtime = RuntimeConfig(max_seq_len=256, quantize="int8_weight_only", compile_decode=True)
+    runtime = RuntimeConfig(max_seq_len=256, quantize="int8_weight_only", compile_decode=compiled)
     with Assistant.load(path, runtime=runtime) as int8:
         decoder = int8.decoder
-        assert decoder.compiled and decoder.compile_refused is None
+        if compiled:
+            assert decoder.compiled and decoder.compile_refused is None
+        else:
+            assert isinstance(decoder._fast, regional_step.RegionalStep), decoder.regions
+            assert decoder._fast.shape.int8 and decoder.regions.timings is None  # untimed
         assert not any(isinstance(m, nn.Linear) for m in decoder.lm.modules())
         trace = int8.trace(image, question, max_new_tokens=8)
     result = fidelity.compare(
@@ -135,11 +145,6 @@ def test_eval_demo_float32_int8_weights_compiled(tmp_path):
     assert main(argv) == 0
     accuracy = json.loads(out.read_text())["accuracy"]
     assert accuracy and min(accuracy.values()) >= 0.9, accuracy
-
-
-def test_float32_model_is_refused_with_the_setting_named():
-    with pytest.raises(InputError, match="int8_weight_only.*bfloat16"):
-        Assistant.load("demo", runtime=RuntimeConfig(quantize="int8_weight_only"))
 
 
 def test_settings_that_cannot_apply_are_refused_at_load():

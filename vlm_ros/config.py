@@ -102,8 +102,9 @@ class RuntimeConfig:
     (transformers' dynamic cache, the reference).
     quantize: "none", "int8" (static decoder on CPU only: dynamic int8 Linear layers; lossy,
     opt-in; measured agreement in docs/performance.md) or "int8_weight_only" (static decoder,
-    dtype bfloat16/float16: int8 weights, half-precision activations; or float32 with
-    compile_decode on a CPU: int8 weights read in the compiled step's own GEMV loops, float32
+    dtype bfloat16/float16: int8 weights, half-precision activations; or float32 on a CPU:
+    int8 weights read in inductor's own GEMV loops, in the compiled step with compile_decode,
+    else in the uncompiled step's compiled regions (engines/regional_step.py), float32
     activations; opt-in, small loss) or
     "int4_weight_only" (static decoder; CPU with float32/bfloat16, CUDA with bfloat16: 4-bit
     weights in groups of 32 with a scale and zero each, PyTorch's int4 kernels; opt-in, lossy).

@@ -19,10 +19,11 @@ compiled alone instead (variant ``per_shape_gemvs``, engines/eager_gemv.py); and
 uncompiled, the same decoder and kernels with transformers' forward for each decode step
 (variant ``transformers_step``), the part that is infer/phi_step.py's lean step; compiled
 (``--compile``) on CPU, that lean uncompiled step beside the compiled one (variant
-``uncompiled_step``), so what compiling gains is measured in the same run (with ``--int8``
-also a compiled float32 model with int8 weights, variant ``int8_weight_only``), and where the
+``uncompiled_step``), so what compiling gains is measured in the same run, and where the
 compiled step's GEMVs are inductor's (AMD CPUs), the compiled step on MKL's (variant
-``compiled_mkl_linear``).
+``compiled_mkl_linear``). With ``--int8`` on a CPU also a float32 model with int8 weights
+(variant ``int8_weight_only``): read in the compiled step's loops with ``--compile``, else
+in the uncompiled step's compiled regions (engines/regional_step.py).
 
 Presets are built from configs with random weights (nothing downloaded) and prompts are token
 ids (no tokenizer): the work per request is what a real checkpoint does, the text is not. Answers
@@ -759,11 +760,13 @@ def make_paths(work: Workload, options: BenchOptions) -> dict[str, Baseline | Fa
         runtime = RuntimeConfig(device, max_seq_len=work.max_seq, quantize="int8")
         int8 = _static(make_decoder(copy.deepcopy(model.language_model), runtime))
         paths["int8"] = FastPath(model, ids, fast.encoder, int8)
-    if options.int8 and options.compile_decode and torch.device(device).type == "cpu":
-        # float32 activations, int8 weights read in the compiled step's own GEMV loops
+    if options.int8 and torch.device(device).type == "cpu" and model_dtype(model) == torch.float32:
+        # float32 activations, int8 weights read in inductor's own GEMV loops: the compiled
+        # step's with --compile, else the uncompiled step's compiled regions
         runtime = RuntimeConfig(
-            device, max_seq_len=work.max_seq, quantize="int8_weight_only", compile_decode=True
-        )
+            device, max_seq_len=work.max_seq, quantize="int8_weight_only",
+            compile_decode=options.compile_decode,
+        )  # fmt: skip
         weight_only = _static(make_decoder(copy.deepcopy(model.language_model), runtime))
         paths["int8_weight_only"] = FastPath(model, ids, fast.encoder, weight_only)
     if options.int4:  # the same encoder, int4 weights in the model's own dtype

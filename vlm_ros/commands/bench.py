@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--int8",
         action="store_true",
-        help="also measure the lossy int8 decoder (CPU); with --compile also int8 weights "
-        "with float32 activations in the compiled step (int8_weight_only)",
+        help="also measure the lossy int8 decoder (CPU) and int8 weights with float32 "
+        "activations (int8_weight_only: in the compiled step with --compile, else in the "
+        "uncompiled step's compiled regions)",
     )
     parser.add_argument(
         "--int4",

@@ -48,29 +48,41 @@ from torch import nn
 
 from vlm_ros.engines import eager_gemv
 from vlm_ros.engines.cpu_kernels import gemv_by_reduction
+from vlm_ros.engines.weight_int8 import WeightOnlyInt8Linear
 from vlm_ros.infer.phi_step import PhiDecodeStep
 
 
-def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    y = gemv_by_reduction(x, weight)  # [1, in] -> [1, out]
+def _gemv(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """[1, in] -> [1, out], one loop over ``weight``: float32, or int8 converted as it is read
+    and scaled per output channel after the sum (weight_int8.WeightOnlyInt8Linear)."""
+    y = gemv_by_reduction(x, weight)
+    y = y if scales is None else y * scales
     return y if bias is None else y + bias
 
 
 @dataclass(frozen=True)
 class Shape:
-    """What a compiled region depends on besides its tensor inputs: one set of functions per
-    distinct Shape in a process."""
+    """Everything a compiled region specialises on (dynamo guards the inputs' shapes, dtypes
+    and which are None): one set of functions per distinct Shape in a process, so no model
+    ever makes another's functions compile again."""
 
     hidden: int
     heads: int
     kv_heads: int
     head_dim: int
     rotary: int
+    intermediate: int
+    vocab: int
     eps: float
     activation: str  # repr of the activation module (its class and settings)
+    biases: tuple[bool, ...]  # which of q, k, v, dense, fc1, fc2, head have a bias
+    int8: bool = False  # int8 weights with per-channel scales (quantize: int8_weight_only)
 
     def name(self) -> str:
-        return f"{self.hidden}_{self.heads}x{self.head_dim}_{self.kv_heads}kv_r{self.rotary}"
+        shape = f"{self.hidden}_{self.heads}x{self.head_dim}_{self.kv_heads}kv_r{self.rotary}"
+        return shape + f"_{self.intermediate}_{self.vocab}" + ("_int8" if self.int8 else "")
 
 
 def _regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, Callable]:
@@ -85,20 +97,21 @@ def _regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, Callable
         rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
         return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
 
-    def layer_in(h, norm_w, norm_b, wq, bq, wk, bk, wv, bv, cos_table, sin_table, position):
-        """h [1, D] -> the normed input [1, D], q [1, heads, 1, hd], k and v [1, kv, 1, hd]."""
+    def layer_in(h, norm_w, norm_b, q, k, v, cos, sin):
+        """h [1, D] -> the normed input [1, D], q [1, heads, 1, hd], k and v [1, kv, 1, hd];
+        q, k, v each a Linear's (weight, scales or None, bias); cos, sin [1, rotary], the
+        token's slot's."""
         x = F.layer_norm(h, (hidden,), norm_w, norm_b, eps)
-        cos, sin = cos_table[position], sin_table[position]  # [1, rotary], a tensor index
-        q = rope(_gemv(x, wq, bq).view(q_shape), cos, sin)
-        k = rope(_gemv(x, wk, bk).view(kv_shape), cos, sin)
-        return x, q, k, _gemv(x, wv, bv).view(kv_shape)
+        query = rope(_gemv(x, *q).view(q_shape), cos, sin)
+        key = rope(_gemv(x, *k).view(kv_shape), cos, sin)
+        return x, query, key, _gemv(x, *v).view(kv_shape)
 
-    def layer_out(att, x, h, wd, bd, w1, b1, w2, b2):
+    def layer_out(att, x, h, dense, fc1, fc2):
         """The attention's output [1, D], the normed input, the layer's input -> its output."""
-        return _gemv(att, wd, bd) + _gemv(act(_gemv(x, w1, b1)), w2, b2) + h
+        return _gemv(att, *dense) + _gemv(act(_gemv(x, *fc1)), *fc2) + h
 
-    def head(h, norm_w, norm_b, w, b):
-        return _gemv(F.layer_norm(h, (hidden,), norm_w, norm_b, eps), w, b)
+    def head(h, norm_w, norm_b, linear):
+        return _gemv(F.layer_norm(h, (hidden,), norm_w, norm_b, eps), *linear)
 
     return layer_in, layer_out, head
 
@@ -125,13 +138,24 @@ def compiled_regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, 
     return regions
 
 
+def int8_linear(module: object) -> bool:
+    """A weight-only int8 layer on a CPU whose scales and bias are float32 (a float32 model's
+    ``quantize: int8_weight_only``)."""
+    if not isinstance(module, WeightOnlyInt8Linear):
+        return False
+    tensors = [module.scales] + ([] if module.bias is None else [module.bias])
+    on_cpu = module.weight.device.type == "cpu" and module.weight.dtype == torch.int8
+    return on_cpu and all(t.dtype == torch.float32 for t in tensors)
+
+
 def supports(step: PhiDecodeStep) -> str | None:
     """Why ``step``'s decoder cannot run as regions (None: it can): every Linear a float32 CPU
-    one (quantized layers keep their own kernels), LayerNorms with one eps, no q/k norms, and
-    one parameter-free activation class for every layer."""
-    layers = step.layers
-    if not all(eager_gemv.eligible(m) for m in step.linears()):
-        return "not every Linear layer is a float32 CPU one"
+    one, or every one a float32 model's int8 weight-only layer (other quantized layers keep
+    their own kernels), LayerNorms with one eps, no q/k norms, and one parameter-free
+    activation class for every layer."""
+    layers, linears = step.layers, step.linears()
+    if not (all(map(eager_gemv.eligible, linears)) or all(map(int8_linear, linears))):
+        return "not every Linear layer is a float32 CPU one (or every one float32 int8 weights)"
     if any(layer.q_norm is not None for layer in layers):
         return "the decoder has q/k LayerNorms"
     norms = [layer.norm for layer in layers] + [step.final_norm]
@@ -145,6 +169,11 @@ def supports(step: PhiDecodeStep) -> str | None:
     return None
 
 
+def _linear(module: nn.Module) -> tuple:
+    """A Linear layer as the regions take it: (weight, scales or None, bias or None)."""
+    return module.weight, getattr(module, "scales", None), module.bias
+
+
 class RegionalStep:
     """PhiDecodeStep's contract (token [1, 1] at cache slot ``position`` -> logits [1, V]
     float32, the token's keys and values written into the cache), on ``step``'s modules,
@@ -153,37 +182,41 @@ class RegionalStep:
 
     def __init__(self, step: PhiDecodeStep):
         first = step.layers[0]
+        linears = (first.q, first.k, first.v, first.dense, first.fc1, first.fc2, step.head)
         self.shape = Shape(
             hidden=int(first.norm.normalized_shape[0]), heads=step.heads,
             kv_heads=step.kv_heads, head_dim=step.head_dim, rotary=step.rotary,
+            intermediate=int(first.fc1.out_features), vocab=int(step.head.out_features),
             eps=float(first.norm.eps), activation=repr(first.act),
+            biases=tuple(m.bias is not None for m in linears), int8=int8_linear(first.q),
         )  # fmt: skip
         self.layer_in, self.layer_out, self.head = compiled_regions(self.shape, first.act)
         self.gqa, self.embed, self.cos, self.sin = step.gqa, step.embed, step.cos, step.sin
         self.layers = [
             (
-                (layer.norm.weight, layer.norm.bias, layer.q.weight, layer.q.bias,
-                 layer.k.weight, layer.k.bias, layer.v.weight, layer.v.bias),
-                (layer.dense.weight, layer.dense.bias, layer.fc1.weight, layer.fc1.bias,
-                 layer.fc2.weight, layer.fc2.bias),
+                (layer.norm.weight, layer.norm.bias, *map(_linear, (layer.q, layer.k, layer.v))),
+                tuple(map(_linear, (layer.dense, layer.fc1, layer.fc2))),
                 layer.keys, layer.values, layer.counter,
             )
             for layer in step.layers
         ]  # fmt: skip
         norm = step.final_norm
-        self.head_weights = (norm.weight, norm.bias, step.head.weight, step.head.bias)
-        with torch.inference_mode(False):  # advanced by callers in any mode
-            self.position = torch.zeros(1, dtype=torch.long, device=self.cos.device)
+        self.head_weights = (norm.weight, norm.bias, _linear(step.head))
+        # the token's slot's rotary row, copied here once a token: the regions take a fixed
+        # [1, rotary] input whatever the table's length (max_seq_len) or the slot
+        with torch.inference_mode():  # as every call runs: the same kind of input each time
+            self.cos_row, self.sin_row = self.cos[:1].clone(), self.sin[:1].clone()
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
         if not torch.is_inference_mode_enabled():  # a guard of every region: enter it once
             with torch.inference_mode():
                 return self(token, position)
-        self.position.fill_(position)
-        live, gqa, cos, sin, at = position + 1, self.gqa, self.cos, self.sin, self.position
+        live, gqa, cos, sin = position + 1, self.gqa, self.cos_row, self.sin_row
+        cos.copy_(self.cos[position : position + 1])
+        sin.copy_(self.sin[position : position + 1])
         h = self.embed(token.detach()).view(1, -1)  # [1, D]
         for first_half, second_half, keys, values, counter in self.layers:
-            x, q, k, v = self.layer_in(h, *first_half, cos, sin, at)
+            x, q, k, v = self.layer_in(h, *first_half, cos, sin)
             keys[:, :, position] = k[:, :, 0]
             values[:, :, position] = v[:, :, 0]
             if counter is not None:

@@ -15,15 +15,18 @@ compute-bound, and the int8 kernel is slower there). On CUDA the same dequantizi
 ``F.linear(x, w.to(dtype)) * scale`` is what torch.compile fuses into one kernel (gpt-fast);
 eager it is correct but not faster. Not run on a GPU here.
 
-Half precision, or float32 with a compiled CPU decode step (``compile_decode: true``): there
-the step's GEMVs are written by inductor as one loop that converts each int8 weight as it is
-read (the form of cpu_kernels.InductorGemvLinear), so a float32 model reads a quarter of its
-Linear bytes per token with float32 activations, the least lossy 8-bit setting; its prefill
-dequantizes as above. Uncompiled, ATen's int8 kernel for float32 activations is a slow
-reference kernel, so float32 without a compiled step is refused (a float32 model gains more
-from ``dtype: bfloat16`` first there), and a float32 model's uncompiled calls (the prefill, an
-action hint's branches) take the dequantizing form: in one measurement on the AMD host, the
-51200x800 head on 10 rows took 254 ms in ATen's float32 int8 kernel and 74 ms dequantizing.
+Half precision, or float32 on a CPU: there the decode step's GEMVs are written by inductor as
+one loop that converts each int8 weight as it is read (the form of
+cpu_kernels.InductorGemvLinear), so a float32 model reads a quarter of its Linear bytes per
+token with float32 activations, the least lossy 8-bit setting. That loop runs in the compiled
+step (``compile_decode: true``) or, uncompiled, in the step's compiled regions
+(regional_step.py, which take these layers too: seconds at load where compiling the whole
+step takes minutes at full size). ATen's int8 kernel for float32 activations is a slow
+reference kernel, so a float32 model's other calls (the prefill, an action hint's branches)
+take the dequantizing form: in one measurement on the AMD host, the 51200x800 head on 10
+rows took 254 ms in ATen's float32 int8 kernel and 74 ms dequantizing. Where the regions
+cannot be built (no C++ compiler), the uncompiled float32 step dequantizes too, per token
+(several times slower; the static decoder warns).
 """
 
 from __future__ import annotations
@@ -99,23 +102,22 @@ class WeightOnlyInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
-def check_dtype(dtype: torch.dtype, device: torch.device | str, compiled: bool) -> None:
-    """The activation dtypes the kernels serve: bfloat16/float16, or float32 on a CPU whose
-    decode step is compiled (inductor's int8 GEMVs; see the module docstring)."""
-    on_cpu = torch.device(device).type == "cpu"
-    if dtype in HALF or (dtype == torch.float32 and compiled and on_cpu):
+def check_dtype(dtype: torch.dtype, device: torch.device | str) -> None:
+    """The activation dtypes the kernels serve: bfloat16/float16, or float32 on a CPU (the
+    decode step's inductor loops over int8 weights; see the module docstring)."""
+    if dtype in HALF or (dtype == torch.float32 and torch.device(device).type == "cpu"):
         return
     raise InputError(
         f"quantize='int8_weight_only' needs dtype bfloat16 or float16 (the model is "
-        f"{dtype_name(dtype)}): its kernels take half-precision activations; float32 only "
-        "with compile_decode: true on a CPU"
+        f"{dtype_name(dtype)} on {torch.device(device).type}): its GPU kernels take "
+        "half-precision activations; float32 only on a CPU"
     )
 
 
-def quantize_weights(module: nn.Module, compiled: bool = False) -> int:
+def quantize_weights(module: nn.Module) -> int:
     """Replace every nn.Linear under ``module`` by WeightOnlyInt8Linear, in place (the float
     weights are released); returns how many. The module must be in bfloat16 or float16, or
-    float32 on a CPU with ``compiled`` (its decode step compiled)."""
+    float32 on a CPU."""
     param = next(module.parameters())
-    check_dtype(param.dtype, param.device, compiled)
+    check_dtype(param.dtype, param.device)
     return replace_linears(module, WeightOnlyInt8Linear)

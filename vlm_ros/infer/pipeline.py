@@ -9,7 +9,6 @@ prefill, token loop) or ranking (one batched pass over candidate answers). Per-s
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import logging
 import os
@@ -97,10 +96,10 @@ def _ensure_tiny(directory: Path) -> Path:
     return directory
 
 
-def _quantize_block(block: torch.nn.Module, compiled: bool) -> None:
+def _quantize_block(block: torch.nn.Module) -> None:
     """int8 weight-only quantization of one decoder block as it is loaded, its freed
     float weights handed back at once (memory_plan.trim_heap)."""
-    weight_int8.quantize_weights(block, compiled)
+    weight_int8.quantize_weights(block)
     memory_plan.trim_heap()
 
 
@@ -188,11 +187,7 @@ class Assistant:
             path, runtime.device, runtime.dtype, vision_tower=vision_tower,
             drop_first_patch=runtime.drop_first_patch,
             memory_check=memory_plan.checker(runtime),
-            prepare_block=(
-                functools.partial(_quantize_block, compiled=runtime.compile_decode)
-                if streamed
-                else None
-            ),
+            prepare_block=_quantize_block if streamed else None,
         )  # fmt: skip
         return cls(loaded, runtime, generation, limits)
 

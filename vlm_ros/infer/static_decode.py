@@ -144,7 +144,7 @@ def with_kernels(
     if quantize == "int8":
         return quantize_int8(lm)
     if quantize == "int8_weight_only":
-        weight_int8.quantize_weights(lm, compile)  # in place: the float weights are freed
+        weight_int8.quantize_weights(lm)  # in place: the float weights are freed
         return lm
     if quantize == "int4_weight_only":
         weight_int4.quantize_weights(lm)  # in place; refuses device/dtype/shapes it cannot serve
@@ -235,18 +235,34 @@ class StaticDecoder:
         lean = None
         if fast_step and not self.compiled and PhiDecodeStep.supports(self.lm):
             self._fast = lean = PhiDecodeStep(self.lm, self.cache, self.max_seq_len)
-        # Where inductor writes the uncompiled step's float32 GEMVs (cpu_linear auto on AMD,
-        # inductor): the step as compiled regions (regional_step.py) where the decoder's
-        # structure allows, else each GEMV compiled per shape (eager_gemv.py). None: not asked.
-        self.regions: regional_step.RegionPlan | None = None
-        self.gemvs: eager_gemv.GemvPlan | None = None
-        if lean is not None and cpu_kernels.wants_inductor_gemv(
-            cpu_linear, self.device, self.dtype
-        ):
-            measured = cpu_linear == "auto"
-            self.regions = self._use_regions(lean, measured) if regional else None
-            if self.regions is None or not self.regions.compiled:
-                self.gemvs = self._use_inductor_gemvs(lean, measured)
+        self.regions: regional_step.RegionPlan | None = None  # None: not asked
+        self.gemvs: eager_gemv.GemvPlan | None = None  # None: the library's, not asked
+        if lean is not None:
+            self._inductor_step(lean, quantize, cpu_linear, regional)
+
+    def _inductor_step(
+        self, lean: PhiDecodeStep, quantize: QuantizeMode, cpu_linear: CpuLinearMode, regional: bool
+    ) -> None:
+        """Where inductor writes the uncompiled step's GEMVs (cpu_linear auto on AMD, inductor
+        anywhere): the step as compiled regions (regional_step.py) where the decoder's structure
+        allows, else each float32 GEMV compiled per shape (eager_gemv.py). A float32 model's
+        int8 weights (weight_int8.py) on any CPU: the regions are its one fast uncompiled step,
+        used untimed; without them a warning says the step is slow."""
+        int8_f32 = quantize == "int8_weight_only" and self.dtype == torch.float32
+        inductor = cpu_kernels.wants_inductor_gemv(cpu_linear, self.device, self.dtype)
+        if not (inductor or int8_f32):
+            return
+        measured = cpu_linear == "auto" and not int8_f32
+        self.regions = self._use_regions(lean, measured) if regional else None
+        if int8_f32 and (self.regions is None or self.regions.step is None):
+            why = self.regions.refused if self.regions is not None else "regional=False"
+            _log.warning(
+                "quantize int8_weight_only on float32 without the compiled regions (%s): the "
+                "decode step dequantizes every weight per token, several times slower; "
+                "compile_decode: true or dtype bfloat16 serve it fast", why,
+            )  # fmt: skip
+        elif not int8_f32 and (self.regions is None or not self.regions.compiled):
+            self.gemvs = self._use_inductor_gemvs(lean, measured)
 
     def _use_regions(self, step: PhiDecodeStep, measured: bool) -> regional_step.RegionPlan:
         """The lean step as compiled regions, checked (and with ``measured``, timed) here

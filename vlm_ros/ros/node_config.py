@@ -94,8 +94,9 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "none",
         "none, int8 (static decoder on CPU: dynamic int8 Linear layers; "
         "lossy, opt-in), int8_weight_only (static decoder, dtype bfloat16/float16: "
-        "int8 weights, half-precision activations; or float32 with compile_decode on a "
-        "CPU) or int4_weight_only (static decoder; "
+        "int8 weights, half-precision activations; or float32 on a CPU, read in inductor's "
+        "loops: the compiled step or the uncompiled step's compiled regions) or "
+        "int4_weight_only (static decoder; "
         "CPU float32/bfloat16, CUDA bfloat16: 4-bit weights, groups of 32; lossy, opt-in)",
     ),
     "cpu_linear": (
