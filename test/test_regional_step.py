@@ -153,11 +153,13 @@ def test_regions_that_fail_their_check_keep_the_library_step_and_say_why(
     lm = tiny_phi()
     with caplog.at_level(logging.WARNING), torch.inference_mode():
         decoder = StaticDecoder(lm, 40, cpu_linear="inductor", huge_pages=False)
+        left = (decoder.length, decoder.forward_calls)  # empty, as after warm_up
         library = StaticDecoder(lm, 40, cpu_linear="torch", huge_pages=False)
         tokens, _ = greedy(decoder, _embeds(lm), 4)
         want, _ = greedy(library, _embeds(lm), 4)
     assert decoder.regions.step is None and reason in decoder.regions.refused
     assert isinstance(decoder._fast, PhiDecodeStep) and decoder.gemvs is None
+    assert left == (0, 0)
     assert tokens == want
     assert any(reason in r.getMessage() for r in caplog.records), caplog.text
     assert "more lines" not in decoder.regions.refused

@@ -290,19 +290,20 @@ class StaticDecoder:
         one-token prefill, under inference mode as requests run: its last logits (a copy) and
         seconds per token. Leaves the decoder empty, as warm_up does."""
         generator = torch.Generator().manual_seed(0)
-        with torch.inference_mode():
-            embeds = torch.randn(1, 1, self.config.hidden_size, generator=generator)
-            ids = torch.randint(self.config.vocab_size, (tokens, 1, 1), generator=generator)
-            ids = ids[: max(self.max_seq_len - 1, 0)].to(self.device)
-            logits = self.prefill(embeds.to(self.device))
-            start = time.perf_counter()
-            for position, token in enumerate(ids, 1):
-                logits = step(token, position)
-            seconds = (time.perf_counter() - start) / max(len(ids), 1)
-            logits = logits.clone()
-        self.reset()
-        self.forward_calls = 0
-        return logits, seconds
+        try:
+            with torch.inference_mode():
+                embeds = torch.randn(1, 1, self.config.hidden_size, generator=generator)
+                ids = torch.randint(self.config.vocab_size, (tokens, 1, 1), generator=generator)
+                ids = ids[: max(self.max_seq_len - 1, 0)].to(self.device)
+                logits = self.prefill(embeds.to(self.device))
+                start = time.perf_counter()
+                for position, token in enumerate(ids, 1):
+                    logits = step(token, position)
+                seconds = (time.perf_counter() - start) / max(len(ids), 1)
+                return logits.clone(), seconds
+        finally:  # a step that failed to compile too
+            self.reset()
+            self.forward_calls = 0
 
     @staticmethod
     def _use_inductor_gemvs(step: PhiDecodeStep, measured: bool) -> eager_gemv.GemvPlan:
