@@ -36,7 +36,7 @@ an AMD CPU); ``--compiled-linear`` the compiled step's (default ``auto``; ``indu
 GEMVs written by inductor on any CPU, as auto does on AMD). The lean step is always the
 PhiDecodeStep (``regional=False``): its parts are what this splits; with ``auto`` on an AMD
 CPU its GEMVs are then compiled per shape (engines/eager_gemv.py). The product's step there
-runs as compiled regions (engines/regional_step.py), measured against this one by the bench's
+runs as compiled regions (infer/regional_step.py), measured against this one by the bench's
 ``per_shape_gemvs`` variant.
 
 Replacing modules is for this measurement only; the shapes, the cache and the step's code
@@ -60,7 +60,8 @@ from torch import nn
 from vlm_ros.bench import measure
 from vlm_ros.engines.cpu_kernels import InductorGemvLinear, OneDnnLinear, copy_structure
 from vlm_ros.infer import phi_step
-from vlm_ros.infer.static_decode import StaticDecoder, compile_step, compiled_step_problem
+from vlm_ros.infer.fidelity import compiled_step_problem
+from vlm_ros.infer.static_decode import StaticDecoder, compile_step
 
 
 class _Preallocated(nn.Module):

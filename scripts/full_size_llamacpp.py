@@ -78,7 +78,7 @@ OURS = {  # our path -> its settings (dtype None: float32), as the bench's varia
     # on an AMD CPU has the decode step's GEMVs compiled per shape (engines/eager_gemv.py)
     "fp32_onednn": RuntimeConfig(cpu_linear="onednn"),
     # and the step with each GEMV compiled alone (engines/eager_gemv.py), where auto has it run
-    # as compiled regions (engines/regional_step.py): StaticDecoder(regional=False)
+    # as compiled regions (infer/regional_step.py): StaticDecoder(regional=False)
     "fp32_per_shape": RuntimeConfig(),
 }
 PER_SHAPE = ("fp32_per_shape",)  # built with regional=False

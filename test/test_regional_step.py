@@ -1,4 +1,4 @@
-"""The uncompiled decode step as compiled regions (engines/regional_step.py): the same tokens,
+"""The uncompiled decode step as compiled regions (infer/regional_step.py): the same tokens,
 logits and cache as the library step; used where cpu_linear says and the decoder's structure
 allows (else the per-shape GEMVs); checked at load (a failing or wrong compile keeps the
 library step and says why); with auto, kept only where it measured faster; one compile per
@@ -13,7 +13,8 @@ import pytest
 import torch
 from decode_helpers import greedy, tiny_phi
 
-from vlm_ros.engines import cpu_kernels, regional_step
+from vlm_ros.engines import cpu_kernels
+from vlm_ros.infer import regional_step
 from vlm_ros.infer.phi_step import PhiDecodeStep
 from vlm_ros.infer.static_decode import StaticDecoder
 

@@ -90,8 +90,7 @@ def test_float32_decoder_with_int8_weights(compiled):
     the tiny checkpoint."""
     from tiny_models import tiny_checkpoint
 
-    from vlm_ros.engines import regional_step
-    from vlm_ros.infer import fidelity
+    from vlm_ros.infer import fidelity, regional_step
 
     path = str(tiny_checkpoint("llava_phi"))
     image = np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)

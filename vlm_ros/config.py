@@ -104,7 +104,7 @@ class RuntimeConfig:
     opt-in; measured agreement in docs/performance.md) or "int8_weight_only" (static decoder,
     dtype bfloat16/float16: int8 weights, half-precision activations; or float32 on a CPU:
     int8 weights read in inductor's own GEMV loops, in the compiled step with compile_decode,
-    else in the uncompiled step's compiled regions (engines/regional_step.py), float32
+    else in the uncompiled step's compiled regions (infer/regional_step.py), float32
     activations; opt-in, small loss) or
     "int4_weight_only" (static decoder; CPU with float32/bfloat16, CUDA with bfloat16: 4-bit
     weights in groups of 32 with a scale and zero each, PyTorch's int4 kernels; opt-in, lossy).
@@ -112,7 +112,7 @@ class RuntimeConfig:
     stage's Linear layers through oneDNN, ~2x MKL there, same arithmetic, and the decode
     step's GEMVs written by inductor: with compile_decode inside the compiled step, 1.4-1.8x
     again; without it, for a decoder with a weight of 1 MiB or more, the step as three
-    compiled regions shared by every layer (engines/regional_step.py), checked and timed
+    compiled regions shared by every layer (infer/regional_step.py), checked and timed
     against the library step at load and kept where 5% faster (1.25x the step on oneDNN's
     GEMVs on `small`), or where a decoder's structure is not covered one GEMV kernel per
     weight shape (engines/eager_gemv.py); on Intel CPUs MKL, torch's default, is the faster

@@ -14,7 +14,7 @@ stated too. On x86 CPUs in float32 the fast path is also measured on the Linear 
 ``cpu_linear: auto`` did not pick (oneDNN on AMD CPUs: variant ``mkl_linear``, torch's default;
 MKL on Intel's: variant ``onednn_linear``; both lossless), so the part of the speed that is
 the kernel library, and the choice itself, are measured, not guessed; where the uncompiled
-step runs as compiled regions (engines/regional_step.py, AMD CPUs), that step with each GEMV
+step runs as compiled regions (infer/regional_step.py, AMD CPUs), that step with each GEMV
 compiled alone instead (variant ``per_shape_gemvs``, engines/eager_gemv.py); and
 uncompiled, the same decoder and kernels with transformers' forward for each decode step
 (variant ``transformers_step``), the part that is infer/phi_step.py's lean step; compiled
@@ -23,7 +23,7 @@ uncompiled, the same decoder and kernels with transformers' forward for each dec
 compiled step's GEMVs are inductor's (AMD CPUs), the compiled step on MKL's (variant
 ``compiled_mkl_linear``). With ``--int8`` on a CPU also a float32 model with int8 weights
 (variant ``int8_weight_only``): read in the compiled step's loops with ``--compile``, else
-in the uncompiled step's compiled regions (engines/regional_step.py).
+in the uncompiled step's compiled regions (infer/regional_step.py).
 
 Presets are built from configs with random weights (nothing downloaded) and prompts are token
 ids (no tokenizer): the work per request is what a real checkpoint does, the text is not. Answers

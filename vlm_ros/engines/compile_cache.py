@@ -3,7 +3,7 @@
 Why: torch keeps inductor's compiled kernels (its FX graph cache and the C++ it built) under
 ``/tmp/torchinductor_<user>`` by default, and many robots clear ``/tmp`` at every boot (tmpfs,
 or systemd-tmpfiles on Ubuntu). The decoder compiles at configure: on the `small` preset the
-uncompiled step's regions (regional_step.py) took 17.7 s with an empty cache and 4.2 s with
+uncompiled step's regions (infer/regional_step.py) took 17.7 s with an empty cache and 4.2 s with
 a warm one in a new process; the whole compiled step 36-50 s against 4-7 s
 (docs/performance.md). So unless the user chose a directory (``TORCHINDUCTOR_CACHE_DIR``), it
 is ``$XDG_CACHE_HOME/vlm_ros/inductor`` (``~/.cache/vlm_ros/inductor``), where it is writable;

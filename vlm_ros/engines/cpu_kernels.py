@@ -13,7 +13,7 @@ tokens stay those of the reference; test/test_cpu_kernels.py and the parity test
 The decode step's float32 GEMVs are better written by inductor itself on AMD CPUs
 (``cpu_linear: auto`` there, ``inductor`` anywhere): compiled (``compile_decode: true``) as
 part of the step (InductorGemvLinear), uncompiled inside the step's compiled regions
-(regional_step.py) or, where those do not apply, as one kernel per weight shape
+(infer/regional_step.py) or, where those do not apply, as one kernel per weight shape
 (eager_gemv.py); ``cpu_linear: onednn`` compiled calls oneDNN through an opaque op
 (onednn_linear_op).
 

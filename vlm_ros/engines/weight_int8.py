@@ -20,7 +20,7 @@ one loop that converts each int8 weight as it is read (the form of
 cpu_kernels.InductorGemvLinear), so a float32 model reads a quarter of its Linear bytes per
 token with float32 activations, the least lossy 8-bit setting. That loop runs in the compiled
 step (``compile_decode: true``) or, uncompiled, in the step's compiled regions
-(regional_step.py, which take these layers too: seconds at load where compiling the whole
+(infer/regional_step.py, which take these layers too: seconds at load where compiling the whole
 step takes minutes at full size). ATen's int8 kernel for float32 activations is a slow
 reference kernel, so a float32 model's other calls (the prefill, an action hint's branches)
 take the dequantizing form: in one measurement on the AMD host, the 51200x800 head on 10

@@ -31,7 +31,7 @@ engines/cpu_kernels.py): ~2x MKL's speed on the AMD hosts measured, same float32
 (cpu_kernels.InductorGemvLinear: 1.4-1.8x the uncompiled step on the AMD host). Either is swapped
 in a copy of ``lm``'s module tree that shares its weights, so the model's own modules (and the
 eager reference) are untouched. Uncompiled there, the lean step runs as three compiled regions
-shared by every layer, the weights passed in (engines/regional_step.py, ``self.regions``:
+shared by every layer, the weights passed in (infer/regional_step.py, ``self.regions``:
 1.25x the step on oneDNN's GEMVs on `small`, 1.17x llama.cpp f32), checked against the lean
 step at load and, with ``auto``, timed against it there; where a decoder's structure is not
 covered, its GEMVs are inductor kernels compiled per weight shape (engines/eager_gemv.py,
@@ -65,12 +65,13 @@ from vlm_ros.engines import (
     compile_cache,
     cpu_kernels,
     eager_gemv,
-    regional_step,
     weight_int4,
     weight_int8,
 )
 from vlm_ros.engines import huge_pages as thp
 from vlm_ros.errors import ContextOverflowError, InputError
+from vlm_ros.infer import regional_step
+from vlm_ros.infer.fidelity import compiled_step_problem
 from vlm_ros.infer.phi_step import PhiDecodeStep
 from vlm_ros.model.compat import cache_kwarg
 
@@ -165,26 +166,6 @@ def compile_step(step: Callable, device: torch.device) -> Callable:
     if device.type == "cuda":
         return torch.compile(step, mode="reduce-overhead", dynamic=False)
     return torch.compile(step, dynamic=False, options={"cpp_wrapper": True})
-
-
-def compiled_step_problem(
-    compiled: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype
-) -> str | None:
-    """Why the compiled step's logits are not the uncompiled step's on the same input, or None.
-    Allowed: float32 rounding (1e-3 of the logit range; measured ~1e-6 on CPU) or, in half
-    precision, the reordered sums of fused kernels (5e-2 of the range). A miscompile is far
-    outside either (whole logits off, or NaN)."""
-    if not torch.isfinite(compiled).all():
-        return "the compiled decode step returned non-finite logits (the uncompiled one did not)"
-    share = 1e-3 if dtype == torch.float32 else 5e-2
-    scale = (reference.max() - reference.min()).item()
-    gap = (compiled - reference).abs().max().item()
-    if gap > share * scale:
-        return (
-            f"the compiled decode step's logits differ from the uncompiled step's by {gap:.3g} "
-            f"(allowed {share:g} of the logit range, {share * scale:.3g})"
-        )
-    return None
 
 
 class StaticDecoder:

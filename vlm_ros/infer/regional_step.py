@@ -8,30 +8,33 @@ was the calls, not the reads: a compiled call costs ~22 µs of Python and guards
 call ~3, and the step made 73 of the first and ~20 of the second per layer. Compiling the whole
 step (``compile_decode: true``) removes them but compiles for minutes at full size. Here the
 same graph serves every layer, the layer's weights passed in as inputs, so a decoder of any
-depth compiles three small graphs in seconds (docs/performance.md, "Regional compilation").
+depth compiles three small graphs in seconds (on `small`: 4 s with a warm inductor cache, 18 s
+with an empty one; docs/performance.md, "The uncompiled step as compiled regions").
 
 Per layer (Phi's parallel block: attention and MLP both read the normed input):
 - ``layer_in`` (compiled): LayerNorm, q/k/v as inductor's one-row reductions
   (cpu_kernels.gemv_by_reduction), the partial rotary embedding at the token's slot;
 - eager: the new key and value written into the StaticCache's storage at that slot (and the
   cache's length counter advanced, transformers 5.x), then SDPA over the live slots only, one
-  library call (a compiled attention over the live slots would need a dynamic length; over
-  the whole cache it would read the unused slots too: measured slower, 20.0 against 18.1 ms);
+  library call (the attention inside one compiled function per layer needs a dynamic live
+  length: measured 1.19x the per-shape step where these halves were 1.26x; over the whole
+  cache it would read the unused slots too);
 - ``layer_out`` (compiled): the attention's dense, fc1, the activation, fc2 and both residual
   adds.
 Then ``head`` (compiled): the final LayerNorm and the vocabulary GEMV.
 
-Each graph is compiled with inductor's C++ wrapper (static_decode.compile_step's reasoning: 18.1
-against 21.4 ms a `small` token with the Python one) and called under inference mode with
-inputs that never require grad, so no call compiles again. Each model shape gets functions of
-its own code objects (dynamo keeps at most 8 compiled entries per code object, and a process
-with many models, the test suite, would run the ninth as Python, whose multiply-sum GEMV
-allocates a weight-sized temporary).
+Each graph is compiled with inductor's C++ wrapper (static_decode.compile_step's reasoning:
+1.26x the per-shape step on `small`, 1.16x with the Python wrapper) and called under inference
+mode with inputs that never require grad, so no call compiles again. Each model shape gets
+functions of its own code objects (dynamo keeps at most 8 compiled entries per code object,
+and a process with many models, the test suite, would run the ninth as Python, whose
+multiply-sum GEMV allocates a weight-sized temporary).
 
-``supports`` says which decoders this covers (float32 CPU Linear layers, LayerNorms, no q/k
-norms, one stateless activation) and why not; the static decoder then keeps the per-shape
-GEMVs. The step is checked at load against the library step on the same input
-(static_decode.compiled_step_problem), as a compiled step is.
+``supports`` says which decoders this covers (float32 CPU Linear layers, or a float32 model's
+int8 weight-only layers, read a byte per weight in the same loops; LayerNorms, no q/k norms,
+one stateless activation) and why not; the static decoder then keeps the per-shape GEMVs. The
+step is checked at load against the library step on the same input
+(fidelity.compiled_step_problem), as a compiled step is.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from torch import nn
 from vlm_ros.engines import eager_gemv
 from vlm_ros.engines.cpu_kernels import gemv_by_reduction
 from vlm_ros.engines.weight_int8 import WeightOnlyInt8Linear
+from vlm_ros.infer.fidelity import compiled_step_problem
 from vlm_ros.infer.phi_step import PhiDecodeStep
 
 
@@ -269,12 +273,10 @@ def _as_regions(problem: str) -> str:
 
 def plan(step: PhiDecodeStep, trial: Trial, measured: bool) -> RegionPlan:
     """Compile ``step``'s regions and check them against ``step`` itself on the same seeded
-    input (float32 rounding allowed, static_decode.compiled_step_problem); with ``measured``
+    input (float32 rounding allowed, fidelity.compiled_step_problem); with ``measured``
     (cpu_linear auto) keep them only where they ran eager_gemv.MIN_GAIN faster than ``step``
     here, timed in alternating rounds. A failure to compile (no C++ compiler) or a mismatch
     keeps ``step``; ``refused`` says why. The caller checks ``supports`` first."""
-    from vlm_ros.infer.static_decode import compiled_step_problem  # the compiled step's rule
-
     start = time.perf_counter()
     try:
         regions = RegionalStep(step)
