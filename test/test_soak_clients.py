@@ -110,3 +110,48 @@ def test_a_hung_client_gives_its_stacks_and_keeps_its_tally(tmp_path, prints_fir
                             text=True)  # fmt: skip
     out_text, _, hung = soak_clients.finish(proc, 2.0)
     assert hung and out_text.strip() == "x" and proc.poll() is not None
+
+
+def _figures(**changes) -> dict:
+    """A clean soak's figures (the keys the verdict reads), with ``changes`` applied."""
+    tally = {"sent": 200, "answered": 12, "refused": 188, "lost": 0, "late": 0,
+             "client_errors": [], "clients_hung_at_exit": []}  # fmt: skip
+    figures = {
+        "requests": {"ask": dict(tally), "describe": dict(tally, sent=50)},
+        "frames": {"cameras": [{"topic": "/soak/front/image_raw", "published": 90},
+                               {"topic": "/soak/wide/image_raw", "published": 90}]},
+        "shutdown": {"exit_status": 0, "seconds": 0.2},
+    }  # fmt: skip
+    for path, value in changes.items():
+        *keys, last = path.split("__")
+        target = figures
+        for key in keys:
+            target = target[int(key)] if isinstance(target, list) else target[key]
+        target[int(last) if isinstance(target, list) else last] = value
+    return figures
+
+
+@pytest.mark.parametrize(
+    ("changes", "said"),
+    [({}, None),
+     ({"requests__ask__lost": 2}, "2 ask requests lost"),
+     ({"requests__describe__late": 1}, None),  # counted in the JSON, not failed
+     ({"requests__ask__client_errors": ["exit 1: boom"]}, "a ask client failed: exit 1: boom"),
+     ({"requests__ask__clients_hung_at_exit": ["stacks"]}, "1 ask clients hung at exit"),
+     ({"frames__cameras__1": {"topic": "/soak/wide/image_raw",
+                              "error": "no subscription on /soak/wide/image_raw after 60.0 s"}},
+      "camera /soak/wide/image_raw: no subscription"),
+     ({"shutdown__exit_status": -9}, "the node exited -9 on SIGINT")],
+)  # fmt: skip
+def test_the_soak_fails_on_anything_that_was_not_served_or_not_tested(changes, said):
+    """The soak's exit status: a lost request, a failed or hung client, a camera that never
+    delivered (found by a soak that exited 0 with its 1080p camera never matched), or an
+    unclean node exit each fail it, by name; a clean run passes, and so does a late response
+    (counted in the JSON: a loaded host's promise, not a lost request)."""
+    from vlm_ros.commands.soak import verdict
+
+    problems = verdict(_figures(**changes))
+    if said is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problems[0].startswith(said), problems

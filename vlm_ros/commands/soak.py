@@ -26,8 +26,34 @@ def run(args: argparse.Namespace) -> int:
     figures = soak.run(args.duration, Path(args.out), args.burst_period, args.model)
     print(json.dumps(summary(figures), indent=2))
     print(f"wrote {args.out}")
-    lost = sum(figures["requests"][kind]["lost"] for kind in ("ask", "describe"))
-    return 0 if lost == 0 and figures["shutdown"]["exit_status"] == 0 else 1
+    problems = verdict(figures)
+    for problem in problems:
+        print(f"FAILED: {problem}")
+    return 1 if problems else 0
+
+
+def verdict(figures: dict) -> list[str]:
+    """What makes the soak a failure, one line each (empty: it passed): a request with no
+    response in the wait (lost; one after the node's promise is counted as late, not failed), a
+    client process that
+    failed or had to be killed, a camera that never delivered (it found no subscription, or
+    failed: that transport went untested), or a node that did not exit cleanly on SIGINT."""
+    problems = []
+    for kind in ("ask", "describe"):
+        tally = figures["requests"][kind]
+        if tally["lost"]:  # late ones are counted, not failed: a loaded host's promise
+            problems.append(f"{tally['lost']} {kind} requests lost")
+        for error in tally.get("client_errors", []):
+            problems.append(f"a {kind} client failed: {error}")
+        if tally.get("clients_hung_at_exit"):
+            problems.append(f"{len(tally['clients_hung_at_exit'])} {kind} clients hung at exit")
+    for camera in figures["frames"]["cameras"]:
+        if "error" in camera:
+            problems.append(f"camera {camera.get('topic', '?')}: {camera['error']}")
+    status = figures["shutdown"]["exit_status"]
+    if status != 0:
+        problems.append(f"the node exited {status} on SIGINT")
+    return problems
 
 
 def summary(figures: dict) -> dict:
