@@ -34,10 +34,10 @@ def run(args: argparse.Namespace) -> int:
 
 def verdict(figures: dict) -> list[str]:
     """What makes the soak a failure, one line each (empty: it passed): a request with no
-    response in the wait (lost; one after the node's promise is counted as late, not failed), a
-    client process that
-    failed or had to be killed, a camera that never delivered (it found no subscription, or
-    failed: that transport went untested), or a node that did not exit cleanly on SIGINT."""
+    response in the wait (lost; one after the node's promise is counted as late, not failed),
+    a client process that failed or had to be killed, a camera that never delivered (it found
+    no subscription, or failed: that transport went untested), or a node that did not exit
+    cleanly on SIGINT."""
     problems = []
     for kind in ("ask", "describe"):
         tally = figures["requests"][kind]

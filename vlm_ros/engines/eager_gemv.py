@@ -62,6 +62,13 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
 _compiled: dict[tuple[int, int, bool], Callable] = {}
 
 
+def own_function(fn: Callable, name: str) -> Callable:
+    """``fn`` as a function of its own code object, named ``name``: dynamo keeps its compiled
+    entries per code object (at most 8), so each shape compiled gets one of its own."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
 def compiled_gemv(signature: tuple[int, int, bool]) -> Callable:
     """The compiled GEMV for one (out, in, has bias), made once per process. Each signature
     gets a function of its own code object: dynamo keeps its compiled entries per code object,
@@ -70,8 +77,7 @@ def compiled_gemv(signature: tuple[int, int, bool]) -> Callable:
     fn = _compiled.get(signature)
     if fn is None:
         out, inp, bias = signature
-        code = _gemv.__code__.replace(co_name=f"gemv_{out}x{inp}{'_bias' if bias else ''}")
-        own = types.FunctionType(code, _gemv.__globals__, code.co_name)
+        own = own_function(_gemv, f"gemv_{out}x{inp}{'_bias' if bias else ''}")
         fn = _compiled[signature] = torch.compile(own, fullgraph=True, dynamic=False)
     return fn
 
@@ -131,7 +137,7 @@ def _signature(module: nn.Module) -> tuple[int, int, bool]:
     return (module.out_features, module.in_features, module.bias is not None)
 
 
-def _weight_bytes(module: nn.Module) -> int:
+def weight_bytes(module: nn.Module) -> int:
     return module.weight.numel() * module.weight.element_size()
 
 
@@ -176,7 +182,7 @@ def streamed(modules: list[nn.Module]) -> list[nn.Module]:
     timing a full-size model's 128 layers of a shape takes milliseconds, not seconds."""
     total = 0
     for count, module in enumerate(modules, 1):
-        total += _weight_bytes(module)
+        total += weight_bytes(module)
         if total >= STREAM_BYTES:
             return modules[:count]
     return modules
@@ -210,7 +216,7 @@ def compile_gemvs(
     make = make or compiled_gemv
     targets = [m for m in modules if eligible(m)]
     if measured:
-        targets = [m for m in targets if _weight_bytes(m) >= MIN_WEIGHT_BYTES]
+        targets = [m for m in targets if weight_bytes(m) >= MIN_WEIGHT_BYTES]
     start = time.perf_counter()
     if not targets:
         reason = "no float32 Linear layers" + (" of 1 MiB or more" if measured else "")

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -123,20 +122,14 @@ def _regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, Callable
 _compiled: dict[Shape, tuple[Callable, Callable, Callable]] = {}
 
 
-def _own(fn: Callable, name: str) -> Callable:
-    """``fn`` as a function of its own code object (dynamo's per-code-object entry limit)."""
-    code = fn.__code__.replace(co_name=name)
-    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-
-
 def compiled_regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, Callable]:
     """The compiled (layer_in, layer_out, head) for ``shape``, made once per process."""
     regions = _compiled.get(shape)
     if regions is None:
-        options = {"cpp_wrapper": True}
+        own = eager_gemv.own_function  # dynamo's entry limit is per code object
         regions = _compiled[shape] = tuple(
-            torch.compile(_own(fn, f"{fn.__name__}_{shape.name()}"), fullgraph=True,
-                          dynamic=False, options=options)
+            torch.compile(own(fn, f"{fn.__name__}_{shape.name()}"), fullgraph=True,
+                          dynamic=False, options={"cpp_wrapper": True})
             for fn in _regions(shape, act)
         )  # fmt: skip
     return regions

@@ -253,7 +253,7 @@ class StaticDecoder:
         seconds)."""
         problem = regional_step.supports(step)
         if problem is None and measured:
-            largest = max(m.weight.numel() * m.weight.element_size() for m in step.linears())
+            largest = max(map(eager_gemv.weight_bytes, step.linears()))
             if largest < eager_gemv.MIN_WEIGHT_BYTES:
                 problem = "every weight is under 1 MiB"
         if problem is not None:
