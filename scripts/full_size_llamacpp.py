@@ -41,12 +41,15 @@ import gc
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -124,6 +127,7 @@ def phase_order(
 
 
 ACCURACY_TOKENS = 16
+R = TypeVar("R")  # what one timed iteration returns besides its times
 
 
 def resident_mib() -> float:
@@ -164,10 +168,61 @@ def prepare(args, work_dir: Path) -> dict:
     return out
 
 
-def _times(prefill: list[float], decode_ms: list[float]) -> dict:
+def _times(prefill: list[float], decode_ms: list[float], reads: list[float]) -> dict:
     return {
         "prefill_ms": measure.percentiles(prefill),
         "decode_ms_per_token": measure.percentiles(decode_ms),
+        "decode_ms_per_token_each": decode_ms,
+        "adjacent_read_gb_s": reads,
+    }
+
+
+def adjacent_read() -> float:
+    """The host's read GB/s now, quickly: the median of 3 sums of 1 GiB, over huge pages where
+    the system has them (as the decoders' weights sit), else over 4 KiB pages. Measured beside
+    every timed iteration, because this host's read moves between states (about 37 and about
+    60 GB/s on the AMD host, for minutes at a time, whatever the buffer's size), and a phase's
+    best read before or after its timing may be a state its decode never ran in."""
+    huge = measure.read_bandwidth(iters=3, huge_pages=True)
+    return (huge or measure.read_bandwidth(iters=3))["median"]
+
+
+def timed_iterations(
+    one: Callable[[], tuple[float, float, R]], iters: int
+) -> tuple[list[float], list[float], R, list[float]]:
+    """``one()`` -> (prefill ms, decode ms a token, result), run ``iters`` times with the
+    host's read measured before each and after the last: prefill and decode ms per iteration,
+    the first result, and the ``iters + 1`` reads around them."""
+    reads, prefill, per_token = [adjacent_read()], [], []
+    first: R | None = None
+    for _ in range(iters):
+        prefill_ms, token_ms, result = one()
+        prefill.append(prefill_ms)
+        per_token.append(token_ms)
+        first = first if first is not None else result
+        reads.append(adjacent_read())
+    assert first is not None
+    return prefill, per_token, first, reads
+
+
+STEADY = 0.85  # an iteration counts where the reads around it agree to within this ratio
+
+
+def adjacent_fraction(step_bytes: int, each_ms: list[float], reads: list[float]) -> dict:
+    """Each iteration's decode GB/s over the mean of the reads just before and after it; only
+    iterations whose two reads agree (the host stayed in one state) count. The median over
+    them is a share of the read the decode really ran beside, whichever state the host was
+    in: the figure two phases run minutes apart can be compared by."""
+    steady = [
+        step_bytes / ms / 1e6 / ((a + b) / 2)
+        for ms, a, b in zip(each_ms, reads[:-1], reads[1:], strict=True)
+        if min(a, b) >= STEADY * max(a, b)
+    ]
+    return {
+        "median": statistics.median(steady) if steady else None,
+        "each": steady,
+        "steady_iterations": len(steady),
+        "iterations": len(each_ms),
     }
 
 
@@ -196,22 +251,21 @@ def run_ours(name: str, args, work_dir: Path) -> dict:
         decoder.reset()
         return gen
 
-    answer(4, StageTimer("cpu"))  # warm-up
-    before = measure.read_bandwidths()
-    prefill, per_token, first = [], [], None
-    for _ in range(args.iters):
+    def one() -> tuple[float, float, decode.Generation]:
         timer = StageTimer("cpu")
         gen = answer(args.steps + 1, timer)
         ms = timer.milliseconds()
-        prefill.append(ms["prefill"])
-        per_token.append(ms["decode"] / args.steps)
-        first = first or gen
+        return ms["prefill"], ms["decode"] / args.steps, gen
+
+    answer(4, StageTimer("cpu"))  # warm-up
+    before = measure.read_bandwidths()
+    prefill, per_token, first, reads = timed_iterations(one, args.iters)
     after = measure.read_bandwidths()
-    assert first is not None
     tokens = first.token_ids[:ACCURACY_TOKENS]
-    np.savez(work_dir / f"ours-{name}.npz", tokens=np.array(tokens),
+    stem = phase_file(f"ours:{name}", args.round)
+    np.savez(work_dir / f"{stem}.npz", tokens=np.array(tokens),
              first_logits=first.step_logits[0].float().numpy().reshape(-1))  # fmt: skip
-    return _times(prefill, per_token) | {
+    return _times(prefill, per_token, reads) | {
         "build_and_quantize_s": build_s,
         "compiled": decoder.compiled,
         "compile_refused": decoder.compile_refused,
@@ -252,23 +306,23 @@ def run_llama(kind: str, args, work_dir: Path, prompt_len: int) -> dict:
     load_s = time.perf_counter() - start
     loaded = resident_mib()
     embeds = np.load(work_dir / "embeds.npy")
+
+    def one() -> tuple[float, float, tuple]:
+        tokens, steps = peer.greedy(embeds, args.steps + 1)
+        return steps[0].ms, sum(s.ms for s in steps[1:]) / args.steps, (tokens, steps)
+
     try:
         peer.greedy(embeds, 4)  # warm-up
         before = measure.read_bandwidths()
-        prefill, per_token, first = [], [], None
-        for _ in range(args.iters):
-            tokens, steps = peer.greedy(embeds, args.steps + 1)
-            prefill.append(steps[0].ms)
-            per_token.append(sum(s.ms for s in steps[1:]) / args.steps)
-            first = first or (tokens, steps)
+        prefill, per_token, first, reads = timed_iterations(one, args.iters)
         after = measure.read_bandwidths()
         info = llamacpp.system_info()
     finally:
         peer.close()
-    assert first is not None
-    np.savez(work_dir / f"llama-{kind}.npz", tokens=np.array(first[0][:ACCURACY_TOKENS]),
+    stem = phase_file(f"llama:{kind}", args.round)
+    np.savez(work_dir / f"{stem}.npz", tokens=np.array(first[0][:ACCURACY_TOKENS]),
              first_logits=first[1][0].logits)  # fmt: skip
-    return _times(prefill, per_token) | {
+    return _times(prefill, per_token, reads) | {
         "load_s": load_s,
         "read_bandwidth_gb_s": bandwidth_entry(before, after),
         "resident_after_load_mib": loaded,
@@ -276,6 +330,12 @@ def run_llama(kind: str, args, work_dir: Path, prompt_len: int) -> dict:
         "system_info": info,
         "extra_buffer_types": llamacpp.extra_buffer_types(llamacpp.require_llama_cpp()),
     }
+
+
+def phase_file(phase: str, round_: int = 0) -> str:
+    """A phase's file stem in the work directory: ``ours-fp32``, ``-r1`` after it from the
+    second round on."""
+    return phase.replace(":", "-") + (f"-r{round_}" if round_ else "")
 
 
 def run_phase(args) -> None:
@@ -293,16 +353,17 @@ def run_phase(args) -> None:
                 prompt_len = int(np.load(work_dir / "embeds.npy", mmap_mode="r").shape[0])
                 out = run_llama(name, args, work_dir, prompt_len)
     out["load_average_1min"] = {"start": load, "end": os.getloadavg()[0]}
-    (work_dir / f"{args.phase.replace(':', '-')}.json").write_text(json.dumps(out))
+    (work_dir / f"{phase_file(args.phase, args.round)}.json").write_text(json.dumps(out))
 
 
 # ---- the run ----------------------------------------------------------------------------------
 
 
-def accuracy(work_dir: Path, phase: str) -> dict:
-    """A phase's first-step logits and greedy tokens against our float32 phase."""
+def accuracy(work_dir: Path, stem: str) -> dict:
+    """A phase's first-step logits and greedy tokens against our float32 phase (its first
+    round)."""
     ref = np.load(work_dir / "ours-fp32.npz")
-    got = np.load(work_dir / f"{phase.replace(':', '-')}.npz")
+    got = np.load(work_dir / f"{stem}.npz")
     spread = float(ref["first_logits"].max() - ref["first_logits"].min()) or 1.0
     error = float(np.abs(got["first_logits"] - ref["first_logits"]).max())
     return {
@@ -313,19 +374,24 @@ def accuracy(work_dir: Path, phase: str) -> dict:
 
 
 def add_bandwidth(entry: dict, step_bytes: dict) -> None:
-    """The read GB/s a decode step implies, and its share of the phase's own measured read."""
+    """The read GB/s a decode step implies, its share of the phase's best read (before or
+    after its timing), and its share of the reads measured around each iteration."""
     total = step_bytes["weights"] + step_bytes["live_kv"]
     gb_s = total / entry["decode_ms_per_token"]["p50"] / 1e6
     read = max(entry["read_bandwidth_gb_s"].values())
     entry["decode_gb_s"] = gb_s
     entry["fraction_of_read"] = gb_s / read
+    entry["fraction_of_adjacent_read"] = adjacent_fraction(
+        total, entry["decode_ms_per_token_each"], entry["adjacent_read_gb_s"]
+    )
 
 
-def collect(work_dir: Path, prepared: dict, order: tuple[str, ...]) -> dict:
+def collect(work_dir: Path, prepared: dict, order: tuple[str, ...], round_: int = 0) -> dict:
     paths: dict[str, dict] = {}
     for phase in order:
         side, name = phase.split(":")
-        entry = json.loads((work_dir / f"{side}-{name}.json").read_text())
+        stem = phase_file(phase, round_)
+        entry = json.loads((work_dir / f"{stem}.json").read_text())
         if side == "llama":
             entry["decode_bytes_per_token"] = {
                 "weights": prepared["gguf"][name]["weights"],
@@ -333,7 +399,7 @@ def collect(work_dir: Path, prepared: dict, order: tuple[str, ...]) -> dict:
             }
             entry["tensor_types"] = prepared["gguf"][name]["tensor_types"]
         add_bandwidth(entry, entry["decode_bytes_per_token"])
-        entry["accuracy_vs_our_fp32"] = accuracy(work_dir, phase)
+        entry["accuracy_vs_our_fp32"] = accuracy(work_dir, stem)
         paths[f"{'vlm_ros' if side == 'ours' else 'llama.cpp'} {name}"] = entry
     return paths
 
@@ -356,28 +422,80 @@ def versus(paths: dict) -> dict:
     return out
 
 
+def round_summary(paths: dict) -> dict:
+    """One round's decode per path: ms a token, the reads beside it, its share of them."""
+    return {
+        name: {
+            "decode_ms_per_token_p50": entry["decode_ms_per_token"]["p50"],
+            "adjacent_read_gb_s": entry["adjacent_read_gb_s"],
+            "fraction_of_adjacent_read": entry["fraction_of_adjacent_read"]["median"],
+        }
+        for name, entry in paths.items()
+    }
+
+
+def over_rounds(rounds: list[dict]) -> dict:
+    """Per pair of ours and llama.cpp's: each round's decode ratio (>1: ours faster) and their
+    median, and each engine's share of the read beside its decode over every round's steady
+    iterations, and their ratio. The phases of a pair run minutes apart, so a round's ratio
+    may set one engine's slow host state against the other's fast one; the shares of the
+    adjacent read do not depend on which state each ran in."""
+    out = {}
+    for pair in versus(rounds[0]):
+        mine, kind = pair.split(" vs ")
+        shares = {}
+        for who, name in (("ours", f"vlm_ros {mine}"), ("llama.cpp", f"llama.cpp {kind}")):
+            each = [x for r in rounds for x in r[name]["fraction_of_adjacent_read"]["each"]]
+            shares[who] = statistics.median(each) if each else None
+        ratios = [versus(r)[pair]["decode_ms_per_token"] for r in rounds]
+        out[pair] = {
+            "decode_ms_per_token_each_round": ratios,
+            "decode_ms_per_token_median": statistics.median(ratios),
+            "fraction_of_adjacent_read": shares,
+            "fraction_ratio": (
+                shares["ours"] / shares["llama.cpp"]
+                if shares["ours"] and shares["llama.cpp"]
+                else None
+            ),
+        }
+    return out
+
+
 def run_all(args) -> dict:
     load = os.getloadavg()[0]
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     peak_child = 0.0
     order = phase_order(args.compile, args.huge_pages_ab, args.widths, args.onednn_ab)
+    # the second round runs the phases backwards, so neither engine always goes first
+    phases = [("prepare", 0)] + [
+        (phase, r) for r in range(args.rounds) for phase in (order if r % 2 == 0 else order[::-1])
+    ]
     with tempfile.TemporaryDirectory(prefix="vlm_ros_full_peer_", dir=args.tmp) as tmp:
-        for phase in ("prepare", *order):
+        for phase, round_ in phases:
             command = [sys.executable, __file__, args.preset, "--phase", phase,
-                       "--work-dir", tmp, "--threads", str(args.threads),
+                       "--round", str(round_), "--work-dir", tmp,
+                       "--threads", str(args.threads),
                        "--iters", str(args.iters), "--steps", str(args.steps),
                        "--widths", *args.widths]  # fmt: skip
-            print(f"{time.strftime('%H:%M:%S')} {phase}", file=sys.stderr, flush=True)
+            print(f"{time.strftime('%H:%M:%S')} {phase} (round {round_})", file=sys.stderr,
+                  flush=True)  # fmt: skip
             subprocess.run(command, check=True)
             peak_child = max(peak_child, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
         work_dir = Path(tmp)
         prepared = json.loads((work_dir / "prepare.json").read_text())
-        paths = collect(work_dir, prepared, order)
-    return {
+        rounds = [collect(work_dir, prepared, order, r) for r in range(args.rounds)]
+    paths = rounds[0]
+    several = (
+        {"rounds": [round_summary(r) for r in rounds], "over_rounds": over_rounds(rounds)}
+        if args.rounds > 1
+        else {}
+    )
+    return several | {
         "preset": args.preset,
         "started_utc": started,
         "how": "one process per phase, one model in memory at a time, phases in this order: "
-        + ", ".join(order),
+        + ", ".join(order)
+        + (f"; {args.rounds} rounds, every second one backwards" if args.rounds > 1 else ""),
         "threads": args.threads,
         "widths": args.widths,
         "iterations": args.iters,
@@ -419,7 +537,13 @@ def main() -> None:
         "--widths", nargs="+", default=list(PAIRS), choices=list(PAIRS),
         help="llama.cpp types to run, each with our paths of its width (default: all)",
     )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="run every phase this many times (every second round backwards); the decode "
+        "ratios per round and their median, and each engine's share of the read beside it",
+    )  # fmt: skip
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: one phase, in a child
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if "f32" not in args.widths:

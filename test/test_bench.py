@@ -462,6 +462,83 @@ def test_full_size_phase_order_pairs_each_path_with_its_width():
     assert module.OURS["fp32_per_shape"].cpu_linear == "auto"
 
 
+def test_full_size_script_rounds_repeat_every_phase(tmp_path):
+    """full_size_llamacpp.py --rounds 2 on tiny, float32 only: every phase twice (the second
+    round backwards, each its own files), the read measured beside each iteration, each
+    pair's ratio per round and both engines' shares of the read beside their decode."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _llama_cpp_or_skip()
+    script = Path(__file__).resolve().parents[1] / "scripts" / "full_size_llamacpp.py"
+    out = tmp_path / "rounds.json"
+    command = [sys.executable, str(script), "tiny", "--iters", "1", "--steps", "4",
+               "--threads", "1", "--tmp", str(tmp_path), "--widths", "f32", "--rounds", "2",
+               "--out", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    names = ["vlm_ros fp32", "llama.cpp f32"]
+    assert "2 rounds" in result["how"] and len(result["rounds"]) == 2
+    for summary in result["rounds"]:
+        assert sorted(summary) == sorted(names)
+        for name, entry in summary.items():
+            assert entry["decode_ms_per_token_p50"] > 0, name
+            assert len(entry["adjacent_read_gb_s"]) == 2 and min(entry["adjacent_read_gb_s"]) > 0
+    assert (
+        result["paths"]["vlm_ros fp32"]["adjacent_read_gb_s"]
+        == (result["rounds"][0]["vlm_ros fp32"]["adjacent_read_gb_s"])
+    )
+    assert result["rounds"][0] != result["rounds"][1]  # two measurements, not one copied
+    pair = result["over_rounds"]["fp32 vs f32"]
+    assert set(result["over_rounds"]) == {"fp32 vs f32"}
+    assert len(pair["decode_ms_per_token_each_round"]) == 2
+    first = result["ours_faster_by"]["fp32 vs f32"]["decode_ms_per_token"]
+    assert pair["decode_ms_per_token_each_round"][0] == first
+    assert set(pair["fraction_of_adjacent_read"]) == {"ours", "llama.cpp"}
+
+
+def test_full_size_share_of_the_adjacent_read_counts_steady_iterations_only():
+    """full_size_llamacpp.py sets each timed iteration's decode against the mean of the reads
+    just before and after it, and leaves out an iteration during which the host's read moved
+    (the AMD host flips between about 37 and 60 GB/s): a phase is then comparable with one run
+    minutes later in the other state. over_rounds takes the per-round ratios' median."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "full_size_llamacpp.py"
+    spec = importlib.util.spec_from_file_location("full_size_llamacpp", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    step = 36_000_000_000 // 1000  # 36 GB/s at 1 ms a token
+    share = module.adjacent_fraction(step, [1.0, 1.0, 0.6], [40.0, 40.0, 60.0, 60.0])
+    assert share["iterations"] == 3 and share["steady_iterations"] == 2
+    assert share["each"] == pytest.approx([0.9, 1.0])  # 36/40, then 60/60; 40->60 left out
+    assert share["median"] == pytest.approx(0.95)
+    assert module.adjacent_fraction(step, [1.0], [30.0, 60.0])["median"] is None
+    assert module.phase_file("ours:fp32") == "ours-fp32"
+    assert module.phase_file("llama:f32", 2) == "llama-f32-r2"
+
+    def entry(ms, each):
+        times = {"p50": ms}
+        return {
+            "decode_ms_per_token": times,
+            "prefill_ms": times,
+            "fraction_of_adjacent_read": {"each": each},
+        }
+
+    rounds = [
+        {"vlm_ros fp32": entry(300.0, [0.9]), "llama.cpp f32": entry(330.0, [0.8])},
+        {"vlm_ros fp32": entry(200.0, [1.0]), "llama.cpp f32": entry(180.0, [])},
+        {"vlm_ros fp32": entry(250.0, [0.95]), "llama.cpp f32": entry(250.0, [0.9])},
+    ]
+    pair = module.over_rounds(rounds)["fp32 vs f32"]
+    assert pair["decode_ms_per_token_each_round"] == pytest.approx([1.1, 0.9, 1.0])
+    assert pair["decode_ms_per_token_median"] == pytest.approx(1.0)
+    assert pair["fraction_of_adjacent_read"] == pytest.approx({"ours": 0.95, "llama.cpp": 0.85})
+    assert pair["fraction_ratio"] == pytest.approx(0.95 / 0.85)
+
+
 def test_stored_weight_bytes_count_quantized_weights_once():
     """The bytes a decode step reads, per path: fp32 4 bytes a Linear weight, dynamic int8 1
     (torch.ao's packed params, counted once), int4 half a byte plus a bf16 scale and zero per
