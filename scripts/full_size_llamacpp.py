@@ -15,8 +15,12 @@ more). So this run is a sequence of phases, each a fresh process:
    builds the decoder through the product's factory (make_decoder); llama.cpp loads its file
    into memory. Each times a prefill of the same embeddings and ``--steps`` greedy decode steps
    per iteration, keeps the first 16 greedy tokens and the first step's logits, and measures
-   the host's streaming read bandwidth just before and after its timing: bandwidth on these
-   virtual machines drifts over minutes, so each phase is set against its own.
+   the host's streaming read bandwidth just before and after its timing, and quickly beside
+   each iteration: bandwidth on these virtual machines moves between states, for seconds or
+   minutes, so each phase is set against its own.
+3. ``--rounds N`` runs every phase N times, every second round backwards, and reports each
+   pair's decode ratio per round and their median: the comparison that does not hang on
+   which host state each engine's phase happened to meet.
 
 A process per phase gives each its own peak RSS (``ru_maxrss``; for ours it includes the
 float32 weights that quantizing starts from) and its resident memory once loaded.
@@ -210,9 +214,9 @@ STEADY = 0.85  # an iteration counts where the reads around it agree to within t
 
 def adjacent_fraction(step_bytes: int, each_ms: list[float], reads: list[float]) -> dict:
     """Each iteration's decode GB/s over the mean of the reads just before and after it; only
-    iterations whose two reads agree (the host stayed in one state) count. The median over
-    them is a share of the read the decode really ran beside, whichever state the host was
-    in: the figure two phases run minutes apart can be compared by."""
+    iterations whose two reads agree (the host stayed in one state) count: a share of the read
+    the decode really ran beside, where a phase's best read before or after its timing may be
+    a state it never ran in."""
     steady = [
         step_bytes / ms / 1e6 / ((a + b) / 2)
         for ms, a, b in zip(each_ms, reads[:-1], reads[1:], strict=True)
@@ -427,8 +431,9 @@ def round_summary(paths: dict) -> dict:
     return {
         name: {
             "decode_ms_per_token_p50": entry["decode_ms_per_token"]["p50"],
+            "decode_ms_per_token_each": entry["decode_ms_per_token_each"],
             "adjacent_read_gb_s": entry["adjacent_read_gb_s"],
-            "fraction_of_adjacent_read": entry["fraction_of_adjacent_read"]["median"],
+            "fraction_of_adjacent_read": entry["fraction_of_adjacent_read"],
         }
         for name, entry in paths.items()
     }
@@ -437,9 +442,12 @@ def round_summary(paths: dict) -> dict:
 def over_rounds(rounds: list[dict]) -> dict:
     """Per pair of ours and llama.cpp's: each round's decode ratio (>1: ours faster) and their
     median, and each engine's share of the read beside its decode over every round's steady
-    iterations, and their ratio. The phases of a pair run minutes apart, so a round's ratio
-    may set one engine's slow host state against the other's fast one; the shares of the
-    adjacent read do not depend on which state each ran in."""
+    iterations. The phases of a pair run minutes apart, so one round's ratio may set one
+    engine's slow host state against the other's fast one: the median over rounds that
+    alternate the order is the comparison. The shares are each engine's own figure, not a
+    ratio between them: at full size neither decode followed the read up when the host's
+    read doubled (both ran 30-41 GB/s), so a share is only comparable with another from the
+    same host state (the reads beside it say which)."""
     out = {}
     for pair in versus(rounds[0]):
         mine, kind = pair.split(" vs ")
@@ -452,11 +460,6 @@ def over_rounds(rounds: list[dict]) -> dict:
             "decode_ms_per_token_each_round": ratios,
             "decode_ms_per_token_median": statistics.median(ratios),
             "fraction_of_adjacent_read": shares,
-            "fraction_ratio": (
-                shares["ours"] / shares["llama.cpp"]
-                if shares["ours"] and shares["llama.cpp"]
-                else None
-            ),
         }
     return out
 

@@ -484,7 +484,9 @@ def test_full_size_script_rounds_repeat_every_phase(tmp_path):
         assert sorted(summary) == sorted(names)
         for name, entry in summary.items():
             assert entry["decode_ms_per_token_p50"] > 0, name
+            assert entry["decode_ms_per_token_each"] == [entry["decode_ms_per_token_p50"]]
             assert len(entry["adjacent_read_gb_s"]) == 2 and min(entry["adjacent_read_gb_s"]) > 0
+            assert entry["fraction_of_adjacent_read"]["iterations"] == 1, name
     assert (
         result["paths"]["vlm_ros fp32"]["adjacent_read_gb_s"]
         == (result["rounds"][0]["vlm_ros fp32"]["adjacent_read_gb_s"])
@@ -501,8 +503,8 @@ def test_full_size_script_rounds_repeat_every_phase(tmp_path):
 def test_full_size_share_of_the_adjacent_read_counts_steady_iterations_only():
     """full_size_llamacpp.py sets each timed iteration's decode against the mean of the reads
     just before and after it, and leaves out an iteration during which the host's read moved
-    (the AMD host flips between about 37 and 60 GB/s): a phase is then comparable with one run
-    minutes later in the other state. over_rounds takes the per-round ratios' median."""
+    (the AMD host flips between about 37 and 66 GB/s). over_rounds takes the median of the
+    per-round ratios."""
     import importlib.util
     from pathlib import Path
 
@@ -536,7 +538,6 @@ def test_full_size_share_of_the_adjacent_read_counts_steady_iterations_only():
     assert pair["decode_ms_per_token_each_round"] == pytest.approx([1.1, 0.9, 1.0])
     assert pair["decode_ms_per_token_median"] == pytest.approx(1.0)
     assert pair["fraction_of_adjacent_read"] == pytest.approx({"ours": 0.95, "llama.cpp": 0.85})
-    assert pair["fraction_ratio"] == pytest.approx(0.95 / 0.85)
 
 
 def test_stored_weight_bytes_count_quantized_weights_once():

@@ -1,9 +1,17 @@
 """inductor's cache is kept where a reboot does not clear it (engines/compile_cache.py): the
-user's choice stands; else the XDG cache directory, where it is writable; else torch's default."""
+user's choice stands; else the XDG cache directory, where it is writable, one directory per CPU
+kind; else torch's default."""
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
 
 from vlm_ros.engines import compile_cache
 
@@ -17,12 +25,14 @@ def test_the_users_directory_stands(tmp_path):
 
 def test_the_xdg_cache_directory_else_home_cache(tmp_path):
     environ = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path / "home")}
+    kind = compile_cache.cpu_kind()
     where = compile_cache.use_persistent_cache(environ)
-    assert where == str(tmp_path / "xdg" / "vlm_ros" / "inductor") == environ[compile_cache.ENV]
+    assert where == str(tmp_path / "xdg" / "vlm_ros" / "inductor" / kind)
+    assert where == environ[compile_cache.ENV]
     assert os.path.isdir(where) and os.listdir(where) == []  # the write probe is gone
     environ = {"HOME": str(tmp_path / "home")}
     assert compile_cache.use_persistent_cache(environ) == str(
-        tmp_path / "home" / ".cache" / "vlm_ros" / "inductor"
+        tmp_path / "home" / ".cache" / "vlm_ros" / "inductor" / kind
     )
 
 
@@ -47,4 +57,67 @@ def test_the_decoder_sets_it_before_compiling(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with torch.inference_mode():
         StaticDecoder(tiny_phi(), 16, huge_pages=False)
-    assert os.environ[compile_cache.ENV] == str(tmp_path / "vlm_ros" / "inductor")
+    want = tmp_path / "vlm_ros" / "inductor" / compile_cache.cpu_kind()
+    assert os.environ[compile_cache.ENV] == str(want)
+
+
+def test_the_cpu_kind_names_the_kernels_and_the_cpu(tmp_path):
+    """Another instruction set or another CPU model: another directory; the same: the same."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx2\n\nflags\t: ignored\n")
+    assert compile_cache.cpu_flags(info) == "avx2 fpu sse2"
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd crc32\n")
+    assert compile_cache.cpu_flags(arm) == "asimd crc32 fp"
+    assert compile_cache.cpu_flags(tmp_path / "absent") == ""
+    one = compile_cache.cpu_kind("avx2 fpu sse2")
+    assert one == compile_cache.cpu_kind("avx2 fpu sse2") != compile_cache.cpu_kind("avx2 sse2")
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    assert f"-{capability}-" in one and "/" not in one
+
+
+# A LayerNorm and a GEMV compiled by inductor, checked against eager code: what the decode
+# step's regions are made of (infer/regional_step.py).
+PROBE = """
+import json, os, torch
+from vlm_ros.engines import compile_cache
+from vlm_ros.engines.cpu_kernels import gemv_by_reduction
+torch.set_num_threads(2)
+where = compile_cache.use_persistent_cache()
+torch.manual_seed(0)
+x, w = torch.randn(1, 800), torch.randn(512, 800)
+def f(x, w):
+    return torch.nn.functional.layer_norm(x, (800,)) + gemv_by_reduction(x, w)[:, :1]
+with torch.inference_mode():
+    got = torch.compile(f, fullgraph=True, dynamic=False)(x, w)
+    want = torch.nn.functional.layer_norm(x, (800,)) + (x @ w.T)[:, :1]
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "dir": where,
+                  "error": float((got - want).abs().max())}))
+"""
+
+
+def _probe(env: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_code_compiled_for_one_instruction_set_is_not_loaded_for_another(tmp_path):
+    """torch 2.13's FX graph cache does not key on the vector instruction set: on this AVX-512
+    host, the probe compiled with torch's AVX-512 kernels and then, from the same directory,
+    with ATEN_CPU_CAPABILITY=avx2 (what an AVX2-only CPU runs, or a cache carried there)
+    returned NaN. With the default directory per CPU kind, each compiles its own and both
+    are right. On a host whose torch runs AVX2 kernels already, the two probes are the same
+    kind and share a directory (nothing to tell apart)."""
+    if platform.machine() not in ("x86_64", "AMD64") or " avx2" not in compile_cache.cpu_flags():
+        pytest.skip(f"needs an x86-64 CPU with AVX2 (this is {platform.machine()})")
+    env = {
+        k: v for k, v in os.environ.items() if k not in (compile_cache.ENV, "ATEN_CPU_CAPABILITY")
+    }
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    native = _probe(env)
+    limited = _probe(dict(env, ATEN_CPU_CAPABILITY="avx2"))
+    assert limited["capability"] == "AVX2"
+    assert native["error"] < 1e-4 and limited["error"] < 1e-4, (native, limited)
+    assert (native["dir"] != limited["dir"]) == (native["capability"] != "AVX2")

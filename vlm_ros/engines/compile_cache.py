@@ -6,26 +6,65 @@ or systemd-tmpfiles on Ubuntu). The decoder compiles at configure: on the `small
 uncompiled step's regions (infer/regional_step.py) took 17.7 s with an empty cache and 4.2 s with
 a warm one in a new process; the whole compiled step 36-50 s against 4-7 s
 (docs/performance.md). So unless the user chose a directory (``TORCHINDUCTOR_CACHE_DIR``), it
-is ``$XDG_CACHE_HOME/vlm_ros/inductor`` (``~/.cache/vlm_ros/inductor``), where it is writable;
-else torch's default stays. inductor reads the variable at each use, so setting it before the
-first compile is enough. Its cache keys include the torch version and the CPU, so a changed
-install compiles afresh instead of loading stale code.
+is ``$XDG_CACHE_HOME/vlm_ros/inductor/<cpu kind>`` (``~/.cache/vlm_ros/inductor/...``), where
+it is writable; else torch's default stays. inductor reads the variable at each use, so
+setting it before the first compile is enough.
+
+Why a directory per CPU kind (``cpu_kind``: the machine, the instruction set torch's kernels
+use, a hash of the CPU's feature flags): torch 2.13's FX graph cache keys on the torch version
+and the thread count but not on the vector instruction set the C++ was generated for. An entry
+written with AVX-512 kernels and loaded where torch runs AVX2 ones (``ATEN_CPU_CAPABILITY=avx2``
+on the same host here; a home directory or an image carried to another CPU in a fleet) is
+rebuilt from 16-lane source with 8-lane vectors: NaN or wrong logits, reproduced with a
+LayerNorm and a GEMV (test/test_compile_cache.py). The decoder's check at load caught every
+case (it refused the wrong step and served the library's, slower), which is how this was
+first taken for a miscompile (docs/performance.md). A directory the user chose is shared as
+they chose.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 from collections.abc import MutableMapping
 from pathlib import Path
+
+import torch
 
 _log = logging.getLogger(__name__)
 ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's feature flags as one sorted line (x86 ``flags``, Arm ``Features``); empty
+    where the system does not say."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return " ".join(sorted(set(value.split())))
+    return ""
+
+
+def cpu_kind(flags: str | None = None) -> str:
+    """What compiled CPU code is specific to beyond inductor's own key, as a directory name:
+    the machine, the kernels torch runs (``ATEN_CPU_CAPABILITY`` can lower them) and a hash
+    of the feature flags (a cache carried to another CPU model starts afresh), e.g.
+    ``x86_64-avx512-3f9c0a1b2d``."""
+    flags = cpu_flags() if flags is None else flags
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:10]
+    return f"{platform.machine().lower() or 'unknown'}-{capability}-{digest}"
+
+
 def default_dir(environ: MutableMapping[str, str]) -> Path:
     base = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or "~", ".cache")
-    return Path(base).expanduser() / "vlm_ros" / "inductor"
+    return Path(base).expanduser() / "vlm_ros" / "inductor" / cpu_kind()
 
 
 def use_persistent_cache(environ: MutableMapping[str, str] = os.environ) -> str | None:
