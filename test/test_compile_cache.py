@@ -23,6 +23,16 @@ def test_the_users_directory_stands(tmp_path):
     assert environ[compile_cache.ENV] == chosen and not (tmp_path / ".cache").exists()
 
 
+def test_torchs_own_default_in_the_variable_is_not_a_choice(tmp_path):
+    """torch writes /tmp/torchinductor_<user> into the variable when torch._dynamo is
+    imported (transformers imports it), so every compile went to /tmp, shared between CPU
+    kinds and cleared at boot: that is replaced."""
+    environ = {compile_cache.ENV: compile_cache.torch_default(), "HOME": str(tmp_path)}
+    where = compile_cache.use_persistent_cache(environ)
+    assert where == str(tmp_path / ".cache" / "vlm_ros" / "inductor" / compile_cache.cpu_kind())
+    assert environ[compile_cache.ENV] == where
+
+
 def test_the_xdg_cache_directory_else_home_cache(tmp_path):
     environ = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path / "home")}
     kind = compile_cache.cpu_kind()
@@ -47,13 +57,15 @@ def test_an_unwritable_place_leaves_torchs_default(tmp_path, caplog):
 
 
 def test_the_decoder_sets_it_before_compiling(monkeypatch, tmp_path):
-    """A StaticDecoder built with no choice made points inductor at the persistent directory."""
+    """A StaticDecoder built with no choice made points inductor at the persistent directory,
+    in a process where torch._dynamo (imported by transformers) wrote torch's default into
+    the variable."""
     import torch
     from decode_helpers import tiny_phi
 
     from vlm_ros.infer.static_decode import StaticDecoder
 
-    monkeypatch.delenv(compile_cache.ENV, raising=False)
+    monkeypatch.setenv(compile_cache.ENV, compile_cache.torch_default())  # restored after
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with torch.inference_mode():
         StaticDecoder(tiny_phi(), 16, huge_pages=False)

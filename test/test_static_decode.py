@@ -230,8 +230,8 @@ def test_compiled_decode_on_the_other_linear_kernels(cpu_linear):
 
 @pytest.mark.parametrize("wrong", ["off", "nan", "fails"])
 def test_a_compiled_step_that_disagrees_is_refused_at_load(monkeypatch, caplog, wrong):
-    """A compiled step whose logits are not the uncompiled step's (a miscompile, as torch
-    2.13's inductor makes on AVX2 kernels at some cache lengths: test_avx2_limited.py), or
+    """A compiled step whose logits are not the uncompiled step's (a miscompile, or code from
+    inductor's cache built for another instruction set: test_compile_cache.py), or
     whose compile fails, is not served: the decoder says why (compile_refused, a warning
     naming it) and answers with the uncompiled lean step, the same tokens as a decoder never
     asked to compile."""

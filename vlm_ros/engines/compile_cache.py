@@ -19,7 +19,7 @@ rebuilt from 16-lane source with 8-lane vectors: NaN or wrong logits, reproduced
 LayerNorm and a GEMV (test/test_compile_cache.py). The decoder's check at load caught every
 case (it refused the wrong step and served the library's, slower), which is how this was
 first taken for a miscompile (docs/performance.md). A directory the user chose is shared as
-they chose.
+they chose; torch's own default found in the variable is not a choice (``torch_default``).
 """
 
 from __future__ import annotations
@@ -67,12 +67,24 @@ def default_dir(environ: MutableMapping[str, str]) -> Path:
     return Path(base).expanduser() / "vlm_ros" / "inductor" / cpu_kind()
 
 
+def torch_default() -> str:
+    """torch's own default directory (``/tmp/torchinductor_<user>``). torch writes it into
+    ``TORCHINDUCTOR_CACHE_DIR`` when ``torch._dynamo`` is imported (torch 2.13; transformers
+    imports it with its generation code, before any decoder is built), so finding it there
+    is not a user's choice. Until this was seen, every process kept torch's default."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return os.path.abspath(default_cache_dir())
+
+
 def use_persistent_cache(environ: MutableMapping[str, str] = os.environ) -> str | None:
-    """Point inductor's cache at ``default_dir`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set:
-    the directory in use, or None where torch's default stays (the directory could not be
-    made or written; the log says why, once per call)."""
-    if environ.get(ENV):
-        return environ[ENV]
+    """Point inductor's cache at ``default_dir`` unless ``TORCHINDUCTOR_CACHE_DIR`` names
+    another place than torch's own default: the directory in use, or None where torch's
+    default stays (the directory could not be made or written; the log says why, once per
+    call)."""
+    chosen = environ.get(ENV)
+    if chosen and os.path.abspath(chosen) != torch_default():
+        return chosen
     where = default_dir(environ)
     try:
         where.mkdir(parents=True, exist_ok=True)

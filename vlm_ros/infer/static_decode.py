@@ -315,10 +315,11 @@ class StaticDecoder:
     def _compile(self) -> None:
         """Compile the step and check it against the uncompiled one; where compiling fails or
         they disagree, keep the uncompiled step and say why (``compile_refused``, a warning).
-        Measured: torch 2.13's inductor with AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``, what
-        an AVX2-only CPU gets) returned wrong logits or NaN for the `small` decoder at two
-        threads and some cache lengths (336, 352, 376), right ones at others (328, 344, 400):
-        a robot must not get a fast wrong answer."""
+        Measured: a compiled `small` step loaded from inductor's cache returned wrong logits
+        or NaN where the entry had been written with AVX-512 kernels and the process ran
+        AVX2 ones (torch 2.13's cache does not key on the instruction set; the cache is now
+        kept per CPU kind: engines/compile_cache.py). Whatever the cause (another such key,
+        a real miscompile), a robot must not get a fast wrong answer."""
         if self.device.type == "cpu":  # the step's attention as inductor's own reductions
             cpu_kernels.use_reduction_attention(self.lm)
         step = compile_step(self._decode_step, self.device)
