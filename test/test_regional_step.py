@@ -241,3 +241,21 @@ def test_a_float32_models_int8_weights_run_as_regions_on_any_cpu(monkeypatch, ca
     assert tokens == want_tokens
     assert torch.allclose(logits, want, atol=1e-4, rtol=1e-4), (logits - want).abs().max()
     assert "dequantizes every weight per token" in caplog.text
+
+
+@pytest.mark.parametrize("capability, warned", [("AVX512", False), ("AVX2", True)])
+def test_int8_regions_warn_where_torchs_kernels_read_int8_slowly(
+    monkeypatch, caplog, tmp_path, capability, warned
+):
+    """A float32 model's int8 weights as regions still serve on AVX2 kernels (right tokens),
+    but inductor's AVX2 code reads int8 a few bytes at a time (measured 4.7x slower than
+    llama.cpp q8_0 there): a warning names what serves 8 bits fast instead. None on AVX-512
+    kernels, where the loads are whole vectors."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    # not the CPU kind's own cache: the pretended kernels would name its directory
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        decoder = StaticDecoder(tiny_phi(), 40, quantize="int8_weight_only", huge_pages=False)
+    assert isinstance(decoder._fast, regional_step.RegionalStep)
+    assert ("quantize: int8 (dynamic)" in caplog.text) == warned, caplog.text
+    assert (f"kernels here are {capability}" in caplog.text) == warned

@@ -14,12 +14,13 @@ Why a directory per CPU kind (``cpu_kind``: the machine, the instruction set tor
 use, a hash of the CPU's feature flags): torch 2.13's FX graph cache keys on the torch version
 and the thread count but not on the vector instruction set the C++ was generated for. An entry
 written with AVX-512 kernels and loaded where torch runs AVX2 ones (``ATEN_CPU_CAPABILITY=avx2``
-on the same host here; a home directory or an image carried to another CPU in a fleet) is
-rebuilt from 16-lane source with 8-lane vectors: NaN or wrong logits, reproduced with a
-LayerNorm and a GEMV (test/test_compile_cache.py). The decoder's check at load caught every
-case (it refused the wrong step and served the library's, slower), which is how this was
-first taken for a miscompile (docs/performance.md). A directory the user chose is shared as
-they chose; torch's own default found in the variable is not a choice (``torch_default``).
+on the same host here; a home directory or an image carried to another CPU in a fleet) gave
+NaN or wrong logits (its source is written for 16-lane vectors, AVX2's are 8; how the two
+mix was not traced), reproduced with a LayerNorm and a GEMV (test/test_compile_cache.py). The
+decoder's check at load caught every case (it refused the wrong step and served the
+library's, slower), which is how this was first taken for a miscompile (docs/performance.md).
+A directory the user chose is shared as they chose; torch's own default found in the variable
+is not a choice (``torch_default``).
 """
 
 from __future__ import annotations
@@ -72,9 +73,17 @@ def torch_default() -> str:
     ``TORCHINDUCTOR_CACHE_DIR`` when ``torch._dynamo`` is imported (torch 2.13; transformers
     imports it with its generation code, before any decoder is built), so finding it there
     is not a user's choice. Until this was seen, every process kept torch's default."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    try:  # torch's own answer where this torch has it (a private module)
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    return os.path.abspath(default_cache_dir())
+        return os.path.abspath(default_cache_dir())
+    except ImportError:  # its rule in the torch versions that lack the module
+        import getpass
+        import tempfile
+
+        return os.path.abspath(
+            os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+        )
 
 
 def use_persistent_cache(environ: MutableMapping[str, str] = os.environ) -> str | None:

@@ -135,6 +135,28 @@ def compiled_regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, 
     return regions
 
 
+# Where inductor's vectorized int8 loads are whole vectors: on AVX-512 a 16-lane float tile
+# loads its 16 weight bytes with one masked load. With AVX2 kernels (8-lane float tiles) it
+# loads 8 bytes into a 32-byte vector through a buffer copy: a 3200x800 int8 GEMV took 3.37 ms
+# against 0.245 on AVX-512 kernels (ad hoc, one thread, the AMD host), and a `small` token
+# 93.5 ms against llama.cpp q8_0's 20.0 (cpu-small-avx2-limited-amd-regions.json).
+INT8_WHOLE_VECTOR_LOADS = ("AVX512",)
+
+
+def slow_int8_here() -> str | None:
+    """Why a float32 model's int8 weights decode slowly on this CPU's kernels, and what serves
+    8 bits fast there; None on AVX-512 kernels. Arm's 4-lane tiles load 4 bytes at a time,
+    likely as slowly (not measured)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in INT8_WHOLE_VECTOR_LOADS:
+        return None
+    return (
+        f"torch's kernels here are {capability}, where inductor reads int8 weights a few bytes "
+        "at a time (measured on AVX2: 4.7x slower than llama.cpp q8_0); quantize: int8 "
+        "(dynamic) or dtype: bfloat16 with int8_weight_only serve 8 bits fast here"
+    )
+
+
 def int8_linear(module: object) -> bool:
     """A weight-only int8 layer on a CPU whose scales and bias are float32 (a float32 model's
     ``quantize: int8_weight_only``)."""
