@@ -247,7 +247,7 @@ def test_a_float32_models_int8_weights_run_as_regions_on_any_cpu(monkeypatch, ca
 def test_int8_regions_warn_where_torchs_kernels_read_int8_slowly(
     monkeypatch, caplog, tmp_path, capability, warned
 ):
-    """A float32 model's int8 weights as regions still serve on AVX2 kernels (right tokens),
+    """A float32 model's int8 weights as regions still serve on AVX2 kernels,
     but inductor's AVX2 code reads int8 a few bytes at a time (measured 4.7x slower than
     llama.cpp q8_0 there): a warning names what serves 8 bits fast instead. None on AVX-512
     kernels, where the loads are whole vectors."""
