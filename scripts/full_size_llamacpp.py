@@ -449,13 +449,14 @@ def over_rounds(rounds: list[dict]) -> dict:
     read doubled (both ran 30-41 GB/s), so a share is only comparable with another from the
     same host state (the reads beside it say which)."""
     out = {}
-    for pair in versus(rounds[0]):
+    per_round = [versus(r) for r in rounds]
+    for pair in per_round[0]:
         mine, kind = pair.split(" vs ")
         shares = {}
         for who, name in (("ours", f"vlm_ros {mine}"), ("llama.cpp", f"llama.cpp {kind}")):
             each = [x for r in rounds for x in r[name]["fraction_of_adjacent_read"]["each"]]
             shares[who] = statistics.median(each) if each else None
-        ratios = [versus(r)[pair]["decode_ms_per_token"] for r in rounds]
+        ratios = [ratio[pair]["decode_ms_per_token"] for ratio in per_round]
         out[pair] = {
             "decode_ms_per_token_each_round": ratios,
             "decode_ms_per_token_median": statistics.median(ratios),
