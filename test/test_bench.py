@@ -435,6 +435,38 @@ def test_gemv_layouts_script_measures_every_kernel_and_checks_them(tmp_path):
     assert set(result["median_ratios"]["huge_over_4k"]) == {"sum", "onednn", "inductor"}
 
 
+def test_int8_gemv_words_script_checks_both_layouts_on_both_kernel_sets(tmp_path):
+    """scripts/int8_gemv_words.py on two tiny shapes, with its AVX2 child: every kernel's time
+    and GB/s and the ratios the docs quote, each output checked against the float64 product
+    (the script exits non-zero on a wrong one), the child on AVX2 kernels in its own CPU
+    kind's inductor directory although the parent's is in its environment (the child once
+    loaded the parent's AVX-512 code and computed a wrong float32 GEMV)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if " avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("needs an x86-64 CPU with AVX2 for the child's kernels")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "int8_gemv_words.py"
+    out = tmp_path / "words.json"
+    command = [sys.executable, str(script), "--shapes", "64x32", "48x96", "--rounds", "2",
+               "--calls", "2", "--threads", "1", "--also-avx2", "--out", str(out)]  # fmt: skip
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    native, avx2 = result["native"], result["avx2"]
+    assert avx2["capability"] == "AVX2" and result["machine"]
+    assert (native["inductor_cache"] != avx2["inductor_cache"]) == (native["capability"] != "AVX2")
+    for side in (native, avx2):
+        assert [(r["out"], r["in"]) for r in side["shapes"]] == [(64, 32), (48, 96)]
+        for row in side["shapes"]:
+            assert max(row["relative_error"].values()) < 1e-5
+            assert all(row[k]["ms"] > 0 for k in ("float32", "int8_bytes", "int8_words"))
+            assert row["words_over_bytes"] > 0 and row["words_over_float32"] > 0
+
+
 def test_full_size_phase_order_pairs_each_path_with_its_width():
     """full_size_llamacpp.py's phases: --compile and --huge-pages-ab put each extra float32
     path next to the one it is compared with; --widths keeps llama.cpp's types asked for and

@@ -33,6 +33,26 @@ def test_torchs_own_default_in_the_variable_is_not_a_choice(tmp_path):
     assert environ[compile_cache.ENV] == where
 
 
+def test_another_cpu_kinds_directory_inherited_is_not_a_choice(tmp_path):
+    """A process that set the variable passes it to its children; a child running other
+    kernels (ATEN_CPU_CAPABILITY=avx2) must not take its parent's directory for a choice. A
+    directory of the user's beside ours (another parent) and this kind's own stand."""
+    mine = tmp_path / ".cache" / "vlm_ros" / "inductor" / compile_cache.cpu_kind()
+    inherited = mine.parent / "x86_64-avx512-0123456789"
+    environ = {compile_cache.ENV: str(inherited), "HOME": str(tmp_path)}
+    assert compile_cache.use_persistent_cache(environ) == str(mine)
+    assert environ[compile_cache.ENV] == str(mine) and not inherited.exists()
+    environ = {compile_cache.ENV: str(mine), "HOME": str(tmp_path)}
+    assert compile_cache.use_persistent_cache(environ) == str(mine)
+    elsewhere = str(tmp_path / "inductor" / "x86_64-avx512-0123456789")
+    environ = {compile_cache.ENV: elsewhere, "HOME": str(tmp_path)}
+    assert compile_cache.use_persistent_cache(environ) == elsewhere
+    # the parent's under another cache home (its XDG_CACHE_HOME): this kind's beside it
+    other = tmp_path / "other" / "vlm_ros" / "inductor"
+    environ = {compile_cache.ENV: str(other / "x86_64-avx512-0123456789"), "HOME": str(tmp_path)}
+    assert compile_cache.use_persistent_cache(environ) == str(other / compile_cache.cpu_kind())
+
+
 def test_the_xdg_cache_directory_else_home_cache(tmp_path):
     environ = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path / "home")}
     kind = compile_cache.cpu_kind()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from decode_helpers import greedy, tiny_phi
 
-from vlm_ros.engines import cpu_kernels
+from vlm_ros.engines import cpu_kernels, weight_int8
 from vlm_ros.infer import regional_step
 from vlm_ros.infer.phi_step import PhiDecodeStep
 from vlm_ros.infer.static_decode import StaticDecoder
@@ -215,13 +215,17 @@ def test_the_real_trial_on_a_model_over_the_floor(monkeypatch):
     assert decoder.forward_calls > 0 and decoder.length == 5 + 6
 
 
-def test_a_float32_models_int8_weights_run_as_regions_on_any_cpu(monkeypatch, caplog):
-    """quantize int8_weight_only on float32: the regions read the int8 weights in their own
-    loops (scaled per channel after the sum), on any CPU vendor and any cpu_linear, untimed:
-    the library step would dequantize every weight per token. Same greedy tokens as that
-    step, logits within float32 rounding. Without the regions (regional=False) the decoder
-    still decodes, and a warning says it is slow and what serves it fast."""
+@pytest.mark.parametrize("words", [False, True], ids=["bytes", "words"])
+def test_a_float32_models_int8_weights_run_as_regions_on_any_cpu(monkeypatch, caplog, words):
+    """quantize int8_weight_only on float32: the regions read the int8 weights (bytes, or the
+    int32 words kept where torch's kernels are not AVX-512) in their own loops (scaled per
+    channel after the sum), on any CPU vendor and any cpu_linear, untimed: the library step
+    would dequantize every weight per token. Same greedy tokens as that step, logits within
+    float32 rounding. Without the regions (regional=False) the decoder still decodes, and a
+    warning says it is slow and what serves it fast."""
     monkeypatch.setattr(cpu_kernels, "cpu_vendor", lambda: "GenuineIntel")
+    if words:
+        monkeypatch.setattr(weight_int8, "WHOLE_BYTE_LOADS", ())
     lm = tiny_phi()
     with torch.inference_mode():
         ours = StaticDecoder(
@@ -234,6 +238,7 @@ def test_a_float32_models_int8_weights_run_as_regions_on_any_cpu(monkeypatch, ca
                 regional=False,
             )  # fmt: skip
         assert isinstance(ours._fast, regional_step.RegionalStep) and ours._fast.shape.int8
+        assert ours.lm.model.layers[0].mlp.fc1.planes == words
         assert ours.regions.timings is None and ours.gemvs is None
         assert isinstance(library._fast, PhiDecodeStep) and library.regions is None
         want_tokens, want = greedy(library, _embeds(lm), 12)
@@ -241,21 +246,3 @@ def test_a_float32_models_int8_weights_run_as_regions_on_any_cpu(monkeypatch, ca
     assert tokens == want_tokens
     assert torch.allclose(logits, want, atol=1e-4, rtol=1e-4), (logits - want).abs().max()
     assert "dequantizes every weight per token" in caplog.text
-
-
-@pytest.mark.parametrize("capability, warned", [("AVX512", False), ("AVX2", True)])
-def test_int8_regions_warn_where_torchs_kernels_read_int8_slowly(
-    monkeypatch, caplog, tmp_path, capability, warned
-):
-    """A float32 model's int8 weights as regions still serve on AVX2 kernels,
-    but inductor's AVX2 code reads int8 a few bytes at a time (measured 4.7x slower than
-    llama.cpp q8_0 there): a warning names what serves 8 bits fast instead. None on AVX-512
-    kernels, where the loads are whole vectors."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    # not the CPU kind's own cache: the pretended kernels would name its directory
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    with caplog.at_level(logging.WARNING), torch.inference_mode():
-        decoder = StaticDecoder(tiny_phi(), 40, quantize="int8_weight_only", huge_pages=False)
-    assert isinstance(decoder._fast, regional_step.RegionalStep)
-    assert ("quantize: int8 (dynamic)" in caplog.text) == warned, caplog.text
-    assert (f"kernels here are {capability}" in caplog.text) == warned

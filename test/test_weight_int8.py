@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlm_ros.config import RuntimeConfig
+from vlm_ros.engines import weight_int8
 from vlm_ros.engines.weight_int8 import PACKED_ROWS, WeightOnlyInt8Linear, quantize_weights
 from vlm_ros.errors import InputError
 from vlm_ros.infer.pipeline import Assistant
@@ -61,17 +62,22 @@ def test_quantize_releases_float_weights_and_refuses_float32_off_a_cpu():
         quantize_weights(nn.Sequential(nn.Linear(4, 4, device="meta")))
 
 
-def test_float32_compiled_step_reads_int8_weights_in_its_own_loop():
+@pytest.mark.parametrize("words", [False, True], ids=["bytes", "words"])
+def test_float32_compiled_step_reads_int8_weights_in_its_own_loop(monkeypatch, words):
     """float32 with a compiled CPU step: traced with one row, the layer is one multiply-sum over
-    the int8 weight converted in the loop (no library GEMM, no dequantized copy of the weight),
-    within int8-weight rounding of the float32 Linear; with several rows (a prefill) it
-    dequantizes and multiplies."""
+    the int8 bytes, or the int32 words taken apart with shifts, in the loop (no library GEMM,
+    no dequantized copy of the weight), within int8-weight rounding of the float32 Linear;
+    with several rows (a prefill) it dequantizes and multiplies."""
+    if words:
+        _words_everywhere(monkeypatch)
     linear = nn.Linear(96, 160)
     quantized = WeightOnlyInt8Linear(linear)
     one = torch.randn(1, 1, 96, generator=torch.Generator().manual_seed(7))
     ops, got = traced_ops(quantized, one)
     assert not any(op.split(".")[1] in ("mm", "addmm", "bmm", "_weight_int8pack_mm") for op in ops)
+    assert quantized.planes == words
     assert {"aten.mul.Tensor", "aten.sum.dim_IntList"} <= ops, ops
+    assert ("aten.__rshift__.Scalar" in ops) == words, ops
     with torch.inference_mode():
         want = F.linear(one, linear.weight, linear.bias)
         torch.testing.assert_close(got, quantized(one))  # uncompiled: dequantized, same maths
@@ -81,13 +87,82 @@ def test_float32_compiled_step_reads_int8_weights_in_its_own_loop():
     assert any(op.split(".")[1] in gemms for op in ops), ops
 
 
+@pytest.mark.parametrize("columns", [4, 96])
+def test_the_word_layout_round_trips_and_sign_extends(columns):
+    """Every int8 value, in every byte of a word: ``to_planes`` puts column j + p * in/4 in
+    byte p of word j, ``from_planes`` gives back the same int8 matrix, and the shifts of
+    ``gemv_planes`` read each byte as its signed value (eager, one row)."""
+    generator = torch.Generator().manual_seed(columns)
+    weight = torch.randint(-128, 128, (256, columns), generator=generator, dtype=torch.int8)
+    weight[:, 0], weight[0, :] = torch.arange(-128, 128, dtype=torch.int8), -128
+    words = weight_int8.to_planes(weight)
+    quarter = columns // 4
+    assert words.dtype == torch.int32 and words.shape == (256, quarter)
+    assert torch.equal(weight_int8.from_planes(words), weight)
+    as_bytes = words.view(torch.int8)  # [out, in] in the words' byte order
+    assert torch.equal(as_bytes[:, 4 * (quarter - 1) + 3], weight[:, columns - 1])
+    assert torch.equal(as_bytes[:, 1], weight[:, quarter])
+    x = torch.randn(1, columns, generator=generator, dtype=torch.float64)
+    want = x @ weight.double().T
+    torch.testing.assert_close(weight_int8.gemv_planes(x, words), want)
+    torch.testing.assert_close(weight_int8.planes_order(x) @ as_bytes.double().T, want)
+
+
+def _words_everywhere(monkeypatch) -> None:
+    """A float32 model's int8 weights as int32 words whatever torch's kernels here (as on
+    AVX2 or Arm ones; this host's AVX-512 kernels keep bytes)."""
+    monkeypatch.setattr(weight_int8, "WHOLE_BYTE_LOADS", ())
+
+
+def test_float32_weights_are_words_except_on_avx512_kernels(monkeypatch):
+    """Where torch's kernels are in WHOLE_BYTE_LOADS (AVX-512) a float32 model's layer keeps
+    int8 bytes [out, in]; elsewhere int32 words [out, in/4]."""
+    assert weight_int8.WHOLE_BYTE_LOADS == ("AVX512",)
+    capability = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(weight_int8, "WHOLE_BYTE_LOADS", (capability,))
+    kept = WeightOnlyInt8Linear(nn.Linear(96, 8))
+    assert not kept.planes and kept.weight.shape == (8, 96) and kept.weight.dtype == torch.int8
+    monkeypatch.setattr(weight_int8, "WHOLE_BYTE_LOADS", ("NOT_" + capability,))
+    words = WeightOnlyInt8Linear(nn.Linear(96, 8))
+    assert words.planes and words.weight.shape == (8, 24) and words.weight.dtype == torch.int32
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_float32_layer_stores_words_and_computes_what_its_int8_weights_do(monkeypatch, rows):
+    """A float32 model's layer on a CPU, as words: int32 words of four column planes (what
+    inductor's AVX2 code reads a whole vector of); uncompiled, any number of rows, it computes
+    what the int8 weights in nn.Linear's order compute, within float32 rounding, and those are
+    the per-channel rounding of the float weights. A width that is not a multiple of 4, and a
+    bfloat16 layer, keep plain int8 [out, in]."""
+    _words_everywhere(monkeypatch)
+    linear = nn.Linear(96, 160)
+    quantized = WeightOnlyInt8Linear(linear)
+    assert quantized.planes and quantized.weight.dtype == torch.int32
+    assert quantized.weight.shape == (160, 24) and "int32 words" in repr(quantized)
+    int8 = quantized.int8_weight()
+    scales = quantized.scales
+    rounded = torch.round(linear.weight.detach() / scales[:, None]).clamp(-127, 127)
+    assert torch.equal(int8, rounded.to(torch.int8))
+    x = torch.randn(2, rows, 96, generator=torch.Generator().manual_seed(rows))
+    with torch.inference_mode():
+        want = F.linear(x, int8.float()) * scales + linear.bias
+        torch.testing.assert_close(quantized(x), want, atol=1e-5, rtol=1e-5)
+    odd = WeightOnlyInt8Linear(nn.Linear(30, 8))
+    assert not odd.planes and odd.weight.shape == (8, 30) and odd.weight.dtype == torch.int8
+    half = WeightOnlyInt8Linear(nn.Linear(96, 8).to(torch.bfloat16))
+    assert not half.planes and half.weight.dtype == torch.int8
+
+
+@pytest.mark.parametrize("words", [False, True], ids=["bytes", "words"])
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled_step", "regions"])
-def test_float32_decoder_with_int8_weights(compiled):
-    """quantize int8_weight_only on a float32 model (CPU): loads (the blocks quantized as they
-    are read); compiled, the step passes its load check; uncompiled, the step runs as compiled
-    regions reading the int8 weights (regional_step.py), never the per-token dequantizing
-    form; either answers within the setting's fidelity threshold of the float32 reference on
-    the tiny checkpoint."""
+def test_float32_decoder_with_int8_weights(monkeypatch, compiled, words):
+    """quantize int8_weight_only on a float32 model (CPU), its weights int8 bytes or int32
+    words: loads (the blocks quantized as they are read); compiled, the step passes its load
+    check; uncompiled, the step runs as compiled regions reading the int8 weights
+    (regional_step.py), never the per-token dequantizing form; either answers within the
+    setting's fidelity threshold of the float32 reference on the tiny checkpoint."""
+    if words:
+        _words_everywhere(monkeypatch)
     from tiny_models import tiny_checkpoint
 
     from vlm_ros.infer import fidelity, regional_step
@@ -106,6 +181,8 @@ def test_float32_decoder_with_int8_weights(compiled):
             assert isinstance(decoder._fast, regional_step.RegionalStep), decoder.regions
             assert decoder._fast.shape.int8 and decoder.regions.timings is None  # untimed
         assert not any(isinstance(m, nn.Linear) for m in decoder.lm.modules())
+        layers = [m for m in decoder.lm.modules() if isinstance(m, WeightOnlyInt8Linear)]
+        assert layers and all(m.planes == words for m in layers)
         trace = int8.trace(image, question, max_new_tokens=8)
     result = fidelity.compare(
         list(reference.answer.token_ids), reference.step_logits,

@@ -20,7 +20,9 @@ mix was not traced), reproduced with a LayerNorm and a GEMV (test/test_compile_c
 decoder's check at load caught every case (it refused the wrong step and served the
 library's, slower), which is how this was first taken for a miscompile (docs/performance.md).
 A directory the user chose is shared as they chose; torch's own default found in the variable
-is not a choice (``torch_default``).
+is not a choice (``torch_default``), and neither is another CPU kind's directory of ours: a
+process sets the variable, and its children inherit it, also where they run other kernels (a
+bench's AVX2 child gave a wrong float32 GEMV from its parent's AVX-512 directory).
 """
 
 from __future__ import annotations
@@ -86,15 +88,27 @@ def torch_default() -> str:
         )
 
 
+def _this_kinds_sibling(chosen: str) -> Path | None:
+    """Where ``chosen`` is another CPU kind's directory of ours (``.../vlm_ros/inductor/
+    <kind>``, inherited from a process that ran other kernels, not a user's choice): this
+    kind's directory beside it; else None."""
+    path = Path(os.path.abspath(chosen))
+    ours = path.parent.name == "inductor" and path.parent.parent.name == "vlm_ros"
+    return path.parent / cpu_kind() if ours and path.name != cpu_kind() else None
+
+
 def use_persistent_cache(environ: MutableMapping[str, str] = os.environ) -> str | None:
     """Point inductor's cache at ``default_dir`` unless ``TORCHINDUCTOR_CACHE_DIR`` names
-    another place than torch's own default: the directory in use, or None where torch's
-    default stays (the directory could not be made or written; the log says why, once per
-    call)."""
+    another place than torch's own default or another CPU kind's directory of ours: the
+    directory in use, or None where torch's default stays (the directory could not be made or
+    written; the log says why, once per call)."""
     chosen = environ.get(ENV)
     if chosen and os.path.abspath(chosen) != torch_default():
-        return chosen
-    where = default_dir(environ)
+        where = _this_kinds_sibling(chosen)
+        if where is None:
+            return chosen
+    else:
+        where = default_dir(environ)
     try:
         where.mkdir(parents=True, exist_ok=True)
         probe = where / f".write-probe-{os.getpid()}"

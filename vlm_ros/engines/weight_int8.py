@@ -27,6 +27,23 @@ take the dequantizing form: in one measurement on the AMD host, the 51200x800 he
 rows took 254 ms in ATen's float32 int8 kernel and 74 ms dequantizing. Where the regions
 cannot be built (no C++ compiler), the uncompiled float32 step dequantizes too, per token
 (several times slower; the static decoder warns).
+
+Where torch's kernels are not AVX-512, a float32 model's int8 weights are stored as int32
+words, four weights a word from four column planes (``to_planes``): word j of a row holds its
+columns j, j + in/4, j + 2 in/4 and j + 3 in/4, and ``gemv_planes`` takes them apart with
+shifts. Why: inductor vectorizes a loop by the float lanes, and an AVX2 tile (8 floats) needs
+8 weight bytes, which its code loaded through a buffer copy: a `small` token took 93.5 ms
+against llama.cpp q8_0's 20.0 on AVX2 kernels (cpu-small-avx2-limited-amd-regions.json). 8
+int32 words fill the tile's vector load, four planes at a time. In one run on the AMD host, 2
+threads (bench/results/cpu-int8-gemv-words-amd.json, scripts/int8_gemv_words.py), the words'
+GEMVs took 1/7 to 1/15 of the bytes' on AVX2 kernels (3200x800: 0.124 against 1.471 ms),
+and a `small` token 10.62 ms, 1.95x q8_0 (cpu-small-avx2-limited-amd-words.json). On AVX-512
+kernels, which load 16 bytes in one masked load, the words ran at 0.84-1.08x the bytes'
+speed (6 of 8 shapes slower): so AVX-512 keeps the bytes (WHOLE_BYTE_LOADS). Arm's 4-lane
+tiles would load 4 bytes; they get the words (not measured on Arm). The other calls
+(prefill, an action hint's branches) view the words as the int8 [out, in] they are, in plane
+order, and put the activations' columns in the same order (``planes_order``): a copy of the
+activations, not of the weights.
 """
 
 from __future__ import annotations
@@ -47,15 +64,71 @@ PACKED_ROWS = 16  # up to this many rows on CPU: the int8 kernel; more: dequanti
 HAS_PACKED_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+# torch's CPU kernels where inductor loads a float tile's int8 weights in one whole vector
+# (AVX-512: 16 bytes, one masked load). There a float32 model's int8 weights stay bytes: the
+# words ran at 0.84-1.08x the bytes' GEMV speed (cpu-int8-gemv-words-amd.json, the module
+# docstring); everywhere else (AVX2's 8-lane tiles, Arm's 4-lane ones) they are words.
+WHOLE_BYTE_LOADS = ("AVX512",)
+
+
+def planes_wanted(weight: torch.Tensor) -> bool:
+    """Whether a weight [out, in] is stored as int32 words of four column planes: a float32
+    model's on a CPU, ``in`` a multiple of 4 (every Phi's is), where torch's kernels are not
+    in WHOLE_BYTE_LOADS."""
+    cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+    bytes_whole = torch.backends.cpu.get_cpu_capability() in WHOLE_BYTE_LOADS
+    return cpu_fp32 and weight.shape[1] % 4 == 0 and not bytes_whole
+
+
+def to_planes(quantized: torch.Tensor) -> torch.Tensor:
+    """int8 [rows, in] -> int32 words [rows, in/4]: word j holds columns j + p * in/4 for
+    p = 0..3, column plane p in byte p (little-endian, as every CPU torch runs on)."""
+    rows, columns = quantized.shape
+    planes = quantized.view(rows, 4, columns // 4).transpose(1, 2).reshape(rows, columns)
+    return planes.view(torch.int32)
+
+
+def from_planes(words: torch.Tensor) -> torch.Tensor:
+    """The int8 [rows, in] in natural column order that ``to_planes`` stored (a copy)."""
+    rows, quarter = words.shape
+    return words.view(torch.int8).view(rows, quarter, 4).transpose(1, 2).reshape(rows, -1)
+
+
+def planes_order(x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] with its columns in the words' byte order: column 4j + p is x's column
+    j + p * in/4, so ``x' @ words.view(int8).T`` is ``x @ weight.T``."""
+    return x.unflatten(-1, (4, -1)).transpose(-1, -2).flatten(-2)
+
+
+def gemv_planes(x: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for one row, [.., 1, in] x int32 words [out, in/4] -> [.., out]: the
+    four planes taken apart with shifts (sign-extended by the arithmetic right shift) and
+    summed in one loop over the words. Traced, inductor makes it one reduction reading each
+    word once (the module docstring's measurements); eager, it makes weight-sized
+    temporaries."""
+    xs = x.unflatten(-1, (4, -1)).unsqueeze(-3)  # [.., 1, 4, in/4]
+    total = None
+    for plane in range(4):
+        weights = ((words << (24 - 8 * plane)) >> 24).to(x.dtype)  # [out, in/4]
+        term = xs[..., plane, :] * weights
+        total = term if total is None else total + term
+    return total.sum(-1)
+
+
 class WeightOnlyInt8Linear(nn.Module):
     """nn.Linear with int8 weights [out, in] and float scales [out] (symmetric, per output
-    channel); the bias stays in the activation dtype."""
+    channel); the bias stays in the activation dtype. A float32 model's CPU weights are stored
+    as int32 words [out, in/4] of four column planes (``planes``; module docstring); the
+    state is then not nn.Linear's layout (these modules are made at load, never saved)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight = linear.weight.detach()  # [out, in]
         dtype = weight.dtype
-        quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        self.planes = planes_wanted(weight)
+        out, columns = weight.shape
+        stored = (out, columns // 4, torch.int32) if self.planes else (out, columns, torch.int8)
+        quantized = torch.empty(stored[:2], dtype=stored[2], device=weight.device)
         scales = torch.empty(weight.shape[0], dtype=dtype, device=weight.device)  # [out]
         # In slices of rows, so the float32 temporaries are a slice, not a second lm_head
         # (1.6 GB for Phi-2's: what an 8 GB Jetson cannot spare while loading).
@@ -66,7 +139,8 @@ class WeightOnlyInt8Linear(nn.Module):
             scale = (part.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(dtype)
             scales[rows] = scale
             part = torch.round(part / scale.float()[:, None]).clamp(-127, 127)
-            quantized[rows] = part.to(torch.int8)
+            part = part.to(torch.int8)
+            quantized[rows] = to_planes(part) if self.planes else part
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", quantized)
         self.register_buffer("scales", scales)
@@ -77,7 +151,9 @@ class WeightOnlyInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1]  # [..., in] -> [..., out]
         cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
-        if cpu_fp32 and cpu_kernels.compiling() and rows.numel() == 1:
+        if self.planes:
+            out = self._forward_planes(x)
+        elif cpu_fp32 and cpu_kernels.compiling() and rows.numel() == 1:
             # a compiled CPU decode step: inductor fuses the int8 -> float conversion into the
             # GEMV's loop, reading 1 byte per weight
             out = cpu_kernels.gemv_by_reduction(x, self.weight) * self.scales
@@ -91,6 +167,21 @@ class WeightOnlyInt8Linear(nn.Module):
             out = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return out if self.bias is None else out + self.bias
 
+    def _forward_planes(self, x: torch.Tensor) -> torch.Tensor:
+        """A float32 model's layer, without the bias: traced with one row (a compiled CPU
+        decode step), one loop over the words; otherwise the int8 weights in plane order,
+        dequantized, times the activations in the same order."""
+        if cpu_kernels.compiling() and x.shape[:-1].numel() == 1:
+            return gemv_planes(x, self.weight) * self.scales
+        x, weight = planes_order(x), self.weight.view(torch.int8).to(x.dtype)
+        if self.onednn:  # the dequantized GEMM on oneDNN, ~2x MKL on AMD
+            return cpu_kernels.linear_onednn(x, weight, None) * self.scales
+        return F.linear(x, weight) * self.scales
+
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 weights [out, in] in nn.Linear's column order (a copy where ``planes``)."""
+        return from_planes(self.weight) if self.planes else self.weight
+
     @staticmethod
     def _packed_kernel(x: torch.Tensor) -> bool:
         """ATen's int8 kernel for a CPU call of a few rows in half precision (its float32
@@ -99,7 +190,11 @@ class WeightOnlyInt8Linear(nn.Module):
         return HAS_PACKED_KERNEL and x.device.type == "cpu" and few and x.dtype in HALF
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+        words = " as int32 words of 4 column planes" if self.planes else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+            + words
+        )
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device | str) -> None:

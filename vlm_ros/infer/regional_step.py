@@ -31,7 +31,7 @@ and a process with many models, the test suite, would run the ninth as Python, w
 multiply-sum GEMV allocates a weight-sized temporary).
 
 ``supports`` says which decoders this covers (float32 CPU Linear layers, or a float32 model's
-int8 weight-only layers, read a byte per weight in the same loops; LayerNorms, no q/k norms,
+int8 weight-only layers, bytes or int32 words read in the same loops; LayerNorms, no q/k norms,
 one stateless activation) and why not; the static decoder then keeps the per-shape GEMVs. The
 step is checked at load against the library step on the same input
 (fidelity.compiled_step_problem), as a compiled step is.
@@ -50,7 +50,7 @@ from torch import nn
 
 from vlm_ros.engines import eager_gemv
 from vlm_ros.engines.cpu_kernels import gemv_by_reduction
-from vlm_ros.engines.weight_int8 import WeightOnlyInt8Linear
+from vlm_ros.engines.weight_int8 import WeightOnlyInt8Linear, gemv_planes
 from vlm_ros.infer.fidelity import compiled_step_problem
 from vlm_ros.infer.phi_step import PhiDecodeStep
 
@@ -58,9 +58,10 @@ from vlm_ros.infer.phi_step import PhiDecodeStep
 def _gemv(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """[1, in] -> [1, out], one loop over ``weight``: float32, or int8 converted as it is read
-    and scaled per output channel after the sum (weight_int8.WeightOnlyInt8Linear)."""
-    y = gemv_by_reduction(x, weight)
+    """[1, in] -> [1, out], one loop over ``weight``: float32, or int8 (bytes, or int32 words
+    of four column planes where torch's kernels are not AVX-512) converted as it is read and
+    scaled per output channel after the sum (weight_int8.WeightOnlyInt8Linear)."""
+    y = gemv_planes(x, weight) if weight.dtype == torch.int32 else gemv_by_reduction(x, weight)
     y = y if scales is None else y * scales
     return y if bias is None else y + bias
 
@@ -81,11 +82,13 @@ class Shape:
     eps: float
     activation: str  # repr of the activation module (its class and settings)
     biases: tuple[bool, ...]  # which of q, k, v, dense, fc1, fc2, head have a bias
-    int8: bool = False  # int8 weights with per-channel scales (quantize: int8_weight_only)
+    int8: bool = False  # int8 weights, per-channel scales (quantize: int8_weight_only)
+    words: bool = False  # those as int32 words of four column planes (weight_int8.to_planes)
 
     def name(self) -> str:
         shape = f"{self.hidden}_{self.heads}x{self.head_dim}_{self.kv_heads}kv_r{self.rotary}"
-        return shape + f"_{self.intermediate}_{self.vocab}" + ("_int8" if self.int8 else "")
+        int8 = ("_int8w" if self.words else "_int8") if self.int8 else ""
+        return shape + f"_{self.intermediate}_{self.vocab}" + int8
 
 
 def _regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, Callable]:
@@ -135,35 +138,14 @@ def compiled_regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, 
     return regions
 
 
-# Where inductor's vectorized int8 loads are whole vectors: on AVX-512 a 16-lane float tile
-# loads its 16 weight bytes with one masked load. With AVX2 kernels (8-lane float tiles) it
-# loads 8 bytes into a 32-byte vector through a buffer copy: a 3200x800 int8 GEMV took 3.37 ms
-# against 0.245 on AVX-512 kernels (ad hoc, one thread, the AMD host), and a `small` token
-# 93.5 ms against llama.cpp q8_0's 20.0 (cpu-small-avx2-limited-amd-regions.json).
-INT8_WHOLE_VECTOR_LOADS = ("AVX512",)
-
-
-def slow_int8_here() -> str | None:
-    """Why a float32 model's int8 weights decode slowly on this CPU's kernels, and what serves
-    8 bits fast there; None on AVX-512 kernels. Arm's 4-lane tiles load 4 bytes at a time,
-    likely as slowly (not measured)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability in INT8_WHOLE_VECTOR_LOADS:
-        return None
-    return (
-        f"torch's kernels here are {capability}, where inductor reads int8 weights a few bytes "
-        "at a time (measured on AVX2: 4.7x slower than llama.cpp q8_0); quantize: int8 "
-        "(dynamic) or dtype: bfloat16 with int8_weight_only serve 8 bits fast here"
-    )
-
-
 def int8_linear(module: object) -> bool:
     """A weight-only int8 layer on a CPU whose scales and bias are float32 (a float32 model's
     ``quantize: int8_weight_only``)."""
     if not isinstance(module, WeightOnlyInt8Linear):
         return False
     tensors = [module.scales] + ([] if module.bias is None else [module.bias])
-    on_cpu = module.weight.device.type == "cpu" and module.weight.dtype == torch.int8
+    int8 = module.weight.dtype == torch.int8 or module.planes  # bytes, or int32 words
+    on_cpu = module.weight.device.type == "cpu" and int8
     return on_cpu and all(t.dtype == torch.float32 for t in tensors)
 
 
@@ -208,6 +190,7 @@ class RegionalStep:
             intermediate=int(first.fc1.out_features), vocab=int(step.head.out_features),
             eps=float(first.norm.eps), activation=repr(first.act),
             biases=tuple(m.bias is not None for m in linears), int8=int8_linear(first.q),
+            words=bool(getattr(first.q, "planes", False)),
         )  # fmt: skip
         self.layer_in, self.layer_out, self.head = compiled_regions(self.shape, first.act)
         self.gqa, self.embed, self.cos, self.sin = step.gqa, step.embed, step.cos, step.sin

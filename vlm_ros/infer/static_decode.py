@@ -228,8 +228,7 @@ class StaticDecoder:
         anywhere): the step as compiled regions (regional_step.py) where the decoder's structure
         allows, else each float32 GEMV compiled per shape (eager_gemv.py). A float32 model's
         int8 weights (weight_int8.py) on any CPU: the regions are its one fast uncompiled step,
-        used untimed; without them a warning says the step is slow, and so does one where
-        torch's kernels are not AVX-512 (regional_step.slow_int8_here)."""
+        used untimed; without them a warning says the step is slow."""
         int8_f32 = quantize == "int8_weight_only" and self.dtype == torch.float32
         inductor = cpu_kernels.wants_inductor_gemv(cpu_linear, self.device, self.dtype)
         if not (inductor or int8_f32):
@@ -243,8 +242,6 @@ class StaticDecoder:
                 "decode step dequantizes every weight per token, several times slower; "
                 "compile_decode: true or dtype bfloat16 serve it fast", why,
             )  # fmt: skip
-        elif int8_f32 and (why := regional_step.slow_int8_here()) is not None:
-            _log.warning("quantize int8_weight_only on float32: %s", why)
         elif not int8_f32 and (self.regions is None or not self.regions.compiled):
             self.gemvs = self._use_inductor_gemvs(lean, measured)
 
