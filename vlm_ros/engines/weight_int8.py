@@ -117,9 +117,10 @@ def gemv_planes(x: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
 
 class WeightOnlyInt8Linear(nn.Module):
     """nn.Linear with int8 weights [out, in] and float scales [out] (symmetric, per output
-    channel); the bias stays in the activation dtype. A float32 model's CPU weights are stored
-    as int32 words [out, in/4] of four column planes (``planes``; module docstring); the
-    state is then not nn.Linear's layout (these modules are made at load, never saved)."""
+    channel); the bias stays in the activation dtype. A float32 model's CPU weights, where
+    torch's kernels are not AVX-512, are stored as int32 words [out, in/4] of four column
+    planes (``planes``; module docstring): the state is then not nn.Linear's layout (these
+    modules are made at load, never saved)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
