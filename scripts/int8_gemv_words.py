@@ -44,15 +44,11 @@ SHAPES = {
 }
 
 
-def _words(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return weight_int8.gemv_planes(x, w)
-
-
 def _kernels(out: int, columns: int) -> dict:
     """The three GEMVs compiled for one shape, each a code object of its own (dynamo keeps
     at most 8 compiled entries per code object)."""
     kinds = (("float32", gemv_by_reduction), ("int8_bytes", gemv_by_reduction),
-             ("int8_words", _words))  # fmt: skip
+             ("int8_words", weight_int8.gemv_planes))  # fmt: skip
     return {
         name: torch.compile(own_function(fn, f"{name}_{out}x{columns}"), fullgraph=True,
                             dynamic=False)

@@ -147,33 +147,24 @@ def test_a_compiled_step_is_served_only_where_it_matches_the_uncompiled_one():
 # A float32 model's int8 weights as regions on AVX2 kernels: inductor's AVX2 code once read
 # their bytes 8 at a time through a buffer copy (93.5 ms a `small` token against llama.cpp
 # q8_0's 20.0); the weights are now int32 words of four column planes (weight_int8.py).
-INT8_CHILD = """
-import copy, json, torch
-from transformers import PhiConfig, PhiForCausalLM
+INT8_CHILD = f"""
+import copy, json, sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from decode_helpers import greedy, tiny_phi
 from vlm_ros.infer import regional_step
 from vlm_ros.infer.static_decode import StaticDecoder
-torch.manual_seed(0)
-lm = PhiForCausalLM(PhiConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=2, num_attention_heads=4,
-                              partial_rotary_factor=0.4, max_position_embeddings=64)).eval()
+lm = tiny_phi()
 embeds = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(1))
-runs = []
 with torch.inference_mode():
     regions = StaticDecoder(copy.deepcopy(lm), 40, quantize="int8_weight_only", huge_pages=False)
     library = StaticDecoder(copy.deepcopy(lm), 40, quantize="int8_weight_only", huge_pages=False,
                             regional=False)
-    for decoder in (regions, library):
-        logits, tokens, kept = decoder.prefill(embeds), [], []
-        for _ in range(8):
-            tokens.append(int(logits.argmax(-1)))
-            logits = decoder.decode_one_token(torch.tensor([[tokens[-1]]]))
-            kept.append(logits.clone())
-        runs.append((tokens, torch.cat(kept)))
-print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
+    runs = [greedy(decoder, embeds, 8) for decoder in (regions, library)]
+print(json.dumps({{"capability": torch.backends.cpu.get_cpu_capability(),
                   "regions": isinstance(regions._fast, regional_step.RegionalStep),
                   "words": str(regions.lm.model.layers[0].mlp.fc1.weight.dtype),
                   "same_tokens": runs[0][0] == runs[1][0],
-                  "gap": (runs[0][1] - runs[1][1]).abs().max().item()}))
+                  "gap": (runs[0][1] - runs[1][1]).abs().max().item()}}))
 """
 
 

@@ -92,9 +92,9 @@ def _this_kinds_sibling(chosen: str) -> Path | None:
     """Where ``chosen`` is another CPU kind's directory of ours (``.../vlm_ros/inductor/
     <kind>``, inherited from a process that ran other kernels, not a user's choice): this
     kind's directory beside it; else None."""
-    path = Path(os.path.abspath(chosen))
+    path, kind = Path(os.path.abspath(chosen)), cpu_kind()
     ours = path.parent.name == "inductor" and path.parent.parent.name == "vlm_ros"
-    return path.parent / cpu_kind() if ours and path.name != cpu_kind() else None
+    return path.parent / kind if ours and path.name != kind else None
 
 
 def use_persistent_cache(environ: MutableMapping[str, str] = os.environ) -> str | None:

@@ -115,6 +115,15 @@ def gemv_planes(x: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     return total.sum(-1)
 
 
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One row's ``x @ weight.T`` as one loop over ``weight`` (traced: inductor's reduction):
+    int32 words through ``gemv_planes``, float32 or int8 bytes through
+    cpu_kernels.gemv_by_reduction."""
+    if weight.dtype == torch.int32:
+        return gemv_planes(x, weight)
+    return cpu_kernels.gemv_by_reduction(x, weight)
+
+
 class WeightOnlyInt8Linear(nn.Module):
     """nn.Linear with int8 weights [out, in] and float scales [out] (symmetric, per output
     channel); the bias stays in the activation dtype. A float32 model's CPU weights, where
@@ -152,32 +161,28 @@ class WeightOnlyInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1]  # [..., in] -> [..., out]
         cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
-        if self.planes:
-            out = self._forward_planes(x)
-        elif cpu_fp32 and cpu_kernels.compiling() and rows.numel() == 1:
+        if cpu_fp32 and cpu_kernels.compiling() and rows.numel() == 1:
             # a compiled CPU decode step: inductor fuses the int8 -> float conversion into the
-            # GEMV's loop, reading 1 byte per weight
-            out = cpu_kernels.gemv_by_reduction(x, self.weight) * self.scales
+            # GEMV's loop, reading each weight byte once (bytes, or words: ``gemv``)
+            out = gemv(x, self.weight) * self.scales
         elif self._packed_kernel(x):
             flat = x.reshape(-1, self.in_features).contiguous()
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
             out = out.reshape(*rows, self.out_features)
-        elif cpu_fp32 and self.onednn:  # the dequantized GEMM on oneDNN, ~2x MKL on AMD
-            out = cpu_kernels.linear_onednn(x, self.weight.to(x.dtype), None) * self.scales
         else:
-            out = F.linear(x, self.weight.to(x.dtype)) * self.scales
+            x, weight = self._dequantized(x)
+            if cpu_fp32 and self.onednn:  # the dequantized GEMM on oneDNN, ~2x MKL on AMD
+                out = cpu_kernels.linear_onednn(x, weight, None) * self.scales
+            else:
+                out = F.linear(x, weight) * self.scales
         return out if self.bias is None else out + self.bias
 
-    def _forward_planes(self, x: torch.Tensor) -> torch.Tensor:
-        """A float32 model's layer, without the bias: traced with one row (a compiled CPU
-        decode step), one loop over the words; otherwise the int8 weights in plane order,
-        dequantized, times the activations in the same order."""
-        if cpu_kernels.compiling() and x.shape[:-1].numel() == 1:
-            return gemv_planes(x, self.weight) * self.scales
-        x, weight = planes_order(x), self.weight.view(torch.int8).to(x.dtype)
-        if self.onednn:  # the dequantized GEMM on oneDNN, ~2x MKL on AMD
-            return cpu_kernels.linear_onednn(x, weight, None) * self.scales
-        return F.linear(x, weight) * self.scales
+    def _dequantized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, the weights in x's dtype) for a library GEMM: where ``planes``, the int8 view
+        of the words (plane order) and x's columns put in the same order."""
+        if self.planes:
+            return planes_order(x), self.weight.view(torch.int8).to(x.dtype)
+        return x, self.weight.to(x.dtype)
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 weights [out, in] in nn.Linear's column order (a copy where ``planes``)."""

@@ -49,8 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm_ros.engines import eager_gemv
-from vlm_ros.engines.cpu_kernels import gemv_by_reduction
-from vlm_ros.engines.weight_int8 import WeightOnlyInt8Linear, gemv_planes
+from vlm_ros.engines.weight_int8 import WeightOnlyInt8Linear, gemv
 from vlm_ros.infer.fidelity import compiled_step_problem
 from vlm_ros.infer.phi_step import PhiDecodeStep
 
@@ -61,7 +60,7 @@ def _gemv(
     """[1, in] -> [1, out], one loop over ``weight``: float32, or int8 (bytes, or int32 words
     of four column planes where torch's kernels are not AVX-512) converted as it is read and
     scaled per output channel after the sum (weight_int8.WeightOnlyInt8Linear)."""
-    y = gemv_planes(x, weight) if weight.dtype == torch.int32 else gemv_by_reduction(x, weight)
+    y = gemv(x, weight)
     y = y if scales is None else y * scales
     return y if bias is None else y + bias
 
@@ -144,7 +143,7 @@ def int8_linear(module: object) -> bool:
     if not isinstance(module, WeightOnlyInt8Linear):
         return False
     tensors = [module.scales] + ([] if module.bias is None else [module.bias])
-    int8 = module.weight.dtype == torch.int8 or module.planes  # bytes, or int32 words
+    int8 = module.weight.dtype in (torch.int8, torch.int32)  # bytes, or int32 words
     on_cpu = module.weight.device.type == "cpu" and int8
     return on_cpu and all(t.dtype == torch.float32 for t in tensors)
 
@@ -190,7 +189,7 @@ class RegionalStep:
             intermediate=int(first.fc1.out_features), vocab=int(step.head.out_features),
             eps=float(first.norm.eps), activation=repr(first.act),
             biases=tuple(m.bias is not None for m in linears), int8=int8_linear(first.q),
-            words=bool(getattr(first.q, "planes", False)),
+            words=first.q.weight.dtype == torch.int32,
         )  # fmt: skip
         self.layer_in, self.layer_out, self.head = compiled_regions(self.shape, first.act)
         self.gqa, self.embed, self.cos, self.sin = step.gqa, step.embed, step.cos, step.sin
