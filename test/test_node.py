@@ -841,3 +841,62 @@ def test_a_finished_request_leaves_no_reference_cycle_holding_its_frame():
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_a_failed_request_leaves_no_reference_cycle_holding_its_frame(ros, checkpoint):
+    """A failure carries its traceback, and the traceback keeps its frames' locals: the
+    worker's frame held the job (job -> Future -> exception -> traceback -> frame -> job), and
+    the Ask coroutine's frames held its Futures the same way. Each such cycle kept the failed
+    request's Result, with its camera frame, until Python's cycle collector ran. With the
+    collector off, no Result of a failed Ask may outlive its response."""
+    import gc
+
+    from vlm_ros.ros.node import Result
+
+    node = start_node(ros, checkpoint, "failcycle")
+    probe = ros.client_node("failcycle_probe")
+    Camera(ros, "failcycle").send(image_msg(1), node)
+    assert ask(ros, node, probe).success
+
+    def results() -> int:
+        return sum(type(o) is Result for o in gc.get_objects())
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = results()
+        for _ in range(4):
+            resp = ask(ros, node, probe, question=" ")  # refused in the worker: a failed job
+            assert not resp.success and "question is empty" in resp.error_message
+        wait_for(lambda: node.worker.stats["failed"] >= 4, what="four failed jobs")
+        assert results() == before, "a failed request's Result (and frame) is held by a cycle"
+    finally:
+        gc.enable()
+
+
+def test_an_unexpected_failure_is_logged_with_its_traceback_then_dropped():
+    """A bug in the model path answers the caller in one line, logs where it happened, and
+    then lets go of the traceback (and with it the request's frames; see the test above)."""
+    import types
+
+    from vlm_ros.ros.node import AssistantNode
+
+    logged: list[str] = []
+    logger = types.SimpleNamespace(error=logged.append)
+    host = types.SimpleNamespace(config=None, get_logger=lambda: logger, _count=lambda _name: 1)
+
+    def model_step():
+        raise RuntimeError("shape mismatch")
+
+    try:
+        try:
+            model_step()
+        except RuntimeError as inner:
+            raise ValueError("decode failed") from inner
+    except ValueError as exc:
+        failure = exc
+    text = AssistantNode._refused(host, "Ask", failure)
+    assert text == "inference failed: ValueError: decode failed"
+    assert len(logged) == 1 and logged[0].startswith(f"Ask: {text}\nTraceback")
+    assert "model_step" in logged[0] and "RuntimeError: shape mismatch" in logged[0]
+    assert failure.__traceback__ is None and failure.__cause__.__traceback__ is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -107,3 +108,36 @@ def test_cancel_before_start_and_clean_shutdown():
     assert not w._thread.is_alive()
     with pytest.raises(WorkerStoppedError):
         w.submit(lambda: 1)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_finished_job_is_freed_without_the_cycle_collector(worker, fails):
+    """The worker holds nothing of a finished job once its caller lets go: not as the last
+    job run (the loop's variable while the queue waits), and not through a failure's
+    traceback (its frames' locals held the job, whose Future held the failure: a cycle). A
+    node's job holds its camera frame, up to 6 MB at 1080p."""
+    import gc
+    import weakref
+
+    class Payload:  # stands for the job's Result and its frame
+        pass
+
+    alive: list[weakref.ref] = []
+
+    def job() -> Payload:
+        payload = Payload()
+        alive.append(weakref.ref(payload))
+        if fails:
+            raise ValueError("bad frame")
+        return payload
+
+    gc.disable()
+    try:
+        future = worker.submit(job)
+        with pytest.raises(ValueError) if fails else contextlib.nullcontext():
+            future.result(5)
+        del future
+        time.sleep(0.05)  # the worker is back waiting on an empty queue
+        assert alive[0]() is None
+    finally:
+        gc.enable()

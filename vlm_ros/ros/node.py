@@ -66,6 +66,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -155,6 +156,23 @@ DEMO_OVERRIDES = {
 WAIT_ERRORS = (concurrent.futures.TimeoutError, concurrent.futures.CancelledError)
 # a command-line flag in a core error ("use --device cpu") -> the node's parameter
 CLI_FLAG = re.compile(r"--(device|dtype|decoder|quantize|threads|vision-tower) (\S+)")
+
+
+def drop_tracebacks(exc: BaseException | None) -> None:
+    """Drop the tracebacks of a request's failure (and of its cause and context) once it is
+    answered. A traceback keeps its frames' locals, and the frames it passes through hold the
+    Futures that hold the exception: the worker's job, the Ask coroutine's ``job`` and the
+    awaited rclpy Future's ``self``. Each was a reference cycle keeping the failed request's
+    Result and camera frame until Python's cycle collector ran (test_node.py)."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        stack += [e.__cause__, e.__context__]
 
 
 @dataclass(eq=False)
@@ -820,7 +838,8 @@ class AssistantNode(LifecycleNode):
 
     def _refused(self, what: str, exc: BaseException) -> str:
         """The one-line error a failed request gets; counted, and logged (a burst's refusals
-        at most once a second per kind, with the running count)."""
+        at most once a second per kind, with the running count; a bug with its traceback).
+        The traceback is then dropped (see drop_tracebacks)."""
         text = str(exc) or type(exc).__name__
         timeout = self.config.query_timeout_s if self.config else 0.0
         if isinstance(exc, imaging.ImageFormatError):
@@ -837,7 +856,9 @@ class AssistantNode(LifecycleNode):
         else:  # a bug or a model failure: still answer the caller, and make /diagnostics ERROR
             self._count("failed")
             text = f"inference failed: {type(exc).__name__}: {text}"
-            self.get_logger().error(f"{what}: {text}")
+            trace = "".join(traceback.format_exception(exc)).rstrip()
+            self.get_logger().error(f"{what}: {text}\n{trace}")
+        drop_tracebacks(exc)
         return text
 
     def _count(self, name: str) -> int:

@@ -147,8 +147,14 @@ class InferenceWorker:
                 self._cond.wait()
 
     def _loop(self) -> None:
-        while (job := self._next()) is not None:
+        """Run jobs until shutdown. No job stays bound here while the queue waits: the last
+        one's result (an answer and its camera frame) is freed when its caller lets go."""
+        while True:
+            job = self._next()
+            if job is None:
+                return
             self._run(job)
+            del job
 
     def _run(self, job: _Job) -> None:
         """Run one job unless cancelled by its submitter or stale."""
@@ -167,6 +173,10 @@ class InferenceWorker:
         except Exception as exc:  # delivered to the submitter, never kills the worker
             self.stats["failed"] += 1
             job.future.set_exception(exc)
+            # exc's traceback keeps this frame, and the frame kept ``job``: job -> future ->
+            # exc -> traceback -> job was a cycle holding the failed job's locals (its camera
+            # frame) until the cycle collector ran (concurrent.futures' own worker does this).
+            del job
         else:
             self.stats["completed"] += 1
             job.future.set_result(result)
