@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from test_arm64_check import probe_source
 
+from vlm_ros.engines import cpuinfo
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "avx2-limited-bench.sh"
 LIMITS = {
@@ -51,8 +53,7 @@ def _child(code: str, env: dict) -> subprocess.CompletedProcess:
 
 
 def _host_has_avx2() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return platform.machine() in ("x86_64", "AMD64") and " avx2" in flags
+    return platform.machine() in ("x86_64", "AMD64") and "avx2" in cpuinfo.flags()
 
 
 def test_the_script_parses_and_refuses_a_result_it_cannot_vouch_for():

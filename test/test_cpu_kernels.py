@@ -290,3 +290,26 @@ def test_compiled_cpu_step_uses_the_reduction_attention_and_matches_the_uncompil
         runs = [greedy(decoder, embeds, 12) for decoder in (compiled, plain)]
     assert runs[0][0] == runs[1][0]
     torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-4, rtol=0)
+
+
+def test_cpuinfo_reads_the_first_processor_of_x86_and_arm(tmp_path):
+    """Every reader of the CPU (the inductor cache's kind, the kernel choice by vendor, the
+    benchmarks' machine record) goes through engines/cpuinfo.py, so they cannot disagree."""
+    from vlm_ros.engines import cpuinfo
+
+    x86 = tmp_path / "x86"
+    x86.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n"
+        "flags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\nmodel name\t: another\n"
+    )
+    assert cpuinfo.vendor(x86) == "AuthenticAMD"
+    assert cpuinfo.model_name(x86) == "AMD EPYC 9R14"
+    assert cpuinfo.flags(x86) == {"fpu", "avx2", "avx512f"}
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 62.50\nFeatures\t: fp asimd\n\nHardware\t: x\n")
+    assert cpuinfo.vendor(arm) == "" and cpuinfo.flags(arm) == {"fp", "asimd"}
+    assert cpuinfo.model_name(arm) == (platform.processor() or platform.machine())
+    absent = tmp_path / "absent"
+    assert cpuinfo.fields(absent) == {} and cpuinfo.flags(absent) == frozenset()
+    if X86 and platform.system() == "Linux":  # this machine, read the same way as before
+        assert cpuinfo.vendor() == cpu_kernels.cpu_vendor() and "sse2" in cpuinfo.flags()

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_ros.bag.make_bag import pattern_frame
+from vlm_ros.engines import cpuinfo
 from vlm_ros.infer.wire_image import PNG_COMPRESS_LEVEL, encode_frame
 
 SIZES = {"720p": (1280, 720), "1080p": (1920, 1080)}
@@ -108,13 +109,7 @@ def run(iters: int) -> dict:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return cpuinfo.model_name()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ from vlm_ros.config import (
     RuntimeConfig,
     VisionBackend,
 )
+from vlm_ros.engines import cpuinfo
 from vlm_ros.engines import huge_pages as thp
 from vlm_ros.engines.build import build_for_model
 from vlm_ros.engines.cpu_kernels import (
@@ -983,17 +984,8 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "am
 def _cpu_model_and_flags() -> tuple[str, list[str]]:
     """/proc/cpuinfo's model name and the ISA flags that decide which CPU kernels are fast
     (the same bench differs 2-3x between an AVX2 and an AVX-512 host)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags = set(value.split())
-    except OSError:
-        pass
-    return model, [f for f in CPU_FLAGS if f in flags]
+    flags = cpuinfo.flags()
+    return cpuinfo.model_name(), [f for f in CPU_FLAGS if f in flags]
 
 
 # Environment variables that make the CPU libraries use fewer instructions than the CPU has:

@@ -36,22 +36,16 @@ from pathlib import Path
 
 import torch
 
+from vlm_ros.engines import cpuinfo
+
 _log = logging.getLogger(__name__)
 ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+def cpu_flags(info: Path = cpuinfo.CPUINFO) -> str:
     """The CPU's feature flags as one sorted line (x86 ``flags``, Arm ``Features``); empty
     where the system does not say."""
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return " ".join(sorted(set(value.split())))
-    return ""
+    return " ".join(sorted(cpuinfo.flags(info)))
 
 
 def cpu_kind(flags: str | None = None) -> str:

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlm_ros.config import CPU_LINEAR_MODES, check_choice
+from vlm_ros.engines import cpuinfo
 
 _log = logging.getLogger(__name__)
 _PROBE_RTOL = 1e-4  # max |onednn - F.linear| / max |F.linear| on a seeded probe
@@ -202,16 +203,9 @@ AMD_VENDORS = ("AuthenticAMD", "HygonGenuine")  # x86 vendor ids whose float32 M
 
 @functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
-    """The x86 vendor id ("GenuineIntel", "AuthenticAMD", ...) from /proc/cpuinfo; "" where
-    there is none (another OS, an Arm CPU)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            for line in info:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return ""
+    """The x86 vendor id ("GenuineIntel", "AuthenticAMD", ...); "" where there is none
+    (another OS, an Arm CPU). Read once; the tests patch it."""
+    return cpuinfo.vendor()
 
 
 def wants_onednn(mode: str, device: torch.device | str, dtype: torch.dtype) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 
+from vlm_ros.engines import cpuinfo
 from vlm_ros.ros import soak_clients
 from vlm_ros.ros.transport import PROFILE_VARIABLE, profile_path
 
@@ -75,18 +75,10 @@ def rss_mb(pid: int) -> float | None:
 
 def cpu() -> dict:
     """The CPU model and flags (the figures depend on them), and the load when the run began."""
-    model, flags = platform.processor(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
+    flags = cpuinfo.flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "fma")
-    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in flags if f in wanted],
+    return {"model": cpuinfo.model_name(), "cores": os.cpu_count(),
+            "flags": [f for f in wanted if f in flags],
             "load_average_at_start": list(os.getloadavg())}  # fmt: skip
 
 
