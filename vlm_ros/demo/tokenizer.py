@@ -10,15 +10,12 @@ prompt short (cheap training) and makes every answer one or two tokens.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-from tokenizers import ByteLevelBPETokenizer
 
 from vlm_ros.demo.data import corpus, split_seeds
 from vlm_ros.infer.prompt import build_prompt
+from vlm_ros.model.tiny import ENDOFTEXT, write_phi_style_tokenizer
 
-ENDOFTEXT = "<|endoftext|>"
 VOCAB_SIZE = 640
 CORPUS_SCENES = 400
 
@@ -33,24 +30,6 @@ def train_tokenizer(out: str | Path):
     """Train and write the tokenizer files into ``out``; returns the ``tokenizers`` object."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = ByteLevelBPETokenizer(add_prefix_space=False)
-    tokenizer.train_from_iterator(
-        training_text(),
-        vocab_size=VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=[ENDOFTEXT],
-        show_progress=False,
+    return write_phi_style_tokenizer(
+        out, training_text(), VOCAB_SIZE, min_frequency=2, clean_up_spaces=False
     )
-    tokenizer.save(str(out / "tokenizer.json"))
-    tokenizer.save_model(str(out))
-    special = {f"{role}_token": ENDOFTEXT for role in ("bos", "eos", "unk")}
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    config = {
-        **special,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 2048,
-        "tokenizer_class": "CodeGenTokenizer",
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return tokenizer

@@ -480,13 +480,22 @@ def _write_preprocessor(out: Path, *, clip: bool) -> None:
 
 
 def _write_tokenizer(out: Path):
-    """Byte-level BPE like Phi-2's (CodeGen/GPT-2 kind): tokenizer.json for the fast tokenizer,
-    vocab.json + merges.txt for the slow one, and the configs that name them."""
+    """The tiny checkpoints' tokenizer, trained on CORPUS."""
+    return write_phi_style_tokenizer(out, CORPUS.splitlines(), 420, 1, clean_up_spaces=True)
+
+
+def write_phi_style_tokenizer(
+    out: Path, texts: list[str], vocab_size: int, min_frequency: int, clean_up_spaces: bool
+) -> ByteLevelBPETokenizer:
+    """Train a byte-level BPE like Phi-2's (CodeGen/GPT-2 kind) on ``texts`` and write Phi-2's
+    tokenizer files: tokenizer.json for the fast tokenizer, vocab.json + merges.txt for the
+    slow one, and the configs that name them (checkpoint.load_tokenizer reads them as it
+    reads Phi-2's). The tiny checkpoints and the demo model both use it."""
     tokenizer = ByteLevelBPETokenizer(add_prefix_space=False)
     tokenizer.train_from_iterator(
-        CORPUS.splitlines(),
-        vocab_size=420,
-        min_frequency=1,
+        texts,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
         special_tokens=[ENDOFTEXT],
         show_progress=False,
     )
@@ -497,7 +506,7 @@ def _write_tokenizer(out: Path):
     config = {
         **special,
         "add_prefix_space": False,
-        "clean_up_tokenization_spaces": True,
+        "clean_up_tokenization_spaces": clean_up_spaces,
         "model_max_length": 2048,
         "tokenizer_class": "CodeGenTokenizer",
     }
