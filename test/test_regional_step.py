@@ -142,7 +142,10 @@ def _failing_regions(shape, act):
 
 @pytest.mark.parametrize(
     ("make", "reason"),
-    [(_wrong_regions, "regions' logits differ"), (_failing_regions, "g++ not found")],
+    [
+        (_wrong_regions, "logits of the compiled regions differ"),
+        (_failing_regions, "g++ not found"),
+    ],
 )
 def test_regions_that_fail_their_check_keep_the_library_step_and_say_why(
     monkeypatch, caplog, make, reason

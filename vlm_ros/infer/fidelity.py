@@ -136,20 +136,24 @@ def compare(
 
 
 def compiled_step_problem(
-    compiled: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype
+    compiled: torch.Tensor,
+    reference: torch.Tensor,
+    dtype: torch.dtype,
+    what: str = "the compiled decode step",
 ) -> str | None:
     """Why the compiled step's logits are not the uncompiled step's on the same input, or None.
     Allowed: float32 rounding (1e-3 of the logit range; measured ~1e-6 on CPU) or, in half
     precision, the reordered sums of fused kernels (5e-2 of the range). A miscompile is far
-    outside either (whole logits off, or NaN)."""
+    outside either (whole logits off, or NaN). ``what`` names the compiled step in the reason
+    (the regions are one too)."""
     if not torch.isfinite(compiled).all():
-        return "the compiled decode step returned non-finite logits (the uncompiled one did not)"
+        return f"{what} returned non-finite logits (the uncompiled step did not)"
     share = 1e-3 if dtype == torch.float32 else 5e-2
     scale = (reference.max() - reference.min()).item()
     gap = (compiled - reference).abs().max().item()
     if gap > share * scale:
         return (
-            f"the compiled decode step's logits differ from the uncompiled step's by {gap:.3g} "
+            f"the logits of {what} differ from the uncompiled step's by {gap:.3g} "
             f"(allowed {share:g} of the logit range, {share * scale:.3g})"
         )
     return None

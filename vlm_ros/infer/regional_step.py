@@ -261,13 +261,6 @@ class RegionPlan:
         return f"decode step as compiled regions, built in {self.seconds:.1f} s{timed}"
 
 
-def _as_regions(problem: str) -> str:
-    """compiled_step_problem's words, for the regions."""
-    return problem.replace("compiled decode step's", "regions'").replace(
-        "compiled decode step", "regions"
-    )
-
-
 def plan(step: PhiDecodeStep, trial: Trial, measured: bool) -> RegionPlan:
     """Compile ``step``'s regions and check them against ``step`` itself on the same seeded
     input (float32 rounding allowed, fidelity.compiled_step_problem); with ``measured``
@@ -283,9 +276,9 @@ def plan(step: PhiDecodeStep, trial: Trial, measured: bool) -> RegionPlan:
         why = f"compiling the regions failed: {type(error).__name__}: {line}"
         return RegionPlan(None, time.perf_counter() - start, why)
     want, library_seconds = trial(step, 2)
-    problem = compiled_step_problem(got, want, torch.float32)
+    problem = compiled_step_problem(got, want, torch.float32, what="the compiled regions")
     if problem is not None:
-        return RegionPlan(None, time.perf_counter() - start, _as_regions(problem))
+        return RegionPlan(None, time.perf_counter() - start, problem)
     if not measured:
         return RegionPlan(regions, time.perf_counter() - start, None)
     tokens = max(1, min(16, int(ROUND_SECONDS / max(library_seconds, 1e-4))))
