@@ -17,13 +17,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burst-period", type=float, default=30.0,
                         help="seconds between request bursts")  # fmt: skip
     parser.add_argument("--model", default="demo", help="the node's model (default: demo)")
+    parser.add_argument("--ask-clients", type=int,
+                        help="Ask client processes, 10 requests a burst each (20)")  # fmt: skip
+    parser.add_argument("--describe-clients", type=int,
+                        help="Describe client processes, 10 goals a burst each (5)")  # fmt: skip
     parser.add_argument("--out", default="soak.json", help="JSON file to write")
 
 
 def run(args: argparse.Namespace) -> int:
     from vlm_ros.ros import soak  # rclpy only when the command runs
 
-    figures = soak.run(args.duration, Path(args.out), args.burst_period, args.model)
+    clients = (
+        soak.ASK_CLIENTS if args.ask_clients is None else args.ask_clients,
+        soak.DESCRIBE_CLIENTS if args.describe_clients is None else args.describe_clients,
+    )
+    if min(clients) < 0 or not sum(clients):
+        print("vlm-ros soak: --ask-clients and --describe-clients must be >= 0, not both 0")
+        return 2
+    figures = soak.run(args.duration, Path(args.out), args.burst_period, args.model, clients)
     print(json.dumps(summary(figures), indent=2))
     print(f"wrote {args.out}")
     problems = verdict(figures)

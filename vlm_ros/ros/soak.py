@@ -85,8 +85,16 @@ def cpu() -> dict:
 class Soak:
     """One run; ``run()`` returns the figures."""
 
-    def __init__(self, duration_s: float, burst_period_s: float, model: str, workdir: Path):
+    def __init__(
+        self,
+        duration_s: float,
+        burst_period_s: float,
+        model: str,
+        workdir: Path,
+        clients: tuple[int, int] = (ASK_CLIENTS, DESCRIBE_CLIENTS),
+    ):
         self.duration, self.period, self.model = duration_s, burst_period_s, model
+        self.ask_clients, self.describe_clients = clients
         self.workdir = workdir
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.procs: list[subprocess.Popen] = []
@@ -148,10 +156,10 @@ class Soak:
                   "--promise", str(self.promise_s),
                   "--barrier", str(barrier), "--wait", "300"]  # fmt: skip
         ask = [self.spawn("ask", *common, "--service", f"/{NS}/vlm_assistant/ask",
-                          "--name", f"soak_ask{i}") for i in range(ASK_CLIENTS)]  # fmt: skip
+                          "--name", f"soak_ask{i}") for i in range(self.ask_clients)]  # fmt: skip
         describe = [self.spawn("describe", *common, "--service",
                                f"/{NS}/vlm_assistant/describe", "--name", f"soak_describe{i}")
-                    for i in range(DESCRIBE_CLIENTS)]  # fmt: skip
+                    for i in range(self.describe_clients)]  # fmt: skip
         return ask, describe
 
     # ---- the run ---------------------------------------------------------------------------
@@ -178,7 +186,7 @@ class Soak:
         barrier = self.workdir / "barrier"
         barrier.mkdir()
         ask, describe = self.start_clients(barrier)
-        start = soak_clients.release(barrier, ASK_CLIENTS + DESCRIBE_CLIENTS, 300)
+        start = soak_clients.release(barrier, self.ask_clients + self.describe_clients, 300)
         end = start + self.duration
         while time.time() < end + 5 or any(p.poll() is None for p in ask + describe):
             rclpy.spin_once(probe, timeout_sec=1.0)
@@ -243,11 +251,16 @@ class Soak:
             "model": self.model,
             "machine": self.machine,
             "node_parameters": {**NODE_PARAMS, "query_timeout_s": self.query_timeout_s},
+            "clients": {
+                "ask": self.ask_clients,
+                "describe": self.describe_clients,
+                "requests_a_burst_each": PER_BURST,
+            },  # fmt: skip
             "promise_s": self.promise_s,
             "client_wait_s": self.client_wait_s,
             "requests": {
-                "ask": requests(ask_results, ASK_CLIENTS * PER_BURST),
-                "describe": requests(describe_results, DESCRIBE_CLIENTS * PER_BURST),
+                "ask": requests(ask_results, self.ask_clients * PER_BURST),
+                "describe": requests(describe_results, self.describe_clients * PER_BURST),
             },
             "ask_latency_ms": latency(ask_results),
             "frames": {
@@ -320,10 +333,17 @@ def latency(results: list[dict]) -> dict:
     }  # fmt: skip
 
 
-def run(duration_s: float, out: Path, burst_period_s: float = 30.0, model: str = "demo") -> dict:
-    """Run a soak and write its figures to ``out`` (JSON); returns them."""
+def run(
+    duration_s: float,
+    out: Path,
+    burst_period_s: float = 30.0,
+    model: str = "demo",
+    clients: tuple[int, int] = (ASK_CLIENTS, DESCRIBE_CLIENTS),
+) -> dict:
+    """Run a soak and write its figures to ``out`` (JSON); returns them. ``clients``: how many
+    Ask and Describe client processes (each bursts PER_BURST requests every period)."""
     workdir = Path(tempfile.mkdtemp(prefix="vlm_ros_soak_"))
-    figures = Soak(duration_s, burst_period_s, model, workdir).run()
+    figures = Soak(duration_s, burst_period_s, model, workdir, clients).run()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2) + "\n")
     return figures
