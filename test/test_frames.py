@@ -4,6 +4,7 @@ replay. received == processed + dropped + rejected + held, whatever happens."""
 from __future__ import annotations
 
 import threading
+import traceback
 from collections import Counter
 
 import pytest
@@ -48,11 +49,19 @@ def test_conversion_runs_once_and_a_failure_is_remembered():
 
     s.put("cam", "bomb", 0.0)
     frame = s.fresh("cam", 0.0, 0, take=True)
+    depths = []
     for _ in range(3):  # three jobs on the same frame: one decode attempt
         with pytest.raises(Refused):
             s.image(frame, convert)
+        try:  # again, for the traceback (pytest.raises hands back one of its own)
+            s.image(frame, convert)
+        except Refused as exc:
+            depths.append(len(traceback.extract_tb(exc.__traceback__)))
         assert s.settle(frame, Refused("too_large"), 1.0) in ("too_large", None)
     assert calls == ["bomb"]
+    # each raise has a traceback of its own: a kept exception raised again would lengthen its
+    # traceback, holding every earlier caller's frames (and their jobs' camera frames)
+    assert depths[0] == depths[1] == depths[2], depths
     assert c["rejected"] == 1 and c["rejected_too_large"] == 1 and c["processed"] == 0
     assert balanced(s, c)
 

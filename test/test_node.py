@@ -900,3 +900,38 @@ def test_an_unexpected_failure_is_logged_with_its_traceback_then_dropped():
     assert len(logged) == 1 and logged[0].startswith(f"Ask: {text}\nTraceback")
     assert "model_step" in logged[0] and "RuntimeError: shape mismatch" in logged[0]
     assert failure.__traceback__ is None and failure.__cause__.__traceback__ is None
+
+
+def test_rejected_frames_of_periodic_jobs_are_freed_without_the_cycle_collector(ros, checkpoint):
+    """A frame that fails to convert keeps its error, and a periodic job's failure reached its
+    done callback with a traceback through frames holding that frame: each rejected frame (a
+    full camera message) stayed in a cycle until Python's cycle collector ran. With the
+    collector off, rejected frames must not pile up."""
+    import gc
+
+    from vlm_ros.serving.frames import Frame
+
+    node = start_node(ros, checkpoint, "badcycle", scene_rate_hz=10.0)
+    camera = Camera(ros, "badcycle")
+
+    def frames() -> int:
+        return sum(type(o) is Frame for o in gc.get_objects())
+
+    def rejected() -> int:
+        return node.monitor.counters().get("frames_rejected_truncated", 0)
+
+    camera.send(image_msg(1), node)
+    gc.collect()
+    gc.disable()
+    try:
+        before = frames()
+        for i in range(6):
+            count = rejected()
+            camera.send(image_msg(100 + i, data=bytes(100)), node)  # truncated: rejected
+            wait_for(lambda c=count: rejected() > c, what=f"bad frame {i} rejected")
+        camera.send(image_msg(2), node)  # the last bad frame is no longer the latest
+        wait_for(lambda: node.monitor.counters().get("frames_processed", 0) > 0)
+        time.sleep(0.5)
+        assert frames() <= before + 2, f"{frames() - before} more Frames alive (cycles)"
+    finally:
+        gc.enable()

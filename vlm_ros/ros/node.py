@@ -159,11 +159,12 @@ CLI_FLAG = re.compile(r"--(device|dtype|decoder|quantize|threads|vision-tower) (
 
 
 def drop_tracebacks(exc: BaseException | None) -> None:
-    """Drop the tracebacks of a request's failure (and of its cause and context) once it is
-    answered. A traceback keeps its frames' locals, and the frames it passes through hold the
-    Futures that hold the exception: the worker's job, the Ask coroutine's ``job`` and the
-    awaited rclpy Future's ``self``. Each was a reference cycle keeping the failed request's
-    Result and camera frame until Python's cycle collector ran (test_node.py)."""
+    """Drop the tracebacks of a job's failure (and of its cause and context) once it is
+    answered or counted. A traceback keeps its frames' locals, and those frames hold what holds
+    the exception: the worker's job, the Ask coroutine's ``job``, the awaited rclpy Future's
+    ``self``, and the camera frame whose conversion failed. Each was a reference cycle keeping
+    the failed job's Result and camera frame until Python's cycle collector ran
+    (test_node.py)."""
     seen: set[int] = set()
     stack = [exc]
     while stack:
@@ -743,6 +744,7 @@ class AssistantNode(LifecycleNode):
             self.get_logger().error(
                 f"periodic inference failed: {type(exc).__name__}: {exc}", **throttle
             )
+        drop_tracebacks(exc)  # its frames held this job's frame in a cycle (see the function)
 
     # ---- output messages -------------------------------------------------------------------
 

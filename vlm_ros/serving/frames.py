@@ -132,7 +132,9 @@ class FrameStore:
                 except Exception as exc:
                     frame.error = exc
         if frame.error is not None:
-            raise frame.error
+            # a fresh traceback each time: raising a kept exception again lengthens the one it
+            # has, and that one holds the earlier callers' frames (each with its job's frame)
+            raise frame.error.with_traceback(None)
         return frame.image
 
     def settle(self, frame: Frame, exc: BaseException | None, at: float) -> str | None:
