@@ -255,7 +255,7 @@ class Soak:
                 "ask": self.ask_clients,
                 "describe": self.describe_clients,
                 "requests_a_burst_each": PER_BURST,
-            },  # fmt: skip
+            },
             "promise_s": self.promise_s,
             "client_wait_s": self.client_wait_s,
             "requests": {
