@@ -869,7 +869,8 @@ def test_a_failed_request_leaves_no_reference_cycle_holding_its_frame(ros, check
             resp = ask(ros, node, probe, question=" ")  # refused in the worker: a failed job
             assert not resp.success and "question is empty" in resp.error_message
         wait_for(lambda: node.worker.stats["failed"] >= 4, what="four failed jobs")
-        assert results() == before, "a failed request's Result (and frame) is held by a cycle"
+        # <=: the warm-up answer's Result may still be counted in ``before``
+        assert results() <= before, "a failed request's Result (and frame) is held by a cycle"
     finally:
         gc.enable()
 

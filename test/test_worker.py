@@ -137,7 +137,9 @@ def test_a_finished_job_is_freed_without_the_cycle_collector(worker, fails):
         with pytest.raises(ValueError) if fails else contextlib.nullcontext():
             future.result(5)
         del future
-        time.sleep(0.05)  # the worker is back waiting on an empty queue
+        end = time.monotonic() + 5  # the worker returns to its empty queue (a loaded host: late)
+        while alive[0]() is not None and time.monotonic() < end:
+            time.sleep(0.01)
         assert alive[0]() is None
     finally:
         gc.enable()
