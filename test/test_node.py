@@ -853,7 +853,7 @@ def test_a_failed_request_leaves_no_reference_cycle_holding_its_frame(ros, check
 
     from vlm_ros.ros.node import Result
 
-    node = start_node(ros, checkpoint, "failcycle")
+    node = start_node(ros, checkpoint, "failcycle", max_frame_age_ms=0.0)  # a loaded CI: slow
     probe = ros.client_node("failcycle_probe")
     Camera(ros, "failcycle").send(image_msg(1), node)
     assert ask(ros, node, probe).success
@@ -912,7 +912,7 @@ def test_rejected_frames_of_periodic_jobs_are_freed_without_the_cycle_collector(
 
     from vlm_ros.serving.frames import Frame
 
-    node = start_node(ros, checkpoint, "badcycle", scene_rate_hz=10.0)
+    node = start_node(ros, checkpoint, "badcycle", scene_rate_hz=10.0, max_frame_age_ms=0.0)
     camera = Camera(ros, "badcycle")
 
     def frames() -> int:  # this node's only: other nodes of the module keep theirs
