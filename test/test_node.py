@@ -853,12 +853,12 @@ def test_a_failed_request_leaves_no_reference_cycle_holding_its_frame(ros, check
 
     from vlm_ros.ros.node import Result
 
-    node = start_node(ros, checkpoint, "failcycle", max_frame_age_ms=0.0)  # a loaded CI: slow
+    node = start_node(ros, checkpoint, "failcycle", max_frame_age_ms=0.0)  # CI: 4 Asks > 1 s
     probe = ros.client_node("failcycle_probe")
     Camera(ros, "failcycle").send(image_msg(1), node)
     assert ask(ros, node, probe).success
 
-    def results() -> int:  # this node's only: other modules' nodes keep answering meanwhile
+    def results() -> int:  # this node's only: the module's other nodes keep answering
         return sum(type(o) is Result and "failcycle" in o.frame.camera for o in gc.get_objects())
 
     gc.collect()
