@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from vlm_ros.engines import cpuinfo
 
 CLIENT = """
 import os, sys, threading, time
@@ -83,7 +84,7 @@ def main() -> None:
     }
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "host": platform.processor() or platform.machine(),
+        "host": cpuinfo.model_name(),
         "burst": args.burst,
         "rounds": args.rounds,
         "runs": runs,

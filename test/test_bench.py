@@ -446,9 +446,9 @@ def test_int8_gemv_words_script_checks_both_layouts_on_both_kernel_sets(tmp_path
     import sys
     from pathlib import Path
 
-    from vlm_ros.engines.compile_cache import cpu_flags
+    from vlm_ros.engines import cpuinfo
 
-    if "avx2" not in cpu_flags().split():
+    if "avx2" not in cpuinfo.flags():
         pytest.skip("needs an x86-64 CPU with AVX2 for the child's kernels")
     script = Path(__file__).resolve().parents[1] / "scripts" / "int8_gemv_words.py"
     out = tmp_path / "words.json"

@@ -9,19 +9,24 @@ cache its code under another.
 
 from __future__ import annotations
 
+import functools
 import platform
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def fields(cpuinfo: Path = CPUINFO) -> dict[str, str]:
+@functools.lru_cache(maxsize=8)
+def fields(cpuinfo: Path = CPUINFO) -> Mapping[str, str]:
     """The first processor's ``key: value`` lines (the keys read here are the same for every
-    processor of a machine); empty where the system has no such file (another OS)."""
+    processor of a machine, and do not change while it runs: read once); empty where the
+    system has no such file (another OS)."""
     try:
         text = cpuinfo.read_text(errors="replace")
     except OSError:
-        return {}
+        return MappingProxyType({})
     found: dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -31,7 +36,7 @@ def fields(cpuinfo: Path = CPUINFO) -> dict[str, str]:
         key, sep, value = line.partition(":")
         if sep:
             found.setdefault(key.strip(), value.strip())
-    return found
+    return MappingProxyType(found)
 
 
 def flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
