@@ -21,7 +21,8 @@ Per layer (Phi's parallel block: attention and MLP both read the normed input):
   cache it would read the unused slots too);
 - ``layer_out`` (compiled): the attention's dense, fc1, the activation, fc2 and both residual
   adds.
-Then ``head`` (compiled): the final LayerNorm and the vocabulary GEMV.
+Then ``head`` (compiled): the final LayerNorm and the vocabulary GEMV (the normed row returned
+too, so inductor stores it once rather than recomputing it in the GEMV's loop for every row).
 
 Each graph is compiled with inductor's C++ wrapper (static_decode.compile_step's reasoning:
 1.26x the per-shape step on `small`, 1.16x with the Python wrapper) and called under inference
@@ -116,7 +117,10 @@ def _regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, Callable
         return _gemv(att, *dense) + _gemv(act(_gemv(x, *fc1)), *fc2) + h
 
     def head(h, norm_w, norm_b, linear):
-        return _gemv(F.layer_norm(h, (hidden,), norm_w, norm_b, eps), *linear)
+        """The logits [1, V], and the normed row: returned so that inductor stores it once;
+        else it recomputes the LayerNorm inside the vocabulary GEMV's loop, for every row."""
+        x = F.layer_norm(h, (hidden,), norm_w, norm_b, eps)
+        return _gemv(x, *linear), x
 
     return layer_in, layer_out, head
 
@@ -226,7 +230,7 @@ class RegionalStep:
                 q, keys[:, :, :live], values[:, :, :live], enable_gqa=gqa
             )  # [1, heads, 1, hd]: one query sees every earlier slot, no mask
             h = self.layer_out(att.reshape(1, -1), x, h, *second_half)
-        return self.head(h, *self.head_weights).float()
+        return self.head(h, *self.head_weights)[0].float()
 
 
 # A trial: run a step for N tokens after a seeded one-token prefill, leaving the decoder empty:
