@@ -74,6 +74,9 @@ def test_bench_tiny_writes_json_and_markdown(tmp_path, capsys):
     weights8 = result["variants"]["int8_weight_only"]  # float32 int8 weights, uncompiled: regions
     _positive_stages(weights8["stages"], FAST_METRICS)
     assert 0 < weights8["accuracy_vs_fp"]["first_logits_error_over_range"] < 0.05
+    assert weights8["decode_regions"].startswith("decode step as compiled regions, built in")
+    for name, variant in result["variants"].items():  # each says which step it timed
+        assert {"decode_regions", "decode_gemvs"} <= set(variant), name
     step = result["variants"]["transformers_step"]  # the lean step's share, and it is lossless
     _positive_stages(step["stages"], FAST_METRICS)
     assert step["accuracy_vs_fp"]["greedy_prefix_agreement"] == 1.0
@@ -411,6 +414,40 @@ def test_decode_split_script_times_each_part_and_restores_the_step(tmp_path):
     sizes = result["bytes_per_token"]
     assert 0 < sizes["linear_weights"] <= sizes["weights"] and sizes["live_kv"] > 0
     assert set(parts) | {"attention"} <= set(result["median"])
+
+
+def test_region_profile_script_times_every_region_after_a_prompt(tmp_path):
+    """scripts/region_profile.py (where a token of the compiled regions goes, after a real
+    prompt) on tiny: every part timed in every round against a measured read, the regions'
+    bytes are exactly the decoder's weights but the embedding table, attention's the live
+    keys and values, and the regions agree with the library step they were made from."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "region_profile.py"
+    out = tmp_path / "profile.json"
+    command = [sys.executable, str(script), "tiny", "--threads", "1", "--prompt", "12",
+               "--steps", "3", "--rounds", "2", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["regions_vs_library_step_logit_error_over_range"] < 1e-4
+    lm = build_model("tiny", "cpu", F32).language_model
+    weights = sum(p.numel() * 4 for n, p in lm.named_parameters() if "embed_tokens" not in n)
+    config = lm.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    live = 12 + (3 - 1) / 2  # the middle of the timed steps
+    kv = 2 * live * config.num_key_value_heads * head_dim * 4 * config.num_hidden_layers
+    assert len(result["rounds"]) == 2
+    for row in result["rounds"]:
+        assert row["read_gb_s"] > 0 and row["step_ms"] > 0
+        assert all(row["ms_per_token"][p] > 0 for p in ("layer_in", "layer_out", "head"))
+        assert row["ms_per_token"]["attention"] > 0  # the step's rest: cache write and SDPA
+        sizes = row["bytes_per_token"]
+        assert sizes["layer_in"] + sizes["layer_out"] + sizes["head"] == weights
+        assert sizes["attention"] == pytest.approx(kv)
+        assert all(share > 0 for share in row["share_of_read"].values())
 
 
 def test_gemv_layouts_script_measures_every_kernel_and_checks_them(tmp_path):

@@ -825,6 +825,7 @@ def measure_variants(
                 ),
             }
             decoder = variant.decoder
+            variants[name].update(decode_step_facts(decoder))
             if isinstance(decoder, StaticDecoder) and VARIANT_RUNTIMES[name].compile_decode:
                 # a compiled variant's load check may refuse it too: say what was timed
                 variants[name]["compiled"] = decoder.compiled
@@ -925,14 +926,25 @@ def _result_header(options: BenchOptions, work: Workload, measured: dict, varian
     }
 
 
+def decode_step_facts(decoder: object) -> dict:
+    """Which uncompiled decode step a static decoder serves, and why: its compiled regions
+    (regional_step.py) or the library's step, its GEMVs per shape (eager_gemv.py) or the
+    library's. Every variant records it: whether a load-time timing kept the regions is what
+    a variant's speed depends on most on an AMD CPU."""
+    if not isinstance(decoder, StaticDecoder):
+        return {}
+    regions, plan = decoder.regions, decoder.gemvs
+    return {
+        "decode_regions": regions.summary() if regions is not None else "not asked",
+        "decode_gemvs": plan.summary() if plan is not None else "library",
+    }
+
+
 def _fast_path_facts(fast: FastPath, options: BenchOptions) -> dict:
     facts: dict = {"cpu_linear": _linear_kernels(fast)}
     placement = fast.decoder.huge_pages  # None: not a CPU decoder
     facts["huge_pages"] = placement.summary() if placement is not None else "off"
-    regions = fast.decoder.regions  # the uncompiled step as compiled regions (regional_step.py)
-    facts["decode_regions"] = regions.summary() if regions is not None else "not asked"
-    plan = fast.decoder.gemvs  # the uncompiled step's GEMVs per shape (eager_gemv.py)
-    facts["decode_gemvs"] = plan.summary() if plan is not None else "library"
+    facts.update(decode_step_facts(fast.decoder))
     if fast.vision_export is not None:
         facts["vision_onnx"] = fast.vision_export
     if options.compile_decode:

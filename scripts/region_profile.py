@@ -1,0 +1,156 @@
+"""Where a decode token of the compiled regions goes, region by region, after a real prompt
+(issue 17, item 2: "find where the other half goes ... show the profile").
+
+    .venv/bin/python scripts/region_profile.py llava-phi-full --threads 2 \\
+        --out bench/results/cpu-llava-phi-full-region-profile.json
+
+The product's step (infer/regional_step.RegionalStep, the node's default uncompiled step on an
+AMD CPU) on the bench's seeded float32 weights, after a prefill of ``--prompt`` positions (624:
+a CLIP-336 image's 576 features and a short question), so attention reads a live KV cache of
+the size a robot's question has. The three compiled regions are wrapped with timers (the
+wrappers call the very same compiled functions); what is left of the step is the cache write,
+the SDPA call over the live slots and the Python between them. Each part's bytes (its weights;
+for attention the live keys and values) over its time, as a share of the host's streaming read
+measured just before the round (measure.read_bandwidth over huge pages, where the decoder keeps
+its weights), says which part falls short of the memory and by how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vlm_ros.bench import measure
+from vlm_ros.infer import regional_step
+from vlm_ros.infer.static_decode import StaticDecoder
+
+PARTS = ("layer_in", "layer_out", "head")
+
+
+def _timed(fn: Callable, seconds: list[float]) -> Callable:
+    def call(*args):
+        start = time.perf_counter()
+        out = fn(*args)
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    return call
+
+
+def _part_bytes(step: regional_step.RegionalStep, live: float) -> dict[str, float]:
+    """Bytes each part reads a token: the regions' weights as stored (norms and biases too),
+    attention the live keys and values of every layer."""
+
+    def size(tensors) -> int:
+        flat = []
+        for t in tensors:
+            flat.extend(t if isinstance(t, tuple) else (t,))
+        return sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+
+    first_half, second_half, keys, _, _ = step.layers[0]
+    layers = len(step.layers)
+    kv_heads, head_dim = keys.shape[1], keys.shape[3]
+    return {
+        "layer_in": size(first_half) * layers,
+        "layer_out": size(second_half) * layers,
+        "head": size(step.head_weights),
+        "attention": 2 * live * kv_heads * head_dim * keys.element_size() * layers,
+    }
+
+
+def profile_round(
+    decoder: StaticDecoder, step: regional_step.RegionalStep, prompt: int, steps: int, seed: int
+) -> dict:
+    seconds: dict[str, list[float]] = {part: [] for part in PARTS}
+    compiled = {part: getattr(step, part) for part in PARTS}
+    for part in PARTS:
+        setattr(step, part, _timed(compiled[part], seconds[part]))
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        with torch.inference_mode():
+            hidden = decoder.config.hidden_size
+            decoder.prefill(torch.randn(1, prompt, hidden, generator=generator))
+            tokens = torch.randint(decoder.config.vocab_size, (steps, 1, 1), generator=generator)
+            read = measure.read_bandwidth(iters=3, huge_pages=True) or measure.read_bandwidth(
+                iters=3
+            )
+            start = time.perf_counter()
+            for position, token in enumerate(tokens, prompt):
+                step(token, position)
+            step_s = (time.perf_counter() - start) / steps
+    finally:
+        for part in PARTS:
+            setattr(step, part, compiled[part])
+        decoder.reset()
+    ms = {part: sum(seconds[part]) / steps * 1e3 for part in PARTS}
+    ms["attention"] = step_s * 1e3 - sum(ms.values())  # cache write, SDPA, the Python between
+    part_bytes = _part_bytes(step, prompt + (steps - 1) / 2)
+    best = read["best"]
+    return {
+        "step_ms": step_s * 1e3,
+        "read_gb_s": best,
+        "ms_per_token": ms,
+        "bytes_per_token": part_bytes,
+        "share_of_read": {p: part_bytes[p] / (ms[p] / 1e3) / 1e9 / best for p in part_bytes},
+        "step_share_of_read": sum(part_bytes.values()) / step_s / 1e9 / best,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("preset", nargs="?", default="llava-phi-full")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=624, help="positions prefilled first")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed a round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    work = measure.make_workload(measure.BenchOptions(args.preset, "cpu", torch.float32))
+    decoder = StaticDecoder(
+        work.model.language_model, args.prompt + args.steps + 8, cpu_linear="torch",
+        regional=False,
+    )  # fmt: skip  # the library step; the regions are made from it whatever a load would time
+    lean = decoder._fast
+    problem = regional_step.supports(lean) if lean is not None else "no lean step"
+    if problem is not None:
+        raise SystemExit(f"the regions do not cover this decoder: {problem}")
+    step = regional_step.RegionalStep(lean)
+    want, _ = decoder._trial(lean, 2)
+    got, _ = decoder._trial(step, 2)  # compiles the regions, then checks them as a load does
+    error = float((got - want).abs().max() / (want.max() - want.min()))
+    rounds = [
+        profile_round(decoder, step, args.prompt, args.steps, seed) for seed in range(args.rounds)
+    ]
+    medians = {
+        key: {p: statistics.median(r[key][p] for r in rounds) for p in rounds[0][key]}
+        for key in ("ms_per_token", "share_of_read")
+    }
+    result = {
+        "preset": args.preset,
+        "started_utc": started,
+        "threads": args.threads,
+        "prompt_positions": args.prompt,
+        "decode_steps": args.steps,
+        "regions_vs_library_step_logit_error_over_range": error,
+        "rounds": rounds,
+        "median": medians | {"step_ms": statistics.median(r["step_ms"] for r in rounds)},
+        "machine": measure.machine_facts("cpu") | {"load_average_1min": os.getloadavg()[0]},
+    }
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
