@@ -324,6 +324,34 @@ def test_describe_can_be_cancelled(ros, slow_node):
     assert result.result().result.stop_reason == "cancelled"
 
 
+def test_a_scene_cut_short_by_exit_is_not_published(ros, checkpoint):
+    """The process exits (stop_for_exit, as on Ctrl-C or ros2 launch's SIGINT) while a periodic
+    scene answer is being generated: its generation stops at once, and the cut answer (here
+    empty) is counted as a skipped periodic output, not published as the camera's scene."""
+    from vlm_ros.msg import SceneAnswer
+
+    node = start_node(ros, checkpoint, "exiting", scene_rate_hz=2.0,
+                      inference_delay_ms=SLOW_MS, max_frame_age_ms=0.0)  # fmt: skip
+    probe = ros.client_node("exiting_probe")
+    scenes: list = []
+    base = node.get_fully_qualified_name()
+    sub = probe.create_subscription(SceneAnswer, f"{base}/scene_answer", scenes.append, 10)
+    Camera(ros, "exiting").send(image_msg(1), node)
+    wait_for(lambda: node.worker.stats["submitted"] >= 1 and node.worker.depth == 0,
+             what="the periodic job running (in the simulated slow model)")  # fmt: skip
+    skipped = node.monitor.counters().get("periodic_skipped", 0)
+    node.stop_for_exit()
+    counted = lambda: node.monitor.counters().get("periodic_skipped", 0) > skipped  # noqa: E731
+    wait_for(counted, 0.8 * SLOW_MS / 1000, what="the cut scene answer counted as skipped")
+    time.sleep(0.5)  # a publication would have arrived by now
+    assert scenes == []
+    node.trigger_shutdown()  # then, as the process does (ros.node._stop)
+    ros.executor.remove_node(node)
+    ros.nodes.remove(node)
+    node.destroy_node()
+    del sub
+
+
 def describe_accepted(probe, node) -> bool:
     """Send a Describe goal; whether the node accepted it."""
     from rclpy.action import ActionClient

@@ -639,6 +639,11 @@ class AssistantNode(LifecycleNode):
                 result = self._infer(cam, submitted, work)
             else:  # the same frame as the hint
                 result = self._infer_on(result, work)
+            if result.answer is not None and result.answer.stop_reason == "cancelled":
+                # cut short by the process's exit (stop_for_exit): what was generated so far
+                # (often nothing) is not a scene answer, and a robot must not act on it
+                self.monitor.count("periodic_skipped")
+                return
             self._publish(cam, SCENE, self._scene_msg(cam, cfg.scene_prompt, result), result.frame)
         self._annotate(cam, result.frame)
 
