@@ -29,6 +29,7 @@ import torch
 
 from vlm_ros.bench import measure
 from vlm_ros.infer import regional_step
+from vlm_ros.infer.fidelity import compiled_step_problem
 from vlm_ros.infer.static_decode import StaticDecoder
 
 PARTS = ("layer_in", "layer_out", "head")
@@ -126,6 +127,9 @@ def main() -> None:
     step = regional_step.RegionalStep(lean)
     want, _ = decoder._trial(lean, 2)
     got, _ = decoder._trial(step, 2)  # compiles the regions, then checks them as a load does
+    problem = compiled_step_problem(got, want, torch.float32, what="the compiled regions")
+    if problem is not None:
+        raise SystemExit(f"not profiled: {problem}")
     error = float((got - want).abs().max() / (want.max() - want.min()))
     rounds = [
         profile_round(decoder, step, args.prompt, args.steps, seed) for seed in range(args.rounds)
