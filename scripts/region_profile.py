@@ -13,6 +13,12 @@ the SDPA call over the live slots and the Python between them. Each part's bytes
 for attention the live keys and values) over its time, as a share of the host's streaming read
 measured just before the round (measure.read_bandwidth over huge pages, where the decoder keeps
 its weights), says which part falls short of the memory and by how much.
+
+Beside it, right after each round's steps, every part's very same tensors are read by a plain
+``sum`` per tensor, part by part and layer by layer (the weights where they lie, the live key
+and value slices of every layer): ``share_of_same_bytes_sum`` is that read's time over the
+part's. It splits a part's shortfall into what the host gives this access pattern (a 1 GiB
+sum against a sum per tensor, per ~200 KB head slice) and what the part's kernels leave of it.
 """
 
 from __future__ import annotations
@@ -66,6 +72,38 @@ def _part_bytes(step: regional_step.RegionalStep, live: float) -> dict[str, floa
     }
 
 
+def _part_tensors(step: regional_step.RegionalStep, live: int) -> dict[str, list]:
+    """Every tensor each part reads a token, in the step's order: the tensors _part_bytes
+    counts, attention's as the live slices SDPA is given."""
+
+    def flat(tensors) -> list:
+        out = []
+        for t in tensors:
+            out.extend(t if isinstance(t, tuple) else (t,))
+        return [t for t in out if isinstance(t, torch.Tensor)]
+
+    parts: dict[str, list] = {"layer_in": [], "layer_out": [], "attention": []}
+    for first_half, second_half, keys, values, _ in step.layers:
+        parts["layer_in"] += flat(first_half)
+        parts["attention"] += [keys[:, :, :live], values[:, :, :live]]
+        parts["layer_out"] += flat(second_half)
+    return parts | {"head": flat(step.head_weights)}
+
+
+def _sum_ms(parts: dict[str, list], repeats: int = 3) -> dict[str, float]:
+    """ms to read each part's tensors with one plain sum per tensor, median of ``repeats``."""
+    out = {}
+    for part, tensors in parts.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for t in tensors:
+                t.sum()
+            times.append(time.perf_counter() - start)
+        out[part] = statistics.median(times) * 1e3
+    return out
+
+
 def profile_round(
     decoder: StaticDecoder, step: regional_step.RegionalStep, prompt: int, steps: int, seed: int
 ) -> dict:
@@ -86,6 +124,7 @@ def profile_round(
             for position, token in enumerate(tokens, prompt):
                 step(token, position)
             step_s = (time.perf_counter() - start) / steps
+            sums = _sum_ms(_part_tensors(step, prompt + steps // 2))
     finally:
         for part in PARTS:
             setattr(step, part, compiled[part])
@@ -100,6 +139,11 @@ def profile_round(
         "ms_per_token": ms,
         "bytes_per_token": part_bytes,
         "share_of_read": {p: part_bytes[p] / (ms[p] / 1e3) / 1e9 / best for p in part_bytes},
+        "same_bytes_sum_ms": sums,
+        "same_bytes_sum_share_of_read": {
+            p: part_bytes[p] / (sums[p] / 1e3) / 1e9 / best for p in part_bytes
+        },
+        "share_of_same_bytes_sum": {p: sums[p] / ms[p] for p in part_bytes},
         "step_share_of_read": sum(part_bytes.values()) / step_s / 1e9 / best,
     }
 
@@ -136,7 +180,13 @@ def main() -> None:
     ]
     medians = {
         key: {p: statistics.median(r[key][p] for r in rounds) for p in rounds[0][key]}
-        for key in ("ms_per_token", "share_of_read")
+        for key in (
+            "ms_per_token",
+            "share_of_read",
+            "same_bytes_sum_ms",
+            "same_bytes_sum_share_of_read",
+            "share_of_same_bytes_sum",
+        )  # fmt: skip
     }
     result = {
         "preset": args.preset,

@@ -448,6 +448,43 @@ def test_region_profile_script_times_every_region_after_a_prompt(tmp_path):
         assert sizes["layer_in"] + sizes["layer_out"] + sizes["head"] == weights
         assert sizes["attention"] == pytest.approx(kv)
         assert all(share > 0 for share in row["share_of_read"].values())
+        # the same tensors read by plain sums, timed beside the parts: every part, positive
+        parts = set(sizes)
+        for key in ("same_bytes_sum_ms", "same_bytes_sum_share_of_read", "share_of_same_bytes_sum"):
+            assert set(row[key]) == parts and all(value > 0 for value in row[key].values()), key
+        for part in parts:
+            assert row["share_of_same_bytes_sum"][part] == pytest.approx(
+                row["same_bytes_sum_ms"][part] / row["ms_per_token"][part]
+            )
+    assert set(result["median"]["share_of_same_bytes_sum"]) == parts
+
+
+def test_int8_prefill_blocks_script_times_and_weighs_every_form(tmp_path):
+    """scripts/int8_prefill_blocks.py (a float32 model's int8 weights in a CPU prefill: the
+    product's blocks into one buffer against a whole float copy per call) on tiny: every form
+    timed in every round, the same logits as the whole copies, a memory peak per form, and
+    the product's own form put back after."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "int8_prefill_blocks.py"
+    out = tmp_path / "blocks.json"
+    command = [sys.executable, str(script), "tiny", "--threads", "1", "--prompt", "12",
+               "--rounds", "3", "--blocks-mb", "1", "4", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    forms = {"whole_copies", "blocks_1mb", "blocks_4mb"}
+    assert len(result["rounds"]) == 3
+    for row in result["rounds"]:
+        assert set(row["seconds"]) == forms and all(t > 0 for t in row["seconds"].values())
+        assert set(row["peak_mb"]) == forms
+        assert row["max_logit_difference"] < 1e-4, row  # the same maths, other blocks
+    assert sorted(f for r in result["rounds"] for f in r.get("first_use", ())) == sorted(forms)
+    assert set(result["median_whole_over_form"]) == forms - {"whole_copies"}
+    assert all(v > 0 for v in result["median_whole_over_form"].values())
+    assert set(result["peak_mb"]) == forms
 
 
 def test_gemv_layouts_script_measures_every_kernel_and_checks_them(tmp_path):

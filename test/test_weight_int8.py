@@ -232,3 +232,53 @@ def test_settings_that_cannot_apply_are_refused_at_load():
     for options in ({"quantize": "int8"}, {"compile_decode": True}):
         with pytest.raises(InputError, match="need decoder 'static'"):
             Assistant.load("demo", runtime=RuntimeConfig(decoder="eager", **options))
+
+
+@pytest.mark.parametrize(
+    "dtype,words,bias",
+    [(torch.float32, False, True), (torch.float32, True, False), (torch.bfloat16, False, True)],
+    ids=["float32-bytes", "float32-words", "bfloat16"],
+)
+def test_a_cpu_prefill_dequantizes_block_by_block_into_one_buffer(monkeypatch, dtype, words, bias):
+    """Many rows on a CPU (a prefill): the weights are dequantized a block of rows at a time
+    into this thread's buffer, made once; the result is the whole dequantized GEMM's, for
+    bytes, words (the activations' columns in plane order) and bfloat16, with a ragged last
+    block. Under autograd it keeps the whole copy (the buffer is overwritten per block)."""
+    if words:
+        _words_everywhere(monkeypatch)
+    generator = torch.Generator().manual_seed(3)
+    linear = nn.Linear(96, 160, bias=bias).to(dtype)
+    quantized = WeightOnlyInt8Linear(linear)
+    assert quantized.planes == words
+    element = torch.finfo(dtype).bits // 8
+    monkeypatch.setattr(weight_int8, "DEQUANT_BLOCK_BYTES", 48 * 96 * element)  # 48 rows: 4 blocks
+    monkeypatch.setattr(weight_int8, "_scratch", __import__("threading").local())
+    x = torch.randn(2, 20, 96, generator=generator).to(dtype)
+    int8 = quantized.int8_weight().to(dtype)  # natural column order
+    want = F.linear(x, int8) * quantized.scales + (linear.bias if bias else 0)
+    blocks = []
+    real = weight_int8.WeightOnlyInt8Linear._dequantized_blocks
+
+    def spy(self, x):
+        blocks.append(
+            weight_int8._scratch.buffer.data_ptr()
+            if hasattr(weight_int8._scratch, "buffer")
+            else None
+        )
+        return real(self, x)
+
+    monkeypatch.setattr(weight_int8.WeightOnlyInt8Linear, "_dequantized_blocks", spy)
+    with torch.inference_mode():
+        got = quantized(x)
+    with torch.no_grad():  # the buffer, made in inference mode's call, is written here too
+        again = quantized(x)
+    buffer = weight_int8._scratch.buffer
+    assert len(blocks) == 2 and blocks[1] == buffer.data_ptr()  # one buffer, made once
+    assert buffer.numel() == 48 * 96 and buffer.dtype == dtype and not buffer.is_inference()
+    assert got.shape == (2, 20, 160) and got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, atol=tolerance * want.abs().max().item(), rtol=0)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
+    whole = quantized(x)  # grad enabled: the whole dequantized copy, not the buffer
+    assert len(blocks) == 2
+    torch.testing.assert_close(whole, want, atol=tolerance * want.abs().max().item(), rtol=0)

@@ -23,8 +23,9 @@ step (``compile_decode: true``) or, uncompiled, in the step's compiled regions
 (infer/regional_step.py, which take these layers too: seconds at load where compiling the whole
 step takes minutes at full size). ATen's int8 kernel for float32 activations is a slow
 reference kernel, so a float32 model's other calls (the prefill, an action hint's branches)
-take the dequantizing form: in one measurement on the AMD host, the 51200x800 head on 10
-rows took 254 ms in ATen's float32 int8 kernel and 74 ms dequantizing. Where the regions
+take the dequantizing form, a block of rows at a time into one buffer (DEQUANT_BLOCK_BYTES):
+in one measurement on the AMD host, the 51200x800 head on 10 rows took 254 ms in ATen's
+float32 int8 kernel and 74 ms dequantizing. Where the regions
 cannot be built (no C++ compiler), the uncompiled float32 step dequantizes too, per token
 (several times slower; the static decoder warns).
 
@@ -48,6 +49,8 @@ activations, not of the weights.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -60,6 +63,17 @@ from vlm_ros.errors import InputError
 HALF = (torch.bfloat16, torch.float16)
 CHUNK_ROWS = 2048  # rows quantized at once (float32 temporaries of this many rows)
 PACKED_ROWS = 16  # up to this many rows on CPU: the int8 kernel; more: dequantize + GEMM
+# A CPU call's dequantized weights (a prefill's, an action hint's branches', an uncompiled step
+# without regions) go through one buffer per thread, this many bytes, a block of rows at a
+# time: not a float copy of the whole weight per call, whose fresh pages were the prefill's
+# memory peak. llava-phi-full, a float32 model with int8 weights, a 624-position prefill on
+# the AMD host (scripts/int8_prefill_blocks.py, bench/results/cpu-llava-phi-full-int8-prefill-
+# blocks.json, 8 rounds): the prefill's peak over the resident set 849 MB at first and ~500
+# MB after with whole copies (the head's alone is 524 MB), 21 MB once and then ~0 with 16 MB
+# blocks; time 8.64 s against 10.01 (1.17x, every round faster; an ad hoc run before it had
+# them equal, 0.98-1.00x, with 16, 32 or 64 MB blocks), so the smallest block size.
+DEQUANT_BLOCK_BYTES = 16 << 20
+_scratch = threading.local()
 # ATen's CPU kernel (torch 2.3+); older torch takes the dequantizing form everywhere
 HAS_PACKED_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
@@ -169,13 +183,39 @@ class WeightOnlyInt8Linear(nn.Module):
             flat = x.reshape(-1, self.in_features).contiguous()
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
             out = out.reshape(*rows, self.out_features)
-        else:
+        elif x.device.type == "cpu" and not (torch.is_grad_enabled() or cpu_kernels.compiling()):
+            return self._dequantized_blocks(x)
+        else:  # traced (inductor fuses the conversion), on a GPU, or under autograd
             x, weight = self._dequantized(x)
             if cpu_fp32 and self.onednn:  # the dequantized GEMM on oneDNN, ~2x MKL on AMD
                 out = cpu_kernels.linear_onednn(x, weight, None) * self.scales
             else:
                 out = F.linear(x, weight) * self.scales
         return out if self.bias is None else out + self.bias
+
+    def _dequantized_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """A CPU call's ``x @ weight.T * scales + bias``, the weights dequantized a block of
+        rows at a time (DEQUANT_BLOCK_BYTES) into this thread's buffer: each block's GEMM
+        writes its own output columns. The same maths as the whole dequantized copy, in the
+        library's GEMM (oneDNN for a float32 model where ``auto`` picks it, ~2x MKL on AMD)."""
+        rows = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features)
+        weight = self.weight
+        if self.planes:  # the words viewed as the int8 [out, in] they are, in plane order
+            flat, weight = planes_order(flat), weight.view(torch.int8)
+        onednn = self.onednn and x.dtype == torch.float32
+        out = flat.new_empty(flat.shape[0], self.out_features)
+        per = max(1, DEQUANT_BLOCK_BYTES // (self.in_features * x.element_size()))
+        buffer = _scratch_buffer(min(per, self.out_features) * self.in_features, x.dtype)
+        for start in range(0, self.out_features, per):
+            stop = min(start + per, self.out_features)
+            block = buffer[: (stop - start) * self.in_features].view(stop - start, -1)
+            block.copy_(weight[start:stop])
+            part = cpu_kernels.linear_onednn(flat, block, None) if onednn else flat @ block.T
+            torch.mul(part, self.scales[start:stop], out=out[:, start:stop])
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*rows, self.out_features)
 
     def _dequantized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, the weights in x's dtype) for a library GEMM: where ``planes``, the int8 view
@@ -201,6 +241,17 @@ class WeightOnlyInt8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
             + words
         )
+
+
+def _scratch_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's CPU buffer of at least ``numel`` elements of ``dtype``, made once (and
+    again only when a larger or another dtype's is asked for). Made outside inference mode,
+    so a call in inference mode and one under no_grad can both write it."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        with torch.inference_mode(False):
+            buffer = _scratch.buffer = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device | str) -> None:
