@@ -213,6 +213,10 @@ def test_50_concurrent_describe_goals_all_get_a_goal_response(ros, node, tmp_pat
             outcomes[k] = outcomes.get(k, 0) + v
     assert outcomes.get("succeeded", 0) >= 1 and "no_result" not in outcomes, outcomes
     assert set(outcomes) <= {"succeeded", "queue_full"}, outcomes
+    # the tally counts each goal's outcome, as Ask's does: every goal answered or refused
+    assert sum(r["answered"] for r in results) == outcomes["succeeded"], results
+    assert sum(r["refused"] for r in results) == outcomes.get("queue_full", 0), results
+    assert sum(r["answered"] + r["refused"] for r in results) == 50, results
 
 
 @pytest.mark.parametrize(
@@ -426,6 +430,8 @@ def test_soak_command_writes_the_figures(ros, tmp_path):
     assert ask["sent"] == 300 and ask["lost"] == 0 and ask["answered"] >= 2, ask
     assert ask["answered"] + ask["refused"] == 300 and not ask["client_errors"], ask
     assert describe["goal_responses"] == 100 and describe["lost"] == 0, describe
+    assert describe["answered"] + describe["refused"] == 100, describe  # the goals' outcomes
+    assert describe["answered"] == describe["results"].get("succeeded", 0), describe
     # 3 s query timeout + 5 s grace; late answers are counted (0 on a quiet machine), not lost
     assert (figures["promise_s"], figures["client_wait_s"]) == (8.0, 38.0), figures
     assert 0 <= ask["late"] <= 300 and 0 <= describe["late"] <= 100, (ask, describe)

@@ -7,8 +7,11 @@ robot's other nodes would, and prints one JSON object on stdout when done:
   twenty of them burst together), fire ``count`` Ask calls at once on a default-QoS client;
   report each call's outcome (answered, refused with a reason, lost = no response within
   ``timeout``) and latency, and how many came after the node's ``promise`` (late).
-* ``describe``: the same with Describe goals; a goal response (accepted or rejected) counts, and
-  an accepted goal's result is awaited.
+* ``describe``: the same with Describe goals; a goal response (accepted or rejected) is
+  awaited, then an accepted goal's result. The tally counts the goal's outcome: answered (its
+  result succeeded), refused (a rejected goal, or a result that failed, by reason) or lost (no
+  goal response, or an accepted goal without a result within ``timeout``); late is counted
+  at the goal response.
 * ``camera``: publish sensor_msgs/Image frames (rgb8/bgr8, any size) at ``rate`` Hz, best
   effort or reliable, optionally every ``bad_every``-th frame a bad one (truncated, unknown
   encoding, zero size, in turn); report how many were published.
@@ -221,13 +224,18 @@ def describe_role(args: argparse.Namespace, node, executor) -> dict:
         rejected += sum(not h.accepted for h in handles)
         pending = [h.get_result_async() for h in handles if h.accepted]
         _spin_until(executor, lambda p=pending: all(r.done() for r in p), args.timeout)
+        if refused_goals := sum(not h.accepted for h in handles):
+            tally.refused["rejected"] += refused_goals
         for r in pending:
             if not r.done():
                 results["no_result"] += 1
+                tally.lost += 1
             elif r.result().result.success:
                 results["succeeded"] += 1
+                tally.answered += 1
             else:
                 results[reason(r.result().result.error_message)] += 1
+                tally.refused[reason(r.result().result.error_message)] += 1
     out = {**tally.as_dict(), "ready": ready}
     out.update(goal_responses=accepted + rejected, accepted=accepted, rejected=rejected,
                results=dict(results))  # fmt: skip
