@@ -25,9 +25,9 @@ step takes minutes at full size). ATen's int8 kernel for float32 activations is 
 reference kernel, so a float32 model's other calls (the prefill, an action hint's branches)
 take the dequantizing form, a block of rows at a time into one buffer (DEQUANT_BLOCK_BYTES):
 in one measurement on the AMD host, the 51200x800 head on 10 rows took 254 ms in ATen's
-float32 int8 kernel and 74 ms dequantizing. Where the regions
-cannot be built (no C++ compiler), the uncompiled float32 step dequantizes too, per token
-(several times slower; the static decoder warns).
+float32 int8 kernel and 74 ms dequantizing. Where the regions cannot be built (no C++
+compiler), the uncompiled float32 step dequantizes too, per token (several times slower; the
+static decoder warns).
 
 Where torch's kernels are not AVX-512, a float32 model's int8 weights are stored as int32
 words, four weights a word from four column planes (``to_planes``): word j of a row holds its
