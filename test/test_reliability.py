@@ -446,3 +446,20 @@ def test_soak_command_writes_the_figures(ros, tmp_path):
     assert figures["ask_latency_ms"]["answered"]["p95"] > 0
     assert set(figures["rss_mb"]) == {"start", "max", "end"}
     assert figures["shutdown"]["exit_status"] == 0 and figures["shutdown"]["seconds"] < 3.0
+
+
+def test_soak_help_states_the_client_defaults_it_uses(ros):
+    """`vlm-ros soak --help` names the client counts and burst size without importing rclpy
+    at argument parsing, so it repeats ros/soak.py's constants: they must agree."""
+    import argparse
+
+    from vlm_ros.commands import soak as command
+    from vlm_ros.ros import soak
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    per_burst = f"{soak.PER_BURST} "
+    assert helps["ask_clients"].endswith(f"({soak.ASK_CLIENTS})"), helps["ask_clients"]
+    assert helps["describe_clients"].endswith(f"({soak.DESCRIBE_CLIENTS})")
+    assert per_burst in helps["ask_clients"] and per_burst in helps["describe_clients"]
