@@ -68,10 +68,10 @@ PACKED_ROWS = 16  # up to this many rows on CPU: the int8 kernel; more: dequanti
 # time: not a float copy of the whole weight per call, whose fresh pages were the prefill's
 # memory peak. llava-phi-full, a float32 model with int8 weights, a 624-position prefill on
 # the AMD host (scripts/int8_prefill_blocks.py, bench/results/cpu-llava-phi-full-int8-prefill-
-# blocks.json, 8 rounds): the prefill's peak over the resident set 849 MB at first and ~500
-# MB after with whole copies (the head's alone is 524 MB), 21 MB once and then ~0 with 16 MB
-# blocks; time 8.64 s against 10.01 (1.17x, every round faster; an ad hoc run before it had
-# them equal, 0.98-1.00x, with 16, 32 or 64 MB blocks), so the smallest block size.
+# blocks*.json, three runs): the first prefill's peak over the resident set 807-849 MB with
+# whole copies (the head's alone is 524 MB), 19-21 MB with 16 MB blocks; the time a wash
+# (whole copies over blocks 1.17x, 0.94x, 1.13x in three runs); 16 and 64 MB blocks within
+# 3% of each other where a run had both, so the smaller.
 DEQUANT_BLOCK_BYTES = 16 << 20
 _scratch = threading.local()
 # ATen's CPU kernel (torch 2.3+); older torch takes the dequantizing form everywhere
