@@ -51,15 +51,20 @@ def _timed(fn: Callable, seconds: list[float]) -> Callable:
     return call
 
 
+def _tensors(inputs) -> list[torch.Tensor]:
+    """The tensors among a region's inputs (a Linear is a (weight, scales, bias) tuple)."""
+    out = []
+    for t in inputs:
+        out.extend(t if isinstance(t, tuple) else (t,))
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
 def _part_bytes(step: regional_step.RegionalStep, live: float) -> dict[str, float]:
     """Bytes each part reads a token: the regions' weights as stored (norms and biases too),
     attention the live keys and values of every layer."""
 
-    def size(tensors) -> int:
-        flat = []
-        for t in tensors:
-            flat.extend(t if isinstance(t, tuple) else (t,))
-        return sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+    def size(inputs) -> int:
+        return sum(t.numel() * t.element_size() for t in _tensors(inputs))
 
     first_half, second_half, keys, _, _ = step.layers[0]
     layers = len(step.layers)
@@ -75,19 +80,12 @@ def _part_bytes(step: regional_step.RegionalStep, live: float) -> dict[str, floa
 def _part_tensors(step: regional_step.RegionalStep, live: int) -> dict[str, list]:
     """Every tensor each part reads a token, in the step's order: the tensors _part_bytes
     counts, attention's as the live slices SDPA is given."""
-
-    def flat(tensors) -> list:
-        out = []
-        for t in tensors:
-            out.extend(t if isinstance(t, tuple) else (t,))
-        return [t for t in out if isinstance(t, torch.Tensor)]
-
     parts: dict[str, list] = {"layer_in": [], "layer_out": [], "attention": []}
     for first_half, second_half, keys, values, _ in step.layers:
-        parts["layer_in"] += flat(first_half)
+        parts["layer_in"] += _tensors(first_half)
         parts["attention"] += [keys[:, :, :live], values[:, :, :live]]
-        parts["layer_out"] += flat(second_half)
-    return parts | {"head": flat(step.head_weights)}
+        parts["layer_out"] += _tensors(second_half)
+    return parts | {"head": _tensors(step.head_weights)}
 
 
 def _sum_ms(parts: dict[str, list], repeats: int = 3) -> dict[str, float]:

@@ -220,12 +220,13 @@ def describe_role(args: argparse.Namespace, node, executor) -> dict:
         tally.sent += len(goals)
         _await_all(executor, goals, sent, args, tally)
         handles = [g.result() for g in goals if g.done()]
-        accepted += sum(h.accepted for h in handles)
-        rejected += sum(not h.accepted for h in handles)
+        refused_goals = sum(not h.accepted for h in handles)
+        accepted += len(handles) - refused_goals
+        rejected += refused_goals
+        if refused_goals:
+            tally.refused["rejected"] += refused_goals
         pending = [h.get_result_async() for h in handles if h.accepted]
         _spin_until(executor, lambda p=pending: all(r.done() for r in p), args.timeout)
-        if refused_goals := sum(not h.accepted for h in handles):
-            tally.refused["rejected"] += refused_goals
         for r in pending:
             if not r.done():
                 results["no_result"] += 1
@@ -234,8 +235,9 @@ def describe_role(args: argparse.Namespace, node, executor) -> dict:
                 results["succeeded"] += 1
                 tally.answered += 1
             else:
-                results[reason(r.result().result.error_message)] += 1
-                tally.refused[reason(r.result().result.error_message)] += 1
+                why = reason(r.result().result.error_message)
+                results[why] += 1
+                tally.refused[why] += 1
     out = {**tally.as_dict(), "ready": ready}
     out.update(goal_responses=accepted + rejected, accepted=accepted, rejected=rejected,
                results=dict(results))  # fmt: skip
