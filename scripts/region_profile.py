@@ -19,6 +19,11 @@ Beside it, right after each round's steps, every part's very same tensors are re
 and value slices of every layer): ``share_of_same_bytes_sum`` is that read's time over the
 part's. It splits a part's shortfall into what the host gives this access pattern (a 1 GiB
 sum against a sum per tensor, per ~200 KB head slice) and what the part's kernels leave of it.
+
+``--kernels both`` (the default) profiles the regions on each kernel set the product has, in
+alternating rounds over the same weights and cache: ``native`` (engines/native.py's GEMV and
+one-query attention, the default where they build) and ``inductor`` (inductor's GEMV loops and
+SDPA); ``step_ms_inductor_over_native`` is the ratio of their median steps.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 import torch
 
 from vlm_ros.bench import measure
+from vlm_ros.engines import native
 from vlm_ros.infer import regional_step
 from vlm_ros.infer.fidelity import compiled_step_problem
 from vlm_ros.infer.static_decode import StaticDecoder
@@ -152,7 +158,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=624, help="positions prefilled first")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed a round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per kernel set")
+    parser.add_argument("--kernels", choices=("both", "native", "inductor"), default="both")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -166,37 +173,53 @@ def main() -> None:
     problem = regional_step.supports(lean) if lean is not None else "no lean step"
     if problem is not None:
         raise SystemExit(f"the regions do not cover this decoder: {problem}")
-    step = regional_step.RegionalStep(lean)
+    kinds = ("native", "inductor") if args.kernels == "both" else (args.kernels,)
+    if "native" in kinds and (why := native.load()) is not None:
+        raise SystemExit(why)
     want, _ = decoder._trial(lean, 2)
-    got, _ = decoder._trial(step, 2)  # compiles the regions, then checks them as a load does
-    problem = compiled_step_problem(got, want, torch.float32, what="the compiled regions")
-    if problem is not None:
-        raise SystemExit(f"not profiled: {problem}")
-    error = float((got - want).abs().max() / (want.max() - want.min()))
-    rounds = [
-        profile_round(decoder, step, args.prompt, args.steps, seed) for seed in range(args.rounds)
-    ]
-    medians = {
-        key: {p: statistics.median(r[key][p] for r in rounds) for p in rounds[0][key]}
-        for key in (
-            "ms_per_token",
-            "share_of_read",
-            "same_bytes_sum_ms",
-            "same_bytes_sum_share_of_read",
-            "share_of_same_bytes_sum",
-        )  # fmt: skip
-    }
+    steps, errors = {}, {}
+    for kind in kinds:
+        step = steps[kind] = regional_step.RegionalStep(lean, native=kind == "native")
+        got, _ = decoder._trial(step, 2)  # compiles the regions, then checks them as a load does
+        problem = compiled_step_problem(got, want, torch.float32, what=f"the {kind} regions")
+        if problem is not None:
+            raise SystemExit(f"not profiled: {problem}")
+        errors[kind] = float((got - want).abs().max() / (want.max() - want.min()))
+    rounds = []
+    for seed in range(args.rounds):
+        for kind in kinds if seed % 2 == 0 else kinds[::-1]:  # alternate which goes first
+            row = profile_round(decoder, steps[kind], args.prompt, args.steps, seed)
+            rounds.append({"kernels": kind} | row)
+    keys = (
+        "ms_per_token", "share_of_read", "same_bytes_sum_ms", "same_bytes_sum_share_of_read",
+        "share_of_same_bytes_sum",
+    )  # fmt: skip
+    medians = {}
+    for kind in kinds:
+        mine = [r for r in rounds if r["kernels"] == kind]
+        medians[kind] = {
+            key: {p: statistics.median(r[key][p] for r in mine) for p in mine[0][key]}
+            for key in keys
+        } | {
+            "step_ms": statistics.median(r["step_ms"] for r in mine),
+            "step_share_of_read": statistics.median(r["step_share_of_read"] for r in mine),
+        }
     result = {
         "preset": args.preset,
         "started_utc": started,
         "threads": args.threads,
         "prompt_positions": args.prompt,
         "decode_steps": args.steps,
-        "regions_vs_library_step_logit_error_over_range": error,
+        "kernels": list(kinds),
+        "regions_vs_library_step_logit_error_over_range": errors,
         "rounds": rounds,
-        "median": medians | {"step_ms": statistics.median(r["step_ms"] for r in rounds)},
+        "median": medians,
         "machine": measure.machine_facts("cpu") | {"load_average_1min": os.getloadavg()[0]},
     }
+    if len(kinds) == 2:
+        result["step_ms_inductor_over_native"] = (
+            medians["inductor"]["step_ms"] / medians["native"]["step_ms"]
+        )
     text = json.dumps(result, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

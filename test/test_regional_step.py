@@ -59,7 +59,7 @@ def test_the_regions_decode_what_the_library_step_decodes(overrides):
 def test_one_compile_per_model_shape_in_any_grad_mode():
     """A second decoder of the same shape compiles nothing; decoding outside inference mode
     (no_grad, grad on) compiles nothing; a model of another shape gets functions of their own
-    (dynamo's 8-entry limit is per code object), named by its shape."""
+    (dynamo's 8-entry limit is per code object), named by its shape and kernels."""
     lm = tiny_phi(hidden_size=48, intermediate_size=96)
     first = StaticDecoder(lm, 40, cpu_linear="inductor", huge_pages=False)
     compiled = _graphs()
@@ -72,7 +72,7 @@ def test_one_compile_per_model_shape_in_any_grad_mode():
     other = StaticDecoder(tiny_phi(hidden_size=80), 40, cpu_linear="inductor", huge_pages=False)
     assert other._fast.layer_in is not first._fast.layer_in
     names = {step._fast.shape.name() for step in (first, other)}
-    assert names == {"48_4x12_4kv_r4_96_96", "80_4x20_4kv_r8_128_96"}, names
+    assert names == {"48_4x12_4kv_r4_96_96_native", "80_4x20_4kv_r8_128_96_native"}, names
     # another cache length (max_seq_len) compiles nothing; another vocabulary gets its own
     compiled = _graphs()
     longer = StaticDecoder(lm, 64, cpu_linear="inductor", huge_pages=False)
@@ -249,3 +249,52 @@ def test_a_float32_models_int8_weights_run_as_regions_on_any_cpu(monkeypatch, ca
     assert tokens == want_tokens
     assert torch.allclose(logits, want, atol=1e-4, rtol=1e-4), (logits - want).abs().max()
     assert "dequantizes every weight per token" in caplog.text
+
+
+def test_the_regions_run_on_the_native_kernels_where_they_build_else_inductors(monkeypatch):
+    """A float32 decoder's regions run on engines/native.py's GEMV and attention by default
+    (they build here: CI has a compiler); ``native_kernels=False``, a build that fails, or
+    native kernels whose logits differ from the library step's leave inductor's loops
+    serving, the reason in the plan and its summary; every one decodes the library's tokens."""
+    from vlm_ros.engines import native
+
+    lm = tiny_phi()
+    with torch.inference_mode():
+        library = StaticDecoder(lm, 40, cpu_linear="torch", huge_pages=False)
+        want, _ = greedy(library, _embeds(lm), 6)
+
+        def decoded(**kwargs) -> regional_step.RegionPlan:
+            decoder = StaticDecoder(lm, 40, cpu_linear="inductor", huge_pages=False, **kwargs)
+            assert isinstance(decoder._fast, regional_step.RegionalStep), decoder.regions
+            assert greedy(decoder, _embeds(lm), 6)[0] == want
+            return decoder.regions
+
+        ours = decoded()
+        assert ours.native and ours.native_refused is None and ours.step.shape.native
+        assert "on native GEMV and attention kernels" in ours.summary()
+        off = decoded(native_kernels=False)
+        assert not off.native and off.native_refused is None
+        assert "on inductor's GEMV loops," in off.summary()
+        monkeypatch.setattr(native, "load", lambda: "no C++ compiler here")
+        failed = decoded()
+        assert not failed.native and failed.native_refused == "no C++ compiler here"
+        assert "inductor's GEMV loops (no C++ compiler here)" in failed.summary()
+        monkeypatch.undo()
+        wrong = native.attend_one  # a kernel that computes something else: caught at load
+        monkeypatch.setattr(native, "attend_one", lambda *args: wrong(*args) * 2 + 1)
+        differed = decoded()
+    assert not differed.native
+    assert differed.native_refused.startswith(
+        "the logits of the compiled regions on the native kernels differ"
+    ), differed.native_refused
+
+
+def test_runtime_config_passes_native_kernels_to_the_decoder():
+    from vlm_ros.config import RuntimeConfig
+    from vlm_ros.infer.decode import make_decoder
+
+    with torch.inference_mode():
+        decoder = make_decoder(
+            tiny_phi(), RuntimeConfig(cpu_linear="inductor", huge_pages=False, native_kernels=False)
+        )
+    assert decoder.native_kernels is False and not decoder.regions.native

@@ -121,6 +121,11 @@ class RuntimeConfig:
     (plain F.linear everywhere) or "inductor" (the decode step's GEMVs written by inductor on
     any CPU, compiled step or not, as regions or every shape, untimed; the rest as "auto";
     measured on AMD only).
+    native_kernels: in the uncompiled step's compiled regions (cpu_linear auto or inductor), a
+    float32 decoder's GEMVs and attention through vlm_ros's own kernels
+    (engines/native.py, built for this CPU on first use), which read the memory at a plain
+    sum's pace where inductor's loops and SDPA do not; checked at load like the regions, and
+    where they do not build or differ, inductor's loops serve. False: inductor's loops.
     huge_pages: on CPU, the static decoder's weights and KV cache copied onto transparent huge
     pages (Linux, THP not "never"; engines/huge_pages.py): fewer TLB misses in the per-token
     stream of every weight. Same values; off keeps torch's allocation.
@@ -143,6 +148,7 @@ class RuntimeConfig:
     quantize: QuantizeMode = "none"
     cpu_linear: CpuLinearMode = "auto"
     huge_pages: bool = True
+    native_kernels: bool = True
     drop_first_patch: bool | None = None  # None: family default (Factory TinyLLaVA drops it)
     threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
     board: str = "auto"

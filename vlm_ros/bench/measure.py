@@ -15,7 +15,9 @@ stated too. On x86 CPUs in float32 the fast path is also measured on the Linear 
 MKL on Intel's: variant ``onednn_linear``; both lossless), so the part of the speed that is
 the kernel library, and the choice itself, are measured, not guessed; where the uncompiled
 step runs as compiled regions (infer/regional_step.py, AMD CPUs), that step with each GEMV
-compiled alone instead (variant ``per_shape_gemvs``, engines/eager_gemv.py); and
+compiled alone instead (variant ``per_shape_gemvs``, engines/eager_gemv.py) and, where the
+regions run on the native kernels (engines/native.py), the same regions on inductor's loops
+and SDPA (variant ``inductor_regions``); and
 uncompiled, the same decoder and kernels with transformers' forward for each decode step
 (variant ``transformers_step``), the part that is infer/phi_step.py's lean step; compiled
 (``--compile``) on CPU, that lean uncompiled step beside the compiled one (variant
@@ -691,7 +693,8 @@ def _linear_kernels(fast: FastPath) -> str:
         return "inductor GEMVs, prefill " + ("onednn" if gemv[0].onednn else "torch")
     library = "onednn" if _uses_onednn(fast) else "torch"
     if _uses_regions(fast):  # the uncompiled step as compiled regions
-        return f"inductor regions (uncompiled step), prefill {library}"
+        kind = "native" if fast.decoder.regions.native else "inductor"
+        return f"{kind} regions (uncompiled step), prefill {library}"
     if _uses_eager_gemvs(fast):  # the uncompiled step's GEMVs compiled per shape
         return f"inductor GEMVs (uncompiled step), prefill {library}"
     return library
@@ -746,6 +749,11 @@ def make_paths(work: Workload, options: BenchOptions) -> dict[str, Baseline | Fa
     if _uses_regions(fast):  # what the regions gain over each GEMV compiled alone
         per_shape = StaticDecoder(model.language_model, work.max_seq, regional=False)
         paths["per_shape_gemvs"] = FastPath(model, ids, fast.encoder, per_shape)
+        if fast.decoder.regions.native:  # and what the native kernels gain over inductor's
+            inductor = StaticDecoder(
+                model.language_model, work.max_seq, cpu_linear="inductor", native_kernels=False
+            )  # the same regions, untimed, on inductor's loops and SDPA
+            paths["inductor_regions"] = FastPath(model, ids, fast.encoder, inductor)
     if not options.compile_decode:  # the same kernels through transformers' forward per token
         reference = StaticDecoder(
             fast.decoder.lm, work.max_seq, cpu_linear="torch", fast_step=False
@@ -840,6 +848,7 @@ def measure_variants(
 
 VARIANTS = (
     "per_shape_gemvs",
+    "inductor_regions",
     "transformers_step",
     "uncompiled_step",
     "compiled_mkl_linear",
@@ -854,6 +863,7 @@ VARIANTS = (
 # What each variant sets, for its fidelity threshold (infer/fidelity.py, as the tests use)
 VARIANT_RUNTIMES = {
     "per_shape_gemvs": RuntimeConfig(),
+    "inductor_regions": RuntimeConfig(cpu_linear="inductor", native_kernels=False),
     "transformers_step": RuntimeConfig(),
     "uncompiled_step": RuntimeConfig(),
     "compiled_mkl_linear": RuntimeConfig(cpu_linear="torch", compile_decode=True),

@@ -111,7 +111,7 @@ def make_decoder(lm: PhiForCausalLM, runtime: RuntimeConfig) -> Decoder:
         return EagerDecoder(lm)
     return StaticDecoder(
         lm, runtime.max_seq_len, runtime.compile_decode, runtime.quantize, runtime.cpu_linear,
-        huge_pages=runtime.huge_pages,
+        huge_pages=runtime.huge_pages, native_kernels=runtime.native_kernels,
     )  # fmt: skip
 
 

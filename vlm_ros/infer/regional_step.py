@@ -40,6 +40,7 @@ step is checked at load against the library step on the same input
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -49,10 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm_ros.engines import eager_gemv
+from vlm_ros.engines import eager_gemv, native
 from vlm_ros.engines.weight_int8 import WeightOnlyInt8Linear, gemv
 from vlm_ros.infer.fidelity import compiled_step_problem
 from vlm_ros.infer.phi_step import PhiDecodeStep
+
+_log = logging.getLogger(__name__)
 
 
 def _gemv(
@@ -84,11 +87,14 @@ class Shape:
     biases: tuple[bool, ...]  # which of q, k, v, dense, fc1, fc2, head have a bias
     int8: bool = False  # int8 weights, per-channel scales (quantize: int8_weight_only)
     words: bool = False  # those as int32 words of four column planes (weight_int8.to_planes)
+    native: bool = False  # float32 GEMVs through engines/native.py's kernel, not inductor's
 
     def name(self) -> str:
         shape = f"{self.hidden}_{self.heads}x{self.head_dim}_{self.kv_heads}kv_r{self.rotary}"
         int8 = ("_int8w" if self.words else "_int8") if self.int8 else ""
-        return shape + f"_{self.intermediate}_{self.vocab}" + int8
+        return (
+            shape + f"_{self.intermediate}_{self.vocab}" + int8 + ("_native" if self.native else "")
+        )
 
 
 def _regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, Callable]:
@@ -97,6 +103,13 @@ def _regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, Callable
     hidden, eps, rotary, half = shape.hidden, shape.eps, shape.rotary, shape.rotary // 2
     q_shape = (1, shape.heads, 1, shape.head_dim)
     kv_shape = (1, shape.kv_heads, 1, shape.head_dim)
+
+    def linear(x: torch.Tensor, weight, scales, bias) -> torch.Tensor:
+        """One row through a Linear's (weight, scales, bias): the native kernel (an opaque
+        call inside the region, bias added in its loop) or inductor's fused loop."""
+        if shape.native:
+            return native.gemv(x, weight, bias)
+        return _gemv(x, weight, scales, bias)
 
     def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., :rotary], x[..., rotary:]  # transformers' partial rotary arithmetic
@@ -108,19 +121,19 @@ def _regions(shape: Shape, act: nn.Module) -> tuple[Callable, Callable, Callable
         q, k, v each a Linear's (weight, scales or None, bias); cos, sin [1, rotary], the
         token's slot's."""
         x = F.layer_norm(h, (hidden,), norm_w, norm_b, eps)
-        query = rope(_gemv(x, *q).view(q_shape), cos, sin)
-        key = rope(_gemv(x, *k).view(kv_shape), cos, sin)
-        return x, query, key, _gemv(x, *v).view(kv_shape)
+        query = rope(linear(x, *q).view(q_shape), cos, sin)
+        key = rope(linear(x, *k).view(kv_shape), cos, sin)
+        return x, query, key, linear(x, *v).view(kv_shape)
 
     def layer_out(att, x, h, dense, fc1, fc2):
         """The attention's output [1, D], the normed input, the layer's input -> its output."""
-        return _gemv(att, *dense) + _gemv(act(_gemv(x, *fc1)), *fc2) + h
+        return linear(att, *dense) + linear(act(linear(x, *fc1)), *fc2) + h
 
-    def head(h, norm_w, norm_b, linear):
+    def head(h, norm_w, norm_b, vocab):
         """The logits [1, V], and the normed row: returned so that inductor stores it once;
         else it recomputes the LayerNorm inside the vocabulary GEMV's loop, for every row."""
         x = F.layer_norm(h, (hidden,), norm_w, norm_b, eps)
-        return _gemv(x, *linear), x
+        return linear(x, *vocab), x
 
     return layer_in, layer_out, head
 
@@ -182,9 +195,10 @@ class RegionalStep:
     """PhiDecodeStep's contract (token [1, 1] at cache slot ``position`` -> logits [1, V]
     float32, the token's keys and values written into the cache), on ``step``'s modules,
     weights, cache and rotary tables, through three compiled regions. Check ``supports``
-    first."""
+    first. ``native`` (float32 weights; native.load() first): the GEMVs and the attention
+    through engines/native.py's kernels rather than inductor's loops and SDPA."""
 
-    def __init__(self, step: PhiDecodeStep):
+    def __init__(self, step: PhiDecodeStep, native: bool = False):
         first = step.layers[0]
         linears = (first.q, first.k, first.v, first.dense, first.fc1, first.fc2, step.head)
         self.shape = Shape(
@@ -194,6 +208,7 @@ class RegionalStep:
             eps=float(first.norm.eps), activation=repr(first.act),
             biases=tuple(m.bias is not None for m in linears), int8=int8_linear(first.q),
             words=first.q.weight.dtype == torch.int32,
+            native=native and not int8_linear(first.q),
         )  # fmt: skip
         self.layer_in, self.layer_out, self.head = compiled_regions(self.shape, first.act)
         self.gqa, self.embed, self.cos, self.sin = step.gqa, step.embed, step.cos, step.sin
@@ -217,18 +232,22 @@ class RegionalStep:
             with torch.inference_mode():
                 return self(token, position)
         live, gqa, cos, sin = position + 1, self.gqa, self.cos_row, self.sin_row
+        native_kernels = self.shape.native
         cos.copy_(self.cos[position : position + 1])
         sin.copy_(self.sin[position : position + 1])
         h = self.embed(token.detach()).view(1, -1)  # [1, D]
         for first_half, second_half, keys, values, counter in self.layers:
             x, q, k, v = self.layer_in(h, *first_half, cos, sin)
-            keys[:, :, position] = k[:, :, 0]
-            values[:, :, position] = v[:, :, 0]
+            if native_kernels:  # the cache write and attention in one call, each slot read once
+                att = native.attend_one(q, k, v, keys, values, position)
+            else:
+                keys[:, :, position] = k[:, :, 0]
+                values[:, :, position] = v[:, :, 0]
+                att = F.scaled_dot_product_attention(
+                    q, keys[:, :, :live], values[:, :, :live], enable_gqa=gqa
+                )  # [1, heads, 1, hd]: one query sees every earlier slot, no mask
             if counter is not None:
                 counter.add_(1)
-            att = F.scaled_dot_product_attention(
-                q, keys[:, :, :live], values[:, :, :live], enable_gqa=gqa
-            )  # [1, heads, 1, hd]: one query sees every earlier slot, no mask
             h = self.layer_out(att.reshape(1, -1), x, h, *second_half)
         return self.head(h, *self.head_weights)[0].float()
 
@@ -245,13 +264,21 @@ class RegionPlan:
     """What ``plan`` did: the step to use (None: the library step stays), the seconds it took,
     why the regions are not used (None where they are), and where timed, ms per token of the
     library step and of the regions. ``compiled`` False: the regions did not apply (a
-    structure they do not cover, a toy's weights), nothing was tried."""
+    structure they do not cover, a toy's weights), nothing was tried. ``native_refused``: why
+    the regions' float32 GEMVs and attention are not engines/native.py's kernels (None: they
+    are, or the weights are int8, whose loops are inductor's)."""
 
     step: RegionalStep | None
     seconds: float
     refused: str | None
     timings: tuple[float, float] | None = None
     compiled: bool = True
+    native_refused: str | None = None
+
+    @property
+    def native(self) -> bool:
+        """The regions serve on the native kernels."""
+        return self.step is not None and self.step.shape.native
 
     def summary(self) -> str:
         if not self.compiled:
@@ -262,29 +289,57 @@ class RegionPlan:
             timed = f" (ms a token, library step vs regions: {library:.2f} vs {ours:.2f})"
         if self.step is None:
             return f"library decode step: {self.refused}{timed}"
-        return f"decode step as compiled regions, built in {self.seconds:.1f} s{timed}"
+        kernels = "native GEMV and attention kernels" if self.native else "inductor's GEMV loops"
+        if self.native_refused is not None:
+            kernels += f" ({self.native_refused})"
+        return f"decode step as compiled regions on {kernels}, built in {self.seconds:.1f} s{timed}"
 
 
-def plan(step: PhiDecodeStep, trial: Trial, measured: bool) -> RegionPlan:
-    """Compile ``step``'s regions and check them against ``step`` itself on the same seeded
-    input (float32 rounding allowed, fidelity.compiled_step_problem); with ``measured``
-    (cpu_linear auto) keep them only where they ran eager_gemv.MIN_GAIN faster than ``step``
-    here, timed in alternating rounds. A failure to compile (no C++ compiler) or a mismatch
-    keeps ``step``; ``refused`` says why. The caller checks ``supports`` first."""
-    start = time.perf_counter()
+def _checked(
+    step: PhiDecodeStep, trial: Trial, want: torch.Tensor, native_kernels: bool
+) -> tuple[RegionalStep | None, str | None]:
+    """``step``'s regions, compiled and run on the trial's input, and their logits checked
+    against ``want`` (the library step's, float32 rounding allowed:
+    fidelity.compiled_step_problem); else None and why."""
+    on = " on the native kernels" if native_kernels else ""
     try:
-        regions = RegionalStep(step)
+        regions = RegionalStep(step, native_kernels)
         got, _ = trial(regions, 2)  # compiles the three regions
     except Exception as error:  # inductor's own failure: no C++ compiler, a lowering...
         line = (str(error).strip().splitlines() or [""])[0][:300]
-        why = f"compiling the regions failed: {type(error).__name__}: {line}"
-        return RegionPlan(None, time.perf_counter() - start, why)
+        return None, f"compiling the regions{on} failed: {type(error).__name__}: {line}"
+    problem = compiled_step_problem(got, want, torch.float32, what="the compiled regions" + on)
+    return (regions, None) if problem is None else (None, problem)
+
+
+def plan(
+    step: PhiDecodeStep, trial: Trial, measured: bool, native_kernels: bool = True
+) -> RegionPlan:
+    """Compile ``step``'s regions and check them against ``step`` itself on the same seeded
+    input; with ``measured`` (cpu_linear auto) keep them only where they ran
+    eager_gemv.MIN_GAIN faster than ``step`` here, timed in alternating rounds. With
+    ``native_kernels`` a float32 decoder's regions run on engines/native.py's GEMV and
+    attention where those build and pass the same check, else on inductor's loops (the
+    reason kept in ``native_refused``). A failure to compile (no C++ compiler) or a mismatch
+    keeps ``step``; ``refused`` says why. The caller checks ``supports`` first."""
+    start = time.perf_counter()
     want, library_seconds = trial(step, 2)
-    problem = compiled_step_problem(got, want, torch.float32, what="the compiled regions")
-    if problem is not None:
-        return RegionPlan(None, time.perf_counter() - start, problem)
+    native_refused: str | None = None
+    regions = None
+    if native_kernels and not int8_linear(step.layers[0].q):
+        native_refused = native.load()
+        if native_refused is None:
+            regions, native_refused = _checked(step, trial, want, native_kernels=True)
+        if native_refused is not None:
+            _log.warning("%s; the regions use inductor's loops", native_refused)
+    if regions is None:
+        regions, problem = _checked(step, trial, want, native_kernels=False)
+        if regions is None:
+            return RegionPlan(
+                None, time.perf_counter() - start, problem, None, True, native_refused
+            )
     if not measured:
-        return RegionPlan(regions, time.perf_counter() - start, None)
+        return RegionPlan(regions, time.perf_counter() - start, None, None, True, native_refused)
     tokens = max(1, min(16, int(ROUND_SECONDS / max(library_seconds, 1e-4))))
     library, ours = [], []
     for _ in range(ROUNDS):
@@ -294,5 +349,6 @@ def plan(step: PhiDecodeStep, trial: Trial, measured: bool) -> RegionPlan:
     timings = (statistics.median(library) * 1e3, statistics.median(ours) * 1e3)
     seconds = time.perf_counter() - start
     if timings[0] < eager_gemv.MIN_GAIN * timings[1]:
-        return RegionPlan(None, seconds, "the regions were not faster here", timings)
-    return RegionPlan(regions, seconds, None, timings)
+        why = "the regions were not faster here"
+        return RegionPlan(None, seconds, why, timings, True, native_refused)
+    return RegionPlan(regions, seconds, None, timings, True, native_refused)

@@ -184,6 +184,7 @@ class StaticDecoder:
         fast_step: bool = True,
         huge_pages: bool = True,
         regional: bool = True,
+        native_kernels: bool = True,
     ):
         param = next(lm.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -218,6 +219,7 @@ class StaticDecoder:
             self._fast = lean = PhiDecodeStep(self.lm, self.cache, self.max_seq_len)
         self.regions: regional_step.RegionPlan | None = None  # None: not asked
         self.gemvs: eager_gemv.GemvPlan | None = None  # None: the library's, not asked
+        self.native_kernels = native_kernels  # the regions' float32 kernels (native.py)
         if lean is not None:
             self._inductor_step(lean, quantize, cpu_linear, regional)
 
@@ -258,7 +260,7 @@ class StaticDecoder:
                 problem = "every weight is under 1 MiB"
         if problem is not None:
             return regional_step.RegionPlan(None, 0.0, problem, compiled=False)
-        plan = regional_step.plan(step, self._trial, measured)
+        plan = regional_step.plan(step, self._trial, measured, self.native_kernels)
         if plan.step is not None:
             self._fast = plan.step
         elif plan.timings is None:  # failed or differed (not merely slower): say so

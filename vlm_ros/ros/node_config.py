@@ -116,6 +116,13 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "configure (Linux, THP not never): fewer TLB misses in the per-token weight stream; "
         "same values",
     ),
+    "native_kernels": (
+        True,
+        "CPU float32, the uncompiled decode step's compiled regions: GEMVs and attention on "
+        "vlm_ros's own kernels (built for this CPU on first use, ~10 s; they read the memory "
+        "at a plain sum's pace where inductor's loops and SDPA do not), checked at configure; "
+        "where they do not build or differ, inductor's loops serve; false = inductor's loops",
+    ),
     "engine_dir": ("models/engines", "directory of prebuilt ONNX/TensorRT engines"),
     "board": (
         "auto",
@@ -239,6 +246,7 @@ RULES: dict[str, Rule] = {
     "quantize": _choice(*QUANTIZE_MODES),
     "cpu_linear": _choice(*CPU_LINEAR_MODES),
     "huge_pages": _BOOL,
+    "native_kernels": _BOOL,
     "engine_dir": _text(),
     "board": _choice("auto", "none", *BOARDS),
     "memory_reserve_mb": _float_range(0.0),
@@ -357,6 +365,7 @@ class NodeConfig:
             quantize=str(v["quantize"]),
             cpu_linear=str(v["cpu_linear"]),
             huge_pages=bool(v["huge_pages"]),
+            native_kernels=bool(v["native_kernels"]),
             board=str(v["board"]),
             memory_reserve_mb=float(v["memory_reserve_mb"]),
             backend=str(v["backend"]),
