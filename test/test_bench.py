@@ -406,7 +406,12 @@ def test_decode_split_script_times_each_part_and_restores_the_step(tmp_path):
     parts = ("step", "linears", "outside_linears", "outside_linears_no_attention",
              "compiled_step", "compiled_linears", "step_4k_pages",
              "compiled_step_4k_pages")  # fmt: skip
-    assert len(result["rounds"]) == 2
+    assert [row["kernels"] for row in result["rounds"]] == [
+        "native",
+        "inductor",
+        "inductor",
+        "native",
+    ]  # each round both, the first alternating
     for row in result["rounds"]:
         assert row["read_gb_s"] > 0 and all(row[p] > 0 for p in parts), row
         assert row["read_huge_pages_gb_s"] > 0
@@ -420,9 +425,10 @@ def test_decode_split_script_times_each_part_and_restores_the_step(tmp_path):
 
 def test_region_profile_script_times_every_region_after_a_prompt(tmp_path):
     """scripts/region_profile.py (where a token of the compiled regions goes, after a real
-    prompt) on tiny: every part timed in every round against a measured read, the regions'
-    bytes are exactly the decoder's weights but the embedding table, attention's the live
-    keys and values, and the regions agree with the library step they were made from."""
+    prompt) on tiny: both kernel sets (native and inductor's), every part timed in every round
+    against a measured read, the regions' bytes are exactly the decoder's weights but the
+    embedding table, attention's the live keys and values, and the regions agree with the
+    library step they were made from."""
     import subprocess
     import sys
     from pathlib import Path
@@ -434,14 +440,20 @@ def test_region_profile_script_times_every_region_after_a_prompt(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["regions_vs_library_step_logit_error_over_range"] < 1e-4
+    errors = result["regions_vs_library_step_logit_error_over_range"]
+    assert set(errors) == {"native", "inductor"} and max(errors.values()) < 1e-4
     lm = build_model("tiny", "cpu", F32).language_model
     weights = sum(p.numel() * 4 for n, p in lm.named_parameters() if "embed_tokens" not in n)
     config = lm.config
     head_dim = config.hidden_size // config.num_attention_heads
     live = 12 + (3 - 1) / 2  # the middle of the timed steps
     kv = 2 * live * config.num_key_value_heads * head_dim * 4 * config.num_hidden_layers
-    assert len(result["rounds"]) == 2
+    assert [row["kernels"] for row in result["rounds"]] == [
+        "native",
+        "inductor",
+        "inductor",
+        "native",
+    ]  # each round both, the first alternating
     for row in result["rounds"]:
         assert row["read_gb_s"] > 0 and row["step_ms"] > 0
         assert all(row["ms_per_token"][p] > 0 for p in ("layer_in", "layer_out", "head"))
@@ -458,7 +470,48 @@ def test_region_profile_script_times_every_region_after_a_prompt(tmp_path):
             assert row["share_of_same_bytes_sum"][part] == pytest.approx(
                 row["same_bytes_sum_ms"][part] / row["ms_per_token"][part]
             )
-    assert set(result["median"]["share_of_same_bytes_sum"]) == parts
+    for kind in ("native", "inductor"):
+        assert set(result["median"][kind]["share_of_same_bytes_sum"]) == parts
+    assert result["step_ms_inductor_over_native"] == pytest.approx(
+        result["median"]["inductor"]["step_ms"] / result["median"]["native"]["step_ms"]
+    )
+
+
+def test_native_kernels_script_sets_each_kernel_against_a_sum_of_its_bytes(tmp_path):
+    """scripts/native_kernels.py (the native GEMV and attention against inductor's loop, SDPA
+    and a plain sum of the same bytes, out of cache) at a small scale: every form timed in
+    every round, each ratio its GB/s over the same round's sum, the kernels checked against
+    their references, the build named."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "native_kernels.py"
+    out = tmp_path / "native.json"
+    command = [sys.executable, str(script), "--threads", "1", "--layers", "1", "--rounds", "3",
+               "--live", "16", "--scale", "20", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["checks"]["gemv_max_abs_error"] < 1e-3
+    assert result["checks"]["attention_max_abs_error"] < 1e-5
+    assert result["build"]["name"].startswith("vlm_ros_decode_kernels_")
+    # one layer at 1/20: 4 x 128x128 + 512x128 + 128x512 floats; 32 heads x 80 x 16 slots x 2
+    assert result["gemv"]["bytes_a_round"] == (4 * 128 * 128 + 2 * 512 * 128) * 4
+    assert result["attention"]["bytes_a_round"] == 2 * 32 * 80 * 16 * 4
+    for part, forms in (
+        ("gemv", {"sum", "inductor", "native"}),
+        ("attention", {"sum", "sdpa", "native"}),
+    ):
+        rounds = result[part]["rounds"]
+        assert len(rounds) == 3
+        for row in rounds:
+            assert set(row["gb_s"]) == forms and all(v > 0 for v in row["gb_s"].values())
+            for form in forms - {"sum"}:
+                assert row[f"{form}_over_sum"] == pytest.approx(
+                    row["gb_s"][form] / row["gb_s"]["sum"]
+                )
+        assert set(result[part]["median"]["gb_s"]) == forms
 
 
 def test_int8_prefill_blocks_script_times_and_weighs_every_form(tmp_path):

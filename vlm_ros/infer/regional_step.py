@@ -24,6 +24,14 @@ Per layer (Phi's parallel block: attention and MLP both read the normed input):
 Then ``head`` (compiled): the final LayerNorm and the vocabulary GEMV (the normed row returned
 too, so inductor stores it once rather than recomputing it in the GEMV's loop for every row).
 
+On a float32 decoder the GEMVs and the attention are engines/native.py's kernels where they
+build (``native_kernels``, the default): each GEMV an opaque call inside its region (bias added
+in its loop), and the cache write plus attention one eager call; they read the memory at a
+plain sum's pace where inductor's one-chain loops and SDPA did not (full size, the host's fast
+state: 139 against 174 ms a token, 91.5% of the read against 74%; docs/performance.md, "Native
+decode kernels"). They are checked at load like the regions; where they do not build or
+differ, the regions keep inductor's loops and SDPA.
+
 Each graph is compiled with inductor's C++ wrapper (static_decode.compile_step's reasoning:
 1.26x the per-shape step on `small`, 1.16x with the Python wrapper) and called under inference
 mode with inputs that never require grad, so no call compiles again. Each model shape gets
