@@ -8,6 +8,12 @@ fallback to inductor's loops where they do not build or differ."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,3 +129,35 @@ def test_a_failed_build_says_why(monkeypatch):
         "Ninja is required to load C++ extensions"
     )
     assert native.load() is why  # tried once
+
+
+UNWRITABLE_CHILD = f"""
+import json, sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from decode_helpers import greedy, tiny_phi
+from vlm_ros.infer.static_decode import StaticDecoder
+lm = tiny_phi()
+embeds = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(1))
+with torch.inference_mode():
+    ours = StaticDecoder(lm, 40, cpu_linear="inductor", huge_pages=False)
+    library = StaticDecoder(lm, 40, cpu_linear="torch", huge_pages=False)
+    runs = [greedy(decoder, embeds, 6)[0] for decoder in (ours, library)]
+print(json.dumps({{"native": ours.regions.native, "refused": ours.regions.native_refused,
+                  "served": ours.regions.step is not None, "same_tokens": runs[0] == runs[1]}}))
+"""
+
+
+def test_a_build_that_cannot_write_leaves_inductors_loops_serving():
+    """A real failure, not a planted one: torch cannot create the build directory (here under
+    /proc, which not even root can write; a read-only home on a robot). The decoder still
+    serves its regions, on inductor's loops, with the library's tokens, and says why."""
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR="/proc/vlm_ros_cannot_write_here")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", UNWRITABLE_CHILD], capture_output=True, text=True, timeout=600,
+        env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["served"] and not out["native"] and out["same_tokens"], out
+    assert out["refused"].startswith("building the native decode kernels failed: "), out
