@@ -118,11 +118,7 @@ def main() -> None:
                     for n in names},
         "machine": measure.machine_facts("cpu"),
     }  # fmt: skip
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    measure.emit_result(result, args.out)
 
 
 if __name__ == "__main__":

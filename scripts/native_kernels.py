@@ -22,7 +22,6 @@ every round, the medians and the machine's facts.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -148,11 +147,7 @@ def main() -> None:
         "attention": attention,
         "machine": measure.machine_facts("cpu"),
     }
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    measure.emit_result(result, args.out)
 
 
 if __name__ == "__main__":

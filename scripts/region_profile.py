@@ -29,7 +29,6 @@ SDPA); ``step_ms_inductor_over_native`` is the ratio of their median steps.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -220,11 +219,7 @@ def main() -> None:
         result["step_ms_inductor_over_native"] = (
             medians["inductor"]["step_ms"] / medians["native"]["step_ms"]
         )
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    measure.emit_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1023,6 +1023,17 @@ def isa_limits() -> dict[str, str]:
     return {name: os.environ[name] for name in ISA_LIMIT_VARS if os.environ.get(name)}
 
 
+def emit_result(result: dict, out: Path | None) -> None:
+    """Print ``result`` as JSON and, with ``out``, write it there too (its folder made): the
+    last step of the measuring scripts (scripts/region_profile.py, native_kernels.py,
+    int8_prefill_blocks.py)."""
+    text = json.dumps(result, indent=1)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)
+
+
 def machine_facts(device: str) -> dict:
     cpu_model, flags = _cpu_model_and_flags()
     info = {
