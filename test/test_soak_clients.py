@@ -112,6 +112,55 @@ def test_a_hung_client_gives_its_stacks_and_keeps_its_tally(tmp_path, prints_fir
     assert hung and out_text.strip() == "x" and proc.poll() is not None
 
 
+TEARDOWN_HOLDS_THE_GIL = """
+import json, re, rclpy
+from rclpy.executors import SingleThreadedExecutor
+from vlm_ros.ros import soak_clients
+soak_clients.TEARDOWN_S = 2.0
+rclpy.init()
+node = rclpy.create_node("teardown_hang")
+executor = SingleThreadedExecutor()
+executor.add_node(node)
+print(json.dumps({"sent": 10, "answered": 4, "refused": 6, "lost": 0, "late": 0,
+                  "refused_by_reason": {"queue_full": 6}, "answer_ms": [], "refusal_ms": []}),
+      flush=True)
+def destroy_node():  # stands in for rclpy's spin: a C loop that never lets go of the GIL
+    re.match(r"(a+)+$", "a" * 64 + "b")
+node.destroy_node = destroy_node
+soak_clients._teardown(node, executor)
+"""
+
+
+def test_a_teardown_that_hangs_holding_the_gil_is_stopped_and_its_tally_kept(tmp_path):
+    """_teardown's watchdog is faulthandler's own thread: it fires while the hang holds the
+    GIL (catastrophic regex backtracking, hours in C), writes the stacks and exits 1 within
+    TEARDOWN_S; read_result() keeps the printed result and says what happened, as the soak and the
+    reliability tests read it. A clean client and an error result say nothing more."""
+    import subprocess
+    import sys
+
+    from vlm_ros.ros import soak, soak_clients
+
+    stderr = open(tmp_path / "client.err", "w")
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", TEARDOWN_HOLDS_THE_GIL],
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)  # fmt: skip
+    proc.stderr_path = stderr.name
+    result = soak.Soak._result(proc, timeout=60.0)
+    assert time.monotonic() - start < 45.0 and proc.returncode == 1
+    stacks = (tmp_path / "client.err").read_text()
+    assert "Timeout (0:00:02)!" in stacks and "destroy_node" in stacks, stacks
+    assert result["hung_at_exit"] == stderr.name and result["answered"] == 4, result
+    assert soak.requests([result], 10)["clients_hung_at_exit"] == [stderr.name]
+    line = '{"sent": 1}\n'
+    assert soak_clients.read_result(line, 1, False) == ({"sent": 1}, "exit 1 in its teardown "
+                                                  "(a hang past 10 s: 1)")  # fmt: skip
+    assert soak_clients.read_result(line, 0, False) == ({"sent": 1}, "")
+    assert soak_clients.read_result('{"error": "no server"}', 1, False)[1] == ""
+    assert soak_clients.read_result(line, -9, True)[1] == "hung in its teardown (killed)"
+    assert soak_clients.read_result("", -11, False) == (None, "")
+
+
 def _figures(**changes) -> dict:
     """A clean soak's figures (the keys the verdict reads), with ``changes`` applied."""
     tally = {"sent": 200, "answered": 12, "refused": 188, "lost": 0, "late": 0,

@@ -214,16 +214,15 @@ class Soak:
     def _result(proc: subprocess.Popen, timeout: float) -> dict:
         out, _, hung = soak_clients.finish(proc, timeout)
         stderr = Path(getattr(proc, "stderr_path", "/dev/null"))
-        lines = out.strip().splitlines()
-        if lines and lines[-1].startswith("{"):
-            result = json.loads(lines[-1])
-            if hung:  # its tally stands; the hang was after it (stacks in its stderr)
+        result, teardown = soak_clients.read_result(out, proc.returncode, hung)
+        if result is not None:
+            if teardown:  # its tally stands; the hang was after it (stacks in its stderr)
                 result["hung_at_exit"] = str(stderr)
             return result
         if hung:
             return {"error": f"did not finish in {timeout:.0f} s (stacks: {stderr})"}
         err = stderr.read_text().strip().splitlines() if stderr.is_file() else []
-        said = "no result line" if lines else "no output"  # e.g. a crash before the tally
+        said = "no result line" if out.strip() else "no output"  # e.g. a crash before the tally
         return {"error": f"{said} (exit {proc.returncode}): {err[-1] if err else ''}"}
 
     def latency_status(self):

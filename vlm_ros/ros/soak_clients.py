@@ -16,6 +16,11 @@ robot's other nodes would, and prints one JSON object on stdout when done:
   effort or reliable, optionally every ``bad_every``-th frame a bad one (truncated, unknown
   encoding, zero size, in turn); report how many were published.
 
+Before its first burst every ask and describe client completes one handshake round trip the
+node refuses at once (_handshake): its requests are then known to reach the node and its
+replies to come back. Each prints its result before rclpy's teardown, which is bounded
+(_teardown); read_result() reads a finished client's result and says if its teardown went wrong.
+
 Refusal reasons are read from the node's one-line error messages (REASONS).
 """
 
@@ -58,7 +63,12 @@ REASONS = (
 )
 BAD_FRAMES = ("truncated", "unknown_encoding", "zero_size")
 SETTLE_S = 1.0  # after the server is found, before the first request (see _settle)
+# The handshake's requests name this camera: the node refuses them at once, before its queue,
+# so a round trip proves both directions matched without costing the node any work.
+HANDSHAKE_CAMERA = "vlm_ros_soak_handshake"
+HANDSHAKE_TRY_S = 3.0  # a handshake request unanswered this long is sent again
 STACKS_SIGNAL = signal.SIGUSR1  # a client writes every thread's stack to stderr on it
+TEARDOWN_S = 10.0  # rclpy's teardown after the tally; longer is a hang (see _teardown)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str | None, bool]:
@@ -125,11 +135,38 @@ def _wait_until(executor, when: float) -> None:
         executor.spin_once(timeout_sec=min(0.05, max(0.0, when - time.time())))
 
 
+def _handshake(executor, attempt, args: argparse.Namespace) -> int | None:
+    """Round trips until one completes; returns how many were tried (None: none completed in
+    ``args.wait``). Why: wait_for_service / wait_for_server see only this client's side of the
+    discovery. Until the server has matched this client too, a request can miss the server's
+    reader, and a reply waits max_blocking_time (config/fastdds_large_frames.xml) and is then
+    dropped. On a loaded host this lagged past the settle time and the reply writer's 1 s (1
+    of 200 burst replies lost in a CI run). A robot's clients are long-lived; the first call
+    of a new one is where this race lives, so every client has made one before it is counted.
+    ``attempt(seconds)`` sends one request and spins until its response or the time is up."""
+    end, tries = time.monotonic() + args.wait, 0
+    while time.monotonic() < end:
+        tries += 1
+        if attempt(min(HANDSHAKE_TRY_S, end - time.monotonic())):
+            return tries
+    return None
+
+
 def ask_role(args: argparse.Namespace, node, executor) -> dict:
     client = node.create_client(Ask, args.service)  # default QoS, as a user's client has
     if not client.wait_for_service(timeout_sec=args.wait):
         return {"error": f"service {args.service} not available after {args.wait} s"}
-    ready = _settle(executor, args)
+
+    def attempt(seconds: float) -> bool:
+        future = client.call_async(Ask.Request(question=args.question, camera=HANDSHAKE_CAMERA))
+        _spin_until(executor, future.done, seconds)
+        if not future.done():
+            client.remove_pending_request(future)
+        return future.done()
+
+    ready, handshake = _settle(executor, args, attempt)
+    if handshake is None:
+        return {"error": f"no handshake response from {args.service} in {args.wait} s"}
     tally = Tally()
     for when in _burst_times(args.start, args.period, args.duration):
         _wait_until(executor, when)
@@ -149,7 +186,7 @@ def ask_role(args: argparse.Namespace, node, executor) -> dict:
             else:
                 tally.refused[reason(response.error_message)] += 1
                 tally.refusal_ms.append(ms)
-    return {**tally.as_dict(), "ready": ready}
+    return {**tally.as_dict(), "ready": ready, "handshake_tries": handshake}
 
 
 def _await_all(executor, futures: list, sent: float, args, tally: Tally) -> list[float | None]:
@@ -171,16 +208,20 @@ def _await_all(executor, futures: list, sent: float, args, tally: Tally) -> list
     return arrived
 
 
-def _settle(executor, args: argparse.Namespace) -> float:
+def _settle(executor, args: argparse.Namespace, attempt) -> tuple[float, int | None]:
     """After wait_for_service: give the server time to discover this client's response reader
     too (discovery is not symmetric). A request sent before that is answered into the void:
     rmw_fastrtps waits the reply writer's max_blocking_time for the match (100 ms by default; 1 s
     with the node's config/fastdds_large_frames.xml), then drops the response ("failed to send
-    response (timeout)"). Then, with ``--barrier DIR``, say ready
-    (DIR/ready-NAME) and wait for DIR/go, which holds the time.time() of the first burst
-    (args.start is set from it). Returns time.time() when ready."""
+    response (timeout)"). Then one completed round trip (_handshake) proves the match. Then,
+    with ``--barrier DIR``, say ready (DIR/ready-NAME) and wait for DIR/go, which holds the
+    time.time() of the first burst (args.start is set from it). Returns time.time() when ready
+    and the handshake's tries (None: it failed, and this client is not ready)."""
     _wait_until(executor, time.time() + SETTLE_S)
+    handshake = _handshake(executor, attempt, args)
     ready = time.time()
+    if handshake is None:
+        return ready, None
     if args.barrier:
         barrier = Path(args.barrier)
         (barrier / f"ready-{args.name}").write_text(str(ready))
@@ -190,7 +231,7 @@ def _settle(executor, args: argparse.Namespace) -> float:
             executor.spin_once(timeout_sec=0.05)
         if go.is_file():
             args.start = float(go.read_text())
-    return ready
+    return ready, handshake
 
 
 def release(barrier: Path, clients: int, timeout: float, lead_s: float = 2.0) -> float:
@@ -210,7 +251,24 @@ def describe_role(args: argparse.Namespace, node, executor) -> dict:
     client = ActionClient(node, Describe, args.service)
     if not client.wait_for_server(timeout_sec=args.wait):
         return {"error": f"action {args.service} not available after {args.wait} s"}
-    ready = _settle(executor, args)
+
+    def attempt(seconds: float) -> bool:  # the goal service, then the result service
+        end = time.monotonic() + seconds
+        goal = Describe.Goal(question=args.question, camera=HANDSHAKE_CAMERA, max_new_tokens=1)
+        sent = client.send_goal_async(goal)
+        _spin_until(executor, sent.done, seconds)
+        if not sent.done():
+            return False
+        if not sent.result().accepted:  # not active (yet): the result service is unproven
+            _spin_until(executor, lambda: False, max(0.0, end - time.monotonic()))
+            return False
+        result = sent.result().get_result_async()
+        _spin_until(executor, result.done, max(0.0, end - time.monotonic()))
+        return result.done()
+
+    ready, handshake = _settle(executor, args, attempt)
+    if handshake is None:
+        return {"error": f"no handshake result from {args.service} in {args.wait} s"}
     tally, accepted, rejected, results = Tally(), 0, 0, Counter()
     for when in _burst_times(args.start, args.period, args.duration):
         _wait_until(executor, when)
@@ -238,7 +296,7 @@ def describe_role(args: argparse.Namespace, node, executor) -> dict:
                 why = reason(r.result().result.error_message)
                 results[why] += 1
                 tally.refused[why] += 1
-    out = {**tally.as_dict(), "ready": ready}
+    out = {**tally.as_dict(), "ready": ready, "handshake_tries": handshake}
     out.update(goal_responses=accepted + rejected, accepted=accepted, rejected=rejected,
                results=dict(results))  # fmt: skip
     return out
@@ -265,8 +323,10 @@ def camera_role(args: argparse.Namespace, node, _executor) -> dict:
     qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=reliability)
     pub = node.create_publisher(Image, args.topic, qos)
     end = time.monotonic() + args.wait
-    while pub.get_subscription_count() == 0 and time.monotonic() < end:
+    while rclpy.ok() and pub.get_subscription_count() == 0 and time.monotonic() < end:
         time.sleep(0.05)
+    if not rclpy.ok():
+        return {"error": "stopped (SIGTERM/SIGINT) before a subscription appeared"}
     if pub.get_subscription_count() == 0:
         return {"error": f"no subscription on {args.topic} after {args.wait} s"}
     good = [frame(args.width, args.height, args.encoding, i) for i in range(4)]
@@ -277,6 +337,8 @@ def camera_role(args: argparse.Namespace, node, _executor) -> dict:
     t0 = time.monotonic()
     total = int(args.duration * args.rate)
     for i in range(total):
+        if not rclpy.ok():  # SIGTERM/SIGINT: rclpy shut the context down; leave cleanly
+            break
         if args.bad_every and i % args.bad_every == args.bad_every - 1:
             kind = BAD_FRAMES[(i // args.bad_every) % len(BAD_FRAMES)]
             msg = bad_frame(kind)
@@ -285,10 +347,16 @@ def camera_role(args: argparse.Namespace, node, _executor) -> dict:
             msg = good[i % len(good)]
         msg.header.stamp = node.get_clock().now().to_msg()
         msg.header.frame_id = f"frame{i}"
-        pub.publish(msg)
+        try:
+            pub.publish(msg)
+        except Exception:
+            if rclpy.ok():
+                raise
+            break  # the context went down between the check and the publish
         published += 1
         time.sleep(max(0.0, t0 + (i + 1) / args.rate - time.monotonic()))
-    time.sleep(0.5)  # let the last frames leave before the participant goes
+    if rclpy.ok():
+        time.sleep(0.5)  # let the last frames leave before the participant goes
     return {"published": published, "bad": dict(bad), "good": published - sum(bad.values())}
 
 
@@ -332,11 +400,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = ROLES[args.role](args, node, executor)
         print(json.dumps(out), flush=True)  # final: written before the teardown
-    finally:  # in order: executor, node, context (a context shut down under live ones can crash)
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    finally:
+        _teardown(node, executor)
     return 0 if "error" not in out else 1
+
+
+def _teardown(node, executor) -> None:
+    """In order: executor, node, context (a context shut down under live ones can crash).
+    Bounded: rclpy's destroy_node once spun for minutes on a loaded host, after the tally (a
+    reliability run, 1 of 60 on 2 cores beside two busy loops). Past TEARDOWN_S faulthandler's
+    own thread (it needs no GIL, which a hang in C++ may hold) writes every thread's stack to
+    stderr and exits 1, so the caller keeps the tally and names the hang (read_result())."""
+    faulthandler.dump_traceback_later(TEARDOWN_S, exit=True)
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.try_shutdown()
+    faulthandler.cancel_dump_traceback_later()
+
+
+def read_result(out: str, returncode: int | None, hung: bool) -> tuple[dict | None, str]:
+    """A finished client's printed result and what went wrong after it ("" if nothing).
+    The result is printed before rclpy's teardown, so a client that hung or failed in the
+    teardown (killed by finish(), or stopped by _teardown's watchdog) still has its tally;
+    None: it printed none (it crashed or hung before the end)."""
+    lines = out.strip().splitlines()
+    if not lines or not lines[-1].startswith("{"):
+        return None, ""
+    result = json.loads(lines[-1])
+    if hung:
+        return result, "hung in its teardown (killed)"
+    if returncode != (1 if "error" in result else 0):
+        return result, f"exit {returncode} in its teardown (a hang past {TEARDOWN_S:.0f} s: 1)"
+    return result, ""
 
 
 if __name__ == "__main__":
