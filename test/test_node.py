@@ -85,14 +85,16 @@ class Camera:
         self.pub = self.node.create_publisher(msg_type or Image, f"/{ns}/{topic}", SENSOR_QOS)
         wait_for(lambda: self.pub.get_subscription_count() > 0, what="camera subscription")
 
-    def send(self, msg, node=None) -> None:
-        """Publish until ``node`` has stored this very message (best effort may drop one)."""
+    def send(self, msg, node=None) -> int:
+        """Publish until ``node`` has stored this very message (best effort may drop one);
+        returns the copies published. A copy still in flight when the next is sent can arrive
+        too, and a job may take each: a count per frame is at least 1 and at most this."""
         if msg.header.stamp.sec == 0 and msg.header.stamp.nanosec == 0:
             msg.header.stamp = self.node.get_clock().now().to_msg()
-        for _ in range(50):
+        for copies in range(1, 51):
             self.pub.publish(msg)
             if node is None or stored(node, msg, timeout=0.1):
-                return
+                return copies
         raise AssertionError("the node never received the frame")
 
 
@@ -127,7 +129,10 @@ def ask(
 
 @pytest.fixture(scope="module")
 def main_node(ros, checkpoint):
-    node = start_node(ros, checkpoint, "main", scene_rate_hz=4.0, hint_rate_hz=4.0)
+    # no frame age limit (test_stale_frame_is_refused tests it): ask() discovers a new client
+    # after the frame is sent, which took 1.7 s on a loaded host against the default 1 s
+    node = start_node(ros, checkpoint, "main", scene_rate_hz=4.0, hint_rate_hz=4.0,
+                      max_frame_age_ms=0.0)  # fmt: skip
     return node, Camera(ros, "main"), ros.client_node("main_probe")
 
 
@@ -240,15 +245,15 @@ def test_bad_images_are_counted_and_the_node_keeps_serving(ros, main_node):
         ("truncated", image_msg(201, data=bytes(100))),
         ("zero_size", image_msg(202, height=0, width=0, data=b"")),
     ]
-    before = node.monitor.counters()
+    before, copies = node.monitor.counters(), {}
     for reason, msg in bad:
-        camera.send(msg, node)
+        copies[reason] = camera.send(msg, node)
         resp = ask(ros, node, probe)
         assert not resp.success and f"bad image ({reason})" in resp.error_message
     after = node.monitor.counters()
-    for reason, _ in bad:
+    for reason, _ in bad:  # once per copy that arrived (1 unless send() had to repeat it)
         key = f"frames_rejected_{reason}"
-        assert after.get(key, 0) - before.get(key, 0) == 1, key
+        assert 1 <= after.get(key, 0) - before.get(key, 0) <= copies[reason], (key, copies)
     camera.send(image_msg(203), node)
     assert ask(ros, node, probe).success
 
@@ -505,12 +510,12 @@ def test_compressed_camera_answers_and_rejects_a_bad_payload(ros, checkpoint):
     before = node.monitor.counters()
     bad = compressed_msg(2, "jpeg")
     bad.data = bad.data[:200]  # a jpeg cut short: the header parses, the pixels do not
-    camera.send(bad, node)
+    copies = camera.send(bad, node)
     resp = ask(ros, node, probe)
     assert not resp.success and "bad image (decode_failed)" in resp.error_message, resp
     after = node.monitor.counters()
-    for key in ("frames_rejected", "frames_rejected_decode_failed"):
-        assert after.get(key, 0) - before.get(key, 0) == 1, key
+    for key in ("frames_rejected", "frames_rejected_decode_failed"):  # 1 per copy (send())
+        assert 1 <= after.get(key, 0) - before.get(key, 0) <= copies, (key, copies)
     good = compressed_msg(3, "png")
     camera.send(good, node)
     resp = ask(ros, node, probe)
@@ -692,12 +697,13 @@ def test_hostile_and_core_refused_frames_are_rejected_by_reason_once(ros, checkp
     ]
     for camera, topic, msg, reason in cases:
         before = node.monitor.counters()
-        camera.send(msg, node)
+        copies = camera.send(msg, node)
         for _ in range(3):  # three jobs on one frame: one rejection, one conversion attempt
             resp = ask(ros, node, probe, camera=topic)
             assert not resp.success and f"bad image ({reason})" in resp.error_message, resp
         change = counted(before, node.monitor.counters())
-        assert change.get("frames_rejected") == 1 and change.get(f"frames_rejected_{reason}") == 1
+        for key in ("frames_rejected", f"frames_rejected_{reason}"):  # per copy, not per job
+            assert 1 <= change.get(key, 0) <= copies, (key, copies, change)
         assert "frames_processed" not in change and "frames_stale" not in change, change
     raw.send(image_msg(302, height=40, width=60), node)  # 2400 pixels: served
     assert ask(ros, node, probe, camera=cams[0]).success
@@ -707,11 +713,11 @@ def test_context_overflow_is_a_rejected_frame_not_a_stale_one(ros, checkpoint):
     node = start_node(ros, checkpoint, "overflow", max_seq_len=16)
     camera, probe = Camera(ros, "overflow"), ros.client_node("overflow_probe")
     before = node.monitor.counters()
-    camera.send(image_msg(400), node)
+    copies = camera.send(image_msg(400), node)
     resp = ask(ros, node, probe)
     assert not resp.success and "does not fit the context" in resp.error_message
     change = counted(before, node.monitor.counters())
-    assert change.get("frames_rejected_context_overflow") == 1, change
+    assert 1 <= change.get("frames_rejected_context_overflow", 0) <= copies, (change, copies)
     assert "frames_processed" not in change and "frames_stale" not in change, change
 
 
