@@ -343,11 +343,11 @@ def plan(
     if regions is None:
         regions, problem = _checked(step, trial, want, native_kernels=False)
         if regions is None:
-            return RegionPlan(
-                None, time.perf_counter() - start, problem, None, True, native_refused
-            )
+            seconds = time.perf_counter() - start
+            return RegionPlan(None, seconds, problem, native_refused=native_refused)
     if not measured:
-        return RegionPlan(regions, time.perf_counter() - start, None, None, True, native_refused)
+        seconds = time.perf_counter() - start
+        return RegionPlan(regions, seconds, None, native_refused=native_refused)
     tokens = max(1, min(16, int(ROUND_SECONDS / max(library_seconds, 1e-4))))
     library, ours = [], []
     for _ in range(ROUNDS):
@@ -358,5 +358,5 @@ def plan(
     seconds = time.perf_counter() - start
     if timings[0] < eager_gemv.MIN_GAIN * timings[1]:
         why = "the regions were not faster here"
-        return RegionPlan(None, seconds, why, timings, True, native_refused)
-    return RegionPlan(regions, seconds, None, timings, True, native_refused)
+        return RegionPlan(None, seconds, why, timings, native_refused=native_refused)
+    return RegionPlan(regions, seconds, None, timings, native_refused=native_refused)
